@@ -1,0 +1,362 @@
+import { createHash, randomUUID } from 'node:crypto';
+import { constants, type BigIntStats, type Dirent } from 'node:fs';
+import { link, lstat, mkdir, open, readdir, readFile, realpath, rename, unlink, type FileHandle } from 'node:fs/promises';
+import { dirname, join, sep } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { ErrorCode, StorageError } from '../errors.js';
+import type { ByteRange, Driver, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
+import { CHUNK, HashingStream } from '../storage/hashing.js';
+
+/**
+ * Folder, in every directory that holds objects, for temp files and metadata sidecars. A key with
+ * a segment of this name is refused, so nothing a user stores can collide with it.
+ */
+export const META_DIR = '.stevedore';
+const TMP_PREFIX = 'tmp-';
+
+export interface FsDriverOptions {
+  /** Absolute root directory; object `k` is the plain file `<root>/<k>`. */
+  root: string;
+  /**
+   * fsync file and directories before a put returns, so an acknowledged object survives a power
+   * cut. Only benchmarks of the rest of the path turn this off. @defaultValue true
+   */
+  fsync?: boolean;
+}
+
+interface Sidecar {
+  key: string;
+  sha256: string;
+  size: number;
+  contentType?: string | undefined;
+  metadata: Record<string, string>;
+}
+
+/**
+ * Filesystem backend, for a local disk or NFS. A put writes a temp file beside the target, fsyncs
+ * it, writes the metadata sidecar named after the temp file's inode, then renames (or, for
+ * ifAbsent, hard-links) the temp file into place: that single rename is the commit, so a reader
+ * sees the old object with its own sidecar or the new one with its, never a mix.
+ */
+export class FsDriver implements Driver {
+  readonly kind = 'file';
+  readonly metadataAtEnd = true;
+  readonly atomicIfAbsent = true;
+  readonly root: string;
+  private readonly fsync: boolean;
+  private realRoot: string | undefined;
+
+  constructor(opts: FsDriverOptions) {
+    this.root = opts.root.replace(/\/+$/, '') || '/';
+    this.fsync = opts.fsync ?? true;
+  }
+
+  async put(key: string, body: PutBody, opts: DriverPutOptions): Promise<ObjectInfo> {
+    const { dir, name } = await this.prepareDir(key);
+    const tmp = join(dir, META_DIR, `${TMP_PREFIX}${randomUUID()}`);
+    const fh = await open(tmp, 'wx', 0o644);
+    let sidecar: string | undefined;
+    try {
+      try {
+        await writeAll(fh, body, opts.signal);
+        if (this.fsync) await fh.sync();
+      } finally {
+        await fh.close();
+      }
+      const st = await lstat(tmp, { bigint: true });
+      const { sha256, size } = body.digest();
+      sidecar = this.sidecarPath(dir, name, st.ino);
+      await this.writeJson(sidecar, { key, sha256, size, contentType: opts.contentType, metadata: opts.metadata } satisfies Sidecar);
+      const path = join(dir, name);
+      const old = opts.ifAbsent ? undefined : await lstat(path, { bigint: true }).catch(() => undefined);
+      if (opts.ifAbsent) {
+        // link() fails with EEXIST when the key exists: an atomic create-if-absent, also on NFS.
+        await link(tmp, path).catch((err: NodeJS.ErrnoException) => {
+          if (err.code === 'EEXIST') throw new StorageError(ErrorCode.PreconditionFailed, 'object already exists', { op: 'put', key, cause: err });
+          throw err;
+        });
+        await unlink(tmp);
+      } else {
+        await rename(tmp, path);
+      }
+      sidecar = undefined;
+      if (this.fsync) await syncDir(dir);
+      if (old && old.ino !== st.ino) await unlinkQuiet(this.sidecarPath(dir, name, old.ino));
+      return toInfo(key, st, { key, sha256, size, contentType: opts.contentType, metadata: opts.metadata });
+    } catch (err) {
+      await unlinkQuiet(tmp);
+      if (sidecar) await unlinkQuiet(sidecar);
+      throw err;
+    }
+  }
+
+  async get(key: string, range: ByteRange | undefined, signal: AbortSignal | undefined): Promise<DriverGetResult> {
+    const path = await this.pathOf(key);
+    for (let attempt = 0; ; attempt++) {
+      // O_NOFOLLOW: a symlink planted at a key is never followed out of the root.
+      const fh = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW);
+      try {
+        const st = await fh.stat({ bigint: true });
+        if (!st.isFile()) throw notFound('get', key);
+        const meta = await this.readSidecar(path, key, st);
+        if (meta === 'raced' && attempt < 3) { await fh.close(); continue; }
+        const info = toInfo(key, st, meta === 'raced' ? undefined : meta);
+        if (range && range.start >= info.size && info.size > 0) {
+          throw new StorageError(ErrorCode.InvalidInput, `range starts at ${range.start}, past the end (${info.size} bytes)`, { op: 'get', key });
+        }
+        const stream = fh.createReadStream({
+          start: range?.start ?? 0, highWaterMark: CHUNK, signal,
+          ...(range?.end === undefined ? {} : { end: range.end }),
+        });
+        return { stream, info };
+      } catch (err) {
+        await fh.close().catch(() => {});
+        throw err;
+      }
+    }
+  }
+
+  async stat(key: string): Promise<ObjectInfo> {
+    const path = await this.pathOf(key);
+    for (let attempt = 0; ; attempt++) {
+      const st = await lstat(path, { bigint: true });
+      if (!st.isFile()) throw notFound('stat', key);
+      const meta = await this.readSidecar(path, key, st);
+      if (meta === 'raced' && attempt < 3) continue;
+      return toInfo(key, st, meta === 'raced' ? undefined : meta);
+    }
+  }
+
+  async list(prefix: string, pageToken: string | undefined, pageSize: number): Promise<ListPage> {
+    const objects: ObjectInfo[] = [];
+    let more = false;
+    const after = pageToken === undefined ? undefined : Buffer.from(pageToken);
+    const walk = async (rel: string): Promise<void> => {
+      let entries: Dirent[];
+      try {
+        entries = await readdir(rel ? join(this.root, rel) : this.root, { withFileTypes: true });
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT' || (err as NodeJS.ErrnoException).code === 'ENOTDIR') return;
+        throw err;
+      }
+      // Sorting a directory's entries by `name` for files and `name/` for folders yields the whole
+      // tree in UTF-8 byte order of key, the order S3, GCS and Azure list in.
+      const sorted = entries
+        .filter((e) => e.name !== META_DIR && (e.isFile() || e.isDirectory()))
+        .map((e) => ({ e, sortKey: Buffer.from(e.isDirectory() ? `${e.name}/` : e.name) }))
+        .sort((a, b) => Buffer.compare(a.sortKey, b.sortKey));
+      for (const { e } of sorted) {
+        if (more) return;
+        const key = rel ? `${rel}/${e.name}` : e.name;
+        if (e.isDirectory()) {
+          const folder = `${key}/`;
+          if (!folder.startsWith(prefix) && !prefix.startsWith(folder)) continue;
+          if (after && Buffer.compare(Buffer.from(folder), after) < 0 && !pageToken!.startsWith(folder)) continue;
+          await walk(key);
+          continue;
+        }
+        if (!key.startsWith(prefix) || (after && Buffer.compare(Buffer.from(key), after) <= 0)) continue;
+        if (objects.length === pageSize) { more = true; return; }
+        const info = await this.stat(key).catch((err: unknown) => {
+          if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined; // deleted while listing
+          throw err;
+        });
+        if (info) objects.push(info);
+      }
+    };
+    const slash = prefix.lastIndexOf('/');
+    await walk(slash < 0 ? '' : prefix.slice(0, slash));
+    return { objects, next: more ? objects[objects.length - 1]?.key : undefined };
+  }
+
+  async delete(key: string): Promise<void> {
+    const path = await this.pathOf(key).catch((err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') return undefined;
+      throw err;
+    });
+    if (!path) return;
+    const st = await lstat(path, { bigint: true }).catch(() => undefined);
+    if (!st) return;
+    if (!st.isFile()) throw notFound('delete', key);
+    await unlinkQuiet(path);
+    await unlinkQuiet(this.sidecarPath(dirname(path), keyName(key), st.ino));
+  }
+
+  async copy(src: string, dst: string, opts: { ifAbsent: boolean }): Promise<ObjectInfo> {
+    // Bytes stream through, checked against the source's digest, so a rotten source is not copied as good.
+    const { stream, info } = await this.get(src, undefined, undefined);
+    const hashing = new HashingStream({ sha256: info.sha256, size: info.size, op: 'copy', key: src });
+    stream.on('error', (err) => hashing.destroy(err));
+    stream.pipe(hashing);
+    return this.put(dst, { stream: hashing, sha256: info.sha256, size: info.size, digest: () => hashing.digest() }, {
+      contentType: info.contentType, metadata: info.metadata, ifAbsent: opts.ifAbsent, signal: undefined,
+    });
+  }
+
+  async health(): Promise<void> {
+    await mkdir(this.root, { recursive: true });
+    const probe = join(this.root, `${META_DIR}-health-${randomUUID()}`);
+    await (await open(probe, 'wx')).close();
+    await unlink(probe);
+  }
+
+  classify(err: unknown): ErrorCode | undefined {
+    const code = (err as NodeJS.ErrnoException | undefined)?.code;
+    if (code === 'ENAMETOOLONG' || code === 'ELOOP') return ErrorCode.InvalidInput;
+    return undefined;
+  }
+
+  async close(): Promise<void> {}
+
+  /**
+   * Removes what killed writers left: temp files older than `maxAgeMs`, and sidecars whose object
+   * is gone or was replaced. Returns how many files it removed.
+   */
+  async sweep(maxAgeMs = 60 * 60_000): Promise<number> {
+    let removed = 0;
+    const cutoff = Date.now() - maxAgeMs;
+    const visit = async (dir: string): Promise<void> => {
+      const entries = await readdir(dir, { withFileTypes: true }).catch(() => [] as Dirent[]);
+      for (const e of entries) {
+        if (!e.isDirectory()) continue;
+        const path = join(dir, e.name);
+        if (e.name !== META_DIR) { await visit(path); continue; }
+        for (const f of await readdir(path).catch(() => [] as string[])) {
+          const file = join(path, f);
+          const st = await lstat(file).catch(() => undefined);
+          if (!st || st.mtimeMs > cutoff) continue;
+          if (f.startsWith(TMP_PREFIX) || (await this.orphanSidecar(dir, file))) {
+            await unlinkQuiet(file);
+            removed++;
+          }
+        }
+      }
+    };
+    await visit(this.root);
+    return removed;
+  }
+
+  private async orphanSidecar(dir: string, file: string): Promise<boolean> {
+    const ino = /\.(\d+)\.json$/.exec(file)?.[1];
+    if (!ino) return false;
+    const meta = JSON.parse(await readFile(file, 'utf8').catch(() => '{}')) as Partial<Sidecar>;
+    if (typeof meta.key !== 'string') return true;
+    const st = await lstat(join(dir, keyName(meta.key)), { bigint: true }).catch(() => undefined);
+    return !st || st.ino !== BigInt(ino);
+  }
+
+  private sidecarPath(dir: string, name: string, ino: bigint): string {
+    // Hashed so a 255-byte file name still has a legal sidecar name.
+    const h = createHash('sha256').update(name).digest('hex').slice(0, 32);
+    return join(dir, META_DIR, `${h}.${ino}.json`);
+  }
+
+  /** The sidecar of the inode `st`, `undefined` for a file some other tool put there, `raced` if it was replaced meanwhile. */
+  private async readSidecar(path: string, key: string, st: BigIntStats): Promise<Sidecar | undefined | 'raced'> {
+    try {
+      return JSON.parse(await readFile(this.sidecarPath(dirname(path), keyName(key), st.ino), 'utf8')) as Sidecar;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      const now = await lstat(path, { bigint: true }).catch(() => undefined);
+      return now && now.ino === st.ino ? undefined : 'raced';
+    }
+  }
+
+  private async pathOf(key: string): Promise<string> {
+    if (key.split('/').includes(META_DIR)) {
+      throw new StorageError(ErrorCode.InvalidInput, `invalid key: "${META_DIR}" is reserved by the filesystem backend`, { key });
+    }
+    const path = join(this.root, key);
+    await this.assertInside(dirname(path), key);
+    return path;
+  }
+
+  private async prepareDir(key: string): Promise<{ dir: string; name: string }> {
+    const path = await this.pathOf(key).catch(async (err: NodeJS.ErrnoException) => {
+      if (err.code !== 'ENOENT') throw err;
+      return join(this.root, key);
+    });
+    const dir = dirname(path);
+    try {
+      await mkdir(join(dir, META_DIR), { recursive: true });
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'ENOTDIR' || code === 'EEXIST') {
+        throw new StorageError(ErrorCode.InvalidInput, 'an object exists where this key needs a folder (the filesystem cannot hold both "a" and "a/b")', { op: 'put', key, cause: err });
+      }
+      throw err;
+    }
+    await this.assertInside(dir, key);
+    return { dir, name: keyName(key) };
+  }
+
+  /** A symlinked folder inside the root must not lead a write or read outside it. */
+  private async assertInside(dir: string, key: string): Promise<void> {
+    this.realRoot ??= await realpath(this.root).catch(() => this.root);
+    const real = await realpath(dir);
+    if (real !== this.realRoot && !real.startsWith(this.realRoot + sep)) {
+      throw new StorageError(ErrorCode.PermissionDenied, 'path leads outside the backend root through a symlink', { key });
+    }
+  }
+
+  private async writeJson(path: string, value: unknown): Promise<void> {
+    const tmp = `${path}.${TMP_PREFIX}${randomUUID()}`;
+    const fh: FileHandle = await open(tmp, 'wx', 0o644);
+    try {
+      await fh.writeFile(JSON.stringify(value));
+      if (this.fsync) await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await rename(tmp, path);
+    if (this.fsync) await syncDir(dirname(path));
+  }
+}
+
+export function fsDriverFromUrl(url: URL): FsDriver {
+  return new FsDriver({ root: fileURLToPath(url) });
+}
+
+function keyName(key: string): string {
+  return key.slice(key.lastIndexOf('/') + 1);
+}
+
+function toInfo(key: string, st: BigIntStats, meta: Sidecar | undefined): ObjectInfo {
+  return {
+    key,
+    size: Number(st.size),
+    // The sidecar belongs to this inode, so its digest stands even if the size changed since
+    // (truncation is corruption, and the read must fail rather than pass unverified).
+    sha256: meta?.sha256,
+    etag: `${st.ino}-${st.mtimeNs}-${st.size}`,
+    contentType: meta?.contentType,
+    metadata: { ...meta?.metadata },
+    modified: new Date(Number(st.mtimeMs)),
+  };
+}
+
+function notFound(op: string, key: string): StorageError {
+  return new StorageError(ErrorCode.NotFound, 'no such object', { op, key });
+}
+
+/** Writes every chunk at the handle's position; the handle stays open for the fsync that follows. */
+async function writeAll(fh: FileHandle, body: PutBody, signal: AbortSignal | undefined): Promise<void> {
+  for await (const chunk of body.stream) {
+    signal?.throwIfAborted();
+    const buf = chunk as Buffer;
+    for (let off = 0; off < buf.length;) off += (await fh.write(buf, off, buf.length - off)).bytesWritten;
+  }
+}
+
+async function unlinkQuiet(path: string): Promise<void> {
+  await unlink(path).catch(() => {});
+}
+
+async function syncDir(dir: string): Promise<void> {
+  const fh = await open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}

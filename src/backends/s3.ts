@@ -1,0 +1,326 @@
+import { Readable } from 'node:stream';
+import {
+  AbortMultipartUploadCommand, CopyObjectCommand, DeleteObjectCommand, GetObjectCommand, HeadBucketCommand, HeadObjectCommand,
+  ListObjectsV2Command, S3Client, type S3ClientConfig,
+} from '@aws-sdk/client-s3';
+import { Upload } from '@aws-sdk/lib-storage';
+import { ErrorCode, StorageError, codeForHttpStatus } from '../errors.js';
+import type { ByteRange, Driver, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
+import { SHA256_META } from '../storage/driver.js';
+
+const MiB = 1024 * 1024;
+/** S3 refuses parts below 5 MiB (except the last) and uploads of more than 10,000 parts. */
+const MIN_PART_SIZE = 5 * MiB;
+const MAX_PARTS = 10_000;
+
+export interface S3DriverOptions {
+  bucket: string;
+  /** Custom endpoint for S3-compatible stores (MinIO, R2, s3rver). @defaultValue AWS, from the region */
+  endpoint?: string | undefined;
+  /**
+   * Region used for signing. @defaultValue the SDK's provider chain (AWS_REGION, ~/.aws/config);
+   * `us-east-1` when `endpoint` is set, as S3-compatible stores ignore it
+   */
+  region?: string | undefined;
+  /** Path-style URLs (`endpoint/bucket/key`), which most self-hosted stores need. @defaultValue false */
+  forcePathStyle?: boolean | undefined;
+  /**
+   * When the SDK adds CRC checksums to requests and checks them on responses. `when_required`
+   * suits S3-compatible stores that refuse the newer `x-amz-checksum-*` headers or multipart
+   * checksum algorithms. @defaultValue 'when_supported'
+   */
+  checksums?: 'when_supported' | 'when_required' | undefined;
+  /**
+   * Send `If-None-Match: *` for `ifAbsent` writes, so the store refuses to overwrite atomically
+   * (AWS S3, MinIO, R2). Turn off for stores that ignore the header; the Bucket then checks first.
+   * @defaultValue true
+   */
+  conditionalWrites?: boolean | undefined;
+  /** Bytes per part of a multipart upload; also the largest single-request upload. @defaultValue 8 MiB */
+  partSize?: number | undefined;
+  /** Parts uploaded at once; memory per upload is about `queueSize * partSize`. @defaultValue 4 */
+  queueSize?: number | undefined;
+  /**
+   * Time for one request to get its response headers (a part upload included), and the longest a
+   * response body may stall. @defaultValue 120000
+   */
+  requestTimeoutMs?: number | undefined;
+  /** Attempts per request, the SDK's own retry with backoff. @defaultValue 3 */
+  maxAttempts?: number | undefined;
+  /**
+   * Explicit credentials for programmatic use and tests. Deployments leave this unset so the SDK's
+   * provider chain (AWS_ACCESS_KEY_ID..., profiles, instance roles) applies; URLs never carry them.
+   * @defaultValue the SDK's provider chain
+   */
+  credentials?: S3ClientConfig['credentials'];
+}
+
+/**
+ * Options from `s3://bucket/prefix?endpoint=...&region=...&forcePathStyle=true&checksums=when_required`
+ * (the prefix is the Bucket's business). Unknown parameters are refused so a typo cannot silently
+ * fall back to a default.
+ */
+export function s3OptionsFromUrl(url: URL): S3DriverOptions {
+  const bad = (why: string) => new StorageError(ErrorCode.InvalidInput, `s3://${url.hostname}: ${why}`, { op: 'config' });
+  if (url.protocol !== 's3:') throw bad(`not an s3: URL (${url.protocol})`);
+  if (!url.hostname) throw bad('missing bucket name');
+  if (url.username || url.password) throw bad('credentials do not belong in the URL; use the AWS environment');
+  const opts: S3DriverOptions = { bucket: url.hostname };
+  const bool = (name: string, v: string) => {
+    if (v === 'true' || v === '1') return true;
+    if (v === 'false' || v === '0') return false;
+    throw bad(`${name} must be true or false`);
+  };
+  const int = (name: string, v: string, min: number) => {
+    const n = Number(v);
+    if (!Number.isSafeInteger(n) || n < min) throw bad(`${name} must be an integer >= ${min}`);
+    return n;
+  };
+  for (const [name, v] of url.searchParams) {
+    switch (name) {
+      case 'endpoint':
+        if (!/^https?:\/\/[^/]/.test(v)) throw bad('endpoint must be an http(s) URL');
+        opts.endpoint = v;
+        break;
+      case 'region': opts.region = v; break;
+      case 'forcePathStyle': opts.forcePathStyle = bool(name, v); break;
+      case 'conditionalWrites': opts.conditionalWrites = bool(name, v); break;
+      case 'checksums':
+        if (v !== 'when_supported' && v !== 'when_required') throw bad('checksums must be when_supported or when_required');
+        opts.checksums = v;
+        break;
+      case 'partSize': opts.partSize = int(name, v, MIN_PART_SIZE); break;
+      case 'queueSize': opts.queueSize = int(name, v, 1); break;
+      case 'requestTimeoutMs': opts.requestTimeoutMs = int(name, v, 1); break;
+      case 'maxAttempts': opts.maxAttempts = int(name, v, 1); break;
+      default: throw bad(`unknown parameter "${name}"`);
+    }
+  }
+  return opts;
+}
+
+export function s3DriverFromUrl(url: URL): Driver {
+  return new S3Driver(s3OptionsFromUrl(url));
+}
+
+/** Amazon S3 and S3-compatible stores, through the AWS SDK v3; multipart uploads via lib-storage. */
+export class S3Driver implements Driver {
+  readonly kind = 's3';
+  /** Object metadata is fixed when the upload starts, so the Bucket must know the digest first. */
+  readonly metadataAtEnd = false;
+  readonly atomicIfAbsent: boolean;
+  readonly bucket: string;
+  readonly partSize: number;
+  readonly client: S3Client;
+  private readonly queueSize: number;
+
+  constructor(opts: S3DriverOptions) {
+    this.bucket = opts.bucket;
+    this.atomicIfAbsent = opts.conditionalWrites ?? true;
+    this.partSize = opts.partSize ?? 8 * MiB;
+    if (this.partSize < MIN_PART_SIZE) throw new StorageError(ErrorCode.InvalidInput, `partSize must be at least ${MIN_PART_SIZE}`, { op: 'config' });
+    this.queueSize = opts.queueSize ?? 4;
+    const checksums = opts.checksums === 'when_required' ? 'WHEN_REQUIRED' : 'WHEN_SUPPORTED';
+    const timeout = opts.requestTimeoutMs ?? 120_000;
+    this.client = new S3Client({
+      endpoint: opts.endpoint,
+      region: opts.region ?? (opts.endpoint ? 'us-east-1' : undefined),
+      forcePathStyle: opts.forcePathStyle ?? false,
+      credentials: opts.credentials,
+      requestChecksumCalculation: checksums,
+      responseChecksumValidation: checksums,
+      maxAttempts: opts.maxAttempts ?? 3,
+      // Without throwOnRequestTimeout the handler only logs a warning when requestTimeout passes.
+      requestHandler: { connectionTimeout: 10_000, requestTimeout: timeout, socketTimeout: timeout, throwOnRequestTimeout: true },
+    });
+  }
+
+  async put(key: string, body: PutBody, opts: DriverPutOptions): Promise<ObjectInfo> {
+    if (body.sha256 === undefined) throw new Error('S3Driver.put needs the digest before the upload (metadataAtEnd is false)');
+    const abort = new AbortController();
+    const onAbort = () => abort.abort();
+    opts.signal?.addEventListener('abort', onAbort, { once: true });
+    if (opts.signal?.aborted) abort.abort();
+    const upload = new Upload({
+      client: this.client,
+      // A known size may need bigger parts to stay within S3's part count.
+      partSize: body.size === undefined ? this.partSize : Math.max(this.partSize, Math.ceil(body.size / MAX_PARTS)),
+      queueSize: this.queueSize,
+      // Upload's own abort replaces the error that caused it when the abort fails (s3rver refuses
+      // AbortMultipartUpload outright), turning a ChecksumMismatch into a retryable error.
+      leavePartsOnError: true,
+      abortController: abort,
+      params: {
+        Bucket: this.bucket,
+        Key: key,
+        Body: body.stream,
+        ContentLength: body.size,
+        ContentType: opts.contentType,
+        Metadata: { ...opts.metadata, [SHA256_META]: body.sha256 },
+        // Sent on PutObject and CompleteMultipartUpload: the object appears only if the key is free.
+        IfNoneMatch: opts.ifAbsent && this.atomicIfAbsent ? '*' : undefined,
+      },
+    });
+    try {
+      // Upload buffers each part before sending it and completes (PutObject for a single part,
+      // CompleteMultipartUpload otherwise) only after the stream has ended cleanly; a stream error,
+      // such as the Bucket's digest check, rejects here before anything is visible.
+      const out = await upload.done();
+      return {
+        key, size: body.digest().size, sha256: body.sha256, etag: out.ETag, contentType: opts.contentType,
+        metadata: { ...opts.metadata },
+        // Neither PutObject nor CompleteMultipartUpload report LastModified; a HEAD would cost a
+        // request and could see a later writer's object.
+        modified: new Date(),
+      };
+    } catch (err) {
+      // On abort, Upload stops reading mid-stream; release the body so its pipeline unwinds.
+      body.stream.destroy();
+      // Best effort: parts left behind are invisible, and a bucket lifecycle rule
+      // (AbortIncompleteMultipartUpload) reaps those a crash or a failed abort leaves.
+      if (upload.uploadId) {
+        await this.client.send(new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: key, UploadId: upload.uploadId })).catch(() => {});
+      }
+      throw err;
+    } finally {
+      opts.signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  async get(key: string, range: ByteRange | undefined, signal: AbortSignal | undefined): Promise<DriverGetResult> {
+    const asked = range ? `bytes=${range.start}-${range.end ?? ''}` : undefined;
+    let res;
+    try {
+      res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: key, Range: asked }), { abortSignal: signal });
+    } catch (err) {
+      // S3 refuses every range of an empty object; read from byte 0, that is the whole (empty) object.
+      if (range?.start === 0 && this.classify(err) === ErrorCode.InvalidInput) {
+        const whole = await this.get(key, undefined, signal);
+        if (whole.info.size === 0) return whole;
+        whole.stream.destroy();
+      }
+      throw err;
+    }
+    // In Node the SDK's body is the response stream itself (or a checksum-checking Readable over it).
+    if (!(res.Body instanceof Readable)) throw new Error('S3 GetObject returned no Node stream');
+    const stream = res.Body;
+    // A ranged response's ContentLength is the range's; the object's size follows the slash.
+    const m = /^bytes (\d+)-(\d+)\/(\d+)$/.exec(res.ContentRange ?? '');
+    const size = m ? Number(m[3]) : res.ContentLength ?? 0;
+    // A store or proxy that ignores or misreads Range must not pass other bytes off as the range.
+    const served = m ? [Number(m[1]), Number(m[2])] : [0, size - 1];
+    if (range && (served[0] !== range.start || served[1] !== Math.min(range.end ?? Infinity, size - 1))) {
+      stream.destroy();
+      throw new Error(`asked for ${asked}, the store answered ${res.ContentRange ?? 'with the whole object'}`);
+    }
+    return { stream, info: this.info(key, { ...res, ContentLength: size }) };
+  }
+
+  async stat(key: string): Promise<ObjectInfo> {
+    return this.info(key, await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: key })));
+  }
+
+  /**
+   * One ListObjectsV2 page. Listings carry no user metadata, so `sha256`, `contentType` and
+   * `metadata` are empty here; `stat` an object for them (a HEAD per entry would make listing cost
+   * one request per object).
+   */
+  async list(prefix: string, pageToken: string | undefined, pageSize: number): Promise<ListPage> {
+    const res = await this.client.send(new ListObjectsV2Command({
+      Bucket: this.bucket, Prefix: prefix || undefined, ContinuationToken: pageToken, MaxKeys: pageSize,
+    }));
+    return {
+      objects: (res.Contents ?? []).map((o) => ({
+        key: o.Key ?? '', size: o.Size ?? 0, sha256: undefined, etag: o.ETag, contentType: undefined,
+        metadata: {}, modified: o.LastModified ?? new Date(0),
+      })),
+      next: res.IsTruncated ? res.NextContinuationToken : undefined,
+    };
+  }
+
+  async delete(key: string): Promise<void> {
+    await this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key: key }));
+  }
+
+  /**
+   * CopyObject keeps metadata and content type (MetadataDirective COPY). S3 refuses CopyObject for
+   * sources over 5 GiB (InvalidRequest, so InvalidInput); those would need a multipart
+   * UploadPartCopy, which no job needs yet: migrate streams between backends.
+   */
+  async copy(src: string, dst: string, opts: { ifAbsent: boolean }): Promise<ObjectInfo> {
+    await this.client.send(new CopyObjectCommand({
+      Bucket: this.bucket,
+      Key: dst,
+      CopySource: `${this.bucket}/${src.split('/').map(encodeURIComponent).join('/')}`,
+      MetadataDirective: 'COPY',
+      IfNoneMatch: opts.ifAbsent && this.atomicIfAbsent ? '*' : undefined,
+    }));
+    return this.stat(dst);
+  }
+
+  async health(): Promise<void> {
+    await this.client.send(new HeadBucketCommand({ Bucket: this.bucket }));
+  }
+
+  classify(err: unknown): ErrorCode | undefined {
+    if (typeof err !== 'object' || err === null) return undefined;
+    const e = err as { name?: unknown; Code?: unknown; $metadata?: { httpStatusCode?: number } };
+    const name = typeof e.Code === 'string' ? e.Code : typeof e.name === 'string' ? e.name : '';
+    const byName = S3_CODES.get(name);
+    if (byName) return byName;
+    // Only service responses carry a status; anything else (sockets, aborts) is the common mapping's.
+    const status = e.$metadata?.httpStatusCode;
+    return status === undefined ? undefined : codeForHttpStatus(status);
+  }
+
+  async close(): Promise<void> {
+    this.client.destroy();
+  }
+
+  private info(key: string, r: {
+    ContentLength?: number | undefined; ETag?: string | undefined; ContentType?: string | undefined;
+    LastModified?: Date | undefined; Metadata?: Record<string, string> | undefined;
+  }): ObjectInfo {
+    const metadata: Record<string, string> = {};
+    let sha256: string | undefined;
+    // S3 returns metadata names in lower case; stores that echo the sender's case are folded here.
+    for (const [name, value] of Object.entries(r.Metadata ?? {})) {
+      if (name.toLowerCase() === SHA256_META) sha256 = value;
+      else metadata[name.toLowerCase()] = value;
+    }
+    return {
+      key, size: r.ContentLength ?? 0, sha256, etag: r.ETag, contentType: r.ContentType, metadata,
+      modified: r.LastModified ?? new Date(0),
+    };
+  }
+}
+
+/** S3 error codes whose meaning the HTTP status alone gets wrong or too coarse. */
+const S3_CODES = new Map<string, ErrorCode>(Object.entries({
+  NoSuchKey: ErrorCode.NotFound,
+  NotFound: ErrorCode.NotFound,
+  NoSuchBucket: ErrorCode.NotFound,
+  AccessDenied: ErrorCode.PermissionDenied,
+  InvalidAccessKeyId: ErrorCode.PermissionDenied,
+  SignatureDoesNotMatch: ErrorCode.PermissionDenied,
+  AllAccessDisabled: ErrorCode.PermissionDenied,
+  PreconditionFailed: ErrorCode.PreconditionFailed,
+  // A concurrent conditional write to the same key: another writer is creating it.
+  ConditionalRequestConflict: ErrorCode.PreconditionFailed,
+  InvalidRange: ErrorCode.InvalidInput,
+  // 400s and 409s that heal by themselves: timeouts, rotated credentials, bytes damaged in flight.
+  RequestTimeout: ErrorCode.Transient,
+  ExpiredToken: ErrorCode.Transient,
+  OperationAborted: ErrorCode.Transient,
+  BadDigest: ErrorCode.Transient,
+  XAmzContentSHA256Mismatch: ErrorCode.Transient,
+  // The multipart upload vanished (aborted by a lifecycle rule); a fresh attempt starts a new one.
+  NoSuchUpload: ErrorCode.Transient,
+  SlowDown: ErrorCode.Transient,
+  ServiceUnavailable: ErrorCode.Transient,
+  InternalError: ErrorCode.Transient,
+  Throttling: ErrorCode.Transient,
+  ThrottlingException: ErrorCode.Transient,
+  RequestThrottled: ErrorCode.Transient,
+  TimeoutError: ErrorCode.Transient,
+}));

@@ -1,0 +1,245 @@
+import { createReadStream, createWriteStream } from 'node:fs';
+import { mkdtemp, rm, stat as fsStat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { PassThrough, Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { createHash, randomUUID } from 'node:crypto';
+import { ErrorCode, StorageError, classifyCommon } from '../errors.js';
+import type { ByteRange, Driver, ObjectInfo, PutBody } from './driver.js';
+import { SHA256_META } from './driver.js';
+import { CHUNK, HashingStream, type Digest } from './hashing.js';
+import { validateContentType, validateKey, validateMetadata, validatePrefix, validateSha256 } from './keys.js';
+
+/** Bytes to store: a stream, bytes in memory, or a local file (read twice where a backend needs the digest first). */
+export type PutSource = Readable | Uint8Array | { path: string };
+
+export interface PutOptions {
+  contentType?: string | undefined;
+  metadata?: Record<string, string> | undefined;
+  /** Expected SHA-256 (hex): on a mismatch nothing is stored and put fails with ChecksumMismatch. */
+  sha256?: string | undefined;
+  /** Fail with PreconditionFailed when the key already exists. */
+  ifAbsent?: boolean | undefined;
+  signal?: AbortSignal | undefined;
+}
+
+export interface GetOptions {
+  range?: ByteRange | undefined;
+  signal?: AbortSignal | undefined;
+}
+
+export interface GetResult {
+  /**
+   * The object's bytes. A full read is verified against the recorded digest: on a mismatch the
+   * stream errors with ChecksumMismatch at its end, so treat the bytes as unverified until 'end'.
+   */
+  stream: Readable;
+  info: ObjectInfo;
+}
+
+export interface BucketOptions {
+  /** Name for messages and logs, e.g. the backend's configured name. */
+  name?: string;
+  /** Folder inside the store: key `k` lives at `<prefix>/<k>`. @defaultValue '' */
+  prefix?: string;
+  /** Where a stream of unknown digest is spooled for backends that need the digest first. @defaultValue os.tmpdir() */
+  spoolDir?: string;
+  /** Page size used under `list`. @defaultValue 1000 */
+  pageSize?: number;
+}
+
+/**
+ * The portable bucket: one place for key validation, prefixing, hashing while streaming, digest
+ * checks before an object becomes visible, verification of full reads, and error codes. Drivers
+ * below it only move bytes.
+ */
+export class Bucket {
+  readonly name: string;
+  readonly prefix: string;
+  private readonly spoolDir: string;
+  private readonly pageSize: number;
+
+  constructor(readonly driver: Driver, opts: BucketOptions = {}) {
+    this.name = opts.name ?? driver.kind;
+    this.prefix = opts.prefix ? `${validatePrefix(opts.prefix).replace(/\/+$/, '')}/` : '';
+    this.spoolDir = opts.spoolDir ?? tmpdir();
+    this.pageSize = opts.pageSize ?? 1000;
+  }
+
+  async put(key: string, source: PutSource, opts: PutOptions = {}): Promise<ObjectInfo> {
+    validateKey(key, 'put');
+    const metadata = validateMetadata(opts.metadata, SHA256_META);
+    const contentType = validateContentType(opts.contentType);
+    const expected = validateSha256(opts.sha256);
+    const storeKey = this.prefix + key;
+    return this.guard('put', key, async () => {
+      if (opts.ifAbsent && !this.driver.atomicIfAbsent && (await this.exists(storeKey))) {
+        throw new StorageError(ErrorCode.PreconditionFailed, 'object already exists', { op: 'put', key });
+      }
+      const driverOpts = { contentType, metadata, ifAbsent: opts.ifAbsent ?? false, signal: opts.signal };
+      const prepared = await this.prepare(key, source, expected);
+      let src: Readable | undefined;
+      try {
+        const hashing = new HashingStream({ sha256: prepared.sha256, size: prepared.size, op: 'put', key });
+        src = prepared.open();
+        // A source error must reach the driver as an error of the body, never as a clean end.
+        src.on('error', (err) => hashing.destroy(err));
+        src.pipe(hashing);
+        const body: PutBody = { stream: hashing, sha256: prepared.sha256, size: prepared.size, digest: () => hashing.digest() };
+        const info = await this.driver.put(storeKey, body, driverOpts);
+        const digest = hashing.digest();
+        return { ...this.outside(info), sha256: digest.sha256, size: digest.size };
+      } finally {
+        // A driver that failed early (precondition, auth) leaves the source unread: release it.
+        src?.destroy();
+        await prepared.cleanup();
+      }
+    });
+  }
+
+  async get(key: string, opts: GetOptions = {}): Promise<GetResult> {
+    validateKey(key, 'get');
+    const range = opts.range;
+    if (range && (!Number.isSafeInteger(range.start) || range.start < 0 || (range.end !== undefined && (!Number.isSafeInteger(range.end) || range.end < range.start)))) {
+      throw new StorageError(ErrorCode.InvalidInput, `invalid range ${JSON.stringify(range)}`, { op: 'get', key });
+    }
+    const { stream, info } = await this.guard('get', key, () => this.driver.get(this.prefix + key, range, opts.signal));
+    // Only a whole read can be checked against the whole object's digest.
+    const whole = !range || (range.start === 0 && (range.end === undefined || range.end >= info.size - 1));
+    const out = whole && info.sha256 !== undefined
+      ? new HashingStream({ sha256: info.sha256, size: info.size, op: 'get', key })
+      : new PassThrough();
+    stream.on('error', (err) => out.destroy(this.wrap('get', key, err)));
+    out.on('close', () => { if (!stream.destroyed) stream.destroy(); });
+    stream.pipe(out);
+    return { stream: out, info: this.outside(info) };
+  }
+
+  async stat(key: string): Promise<ObjectInfo> {
+    validateKey(key, 'stat');
+    return this.outside(await this.guard('stat', key, () => this.driver.stat(this.prefix + key)));
+  }
+
+  async exists(storeKey: string): Promise<boolean> {
+    try {
+      await this.driver.stat(storeKey);
+      return true;
+    } catch (err) {
+      if (this.codeOf(err) === ErrorCode.NotFound) return false;
+      throw err;
+    }
+  }
+
+  /** Objects whose key starts with `prefix`, in UTF-8 byte order of key; pages are fetched lazily. */
+  async *list(prefix = '', opts: { pageSize?: number } = {}): AsyncGenerator<ObjectInfo> {
+    validatePrefix(prefix);
+    let token: string | undefined;
+    do {
+      const page = await this.guard('list', prefix, () => this.driver.list(this.prefix + prefix, token, opts.pageSize ?? this.pageSize));
+      for (const o of page.objects) yield this.outside(o);
+      token = page.next;
+    } while (token !== undefined);
+  }
+
+  /** Deleting a missing key succeeds. */
+  async delete(key: string): Promise<void> {
+    validateKey(key, 'delete');
+    await this.guard('delete', key, () => this.driver.delete(this.prefix + key));
+  }
+
+  /** Server-side copy within this bucket; the digest and metadata travel with the bytes. */
+  async copy(src: string, dst: string, opts: { ifAbsent?: boolean } = {}): Promise<ObjectInfo> {
+    validateKey(src, 'copy');
+    validateKey(dst, 'copy');
+    return this.guard('copy', src, async () => {
+      if (opts.ifAbsent && !this.driver.atomicIfAbsent && (await this.exists(this.prefix + dst))) {
+        throw new StorageError(ErrorCode.PreconditionFailed, `destination ${JSON.stringify(dst)} already exists`, { op: 'copy', key: src });
+      }
+      return this.outside(await this.driver.copy(this.prefix + src, this.prefix + dst, { ifAbsent: opts.ifAbsent ?? false }));
+    });
+  }
+
+  async health(): Promise<void> {
+    await this.guard('health', undefined, () => this.driver.health());
+  }
+
+  async close(): Promise<void> {
+    await this.driver.close();
+  }
+
+  /** The contract code of any error this bucket or its driver raised. */
+  codeOf(err: unknown): ErrorCode {
+    return this.driver.classify(err) ?? classifyCommon(err) ?? ErrorCode.Unknown;
+  }
+
+  private wrap(op: string, key: string | undefined, err: unknown): StorageError {
+    if (err instanceof StorageError) {
+      // Drivers speak in store keys (prefix included); callers should see their own key.
+      return err.key === key ? err : new StorageError(err.code, err.detail, { op: err.op ?? op, key, cause: err.cause ?? err });
+    }
+    const detail = err instanceof Error ? err.message || err.name : String(err);
+    return new StorageError(this.codeOf(err), `${this.name}: ${detail}`, { op, key, cause: err });
+  }
+
+  private async guard<T>(op: string, key: string | undefined, fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      throw this.wrap(op, key, err);
+    }
+  }
+
+  private outside(info: ObjectInfo): ObjectInfo {
+    return this.prefix && info.key.startsWith(this.prefix) ? { ...info, key: info.key.slice(this.prefix.length) } : info;
+  }
+
+  /**
+   * Turns a source into something the driver can read once, with the digest known up front when
+   * the driver needs it there (S3 and GCS fix metadata before the first byte): a file is hashed in
+   * a first pass (as rclone does for S3), a stream is spooled to a temp file while hashing.
+   */
+  private async prepare(key: string, source: PutSource, expected: string | undefined): Promise<Prepared> {
+    const none = async () => {};
+    if (source instanceof Uint8Array) {
+      const buf = Buffer.from(source.buffer, source.byteOffset, source.byteLength);
+      const sha256 = expected ?? (this.driver.metadataAtEnd ? undefined : createHash('sha256').update(buf).digest('hex'));
+      return { sha256, size: buf.length, open: () => Readable.from([buf]), cleanup: none };
+    }
+    if (!(source instanceof Readable)) {
+      const { size } = await fsStat(source.path);
+      const sha256 = expected ?? (this.driver.metadataAtEnd ? undefined : (await hashFile(source.path)).sha256);
+      return { sha256, size, open: () => createReadStream(source.path, { highWaterMark: CHUNK }), cleanup: none };
+    }
+    if (expected !== undefined || this.driver.metadataAtEnd) {
+      return { sha256: expected, size: undefined, open: () => source, cleanup: none };
+    }
+    const dir = await mkdtemp(join(this.spoolDir, 'stevedore-spool-'));
+    const cleanup = () => rm(dir, { recursive: true, force: true });
+    try {
+      const path = join(dir, randomUUID());
+      const hashing = new HashingStream({ op: 'put', key });
+      await pipeline(source, hashing, createWriteStream(path, { highWaterMark: CHUNK }));
+      const { sha256, size } = hashing.digest();
+      return { sha256, size, open: () => createReadStream(path, { highWaterMark: CHUNK }), cleanup };
+    } catch (err) {
+      await cleanup();
+      throw err;
+    }
+  }
+}
+
+interface Prepared {
+  sha256: string | undefined;
+  size: number | undefined;
+  open(): Readable;
+  cleanup(): Promise<void>;
+}
+
+export async function hashFile(path: string): Promise<Digest> {
+  const hashing = new HashingStream({ op: 'hash', key: path });
+  await pipeline(createReadStream(path, { highWaterMark: CHUNK }), hashing, async function* (src) {
+    for await (const _ of src) { /* drain */ }
+  });
+  return hashing.digest();
+}

@@ -1,0 +1,99 @@
+import type { Readable } from 'node:stream';
+import type { ErrorCode } from '../errors.js';
+
+/** What a backend knows about one stored object. */
+export interface ObjectInfo {
+  key: string;
+  size: number;
+  /** SHA-256 (hex) recorded when the object was written; undefined for objects written by other tools. */
+  sha256: string | undefined;
+  /** Backend version tag: S3/Azure ETag, GCS generation, filesystem mtime+size+inode. */
+  etag: string | undefined;
+  contentType: string | undefined;
+  /** User metadata (lower-case names); never includes the reserved `sha256`. */
+  metadata: Record<string, string>;
+  modified: Date;
+}
+
+/**
+ * The bytes a driver must store. `stream` is already wrapped by the Bucket: it hashes what flows
+ * and, when an expected digest is known, errors at its end (before the driver can commit) if the
+ * bytes do not match. A driver must therefore never make an object visible unless `stream` ended
+ * without error.
+ */
+export interface PutBody {
+  stream: Readable;
+  /**
+   * The digest, when known before the first byte (given by the caller, or the source was hashed
+   * first). Always set for drivers whose `metadataAtEnd` is false.
+   */
+  sha256: string | undefined;
+  /** Exact size in bytes when known in advance (lets SDKs pick single-shot uploads). */
+  size: number | undefined;
+  /** Digest and size of what flowed. Valid only once `stream` has ended; throws before. */
+  digest(): { sha256: string; size: number };
+}
+
+export interface DriverPutOptions {
+  contentType: string | undefined;
+  /** Validated user metadata; the driver stores `sha256` beside it under the reserved name. */
+  metadata: Record<string, string>;
+  /** Fail with PreconditionFailed if the key already exists (atomically where the store can). */
+  ifAbsent: boolean;
+  signal: AbortSignal | undefined;
+}
+
+export interface ByteRange {
+  /** First byte, inclusive. */
+  start: number;
+  /** Last byte, inclusive; undefined reads to the end. */
+  end?: number | undefined;
+}
+
+export interface DriverGetResult {
+  stream: Readable;
+  /** The object's info as of this read (from the same response where the store allows). */
+  info: ObjectInfo;
+}
+
+export interface ListPage {
+  objects: ObjectInfo[];
+  /** Opaque token for the next page; undefined on the last page. */
+  next: string | undefined;
+}
+
+/**
+ * One storage backend, kept small and dumb (the go-cloud `driver.Bucket` split): the portable
+ * `Bucket` validates keys, hashes, verifies and wraps errors; a driver only moves bytes and maps
+ * its SDK's errors to codes.
+ */
+export interface Driver {
+  /** `file`, `memory`, `s3`, `gs`, `azblob`. */
+  readonly kind: string;
+  /**
+   * True when the driver can record the digest after the bytes have flowed (filesystem sidecar,
+   * Azure commit-time metadata). When false, the Bucket works the digest out first.
+   */
+  readonly metadataAtEnd: boolean;
+  /** True when `ifAbsent` is enforced atomically by the store itself. */
+  readonly atomicIfAbsent: boolean;
+
+  put(key: string, body: PutBody, opts: DriverPutOptions): Promise<ObjectInfo>;
+  get(key: string, range: ByteRange | undefined, signal: AbortSignal | undefined): Promise<DriverGetResult>;
+  stat(key: string): Promise<ObjectInfo>;
+  /** Objects whose key starts with `prefix` (a plain string prefix), in UTF-8 byte order of key. */
+  list(prefix: string, pageToken: string | undefined, pageSize: number): Promise<ListPage>;
+  /** Deleting a missing key succeeds (object-store semantics). */
+  delete(key: string): Promise<void>;
+  /** Server-side copy within this backend, metadata (including the digest) included. */
+  copy(src: string, dst: string, opts: { ifAbsent: boolean }): Promise<ObjectInfo>;
+  /** Throws when the backend cannot be reached or used. */
+  health(): Promise<void>;
+  /** Maps an SDK-specific error to a code; undefined falls back to the common mapping. */
+  classify(err: unknown): ErrorCode | undefined;
+  /** Releases clients and sockets. */
+  close(): Promise<void>;
+}
+
+/** Name of the metadata entry that holds the SHA-256 on every backend. */
+export const SHA256_META = 'sha256';

@@ -1,0 +1,60 @@
+import { createHash, type Hash } from 'node:crypto';
+import { Transform, type TransformCallback } from 'node:stream';
+import { StorageError, ErrorCode } from '../errors.js';
+
+/** Chunk size for file streams: large chunks keep per-chunk overhead far below hashing cost. */
+export const CHUNK = 1 << 20;
+
+export interface Digest {
+  sha256: string;
+  size: number;
+}
+
+interface Expectation {
+  sha256?: string | undefined;
+  size?: number | undefined;
+  op: string;
+  key: string;
+}
+
+/**
+ * Passes bytes through unchanged while hashing them. When an expected digest or size is given, the
+ * stream errors with ChecksumMismatch at its end instead of ending, so whatever consumes it (an
+ * upload, a file rename) never commits bytes that do not match.
+ */
+export class HashingStream extends Transform {
+  private readonly hash: Hash = createHash('sha256');
+  private bytes = 0;
+  private result: Digest | undefined;
+
+  constructor(private readonly expect: Expectation) {
+    super();
+  }
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
+    this.hash.update(chunk);
+    this.bytes += chunk.length;
+    cb(null, chunk);
+  }
+
+  override _flush(cb: TransformCallback): void {
+    const sha256 = this.hash.digest('hex');
+    const { expect } = this;
+    if (expect.size !== undefined && this.bytes !== expect.size) {
+      cb(new StorageError(ErrorCode.ChecksumMismatch, `size ${this.bytes} does not match the expected ${expect.size}`, { op: expect.op, key: expect.key }));
+      return;
+    }
+    if (expect.sha256 !== undefined && sha256 !== expect.sha256) {
+      cb(new StorageError(ErrorCode.ChecksumMismatch, `sha256 ${sha256} does not match the expected ${expect.sha256}`, { op: expect.op, key: expect.key }));
+      return;
+    }
+    this.result = { sha256, size: this.bytes };
+    cb();
+  }
+
+  /** The digest of everything that flowed; only once the stream has ended. */
+  digest(): Digest {
+    if (!this.result) throw new Error('HashingStream.digest() called before the stream ended');
+    return this.result;
+  }
+}

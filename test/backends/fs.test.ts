@@ -1,0 +1,4 @@
+import { runConformance } from '../conformance/suite.js';
+import { fsConformanceTarget } from '../harness/fs.js';
+
+runConformance(await fsConformanceTarget());

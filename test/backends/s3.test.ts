@@ -1,0 +1,224 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { Readable } from 'node:stream';
+import { S3ServiceException } from '@aws-sdk/client-s3';
+import { afterAll, describe, expect, it, vi } from 'vitest';
+import { S3Driver, s3DriverFromUrl, s3OptionsFromUrl } from '../../src/backends/s3.js';
+import { ErrorCode, StorageError, classifyCommon } from '../../src/errors.js';
+import type { PutBody } from '../../src/storage/driver.js';
+import { HashingStream } from '../../src/storage/hashing.js';
+import { readAll, runConformance } from '../conformance/suite.js';
+import { S3RVER_CREDENTIALS, s3ConformanceTarget } from '../harness/s3.js';
+import { freePort } from '../harness/process.js';
+
+const target = s3ConformanceTarget();
+runConformance(target);
+
+const sha = (b: Uint8Array) => createHash('sha256').update(b).digest('hex');
+const noOpts = { contentType: undefined, metadata: {}, ifAbsent: false, signal: undefined };
+
+/** A body as the Bucket builds it for S3: digest known up front, checked again at the stream's end. */
+function body(bytes: Buffer, opts: { claim?: string; chunk?: number } = {}): PutBody {
+  const claim = opts.claim ?? sha(bytes);
+  const hashing = new HashingStream({ sha256: claim, op: 'put', key: 'k' });
+  const chunk = opts.chunk ?? 1 << 20;
+  Readable.from((function* () { for (let at = 0; at < bytes.length; at += chunk) yield bytes.subarray(at, at + chunk); })()).pipe(hashing);
+  return { stream: hashing, sha256: claim, size: undefined, digest: () => hashing.digest() };
+}
+
+/** Records each request's command and If-None-Match header as it leaves the client. */
+function recordRequests(d: S3Driver): { command: string; ifNoneMatch: string | undefined }[] {
+  const seen: { command: string; ifNoneMatch: string | undefined }[] = [];
+  d.client.middlewareStack.add((next, context) => async (args) => {
+    const headers = (args.request as { headers?: Record<string, string> }).headers ?? {};
+    seen.push({ command: String(context.commandName), ifNoneMatch: headers['if-none-match'] });
+    return next(args);
+  }, { step: 'finalizeRequest' });
+  return seen;
+}
+
+function caught(fn: () => unknown): unknown {
+  try { fn(); } catch (err) { return err; }
+  return undefined;
+}
+
+describe('s3 URLs', () => {
+  it('takes the bucket from the host and settings from the query', () => {
+    expect(s3OptionsFromUrl(new URL('s3://builds/some/prefix?endpoint=http%3A%2F%2F127.0.0.1%3A9000&region=eu-west-1&forcePathStyle=true&checksums=when_required&conditionalWrites=false&partSize=16777216&queueSize=2')))
+      .toEqual({
+        bucket: 'builds', endpoint: 'http://127.0.0.1:9000', region: 'eu-west-1', forcePathStyle: true,
+        checksums: 'when_required', conditionalWrites: false, partSize: 16 * 1024 * 1024, queueSize: 2,
+      });
+    expect(s3OptionsFromUrl(new URL('s3://builds'))).toEqual({ bucket: 'builds' });
+  });
+
+  it('builds a driver whose atomic ifAbsent follows conditionalWrites', async () => {
+    const on = s3DriverFromUrl(new URL('s3://builds?region=us-east-1'));
+    const off = s3DriverFromUrl(new URL('s3://builds?region=us-east-1&conditionalWrites=false'));
+    expect([on.kind, on.metadataAtEnd, on.atomicIfAbsent, off.atomicIfAbsent]).toEqual(['s3', false, true, false]);
+    await on.close();
+    await off.close();
+  });
+
+  it.each([
+    ['credentials in the URL', 's3://AKIA:secret@builds/p'],
+    ['an unknown parameter', 's3://builds?endpont=http://x'],
+    ['a bad boolean', 's3://builds?forcePathStyle=yes'],
+    ['an endpoint that is not a URL', 's3://builds?endpoint=localhost:9000'],
+    ['a bad checksum mode', 's3://builds?checksums=always'],
+    ['a part size below S3\'s minimum', 's3://builds?partSize=1024'],
+  ])('refuses %s', (_why, url) => {
+    const err = caught(() => s3OptionsFromUrl(new URL(url)));
+    expect(err).toBeInstanceOf(StorageError);
+    expect((err as StorageError).code).toBe(ErrorCode.InvalidInput);
+    expect((err as StorageError).message).not.toContain('secret');
+  });
+
+  it('takes credentials from the SDK environment', async () => {
+    const s = await target.s3rver();
+    const bucket = await s.bucket();
+    vi.stubEnv('AWS_ACCESS_KEY_ID', S3RVER_CREDENTIALS.accessKeyId);
+    vi.stubEnv('AWS_SECRET_ACCESS_KEY', S3RVER_CREDENTIALS.secretAccessKey);
+    try {
+      const d = s3DriverFromUrl(new URL(`s3://${bucket}?endpoint=${encodeURIComponent(s.endpoint)}&forcePathStyle=true&checksums=when_required`));
+      await expect(d.health()).resolves.toBeUndefined();
+      await d.close();
+    } finally {
+      vi.unstubAllEnvs();
+    }
+  });
+});
+
+describe('s3 driver', () => {
+  afterAll(() => target.teardown());
+
+  it.each([
+    ['a single request', 1000],
+    ['a multipart upload', target.multipartThreshold + 1_234_567],
+  ])('stores the digest as metadata and reports the size, for %s', async (_n, n) => {
+    const d = await target.newDriver();
+    const seen = recordRequests(d);
+    const bytes = randomBytes(n);
+    const info = await d.put('k', body(bytes), { ...noOpts, contentType: 'application/gzip', metadata: { build: '7' } });
+    expect(info).toMatchObject({ key: 'k', size: n, sha256: sha(bytes), contentType: 'application/gzip', metadata: { build: '7' } });
+    expect(seen.some((r) => r.command === 'CompleteMultipartUploadCommand')).toBe(n > target.multipartThreshold);
+    const stat = await d.stat('k');
+    expect(stat).toMatchObject({ size: n, sha256: sha(bytes), etag: info.etag, metadata: { build: '7' } });
+  });
+
+  it.each([
+    ['a single request', 1000],
+    ['a multipart upload', 2 * target.multipartThreshold + 12_345],
+  ])('makes nothing visible when the body errors at its end, for %s', async (_n, n) => {
+    const d = await target.newDriver();
+    const old = Buffer.from('old');
+    await d.put('k', body(old), noOpts);
+    // The claimed digest is the old object's: the hashing stream errors only after the last byte.
+    const err = await d.put('k', body(randomBytes(n), { claim: sha(old) }), noOpts).catch((e: unknown) => e);
+    expect((err as StorageError).code).toBe(ErrorCode.ChecksumMismatch);
+    const got = await d.get('k', undefined, undefined);
+    expect(got.info).toMatchObject({ sha256: sha(old), size: 3 });
+    expect(await readAll(got.stream)).toEqual(old);
+    expect((await d.list('', undefined, 10)).objects.map((o) => o.key)).toEqual(['k']);
+  });
+
+  it('rejects, rather than hangs, when the body closes without ending', async () => {
+    const d = await target.newDriver();
+    const b = body(randomBytes(3 * 1024 * 1024), { chunk: 65_536 });
+    b.stream.once('data', () => b.stream.destroy());
+    await expect(d.put('k', b, noOpts)).rejects.toMatchObject({ code: 'ERR_STREAM_PREMATURE_CLOSE' });
+    expect(d.classify(await d.stat('k').catch((e: unknown) => e))).toBe(ErrorCode.NotFound);
+  });
+
+  it('stops an upload when its signal aborts, committing nothing', async () => {
+    const d = await target.newDriver();
+    const ac = new AbortController();
+    const b = body(randomBytes(3 * target.multipartThreshold), { chunk: 65_536 });
+    b.stream.once('data', () => ac.abort());
+    const err = await d.put('k', b, { ...noOpts, signal: ac.signal }).catch((e: unknown) => e);
+    expect((err as Error).name).toBe('AbortError');
+    expect(d.classify(await d.stat('k').catch((e: unknown) => e))).toBe(ErrorCode.NotFound);
+  });
+
+  it('sends If-None-Match: * for ifAbsent writes and copies when conditional writes are on', async () => {
+    // s3rver ignores the header, so this checks what reaches the wire; real S3, MinIO and R2 enforce it.
+    const d = await target.newDriver({ conditionalWrites: true });
+    const seen = recordRequests(d);
+    await d.put('small', body(Buffer.from('x')), { ...noOpts, ifAbsent: true });
+    await d.put('big', body(randomBytes(target.multipartThreshold + 1)), { ...noOpts, ifAbsent: true });
+    await d.copy('small', 'copy', { ifAbsent: true });
+    await d.put('plain', body(Buffer.from('y')), noOpts);
+    const sent = (command: string) => seen.filter((r) => r.command === command).map((r) => r.ifNoneMatch);
+    expect(sent('PutObjectCommand')).toEqual(['*', undefined]);
+    expect(sent('CompleteMultipartUploadCommand')).toEqual(['*']);
+    expect(sent('CopyObjectCommand')).toEqual(['*']);
+    expect(sent('UploadPartCommand').every((h) => h === undefined)).toBe(true);
+  });
+
+  it('reads an empty object from byte 0, where S3 refuses any range', async () => {
+    const d = await target.newDriver();
+    await d.put('empty', body(Buffer.alloc(0)), noOpts);
+    const got = await d.get('empty', { start: 0 }, undefined);
+    expect(got.info).toMatchObject({ size: 0, sha256: sha(Buffer.alloc(0)) });
+    expect((await readAll(got.stream)).length).toBe(0);
+    expect(d.classify(await d.get('empty', { start: 1 }, undefined).catch((e: unknown) => e))).toBe(ErrorCode.InvalidInput);
+  });
+
+  it('refuses to pass other bytes off as the range asked for', async () => {
+    const d = await target.newDriver();
+    await d.put('k', body(Buffer.from('0123456789')), noOpts);
+    // A proxy that drops Range makes the store answer 200 with the whole object.
+    d.client.middlewareStack.add((next) => async (args) => {
+      delete (args.request as { headers: Record<string, string> }).headers['range'];
+      return next(args);
+    }, { step: 'build' });
+    await expect(d.get('k', { start: 2, end: 4 }, undefined)).rejects.toThrow(/asked for bytes=2-4/);
+    const whole = await d.get('k', { start: 0, end: 20 }, undefined);
+    expect((await readAll(whole.stream)).toString()).toBe('0123456789');
+  });
+
+  it('lists without a request per object, so listed entries carry no digest', async () => {
+    const d = await target.newDriver();
+    await d.put('a', body(Buffer.from('a')), noOpts);
+    const seen = recordRequests(d);
+    const page = await d.list('', undefined, 10);
+    expect(page.objects).toMatchObject([{ key: 'a', size: 1, sha256: undefined }]);
+    expect(seen.map((r) => r.command)).toEqual(['ListObjectsV2Command']);
+  });
+
+  it('maps the service\'s errors to codes', async () => {
+    const s = await target.s3rver();
+    const d = await target.newDriver();
+    expect(d.classify(await d.get('nope', undefined, undefined).catch((e: unknown) => e))).toBe(ErrorCode.NotFound);
+    expect(d.classify(await d.stat('nope').catch((e: unknown) => e))).toBe(ErrorCode.NotFound);
+    await d.put('k', body(Buffer.from('x')), noOpts);
+    expect(d.classify(await d.get('k', { start: 5 }, undefined).catch((e: unknown) => e))).toBe(ErrorCode.InvalidInput);
+    const missing = new S3Driver({ ...s.driverOptions('no-such-bucket'), maxAttempts: 1 });
+    expect(missing.classify(await missing.health().catch((e: unknown) => e))).toBe(ErrorCode.NotFound);
+    expect(missing.classify(await missing.list('', undefined, 1).catch((e: unknown) => e))).toBe(ErrorCode.NotFound);
+    // s3rver checks the access key id but not SigV4 signatures.
+    const denied = new S3Driver({ ...s.driverOptions(d.bucket), credentials: { accessKeyId: 'NOBODY', secretAccessKey: 'x' }, maxAttempts: 1 });
+    expect(denied.classify(await denied.stat('k').catch((e: unknown) => e))).toBe(ErrorCode.PermissionDenied);
+    expect(denied.classify(await denied.get('k', undefined, undefined).catch((e: unknown) => e))).toBe(ErrorCode.PermissionDenied);
+    const gone = new S3Driver({ ...s.driverOptions('b'), endpoint: `http://127.0.0.1:${await freePort()}`, maxAttempts: 1 });
+    const refused = await gone.health().catch((e: unknown) => e);
+    expect(gone.classify(refused) ?? classifyCommon(refused)).toBe(ErrorCode.Transient);
+    await Promise.all([missing.close(), denied.close(), gone.close()]);
+  });
+
+  it.each([
+    ['SlowDown', 503, ErrorCode.Transient],
+    ['InternalError', 500, ErrorCode.Transient],
+    ['RequestTimeout', 400, ErrorCode.Transient],
+    ['PreconditionFailed', 412, ErrorCode.PreconditionFailed],
+    ['ConditionalRequestConflict', 409, ErrorCode.PreconditionFailed],
+    ['AccessDenied', 403, ErrorCode.PermissionDenied],
+    ['InvalidRange', 416, ErrorCode.InvalidInput],
+    ['SomethingNew', 429, ErrorCode.Transient],
+  ] as const)('maps %s (%i) to %s', async (name, status, code) => {
+    const d = await target.newDriver();
+    const err = new S3ServiceException({ name, $fault: 'server', $metadata: { httpStatusCode: status } });
+    expect(d.classify(err)).toBe(code);
+    expect(d.classify(new Error('plain'))).toBeUndefined();
+    await d.close();
+  });
+});

@@ -1,0 +1,21 @@
+import type { Driver } from '../../src/storage/driver.js';
+
+/**
+ * What a backend's test file hands the shared conformance suite: a few lines of harness per
+ * backend, one suite for all (the go-cloud `drivertest` shape).
+ */
+export interface ConformanceTarget {
+  /** Backend kind, for test names. */
+  name: string;
+  /** A new driver on an empty bucket/container/root, or on a shared one (each test also gets its own key prefix). */
+  driver(): Promise<Driver>;
+  /**
+   * Replace the stored bytes of the store key `storeKey` (prefix included) with `bytes`, keeping the
+   * recorded metadata (digest) as it was: simulated bit rot, done behind the Bucket's back.
+   */
+  corrupt(storeKey: string, bytes: Buffer): Promise<void>;
+  /** Size above which the driver uploads in several parts/blocks/chunks; the suite writes one bigger than this. */
+  multipartThreshold: number;
+  /** Stops servers and removes temp dirs. */
+  teardown(): Promise<void>;
+}

@@ -1,0 +1,215 @@
+import { randomUUID } from 'node:crypto';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { createRequire } from 'node:module';
+import { join } from 'node:path';
+import { CreateBucketCommand, HeadObjectCommand, PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
+import { S3Driver, type S3DriverOptions } from '../../src/backends/s3.js';
+import type { ConformanceTarget } from '../conformance/target.js';
+import { freePort, startServerProcess, tempDir, type ServerProcess } from './process.js';
+
+/** s3rver's fixed development credentials; not a secret. */
+export const S3RVER_CREDENTIALS = { accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER' } as const;
+
+const require = createRequire(import.meta.url);
+
+/**
+ * Fixes for s3rver bugs that would otherwise make the suite test the emulator instead of the driver,
+ * loaded in the s3rver process before its CLI. Each makes s3rver do what S3 documents:
+ * - listings: s3rver walks its tree in readdir order and pages by comparing JS strings, so pages
+ *   are unsorted and can skip or repeat keys; S3 lists in UTF-8 byte order.
+ * - writes: s3rver streams a PutObject straight into the object's file and answers before the file
+ *   is flushed, so racing writers interleave bytes and pair one writer's bytes with another's
+ *   metadata; S3 makes each write visible whole. Writes here go to a temp file renamed into place,
+ *   one at a time per key.
+ * - ranges: s3rver reads the range's end as `end || Infinity`, so `bytes=0-0` returns the whole
+ *   object, and a range of an empty object announces a byte it never sends; S3 answers 416 there.
+ */
+const S3RVER_SHIM = (storePath: string, binPath: string) => `'use strict';
+const crypto = require('node:crypto');
+const fs = require('node:fs');
+const path = require('node:path');
+const { Transform } = require('node:stream');
+const { pipeline } = require('node:stream/promises');
+const Store = require(${JSON.stringify(storePath)});
+const { listObjects, getObject, copyObject, deleteObject } = Store.prototype;
+
+Store.prototype.listObjects = async function (bucket, options) {
+  const { startAfter = '', maxKeys = Infinity } = options;
+  const all = await listObjects.call(this, bucket, { ...options, startAfter: '', maxKeys: Infinity });
+  const after = Buffer.from(startAfter);
+  const objects = all.objects
+    .filter((o) => Buffer.compare(Buffer.from(o.key), after) > 0)
+    .sort((a, b) => Buffer.compare(Buffer.from(a.key), Buffer.from(b.key)));
+  return { ...all, objects: objects.slice(0, maxKeys), isTruncated: objects.length > maxKeys };
+};
+
+const locks = new Map();
+function oneAtATime(id, fn) {
+  const run = (locks.get(id) || Promise.resolve()).then(fn);
+  const tail = run.catch(() => {});
+  locks.set(id, tail);
+  tail.then(() => { if (locks.get(id) === tail) locks.delete(id); });
+  return run;
+}
+
+Store.prototype.putObject = function (object) {
+  return oneAtATime(object.bucket + '/' + object.key, async () => {
+    const target = this.getResourcePath(object.bucket, object.key, 'object');
+    await fs.promises.mkdir(path.dirname(target), { recursive: true });
+    const tmp = target + '.tmp-' + crypto.randomUUID();
+    const md5 = crypto.createHash('md5');
+    let size = 0;
+    const count = new Transform({ transform(c, _e, cb) { md5.update(c); size += c.length; cb(null, c); } });
+    try {
+      await pipeline(Buffer.isBuffer(object.content) ? [object.content] : object.content, count, fs.createWriteStream(tmp));
+      await fs.promises.rename(tmp, target);
+    } catch (err) {
+      await fs.promises.rm(tmp, { force: true });
+      throw err;
+    }
+    const digest = md5.digest('hex');
+    await this.putMetadata(object.bucket, object.key, object.metadata, digest);
+    return { size, md5: digest };
+  });
+};
+
+Store.prototype.copyObject = function (srcBucket, srcKey, bucket, key, ...rest) {
+  return oneAtATime(bucket + '/' + key, () => copyObject.call(this, srcBucket, srcKey, bucket, key, ...rest));
+};
+Store.prototype.deleteObject = function (bucket, key) {
+  return oneAtATime(bucket + '/' + key, () => deleteObject.call(this, bucket, key));
+};
+
+Store.prototype.getObject = async function (bucket, key, options) {
+  const object = await getObject.call(this, bucket, key, options);
+  if (!object || !object.range) return object;
+  if (object.size === 0) {
+    if (object.content) object.content.destroy();
+    object.content = null;
+  } else if (options.end === 0 && object.content) {
+    object.content.destroy();
+    object.range.end = 0;
+    object.content = fs.createReadStream(this.getResourcePath(bucket, key, 'object'), { start: 0, end: 0 });
+  }
+  return object;
+};
+
+require(${JSON.stringify(binPath)});
+`;
+
+export interface S3rver {
+  /** `http://127.0.0.1:<port>`, for path-style requests. */
+  endpoint: string;
+  server: ServerProcess;
+  /** A raw client on the server, for setup behind the driver's back. */
+  client: S3Client;
+  /** Driver options for this server (credentials passed explicitly, never via process.env). */
+  driverOptions(bucket: string): S3DriverOptions;
+  /** A new, empty bucket; returns its name. */
+  bucket(): Promise<string>;
+  stop(): Promise<void>;
+}
+
+/** Starts s3rver as a child process on a free loopback port, storing in a temp dir. */
+export async function startS3rver(): Promise<S3rver> {
+  const port = await freePort();
+  const dir = await tempDir('stevedore-s3rver-');
+  let server: ServerProcess;
+  try {
+    const shim = join(dir.path, 's3rver-fixed.cjs');
+    await writeFile(shim, S3RVER_SHIM(require.resolve('s3rver/lib/stores/filesystem.js'), require.resolve('s3rver/bin/s3rver.js')));
+    await mkdir(join(dir.path, 'data'));
+    server = await startServerProcess({
+      command: process.execPath,
+      args: [shim, '-d', join(dir.path, 'data'), '-a', '127.0.0.1', '-p', String(port), '--silent', '--no-vhost-buckets'],
+      port,
+      // s3rver's continuation tokens use DES, which OpenSSL 3 keeps in its legacy provider.
+      env: { NODE_OPTIONS: '--openssl-legacy-provider' },
+    });
+  } catch (err) {
+    await dir.remove();
+    throw err;
+  }
+  const endpoint = `http://127.0.0.1:${port}`;
+  const driverOptions = (bucket: string): S3DriverOptions => ({
+    bucket, endpoint, region: 'us-east-1', forcePathStyle: true, credentials: S3RVER_CREDENTIALS,
+    // s3rver ignores If-None-Match on writes, so the Bucket must check first. Checksums stay at the
+    // SDK's default, as in production: s3rver would store aws-chunked framing as content, but Upload
+    // sends every part as a Buffer, whose checksum travels in a header.
+    conditionalWrites: false,
+  });
+  const client = new S3Client({
+    endpoint, region: 'us-east-1', forcePathStyle: true, credentials: S3RVER_CREDENTIALS, maxAttempts: 1,
+    requestChecksumCalculation: 'WHEN_REQUIRED', responseChecksumValidation: 'WHEN_REQUIRED',
+  });
+  return {
+    endpoint,
+    server,
+    client,
+    driverOptions,
+    async bucket() {
+      const name = `t-${randomUUID()}`;
+      await client.send(new CreateBucketCommand({ Bucket: name }));
+      return name;
+    },
+    async stop() {
+      client.destroy();
+      await server.stop();
+      await dir.remove();
+    },
+  };
+}
+
+export interface S3Target extends ConformanceTarget {
+  /** The emulator behind the target, started on first use. */
+  s3rver(): Promise<S3rver>;
+  /** A driver on a new, empty bucket of the same emulator. */
+  newDriver(opts?: Partial<S3DriverOptions>): Promise<S3Driver>;
+}
+
+/**
+ * The S3 conformance target. Parts of S3's minimum 5 MiB make the suite's larger-than-threshold
+ * objects go multipart. s3rver starts on first use, so a failure to start fails the tests that
+ * need it (never a skip).
+ */
+export function s3ConformanceTarget(opts: { partSize?: number } = {}): S3Target {
+  const partSize = opts.partSize ?? 5 * 1024 * 1024;
+  let started: Promise<S3rver> | undefined;
+  let shared: Promise<string> | undefined;
+  const s3rver = () => (started ??= startS3rver());
+  // One bucket for every driver() and corrupt(): the suite gives each test its own key prefix.
+  const sharedBucket = () => (shared ??= s3rver().then((s) => s.bucket()));
+  const drivers = new Set<S3Driver>();
+  const newDriver = async (extra: Partial<S3DriverOptions> = {}) => {
+    const s = await s3rver();
+    const bucket = extra.bucket ?? (await s.bucket());
+    const d = new S3Driver({ ...s.driverOptions(bucket), partSize, maxAttempts: 2, ...extra, bucket });
+    drivers.add(d);
+    return d;
+  };
+  return {
+    name: 's3',
+    multipartThreshold: partSize,
+    s3rver,
+    newDriver,
+    async driver() {
+      return newDriver({ bucket: await sharedBucket() });
+    },
+    async corrupt(storeKey, bytes) {
+      const s = await s3rver();
+      const Bucket = await sharedBucket();
+      const head = await s.client.send(new HeadObjectCommand({ Bucket, Key: storeKey }));
+      // Rewriting through a raw client keeps the old digest while the bytes change, as bit rot would.
+      await s.client.send(new PutObjectCommand({ Bucket, Key: storeKey, Body: bytes, Metadata: head.Metadata, ContentType: head.ContentType }));
+    },
+    async teardown() {
+      const s = started;
+      started = undefined;
+      shared = undefined;
+      await Promise.all([...drivers].map((d) => d.close()));
+      drivers.clear();
+      // A start that failed has already failed the tests; it must not also hide their errors here.
+      await s?.then((x) => x.stop(), () => {});
+    },
+  };
+}

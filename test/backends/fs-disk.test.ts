@@ -1,0 +1,104 @@
+import { spawn } from 'node:child_process';
+import { mkdir, rename, symlink, truncate, utimes, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { FsDriver, META_DIR } from '../../src/backends/fs.js';
+import { ErrorCode } from '../../src/errors.js';
+import { Bucket } from '../../src/storage/bucket.js';
+import { codeOf, collectKeys, readAll, sha } from '../conformance/suite.js';
+import { filesUnder } from '../harness/fs.js';
+import { tempDir } from '../harness/process.js';
+
+describe('filesystem backend on disk', () => {
+  let dir: Awaited<ReturnType<typeof tempDir>>;
+  let root: string;
+  let bucket: Bucket;
+  let driver: FsDriver;
+  beforeEach(async () => {
+    dir = await tempDir('stevedore-fsdisk-');
+    root = join(dir.path, 'root');
+    driver = new FsDriver({ root });
+    bucket = new Bucket(driver);
+  });
+  afterEach(() => dir.remove());
+
+  it('keeps an object as a plain file at <root>/<key>, metadata in a hidden sidecar', async () => {
+    await bucket.put('sites/web/artifacts/1.tar.gz', Buffer.from('artifact'), { metadata: { build: '1' } });
+    const files = await filesUnder(root);
+    expect(files).toContain('sites/web/artifacts/1.tar.gz');
+    expect(files.filter((f) => f.includes(`${META_DIR}/`))).toHaveLength(1);
+    expect(files).toHaveLength(2);
+  });
+
+  it('never shows the temp file of a writer killed with -9, and sweeps it', async () => {
+    const child = spawn(process.execPath, ['--import', 'tsx', 'test/fixtures/slow-put.ts', root, 'big/object.bin'], { stdio: ['ignore', 'pipe', 'inherit'] });
+    await new Promise<void>((resolve, reject) => {
+      child.stdout.on('data', (b: Buffer) => { if (b.toString().includes('writing')) resolve(); });
+      child.once('exit', (code) => reject(new Error(`writer exited early with ${code}`)));
+    });
+    child.kill('SIGKILL');
+    await new Promise((r) => child.once('exit', r));
+
+    const leftovers = (await filesUnder(root)).filter((f) => f.includes('/tmp-'));
+    expect(leftovers).toHaveLength(1);
+    expect(await collectKeys(bucket)).toEqual([]);
+    expect(await codeOf(bucket.stat('big/object.bin'))).toBe(ErrorCode.NotFound);
+
+    expect(await driver.sweep(60_000)).toBe(0); // fresh: might still be a live writer
+    const old = new Date(Date.now() - 2 * 60_000);
+    await utimes(join(root, leftovers[0]!), old, old);
+    expect(await driver.sweep(60_000)).toBe(1);
+    expect(await filesUnder(root)).toEqual([]);
+  }, 30_000);
+
+  it('sweeps the sidecar of an object replaced or deleted behind its back', async () => {
+    await bucket.put('a/k', Buffer.from('one'));
+    await writeFile(join(root, 'a/k.new'), 'two');
+    await rename(join(root, 'a/k.new'), join(root, 'a/k')); // another tool replaced the file
+    const sidecar = (await filesUnder(root)).find((f) => f.includes(META_DIR))!;
+    const old = new Date(Date.now() - 2 * 60_000);
+    await utimes(join(root, sidecar), old, old);
+    expect(await driver.sweep(60_000)).toBe(1);
+    expect(await filesUnder(root)).toEqual(['a/k']);
+  });
+
+  it('serves a file dropped in by another tool, without a digest', async () => {
+    await mkdir(join(root, 'drop'), { recursive: true });
+    await writeFile(join(root, 'drop/in.txt'), 'by hand');
+    const got = await bucket.get('drop/in.txt');
+    expect(got.info.sha256).toBeUndefined();
+    expect((await readAll(got.stream)).toString()).toBe('by hand');
+    expect(await collectKeys(bucket)).toEqual(['drop/in.txt']);
+  });
+
+  it('catches a truncated file as a checksum mismatch', async () => {
+    await bucket.put('t', Buffer.alloc(10_000, 1));
+    await truncate(join(root, 't'), 5000);
+    expect(await codeOf(bucket.get('t').then((g) => readAll(g.stream)))).toBe(ErrorCode.ChecksumMismatch);
+  });
+
+  it('refuses keys that use its reserved folder name', async () => {
+    expect(await codeOf(bucket.put(`a/${META_DIR}/x`, Buffer.from('x')))).toBe(ErrorCode.InvalidInput);
+    expect(await codeOf(bucket.get(`${META_DIR}/x`))).toBe(ErrorCode.InvalidInput);
+  });
+
+  it('never writes or reads through a symlink out of the root', async () => {
+    const outside = join(dir.path, 'outside');
+    await mkdir(outside);
+    await mkdir(root, { recursive: true });
+    await symlink(outside, join(root, 'link'));
+    await writeFile(join(outside, 'secret'), 'secret');
+    await symlink(join(outside, 'secret'), join(root, 'file-link'));
+    expect(await codeOf(bucket.put('link/x', Buffer.from('x')))).toBe(ErrorCode.PermissionDenied);
+    expect(await codeOf(bucket.get('link/secret'))).toBe(ErrorCode.PermissionDenied);
+    expect(await codeOf(bucket.get('file-link'))).toBe(ErrorCode.InvalidInput);
+    expect(await filesUnder(outside)).toEqual(['secret']);
+    expect(await collectKeys(bucket)).toEqual([]);
+  });
+
+  it('reports a key that needs a folder where an object is as InvalidInput', async () => {
+    await bucket.put('a', Buffer.from('x'));
+    expect(await codeOf(bucket.put('a/b', Buffer.from('y')))).toBe(ErrorCode.InvalidInput);
+    expect(sha(await readAll((await bucket.get('a')).stream))).toBe(sha(Buffer.from('x')));
+  });
+});

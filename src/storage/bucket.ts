@@ -178,7 +178,9 @@ export class Bucket {
       // Drivers speak in store keys (prefix included); callers should see their own key.
       return err.key === key ? err : new StorageError(err.code, err.detail, { op: err.op ?? op, key, cause: err.cause ?? err });
     }
-    const detail = err instanceof Error ? err.message || err.name : String(err);
+    // Some SDK paths reject with plain objects ({ code, message }), not Errors.
+    const message = (err as { message?: unknown } | null)?.message;
+    const detail = typeof message === 'string' && message ? message : err instanceof Error ? err.name : String(err);
     return new StorageError(this.codeOf(err), `${this.name}: ${detail}`, { op, key, cause: err });
   }
 

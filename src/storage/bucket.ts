@@ -2,7 +2,7 @@ import { createReadStream, createWriteStream } from 'node:fs';
 import { mkdtemp, rm, stat as fsStat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { PassThrough, Readable } from 'node:stream';
+import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createHash, randomUUID } from 'node:crypto';
 import { ErrorCode, StorageError, classifyCommon } from '../errors.js';
@@ -22,11 +22,15 @@ export interface PutOptions {
   /** Fail with PreconditionFailed when the key already exists. */
   ifAbsent?: boolean | undefined;
   signal?: AbortSignal | undefined;
+  /** Called with the bytes sent so far, after each chunk. */
+  progress?: ((bytes: number) => void) | undefined;
 }
 
 export interface GetOptions {
   range?: ByteRange | undefined;
   signal?: AbortSignal | undefined;
+  /** Called with the bytes read so far, after each chunk. */
+  progress?: ((bytes: number) => void) | undefined;
 }
 
 export interface GetResult {
@@ -81,7 +85,7 @@ export class Bucket {
       const prepared = await this.prepare(key, source, expected);
       let src: Readable | undefined;
       try {
-        const hashing = new HashingStream({ sha256: prepared.sha256, size: prepared.size, op: 'put', key });
+        const hashing = new HashingStream({ sha256: prepared.sha256, size: prepared.size, op: 'put', key, onBytes: opts.progress });
         src = prepared.open();
         // A source error must reach the driver as an error of the body, never as a clean end.
         src.on('error', (err) => hashing.destroy(err));
@@ -108,8 +112,8 @@ export class Bucket {
     // Only a whole read can be checked against the whole object's digest.
     const whole = !range || (range.start === 0 && (range.end === undefined || range.end >= info.size - 1));
     const out = whole && info.sha256 !== undefined
-      ? new HashingStream({ sha256: info.sha256, size: info.size, op: 'get', key })
-      : new PassThrough();
+      ? new HashingStream({ sha256: info.sha256, size: info.size, op: 'get', key, onBytes: opts.progress })
+      : new HashingStream({ op: 'get', key, onBytes: opts.progress });
     stream.on('error', (err) => out.destroy(this.wrap('get', key, err)));
     out.on('close', () => { if (!stream.destroyed) stream.destroy(); });
     stream.pipe(out);

@@ -15,6 +15,8 @@ interface Expectation {
   size?: number | undefined;
   op: string;
   key: string;
+  /** Called with the running byte count after each chunk. */
+  onBytes?: ((bytes: number) => void) | undefined;
 }
 
 /**
@@ -34,6 +36,7 @@ export class HashingStream extends Transform {
   override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
     this.hash.update(chunk);
     this.bytes += chunk.length;
+    this.expect.onBytes?.(this.bytes);
     cb(null, chunk);
   }
 

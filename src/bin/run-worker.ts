@@ -1,0 +1,66 @@
+import { join } from 'node:path';
+import type { Worker } from 'bullmq';
+import { FsDriver } from '../backends/fs.js';
+import { openBackends } from '../backends/open.js';
+import type { Config } from '../config.js';
+import { createLogger, redactUrl } from '../logger.js';
+import { redisConnection } from '../queue/connection.js';
+import { startWorker, stopWorker } from '../queue/worker.js';
+import { Staging } from '../staging.js';
+import { redisAnswers, startPrivateRedis } from './redis.js';
+
+export interface RunWorkerOptions {
+  /** `npm start`: start a private redis-server when REDIS_URL is unset and nothing answers. */
+  embeddedRedis: boolean;
+  /** Environment the SDKs' credentials come from (AZURE_STORAGE_CONNECTION_STRING...). */
+  env: NodeJS.ProcessEnv;
+  cwd: string;
+}
+
+/** Composition root of a worker process: config -> logger -> backends -> worker -> signals. */
+export async function runWorker(config: Config, opts: RunWorkerOptions): Promise<Worker> {
+  const log = createLogger(config.logLevel);
+  let redisUrl = config.redisUrl;
+  let stopRedis: (() => Promise<void>) | undefined;
+  if (opts.embeddedRedis && config.redisUrlDefaulted && !(await redisAnswers(redisUrl))) {
+    const started = await startPrivateRedis(redisUrl, join(opts.cwd, 'data', 'redis'), log);
+    redisUrl = started.url;
+    stopRedis = started.stop;
+  }
+  const buckets = openBackends(config.backends, { cwd: opts.cwd, AZURE_STORAGE_CONNECTION_STRING: opts.env.AZURE_STORAGE_CONNECTION_STRING });
+  const staging = new Staging(config.stagingDir);
+  const connection = redisConnection(redisUrl, 'worker');
+  connection.on('error', (err) => log.warn({ err: { message: err.message } }, 'redis connection error'));
+  const worker = startWorker(connection, {
+    queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, lockDurationMs: config.lockDurationMs,
+  }, { buckets, staging, log, limits: { maxInlineBytes: config.maxInlineBytes } });
+  log.info({
+    queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, redis: redactUrl(redisUrl),
+    backends: [...buckets.entries()].map(([name, b]) => `${name}=${b.driver.kind}`), staging: config.stagingDir,
+  }, 'worker started');
+
+  // Leftovers of killed writers in filesystem backends; an hour old means no live writer owns them.
+  for (const [name, b] of buckets) {
+    if (b.driver instanceof FsDriver) {
+      b.driver.sweep().then((n) => n && log.info({ backend: name, removed: n }, 'swept stale temp files'), (err: unknown) => log.warn({ err, backend: name }, 'sweep failed'));
+    }
+  }
+
+  let stopping = false;
+  const shutdown = async (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal, deadlineMs: config.shutdownTimeoutMs }, 'stopping: no new jobs, waiting for active ones');
+    const outcome = await stopWorker(worker, config.shutdownTimeoutMs, log);
+    await Promise.allSettled([...buckets.values()].map((b) => b.close()));
+    await connection.quit().catch(() => connection.disconnect());
+    await stopRedis?.();
+    log.info({ outcome }, 'stopped');
+    log.flush();
+    // A forced stop leaves handlers running; exiting hands their jobs back (stalled recovery).
+    process.exit(0);
+  };
+  process.once('SIGTERM', () => void shutdown('SIGTERM'));
+  process.once('SIGINT', () => void shutdown('SIGINT'));
+  return worker;
+}

@@ -1,0 +1,61 @@
+import { availableParallelism } from 'node:os';
+import { resolve } from 'node:path';
+import { z } from 'zod';
+import { DEFAULT_BACKENDS } from './backends/open.js';
+
+/**
+ * Jobs mostly wait on disks and networks; hashing is the only CPU work. Four jobs per core keeps
+ * both cores busy hashing while others wait on I/O, without so many that large transfers crowd
+ * each other out.
+ */
+export const defaultConcurrency = (): number => Math.min(16, Math.max(2, 4 * availableParallelism()));
+
+const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
+
+const Schema = z.object({
+  redisUrl: z.string().regex(/^rediss?:\/\//, 'must be a redis:// or rediss:// URL'),
+  /** True when REDIS_URL was not set: `npm start` may then start a private redis-server. */
+  redisUrlDefaulted: z.boolean(),
+  queue: z.string().min(1).max(200),
+  prefix: z.string().min(1).max(200),
+  concurrency: int(1, 1024),
+  backends: z.string().min(1),
+  stagingDir: z.string().min(1),
+  /** Largest decoded `source.base64` a store job may carry: job data lives in Redis. */
+  maxInlineBytes: int(0, 64 << 20),
+  /** How long SIGTERM waits for active jobs before handing them back. */
+  shutdownTimeoutMs: int(0, 3_600_000),
+  /** BullMQ lock; renewed at half this while a job runs. */
+  lockDurationMs: int(5_000, 3_600_000),
+  logLevel: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']),
+});
+
+export type Config = Readonly<z.infer<typeof Schema>>;
+
+/** Environment to one frozen, validated Config. Throws one readable message naming every bad variable. */
+export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config {
+  const raw = {
+    redisUrl: env.REDIS_URL || 'redis://127.0.0.1:6379',
+    redisUrlDefaulted: !env.REDIS_URL,
+    queue: env.STEVEDORE_QUEUE || 'stevedore',
+    prefix: env.STEVEDORE_PREFIX || 'bull',
+    concurrency: env.STEVEDORE_CONCURRENCY || defaultConcurrency(),
+    backends: env.STEVEDORE_BACKENDS || DEFAULT_BACKENDS,
+    stagingDir: resolve(cwd, env.STEVEDORE_STAGING_DIR || './data/staging'),
+    maxInlineBytes: env.STEVEDORE_MAX_INLINE_BYTES || 1 << 20,
+    shutdownTimeoutMs: env.STEVEDORE_SHUTDOWN_TIMEOUT_MS || 30_000,
+    lockDurationMs: env.STEVEDORE_LOCK_DURATION_MS || 30_000,
+    logLevel: env.LOG_LEVEL || 'info',
+  };
+  const parsed = Schema.safeParse(raw);
+  if (!parsed.success) {
+    const names: Record<string, string> = {
+      redisUrl: 'REDIS_URL', queue: 'STEVEDORE_QUEUE', prefix: 'STEVEDORE_PREFIX', concurrency: 'STEVEDORE_CONCURRENCY',
+      backends: 'STEVEDORE_BACKENDS', stagingDir: 'STEVEDORE_STAGING_DIR', maxInlineBytes: 'STEVEDORE_MAX_INLINE_BYTES',
+      shutdownTimeoutMs: 'STEVEDORE_SHUTDOWN_TIMEOUT_MS', lockDurationMs: 'STEVEDORE_LOCK_DURATION_MS', logLevel: 'LOG_LEVEL',
+    };
+    const lines = parsed.error.issues.map((i) => `  ${names[String(i.path[0])] ?? String(i.path[0])}: ${i.message}`);
+    throw new Error(`invalid configuration:\n${lines.join('\n')}`);
+  }
+  return Object.freeze(parsed.data);
+}

@@ -1,0 +1,131 @@
+import { Queue, QueueEvents, type Job, type JobsOptions } from 'bullmq';
+import type { Redis } from 'ioredis';
+import type { FetchPayload, FetchResult, LogPayload, LogResult, StorePayload, StoreResult } from '../../jobs/index.js';
+import { DEFAULT_QUEUE, redisConnection } from './connection.js';
+
+/** What a producer sends for each job: the contract's payloads, before defaults are applied. */
+export interface Payloads {
+  store: Omit<StorePayload, 'backend'> & { backend?: string };
+  'fetch-to-staging': Omit<FetchPayload, 'backend'> & { backend?: string };
+  log: Omit<LogPayload, 'backend'> & { backend?: string };
+}
+export interface Results {
+  store: StoreResult;
+  'fetch-to-staging': FetchResult;
+  log: LogResult;
+}
+export type JobName = keyof Payloads;
+
+export interface ClientOptions {
+  /** @defaultValue 'redis://127.0.0.1:6379' */
+  redisUrl?: string;
+  /** An existing connection instead of `redisUrl` (not closed by `close`). */
+  connection?: Redis;
+  /** @defaultValue 'stevedore' */
+  queue?: string;
+  /** @defaultValue 'bull' */
+  prefix?: string;
+  /** Merged over the defaults below for every job this client adds. */
+  defaultJobOptions?: JobsOptions;
+}
+
+/**
+ * Several attempts with exponential backoff and jitter (2 s, 4 s, 8 s... each up to 50% shorter),
+ * so replicas retrying a flaky store do not retry in step; finished jobs are kept for a while so
+ * producers can read their results.
+ */
+export const DEFAULT_JOB_OPTIONS: JobsOptions = {
+  attempts: 5,
+  backoff: { type: 'exponential', delay: 2_000, jitter: 0.5 },
+  removeOnComplete: { age: 24 * 3600, count: 10_000 },
+  removeOnFail: { age: 7 * 24 * 3600 },
+};
+
+export interface Progress {
+  bytes: number;
+  total?: number;
+}
+
+/** The producer side: enqueue the contract's jobs, follow them, await their results. */
+export class StevedoreClient {
+  readonly queue: Queue;
+  private events: QueueEvents | undefined;
+  private eventsConnection: Redis | undefined;
+  private readonly own: Redis | undefined;
+  private readonly opts: ClientOptions;
+
+  constructor(opts: ClientOptions = {}) {
+    this.opts = opts;
+    this.own = opts.connection ? undefined : redisConnection(opts.redisUrl ?? 'redis://127.0.0.1:6379', 'producer');
+    this.queue = new Queue(opts.queue ?? DEFAULT_QUEUE, {
+      connection: opts.connection ?? this.own!,
+      prefix: opts.prefix ?? 'bull',
+      defaultJobOptions: { ...DEFAULT_JOB_OPTIONS, ...opts.defaultJobOptions },
+    });
+  }
+
+  /** Enqueues one job; pass `jobId` to make enqueueing idempotent. Resolves to the job id. */
+  async add<N extends JobName>(name: N, payload: Payloads[N], opts: JobsOptions = {}): Promise<string> {
+    const job = await this.queue.add(name, payload, opts);
+    return job.id!;
+  }
+
+  store(p: Payloads['store'], opts?: JobsOptions): Promise<string> { return this.add('store', p, opts); }
+  fetchToStaging(p: Payloads['fetch-to-staging'], opts?: JobsOptions): Promise<string> { return this.add('fetch-to-staging', p, opts); }
+  log(p: Payloads['log'], opts?: JobsOptions): Promise<string> { return this.add('log', p, opts); }
+
+  /**
+   * Resolves with the job's result, or rejects with an Error whose message is the failed reason
+   * (`<Code>: ...`) and whose `code` property is the contract code.
+   */
+  async result<N extends JobName>(jobId: string, opts: { timeoutMs?: number; onProgress?: (p: Progress) => void } = {}): Promise<Results[N]> {
+    const events = await this.queueEvents();
+    const job = await this.queue.getJob(jobId);
+    if (!job) throw Object.assign(new Error(`NotFound: job ${jobId} does not exist (or was removed)`), { code: 'NotFound' });
+    const onProgress = ({ jobId: id, data }: { jobId: string; data: unknown }) => {
+      if (id === jobId && typeof data === 'object' && data !== null) opts.onProgress?.(data as Progress);
+    };
+    if (opts.onProgress) events.on('progress', onProgress);
+    try {
+      return (await job.waitUntilFinished(events, opts.timeoutMs)) as Results[N];
+    } catch (err) {
+      const reason = err instanceof Error ? err.message : String(err);
+      const code = /^(\w+):/.exec(reason)?.[1] ?? 'Unknown';
+      throw Object.assign(new Error(reason), { code });
+    } finally {
+      if (opts.onProgress) events.off('progress', onProgress);
+    }
+  }
+
+  /** Enqueue and await in one call. */
+  async run<N extends JobName>(name: N, payload: Payloads[N], opts: JobsOptions & { timeoutMs?: number; onProgress?: (p: Progress) => void } = {}): Promise<Results[N]> {
+    const { timeoutMs, onProgress, ...jobOpts } = opts;
+    // Subscribe before adding, so a job that finishes at once is not missed.
+    await this.queueEvents();
+    const id = await this.add(name, payload, jobOpts);
+    return this.result<N>(id, { timeoutMs, onProgress });
+  }
+
+  getJob(jobId: string): Promise<Job | undefined> {
+    return this.queue.getJob(jobId);
+  }
+
+  async close(): Promise<void> {
+    await this.events?.close();
+    await this.eventsConnection?.quit().catch(() => {});
+    await this.queue.close();
+    await this.own?.quit().catch(() => {});
+  }
+
+  private async queueEvents(): Promise<QueueEvents> {
+    if (!this.events) {
+      // QueueEvents blocks on its connection, so it gets one of its own.
+      const connection = this.opts.connection?.duplicate() ?? redisConnection(this.opts.redisUrl ?? 'redis://127.0.0.1:6379', 'worker');
+      this.eventsConnection = connection;
+      this.events = new QueueEvents(this.queue.name, { connection, prefix: this.queue.opts.prefix });
+      this.events.on('error', () => {});
+      await this.events.waitUntilReady();
+    }
+    return this.events;
+  }
+}

@@ -1,0 +1,51 @@
+import { z } from 'zod';
+import type { Logger } from 'pino';
+import { ErrorCode, StorageError } from '../errors.js';
+import type { Bucket } from '../storage/bucket.js';
+import { validateKey, validateSha256 } from '../storage/keys.js';
+import type { Staging } from '../staging.js';
+
+/** Everything a job handler may use. Handlers never read process.env, touch Redis or decide retries. */
+export interface JobDeps {
+  /** The named backend; unknown names are InvalidInput. */
+  bucket(name: string): Bucket;
+  staging: Staging;
+  log: Logger;
+  signal: AbortSignal;
+  /** Bytes done (and total when known), throttled by the runner before it reaches Redis. */
+  progress(done: number, total?: number): void;
+  /** When the job was first enqueued (ms since epoch): the same on every attempt. */
+  enqueuedAt: number;
+  limits: { maxInlineBytes: number };
+}
+
+const storageRule = (check: (v: string) => unknown) => (v: string, ctx: z.RefinementCtx) => {
+  try {
+    check(v);
+  } catch (err) {
+    ctx.addIssue({ code: 'custom', message: err instanceof StorageError ? err.detail : String(err) });
+  }
+};
+
+export const Key = z.string().superRefine(storageRule((k) => validateKey(k)));
+export const BackendName = z.string().regex(/^[A-Za-z0-9._-]{1,64}$/, 'must be a configured backend name').default('default');
+export const Sha256 = z.string().superRefine(storageRule(validateSha256)).transform((s) => s.toLowerCase());
+export const SiteId = z.string().regex(/^[A-Za-z0-9._-]{1,128}$/, 'must match [A-Za-z0-9._-]{1,128}').refine((s) => s !== '.' && s !== '..', 'must not be "." or ".."');
+export const Metadata = z.record(z.string(), z.string());
+/** A path relative to the staging directory; containment is checked by Staging when used. */
+export const StagingPath = z.string().min(1).max(4096);
+
+/** Validates a payload; the error names every offending field, and unknown fields are refused. */
+export function parsePayload<S extends z.ZodType>(schema: S, data: unknown): z.infer<S> {
+  const res = schema.safeParse(data);
+  if (res.success) return res.data;
+  const detail = res.error.issues
+    .slice(0, 5)
+    .map((i) => {
+      const path = i.path.length ? i.path.map(String).join('.') : 'payload';
+      if (i.code === 'unrecognized_keys') return `${path}: unknown field(s) ${i.keys.map((k) => JSON.stringify(k)).join(', ')}`;
+      return `${path}: ${i.message}`;
+    })
+    .join('; ');
+  throw new StorageError(ErrorCode.InvalidInput, detail, { op: 'validate' });
+}

@@ -1,0 +1,48 @@
+import { Worker } from 'bullmq';
+import type { Redis } from 'ioredis';
+import type { Logger } from 'pino';
+import { runJob, type RunnerDeps } from './runner.js';
+
+export interface WorkerOptions {
+  queue: string;
+  prefix: string;
+  concurrency: number;
+  /** BullMQ lock; renewed at half of it while a job runs, so long transfers never look stalled. @defaultValue 30000 */
+  lockDurationMs?: number;
+  /** How often this worker looks for jobs whose worker died. @defaultValue 30000 */
+  stalledIntervalMs?: number;
+}
+
+/** One BullMQ worker serving the stevedore queue. Close it with `stopWorker`. */
+export function startWorker(connection: Redis, opts: WorkerOptions, deps: RunnerDeps): Worker {
+  const worker = new Worker(opts.queue, (job, _token, signal) => runJob(job, deps, signal ?? new AbortController().signal), {
+    connection,
+    prefix: opts.prefix,
+    concurrency: opts.concurrency,
+    lockDuration: opts.lockDurationMs ?? 30_000,
+    stalledInterval: opts.stalledIntervalMs ?? 30_000,
+    // A job that stalls (its worker died) is run again, up to this many times, before it fails.
+    maxStalledCount: 3,
+    autorun: true,
+  });
+  // Without an 'error' listener a Redis hiccup would be an unhandled error event and kill the process.
+  worker.on('error', (err) => deps.log.error({ err }, 'worker error'));
+  return worker;
+}
+
+/**
+ * Graceful stop: take no new jobs, let active ones finish for up to `deadlineMs`, then close
+ * forcibly. Jobs still running then lose their lock and are picked up again by another worker
+ * (stalled-job recovery); every job is safe to run twice.
+ */
+export async function stopWorker(worker: Worker, deadlineMs: number, log: Logger): Promise<'drained' | 'forced'> {
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<'forced'>((resolve) => { timer = setTimeout(() => resolve('forced'), deadlineMs); });
+  const outcome = await Promise.race([worker.close().then(() => 'drained' as const), deadline]);
+  clearTimeout(timer);
+  if (outcome === 'forced') {
+    log.warn({ deadlineMs }, 'active jobs did not finish in time; handing them back');
+    await worker.close(true);
+  }
+  return outcome;
+}

@@ -1,0 +1,86 @@
+import { randomUUID } from 'node:crypto';
+import { lstat, mkdir, realpath, rename, rm, open } from 'node:fs/promises';
+import { basename, dirname, isAbsolute, join, normalize, sep } from 'node:path';
+import { ErrorCode, StorageError } from './errors.js';
+
+/** Prefix of temp files and directories the worker creates inside the staging area. */
+export const STAGING_TMP = '.stevedore-tmp-';
+
+/**
+ * The staging area shared by producers and workers. Payload paths are relative to it; anything
+ * that resolves outside it (absolute, `..`, or through a symlink) is InvalidInput.
+ */
+export class Staging {
+  private realRoot: string | undefined;
+
+  constructor(readonly root: string) {}
+
+  /** Absolute path of `rel`, checked to stay inside the staging area (parents resolved through symlinks). */
+  async resolve(rel: string, field = 'path'): Promise<string> {
+    const bad = (why: string): never => {
+      throw new StorageError(ErrorCode.InvalidInput, `${field}: ${why}`, { op: 'staging', key: rel });
+    };
+    if (typeof rel !== 'string' || rel.length === 0) return bad('empty');
+    if (/[\u0000-\u001f]/.test(rel)) return bad('contains a control character');
+    if (isAbsolute(rel) || rel.startsWith('\\')) return bad('must be relative to the staging directory');
+    const parts = rel.split(/[\\/]/);
+    if (parts.includes('..')) return bad('must not contain ".."');
+    const path = join(this.root, normalize(rel));
+    if (path === this.root) return bad('names the staging directory itself');
+    await mkdir(this.root, { recursive: true });
+    // The nearest existing ancestor decides: a symlinked folder higher up would carry a later
+    // mkdir outside the area.
+    let dir = dirname(path);
+    while (dir.length > this.root.length && !(await exists(dir))) dir = dirname(dir);
+    await this.assertInside(dir, rel, field);
+    return path;
+  }
+
+  /** A staged file to read: a regular file inside the area, not a symlink. */
+  async source(rel: string, field = 'source.path'): Promise<string> {
+    const path = await this.resolve(rel, field);
+    const st = await lstat(path).catch((err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') throw new StorageError(ErrorCode.NotFound, `${field}: no such staged file`, { op: 'staging', key: rel, cause: err });
+      throw err;
+    });
+    if (!st.isFile()) throw new StorageError(ErrorCode.InvalidInput, `${field}: not a regular file (symlinks are not followed)`, { op: 'staging', key: rel });
+    return path;
+  }
+
+  /**
+   * A fresh temp path beside `dest` (same directory, so the final rename is atomic), with the
+   * parent created. Temp names start with STAGING_TMP so a sweep can find leftovers.
+   */
+  async tempBeside(dest: string): Promise<string> {
+    await mkdir(dirname(dest), { recursive: true });
+    await this.assertInside(dirname(dest), dest, 'dest');
+    return join(dirname(dest), `${STAGING_TMP}${basename(dest)}-${randomUUID()}`);
+  }
+
+  /** Makes a finished temp file visible at `dest`, durably. */
+  async commitFile(tmp: string, dest: string): Promise<void> {
+    await rename(tmp, dest);
+    const dir = await open(dirname(dest), 'r');
+    try {
+      await dir.sync();
+    } finally {
+      await dir.close();
+    }
+  }
+
+  private async assertInside(dir: string, rel: string, field: string): Promise<void> {
+    this.realRoot ??= await realpath(this.root);
+    const real = await realpath(dir);
+    if (real !== this.realRoot && !real.startsWith(this.realRoot + sep)) {
+      throw new StorageError(ErrorCode.InvalidInput, `${field}: leads outside the staging directory through a symlink`, { op: 'staging', key: rel });
+    }
+  }
+
+  async discard(tmp: string): Promise<void> {
+    await rm(tmp, { recursive: true, force: true });
+  }
+}
+
+async function exists(path: string): Promise<boolean> {
+  return lstat(path).then(() => true, () => false);
+}

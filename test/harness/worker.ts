@@ -1,0 +1,37 @@
+import { randomUUID } from 'node:crypto';
+import type { Worker } from 'bullmq';
+import type { Redis } from 'ioredis';
+import { pino } from 'pino';
+import { redisConnection } from '../../src/queue/connection.js';
+import { StevedoreClient } from '../../src/queue/client.js';
+import { startWorker } from '../../src/queue/worker.js';
+import type { Bucket } from '../../src/storage/bucket.js';
+import { Staging } from '../../src/staging.js';
+
+export interface InProcessWorker {
+  queue: string;
+  client: StevedoreClient;
+  worker: Worker;
+  staging: Staging;
+  close(): Promise<void>;
+}
+
+/** A worker and a client on a fresh queue name, in this process, against real Redis and real backends. */
+export async function inProcessWorker(redisUrl: string, buckets: Map<string, Bucket>, stagingDir: string, opts: { concurrency?: number; maxInlineBytes?: number } = {}): Promise<InProcessWorker> {
+  const queue = `test-${randomUUID().slice(0, 8)}`;
+  const connection: Redis = redisConnection(redisUrl, 'worker');
+  const staging = new Staging(stagingDir);
+  const worker = startWorker(connection, { queue, prefix: 'bull', concurrency: opts.concurrency ?? 4, stalledIntervalMs: 5_000 }, {
+    buckets, staging, log: pino({ level: 'silent' }), limits: { maxInlineBytes: opts.maxInlineBytes ?? 1 << 20 }, progressIntervalMs: 0,
+  });
+  await worker.waitUntilReady();
+  const client = new StevedoreClient({ redisUrl, queue, defaultJobOptions: { backoff: { type: 'exponential', delay: 50, jitter: 0.5 } } });
+  return {
+    queue, client, worker, staging,
+    async close() {
+      await client.close();
+      await worker.close();
+      await connection.quit().catch(() => {});
+    },
+  };
+}

@@ -1,4 +1,4 @@
-import { availableParallelism } from 'node:os';
+import { availableParallelism, hostname } from 'node:os';
 import { resolve } from 'node:path';
 import { z } from 'zod';
 import { DEFAULT_BACKENDS } from './backends/open.js';
@@ -26,7 +26,11 @@ const Schema = z.object({
   /** How long SIGTERM waits for active jobs before handing them back. */
   shutdownTimeoutMs: int(0, 3_600_000),
   /** BullMQ lock; renewed at half this while a job runs. */
-  lockDurationMs: int(5_000, 3_600_000),
+  lockDurationMs: int(1_000, 3_600_000),
+  /** How often a worker looks for jobs whose worker died (their lock expired). */
+  stalledIntervalMs: int(1_000, 3_600_000),
+  /** Recorded on each job as `processedBy`. */
+  workerName: z.string().min(1).max(200),
   logLevel: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']),
 });
 
@@ -45,6 +49,8 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
     maxInlineBytes: env.STEVEDORE_MAX_INLINE_BYTES || 1 << 20,
     shutdownTimeoutMs: env.STEVEDORE_SHUTDOWN_TIMEOUT_MS || 30_000,
     lockDurationMs: env.STEVEDORE_LOCK_DURATION_MS || 30_000,
+    stalledIntervalMs: env.STEVEDORE_STALLED_INTERVAL_MS || 30_000,
+    workerName: env.STEVEDORE_WORKER_NAME || `${hostname()}-${process.pid}`,
     logLevel: env.LOG_LEVEL || 'info',
   };
   const parsed = Schema.safeParse(raw);
@@ -52,7 +58,8 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
     const names: Record<string, string> = {
       redisUrl: 'REDIS_URL', queue: 'STEVEDORE_QUEUE', prefix: 'STEVEDORE_PREFIX', concurrency: 'STEVEDORE_CONCURRENCY',
       backends: 'STEVEDORE_BACKENDS', stagingDir: 'STEVEDORE_STAGING_DIR', maxInlineBytes: 'STEVEDORE_MAX_INLINE_BYTES',
-      shutdownTimeoutMs: 'STEVEDORE_SHUTDOWN_TIMEOUT_MS', lockDurationMs: 'STEVEDORE_LOCK_DURATION_MS', logLevel: 'LOG_LEVEL',
+      shutdownTimeoutMs: 'STEVEDORE_SHUTDOWN_TIMEOUT_MS', lockDurationMs: 'STEVEDORE_LOCK_DURATION_MS', stalledIntervalMs: 'STEVEDORE_STALLED_INTERVAL_MS',
+      workerName: 'STEVEDORE_WORKER_NAME', logLevel: 'LOG_LEVEL',
     };
     const lines = parsed.error.issues.map((i) => `  ${names[String(i.path[0])] ?? String(i.path[0])}: ${i.message}`);
     throw new Error(`invalid configuration:\n${lines.join('\n')}`);

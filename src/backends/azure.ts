@@ -6,6 +6,7 @@ import {
   type StoragePipelineOptions,
 } from '@azure/storage-blob';
 import { ErrorCode, StorageError, codeForHttpStatus } from '../errors.js';
+import { backendUrl } from './url-params.js';
 import { SHA256_META } from '../storage/driver.js';
 import type { ByteRange, Driver, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
 
@@ -51,10 +52,9 @@ const MAX_PAGE = 5000;
  * `env`, and a URL that carries any is refused so that it cannot end up in logs or payloads.
  */
 export function azureDriverFromUrl(url: URL, env: AzureEnv = {}): AzureDriver {
-  const invalid = (why: string) => new StorageError(ErrorCode.InvalidInput, `azblob://${url.hostname}: ${why}`, { op: 'config' });
-  if (url.username || url.password) throw invalid('credentials do not belong in the URL; set AZURE_STORAGE_CONNECTION_STRING');
+  const { bad: invalid, unknown } = backendUrl(url, 'azblob:', 'AZURE_STORAGE_CONNECTION_STRING');
   for (const name of url.searchParams.keys()) {
-    if (name !== 'endpoint') throw invalid(`unknown query parameter "${name}" (only endpoint is accepted; credentials come from AZURE_STORAGE_CONNECTION_STRING)`);
+    if (name !== 'endpoint') unknown(name);
   }
   const connectionString = env.AZURE_STORAGE_CONNECTION_STRING;
   if (!connectionString) throw invalid('AZURE_STORAGE_CONNECTION_STRING is not set');

@@ -1,6 +1,7 @@
 import { addAbortSignal, Readable, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { IdempotencyStrategy, Storage, type FileMetadata, type Bucket as GcsBucket } from '@google-cloud/storage';
+import { backendUrl } from './url-params.js';
 import { ErrorCode, StorageError, codeForHttpStatus } from '../errors.js';
 import type { ByteRange, Driver, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
 import { SHA256_META } from '../storage/driver.js';
@@ -52,33 +53,19 @@ export interface GcsDriverOptions {
  * from the URL.
  */
 export function gcsOptionsFromUrl(url: URL): GcsDriverOptions {
-  const bad = (why: string) => new StorageError(ErrorCode.InvalidInput, `gs://${url.hostname}: ${why}`, { op: 'config' });
-  if (url.protocol !== 'gs:') throw bad(`not a gs: URL (${url.protocol})`);
-  if (!url.hostname) throw bad('missing bucket name');
-  if (url.username || url.password) throw bad('credentials do not belong in the URL; use GOOGLE_APPLICATION_CREDENTIALS');
+  const { int, bool, oneOf, unknown } = backendUrl(url, 'gs:', 'GOOGLE_APPLICATION_CREDENTIALS');
   const opts: GcsDriverOptions = { bucket: url.hostname };
-  const int = (name: string, v: string, min: number) => {
-    const n = Number(v);
-    if (!Number.isSafeInteger(n) || n < min) throw bad(`${name} must be an integer >= ${min}`);
-    return n;
-  };
   for (const [name, v] of url.searchParams) {
     switch (name) {
       case 'endpoint': opts.endpoint = v; break;
       case 'projectId': opts.projectId = v; break;
-      case 'authenticate':
-        if (!['true', 'false', '1', '0'].includes(v)) throw bad('authenticate must be true or false');
-        opts.authenticate = v === 'true' || v === '1';
-        break;
+      case 'authenticate': opts.authenticate = bool(name, v); break;
       case 'resumableThreshold': opts.resumableThreshold = int(name, v, 0); break;
       case 'chunkSize': opts.chunkSize = int(name, v, CHUNK_QUANTUM); break;
       case 'timeoutMs': opts.timeoutMs = int(name, v, 1); break;
       case 'maxRetries': opts.maxRetries = int(name, v, 0); break;
-      case 'validation':
-        if (v !== 'crc32c' && v !== 'md5') throw bad('validation must be crc32c or md5');
-        opts.validation = v;
-        break;
-      default: throw bad(`unknown parameter "${name}"`);
+      case 'validation': opts.validation = oneOf(name, v, ['crc32c', 'md5'] as const); break;
+      default: unknown(name);
     }
   }
   return opts;

@@ -5,6 +5,7 @@ import {
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
 import { ErrorCode, StorageError, codeForHttpStatus } from '../errors.js';
+import { backendUrl } from './url-params.js';
 import type { ByteRange, Driver, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
 import { SHA256_META } from '../storage/driver.js';
 
@@ -61,21 +62,8 @@ export interface S3DriverOptions {
  * fall back to a default.
  */
 export function s3OptionsFromUrl(url: URL): S3DriverOptions {
-  const bad = (why: string) => new StorageError(ErrorCode.InvalidInput, `s3://${url.hostname}: ${why}`, { op: 'config' });
-  if (url.protocol !== 's3:') throw bad(`not an s3: URL (${url.protocol})`);
-  if (!url.hostname) throw bad('missing bucket name');
-  if (url.username || url.password) throw bad('credentials do not belong in the URL; use the AWS environment');
+  const { bad, int, bool, oneOf, unknown } = backendUrl(url, 's3:', 'the AWS environment');
   const opts: S3DriverOptions = { bucket: url.hostname };
-  const bool = (name: string, v: string) => {
-    if (v === 'true' || v === '1') return true;
-    if (v === 'false' || v === '0') return false;
-    throw bad(`${name} must be true or false`);
-  };
-  const int = (name: string, v: string, min: number) => {
-    const n = Number(v);
-    if (!Number.isSafeInteger(n) || n < min) throw bad(`${name} must be an integer >= ${min}`);
-    return n;
-  };
   for (const [name, v] of url.searchParams) {
     switch (name) {
       case 'endpoint':
@@ -85,15 +73,12 @@ export function s3OptionsFromUrl(url: URL): S3DriverOptions {
       case 'region': opts.region = v; break;
       case 'forcePathStyle': opts.forcePathStyle = bool(name, v); break;
       case 'conditionalWrites': opts.conditionalWrites = bool(name, v); break;
-      case 'checksums':
-        if (v !== 'when_supported' && v !== 'when_required') throw bad('checksums must be when_supported or when_required');
-        opts.checksums = v;
-        break;
+      case 'checksums': opts.checksums = oneOf(name, v, ['when_supported', 'when_required'] as const); break;
       case 'partSize': opts.partSize = int(name, v, MIN_PART_SIZE); break;
       case 'queueSize': opts.queueSize = int(name, v, 1); break;
       case 'requestTimeoutMs': opts.requestTimeoutMs = int(name, v, 1); break;
       case 'maxAttempts': opts.maxAttempts = int(name, v, 1); break;
-      default: throw bad(`unknown parameter "${name}"`);
+      default: unknown(name);
     }
   }
   return opts;

@@ -33,6 +33,7 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
   connection.on('error', (err) => log.warn({ err: { message: err.message } }, 'redis connection error'));
   const worker = startWorker(connection, {
     queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, lockDurationMs: config.lockDurationMs,
+    stalledIntervalMs: config.stalledIntervalMs, name: config.workerName,
   }, { buckets, staging, log, limits: { maxInlineBytes: config.maxInlineBytes } });
   log.info({
     queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, redis: redactUrl(redisUrl),

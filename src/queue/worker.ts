@@ -11,6 +11,8 @@ export interface WorkerOptions {
   lockDurationMs?: number;
   /** How often this worker looks for jobs whose worker died. @defaultValue 30000 */
   stalledIntervalMs?: number;
+  /** Recorded on each job as `processedBy`. */
+  name?: string;
 }
 
 /** One BullMQ worker serving the stevedore queue. Close it with `stopWorker`. */
@@ -23,6 +25,7 @@ export function startWorker(connection: Redis, opts: WorkerOptions, deps: Runner
     stalledInterval: opts.stalledIntervalMs ?? 30_000,
     // A job that stalls (its worker died) is run again, up to this many times, before it fails.
     maxStalledCount: 3,
+    ...(opts.name ? { name: opts.name } : {}),
     autorun: true,
   });
   // Without an 'error' listener a Redis hiccup would be an unhandled error event and kill the process.

@@ -28,6 +28,7 @@ export interface FetchResult {
  */
 export async function fetchToStaging(p: FetchPayload, d: JobDeps): Promise<FetchResult> {
   const dest = await d.staging.resolve(p.dest, 'dest');
+  await d.staging.ensureParent(dest);
   let total: number | undefined;
   const { stream, info } = await d.bucket(p.backend).get(p.key, { signal: d.signal, progress: (n) => d.progress(n, total) });
   total = info.size;
@@ -37,6 +38,7 @@ export async function fetchToStaging(p: FetchPayload, d: JobDeps): Promise<Fetch
   const check = new HashingStream({ sha256: p.sha256, op: 'fetch-to-staging', key: p.key });
   if (p.extract) {
     stream.on('error', (err) => check.destroy(err));
+    check.on('error', () => {}); // met by extractArchive through the stream; see Bucket.put
     stream.pipe(check);
     const res = await extractArchive(check, dest, { replace: true, signal: d.signal });
     const { sha256, size } = check.digest();

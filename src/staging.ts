@@ -52,9 +52,14 @@ export class Staging {
    * parent created. Temp names start with STAGING_TMP so a sweep can find leftovers.
    */
   async tempBeside(dest: string): Promise<string> {
+    await this.ensureParent(dest);
+    return join(dirname(dest), `${STAGING_TMP}${basename(dest)}-${randomUUID()}`);
+  }
+
+  /** Creates the folder `dest` goes in, checked to be inside the area once it exists. */
+  async ensureParent(dest: string): Promise<void> {
     await mkdir(dirname(dest), { recursive: true });
     await this.assertInside(dirname(dest), dest, 'dest');
-    return join(dirname(dest), `${STAGING_TMP}${basename(dest)}-${randomUUID()}`);
   }
 
   /** Makes a finished temp file visible at `dest`, durably. */

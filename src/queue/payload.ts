@@ -47,5 +47,5 @@ export function parsePayload<S extends z.ZodType>(schema: S, data: unknown): z.i
       return `${path}: ${i.message}`;
     })
     .join('; ');
-  throw new StorageError(ErrorCode.InvalidInput, detail, { op: 'validate' });
+  throw new StorageError(ErrorCode.InvalidInput, detail);
 }

@@ -26,13 +26,13 @@ export async function runJob(job: Job, deps: RunnerDeps, signal: AbortSignal): P
   let bytes = 0;
   try {
     const type = (JOBS as Record<string, (typeof JOBS)[JobName] | undefined>)[job.name];
-    if (!type) throw new StorageError(ErrorCode.InvalidInput, `name: unknown job type "${job.name}" (expected one of ${Object.keys(JOBS).join(', ')})`, { op: 'validate' });
+    if (!type) throw new StorageError(ErrorCode.InvalidInput, `name: unknown job type "${job.name}" (expected one of ${Object.keys(JOBS).join(', ')})`);
     const payload = parsePayload(type.payload, job.data);
     log.info('job started');
     const result = await (type.handle as (p: unknown, d: JobDeps) => Promise<unknown>)(payload, {
       bucket: (name) => {
         const b = deps.buckets.get(name);
-        if (!b) throw new StorageError(ErrorCode.InvalidInput, `backend: no backend named "${name}" is configured`, { op: 'validate' });
+        if (!b) throw new StorageError(ErrorCode.InvalidInput, `backend: no backend named "${name}" is configured`);
         return b;
       },
       staging: deps.staging,

@@ -89,6 +89,9 @@ export class Bucket {
         src = prepared.open();
         // A source error must reach the driver as an error of the body, never as a clean end.
         src.on('error', (err) => hashing.destroy(err));
+        // A small body can end (and fail its digest check) before the driver starts reading; the
+        // error stays on the stream for the driver to meet, and must not crash the process first.
+        hashing.on('error', () => {});
         src.pipe(hashing);
         const body: PutBody = { stream: hashing, sha256: prepared.sha256, size: prepared.size, digest: () => hashing.digest() };
         const info = await this.driver.put(storeKey, body, driverOpts);
@@ -115,6 +118,8 @@ export class Bucket {
       ? new HashingStream({ sha256: info.sha256, size: info.size, op: 'get', key, onBytes: opts.progress })
       : new HashingStream({ op: 'get', key, onBytes: opts.progress });
     stream.on('error', (err) => out.destroy(this.wrap('get', key, err)));
+    // As in put: the consumer may attach after a small object already failed its check.
+    out.on('error', () => {});
     out.on('close', () => { if (!stream.destroyed) stream.destroy(); });
     stream.pipe(out);
     return { stream: out, info: this.outside(info) };

@@ -1,5 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir, stat, writeFile } from 'node:fs/promises';
+import { createGzip } from 'node:zlib';
+import tar from 'tar-stream';
 import { join } from 'node:path';
 import { Queue, QueueEvents } from 'bullmq';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -75,6 +77,36 @@ describe('jobs through Redis', () => {
       });
       expect(got.info.contentType).toBe('application/json');
     });
+  });
+
+  it('fetches a tar.gz and unpacks it safely into dest, which appears only when complete', async () => {
+    const pack = tar.pack();
+    pack.entry({ name: 'app/index.js', mode: 0o644 }, 'console.log(1)\n');
+    pack.entry({ name: 'app/bin', type: 'directory', mode: 0o755 });
+    pack.entry({ name: 'app/bin/run', mode: 0o755 }, '#!/bin/sh\n');
+    pack.finalize();
+    const archive = await readAll(pack.pipe(createGzip()));
+    const stored = await w.client.run('store', { key: 'sites/web/artifacts/tgz.tar.gz', source: { base64: archive.toString('base64') } });
+    const res = await w.client.run('fetch-to-staging', { key: stored.key, dest: 'unpacked/tgz', extract: true, sha256: stored.sha256 });
+    expect(res).toEqual({ path: 'unpacked/tgz', size: archive.length, sha256: sha(archive), entries: 3 });
+    expect(await readFile(join(stagingDir, 'unpacked/tgz/app/index.js'), 'utf8')).toBe('console.log(1)\n');
+    expect((await stat(join(stagingDir, 'unpacked/tgz/app/bin/run'))).mode & 0o777).toBe(0o755);
+
+    // A valid archive whose digest is not the expected one: the check at the stream's end must
+    // stop the rename, even though every entry extracted cleanly.
+    await expect(w.client.run('fetch-to-staging', { key: stored.key, dest: 'unpacked/wrong', extract: true, sha256: sha(Buffer.from('x')) }))
+      .rejects.toMatchObject({ code: 'ChecksumMismatch' });
+    await expect(stat(join(stagingDir, 'unpacked/wrong'))).rejects.toMatchObject({ code: 'ENOENT' });
+
+    const evil = tar.pack();
+    evil.entry({ name: '../../escape.txt' }, 'x');
+    evil.finalize();
+    const bad = await readAll(evil.pipe(createGzip()));
+    await w.client.run('store', { key: 'evil.tar.gz', source: { base64: bad.toString('base64') } });
+    await expect(w.client.run('fetch-to-staging', { key: 'evil.tar.gz', dest: 'unpacked/evil', extract: true }, { attempts: 3 })).rejects.toMatchObject({ code: 'InvalidInput' });
+    await expect(stat(join(stagingDir, 'unpacked/evil'))).rejects.toMatchObject({ code: 'ENOENT' });
+    await expect(stat(join(tmp.path, 'escape.txt'))).rejects.toMatchObject({ code: 'ENOENT' });
+    expect((await readdir(join(stagingDir, 'unpacked'))).sort()).toEqual(['tgz']);
   });
 
   it('serves a producer that uses nothing but bullmq exactly like the client', async () => {

@@ -14,8 +14,6 @@ const int = (min: number, max: number) => z.coerce.number().int().min(min).max(m
 
 const Schema = z.object({
   redisUrl: z.string().regex(/^rediss?:\/\//, 'must be a redis:// or rediss:// URL'),
-  /** True when REDIS_URL was not set: `npm start` may then start a private redis-server. */
-  redisUrlDefaulted: z.boolean(),
   queue: z.string().min(1).max(200),
   prefix: z.string().min(1).max(200),
   concurrency: int(1, 1024),
@@ -40,7 +38,6 @@ export type Config = Readonly<z.infer<typeof Schema>>;
 export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config {
   const raw = {
     redisUrl: env.REDIS_URL || 'redis://127.0.0.1:6379',
-    redisUrlDefaulted: !env.REDIS_URL,
     queue: env.STEVEDORE_QUEUE || 'stevedore',
     prefix: env.STEVEDORE_PREFIX || 'bull',
     concurrency: env.STEVEDORE_CONCURRENCY || defaultConcurrency(),

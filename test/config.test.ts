@@ -5,7 +5,7 @@ describe('configuration from the environment', () => {
   it('has the contract defaults', () => {
     const c = loadConfig({}, '/srv');
     expect(c).toMatchObject({
-      redisUrl: 'redis://127.0.0.1:6379', redisUrlDefaulted: true, queue: 'stevedore', prefix: 'bull',
+      redisUrl: 'redis://127.0.0.1:6379', queue: 'stevedore', prefix: 'bull',
       backends: 'default=file:./data/objects', stagingDir: '/srv/data/staging', concurrency: defaultConcurrency(),
     });
     expect(Object.isFrozen(c)).toBe(true);
@@ -13,7 +13,7 @@ describe('configuration from the environment', () => {
 
   it('reads every variable', () => {
     const c = loadConfig({ REDIS_URL: 'redis://:pw@h:1', STEVEDORE_QUEUE: 'q', STEVEDORE_PREFIX: '{stevedore}', STEVEDORE_CONCURRENCY: '3', STEVEDORE_STAGING_DIR: 'st' }, '/w');
-    expect(c).toMatchObject({ redisUrl: 'redis://:pw@h:1', redisUrlDefaulted: false, queue: 'q', prefix: '{stevedore}', concurrency: 3, stagingDir: '/w/st' });
+    expect(c).toMatchObject({ redisUrl: 'redis://:pw@h:1', queue: 'q', prefix: '{stevedore}', concurrency: 3, stagingDir: '/w/st' });
   });
 
   it('names every bad variable in one readable message', () => {

@@ -10,7 +10,7 @@ import { Staging } from '../staging.js';
 import { redisAnswers, startPrivateRedis } from './redis.js';
 
 export interface RunWorkerOptions {
-  /** `npm start`: start a private redis-server when REDIS_URL is unset and nothing answers. */
+  /** `npm start`: start a private redis-server when nothing answers at a loopback REDIS_URL. */
   embeddedRedis: boolean;
   /** Environment the SDKs' credentials come from (AZURE_STORAGE_CONNECTION_STRING...). */
   env: NodeJS.ProcessEnv;
@@ -22,7 +22,7 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
   const log = createLogger(config.logLevel);
   let redisUrl = config.redisUrl;
   let stopRedis: (() => Promise<void>) | undefined;
-  if (opts.embeddedRedis && config.redisUrlDefaulted && !(await redisAnswers(redisUrl))) {
+  if (opts.embeddedRedis && isLoopback(redisUrl) && !(await redisAnswers(redisUrl))) {
     const started = await startPrivateRedis(redisUrl, join(opts.cwd, 'data', 'redis'), log);
     redisUrl = started.url;
     stopRedis = started.stop;
@@ -64,4 +64,10 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
   process.once('SIGTERM', () => void shutdown('SIGTERM'));
   process.once('SIGINT', () => void shutdown('SIGINT'));
   return worker;
+}
+
+/** Only a Redis on this machine, without a password, is ours to start. */
+function isLoopback(url: string): boolean {
+  const u = new URL(url);
+  return !u.password && ['127.0.0.1', 'localhost', '[::1]'].includes(u.hostname);
 }

@@ -1,0 +1,50 @@
+import { ErrorCode, StorageError } from '../errors.js';
+import { limitError } from './limits.js';
+
+/**
+ * A tar entry name, checked and split into segments. Every hostile spelling from the node-tar and
+ * tar-fs advisories is refused here rather than "cleaned up": an archive that needs cleaning is
+ * not one a build produced honestly, and a rewritten name could collide with another entry.
+ *
+ * Refused (InvalidInput, naming the entry): absolute names (`/x`, `////x`), Windows drive prefixes
+ * (`C:x`, `C:../x`), any backslash (so `a\..\..\x` can never act as traversal on any platform),
+ * any `..` segment, NUL / C0 / DEL / C1 control characters, U+FFFD (tar-stream's replacement for
+ * bytes that are not UTF-8, so two different byte names cannot decode to one), and a name that is
+ * empty once `.` and empty segments are dropped, unless it is a directory entry: `./` is what
+ * `tar -C dir .` writes for the root and it names the destination itself.
+ *
+ * Returns the segments, or `null` for the root directory entry. Over `maxDepth` segments is a
+ * limit violation.
+ */
+export function entrySegments(name: string, isDirectory: boolean, maxDepth: number): string[] | null {
+  const bad = (why: string): never => {
+    throw new StorageError(ErrorCode.InvalidInput, `unsafe entry name: ${why}`, { op: 'extract', key: name });
+  };
+  if (name.length === 0) return bad('empty');
+  if (/[\u0000-\u001f\u007f-\u009f]/.test(name)) return bad('contains a NUL or control character');
+  if (name.includes('\ufffd')) return bad('not valid UTF-8');
+  if (name.includes('\\')) return bad('contains a backslash');
+  if (name.startsWith('/')) return bad('absolute path');
+  if (/^[A-Za-z]:/.test(name)) return bad('Windows drive prefix');
+  const segments: string[] = [];
+  for (const seg of name.split('/')) {
+    if (seg === '' || seg === '.') continue;
+    if (seg === '..') return bad('contains a ".." segment');
+    segments.push(seg);
+  }
+  if (segments.length === 0) return isDirectory ? null : bad('empty after removing "." segments');
+  if (segments.length > maxDepth) {
+    throw limitError(`path depth ${segments.length} is over the limit of ${maxDepth}`, name);
+  }
+  return segments;
+}
+
+/**
+ * The key under which two spellings count as the same file: Unicode NFC, then case-folded the way
+ * case-insensitive filesystems (APFS, NTFS) fold (`toUpperCase().toLowerCase()` also maps `ß` to
+ * `ss` and the Kelvin sign to `k`). Folding too much only refuses an odd archive; folding too little
+ * would let one entry be written through another on such a filesystem.
+ */
+export function collisionKey(relPath: string): string {
+  return relPath.normalize('NFC').toUpperCase().toLowerCase().normalize('NFC');
+}

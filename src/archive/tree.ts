@@ -1,0 +1,160 @@
+import { constants, mkdir, open, unlink } from 'node:fs/promises';
+import { join } from 'node:path';
+import { classifyCommon, ErrorCode, StorageError } from '../errors.js';
+import { collisionKey } from './entry-path.js';
+import { limitError } from './limits.js';
+
+const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_RDONLY, O_DIRECTORY } = constants;
+
+/** Permission bits only (no setuid, setgid or sticky), never group- or world-writable. */
+export const fileMode = (mode: number | undefined): number => (mode ?? 0o644) & 0o755;
+/** As for files, plus owner rwx always, so the worker can fill and later remove every directory. */
+export const dirMode = (mode: number | undefined): number => ((mode ?? 0o755) & 0o755) | 0o700;
+
+interface PathNode {
+  /** The spelling that created it; another spelling with the same collision key is refused. */
+  path: string;
+  dir: boolean;
+}
+
+export interface EntryMeta {
+  mode?: number;
+  mtime?: Date;
+}
+
+/**
+ * The tree being extracted, rooted at a fresh directory this process created (so nothing in it
+ * predates the extraction). Only directories and regular files are ever made, every path component
+ * is created here and remembered, files are created with O_EXCL | O_NOFOLLOW and their metadata is
+ * set through the open handle, so no write can be redirected by a symlink, planted or otherwise.
+ */
+export class ExtractTree {
+  private readonly nodes = new Map<string, PathNode>();
+  /** Directory modes and mtimes, applied last: a 0o555 directory must not block its own children. */
+  private readonly dirMeta = new Map<string, EntryMeta>();
+  files = 0;
+  dirs = 0;
+
+  constructor(
+    private readonly root: string,
+    /** Cap on paths created (files and directories, implied ones included). */
+    private readonly maxPaths: number,
+  ) {}
+
+  /** A directory entry; `segments` empty is the root itself (`./`). */
+  async directory(name: string, segments: string[], meta: EntryMeta): Promise<void> {
+    await this.ensureDirs(name, segments, segments.length);
+    this.dirMeta.set(segments.join('/'), meta);
+  }
+
+  /** A regular file entry; returns the bytes written. An exact duplicate name replaces the earlier file, as tar does. */
+  async file(name: string, segments: string[], size: number, meta: EntryMeta, data: AsyncIterable<Uint8Array>): Promise<number> {
+    await this.ensureDirs(name, segments, segments.length - 1);
+    const rel = segments.join('/');
+    const key = collisionKey(rel);
+    const node = this.nodes.get(key);
+    const abs = join(this.root, rel);
+    if (node) {
+      this.sameSpelling(node, rel, name);
+      if (node.dir) throw refuse(name, `"${rel}" is already a directory`);
+      // unlink(2) removes a name, never what it points to; the O_EXCL open below then makes a new file.
+      await fsCall(unlink(abs), name);
+    } else {
+      this.add(key, { path: rel, dir: false }, name);
+      this.files++;
+    }
+    const fh = await fsCall(open(abs, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600), name);
+    let written = 0;
+    try {
+      // Errors of the archive stream itself pass through unwrapped: the caller knows their origin.
+      for await (const chunk of data) {
+        written += chunk.length;
+        if (written > size) throw refuse(name, 'more data than its header declares');
+        for (let at = 0; at < chunk.length;) {
+          at += (await fsCall(fh.write(chunk, at, chunk.length - at), name)).bytesWritten;
+        }
+      }
+      if (written !== size) throw refuse(name, `truncated: ${written} of ${size} bytes`);
+      await fsCall(fh.chmod(fileMode(meta.mode)), name);
+      if (validDate(meta.mtime)) await fsCall(fh.utimes(meta.mtime, meta.mtime), name);
+    } finally {
+      await fh.close();
+    }
+    return written;
+  }
+
+  /** Applies directory modes and mtimes (the root gets 0o755 unless a `./` entry said otherwise). */
+  async finish(): Promise<void> {
+    if (!this.dirMeta.has('')) this.dirMeta.set('', {});
+    for (const [rel, meta] of this.dirMeta) {
+      const fh = await fsCall(open(join(this.root, rel), O_RDONLY | O_DIRECTORY | O_NOFOLLOW), rel);
+      try {
+        await fsCall(fh.chmod(dirMode(meta.mode)), rel);
+        if (validDate(meta.mtime)) await fsCall(fh.utimes(meta.mtime, meta.mtime), rel);
+      } finally {
+        await fh.close();
+      }
+    }
+  }
+
+  /** Makes the first `count` segments exist as directories created by this tree. */
+  private async ensureDirs(name: string, segments: string[], count: number): Promise<void> {
+    if (count === 0) return;
+    // Fast path: the deepest parent is known, so all of its ancestors were checked when it was made.
+    const parent = segments.slice(0, count).join('/');
+    const known = this.nodes.get(collisionKey(parent));
+    if (known?.dir && known.path === parent) return;
+    let rel = '';
+    for (let i = 0; i < count; i++) {
+      rel = i === 0 ? segments[0]! : `${rel}/${segments[i]!}`;
+      const key = collisionKey(rel);
+      const node = this.nodes.get(key);
+      if (node) {
+        this.sameSpelling(node, rel, name);
+        if (!node.dir) throw refuse(name, `"${rel}" is a file, not a directory`);
+        continue;
+      }
+      this.add(key, { path: rel, dir: true }, name);
+      // Not recursive: each component is made here, so EEXIST means something this tree did not
+      // make (a case-insensitive filesystem folding two names) and is refused, never followed.
+      await fsCall(mkdir(join(this.root, rel), 0o755), name);
+      this.dirs++;
+    }
+  }
+
+  private add(key: string, node: PathNode, name: string): void {
+    if (this.nodes.size >= this.maxPaths) throw limitError(`more than ${this.maxPaths} paths (maxEntries)`, name);
+    this.nodes.set(key, node);
+  }
+
+  private sameSpelling(node: PathNode, rel: string, name: string): void {
+    if (node.path !== rel) {
+      throw refuse(name, `"${rel}" collides with "${node.path}" (same name after Unicode NFC and case folding)`);
+    }
+  }
+}
+
+function refuse(name: string, detail: string): StorageError {
+  return new StorageError(ErrorCode.InvalidInput, detail, { op: 'extract', key: name });
+}
+
+function validDate(d: Date | undefined): d is Date {
+  return d instanceof Date && Number.isFinite(d.getTime());
+}
+
+function fsCall<T>(op: Promise<T>, name: string): Promise<T> {
+  return op.catch((err: unknown) => { throw fsError(err, name); });
+}
+
+/** Filesystem errors that an archive can provoke are its fault; the rest keep their usual code. */
+function fsError(err: unknown, name: string): StorageError {
+  if (err instanceof StorageError) return err;
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  const detail = (err as Error | undefined)?.message ?? String(err);
+  if (code === 'EEXIST') return new StorageError(ErrorCode.InvalidInput, 'collides with an existing path', { op: 'extract', key: name, cause: err });
+  if (code === 'ELOOP') return new StorageError(ErrorCode.InvalidInput, 'would write through a symlink', { op: 'extract', key: name, cause: err });
+  if (code === 'ENAMETOOLONG' || code === 'ENOTDIR' || code === 'EISDIR') {
+    return new StorageError(ErrorCode.InvalidInput, `unusable path: ${detail}`, { op: 'extract', key: name, cause: err });
+  }
+  return new StorageError(classifyCommon(err) ?? ErrorCode.Unknown, `writing the entry failed: ${detail}`, { op: 'extract', key: name, cause: err });
+}

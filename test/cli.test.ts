@@ -1,0 +1,83 @@
+import { spawn } from 'node:child_process';
+import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { FsDriver } from '../src/backends/fs.js';
+import { Bucket } from '../src/storage/bucket.js';
+import { sha } from './conformance/suite.js';
+import { tempDir } from './harness/process.js';
+import { startRedis, type TestRedis } from './harness/redis.js';
+import { inProcessWorker, type InProcessWorker } from './harness/worker.js';
+
+interface Run { code: number | null; out: string; err: string }
+
+describe('the stevedore command', () => {
+  let redis: TestRedis;
+  let tmp: Awaited<ReturnType<typeof tempDir>>;
+  let w: InProcessWorker;
+  let env: NodeJS.ProcessEnv;
+
+  const cli = (...args: string[]): Promise<Run> => new Promise((resolve) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', 'src/bin/stevedore.ts', ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (b: Buffer) => { out += b.toString(); });
+    child.stderr.on('data', (b: Buffer) => { err += b.toString(); });
+    child.on('exit', (code) => resolve({ code, out, err }));
+  });
+
+  beforeAll(async () => {
+    redis = await startRedis();
+    tmp = await tempDir();
+    const root = join(tmp.path, 'objects');
+    const staging = join(tmp.path, 'staging');
+    w = await inProcessWorker(redis.url, new Map([['default', new Bucket(new FsDriver({ root }))]]), staging);
+    env = { PATH: process.env.PATH, REDIS_URL: redis.url, STEVEDORE_QUEUE: w.queue, STEVEDORE_STAGING_DIR: staging, STEVEDORE_BACKENDS: `default=file://${root}`, LOG_LEVEL: 'silent' };
+  });
+  afterAll(async () => {
+    await w?.close();
+    await redis?.stop();
+    await tmp?.remove();
+  });
+
+  it('stores a file and prints the result with --wait, leaving no staged copy behind', async () => {
+    const file = join(tmp.path, 'build.tar.gz');
+    await writeFile(file, 'artifact bytes');
+    const run = await cli('store', file, '--site', 'web', '--build', '42', '--wait');
+    expect(run.code).toBe(0);
+    expect(JSON.parse(run.out)).toEqual({ backend: 'default', key: 'sites/web/artifacts/42.tar.gz', size: 14, sha256: sha(Buffer.from('artifact bytes')) });
+    expect(await readdir(join(tmp.path, 'staging', 'incoming'))).toEqual([]);
+  });
+
+  it('logs, fetches and lists versions', async () => {
+    const logged = await cli('log', '--site', 'web', '--build', '42', '--action', 'deploy', '--status', 'ok', '--metadata', '{"by":"cli"}', '--wait');
+    expect(logged.code).toBe(0);
+    expect(JSON.parse(logged.out).key).toMatch(/^sites\/web\/logs\/\d{4}-.*Z-42\.json$/);
+    const fetched = await cli('fetch', 'sites/web/artifacts/42.tar.gz', 'back/42.tgz', '--wait');
+    expect(fetched.code).toBe(0);
+    expect(await readFile(join(tmp.path, 'staging', 'back/42.tgz'), 'utf8')).toBe('artifact bytes');
+    const listed = await cli('versions', 'web');
+    expect(listed.code).toBe(0);
+    expect(listed.out).toMatch(/^42\t\S+\t14 bytes\t1 log entries\n$/);
+  });
+
+  it('prints the job id without --wait', async () => {
+    const run = await cli('log', '--site', 'web', '--build', '43', '--action', 'a', '--status', 's');
+    expect(run.code).toBe(0);
+    expect(run.out).toMatch(/^\d+\n$/);
+  });
+
+  it('exits 2 with the reason on invalid input, and 1 when the job fails', async () => {
+    const file = join(tmp.path, 'x');
+    await writeFile(file, 'x');
+    const bad = await cli('store', file, '--key', 'a/../b', '--wait');
+    expect(bad.code).toBe(2);
+    expect(bad.err).toMatch(/^InvalidInput: key: /);
+    const missing = await cli('fetch', 'no/such/key', 'dest', '--wait');
+    expect(missing.code).toBe(1);
+    expect(missing.err).toMatch(/^NotFound: /);
+    const usage = await cli('store', file);
+    expect(usage.code).toBe(2);
+    expect(usage.err).toMatch(/--key, or --site and --build/);
+  });
+});

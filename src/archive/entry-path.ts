@@ -40,11 +40,11 @@ export function entrySegments(name: string, isDirectory: boolean, maxDepth: numb
 }
 
 /**
- * The key under which two spellings count as the same file: Unicode NFC, then case-folded the way
+ * The key under which two spellings of a path segment count as the same name: Unicode NFC, then case-folded the way
  * case-insensitive filesystems (APFS, NTFS) fold (`toUpperCase().toLowerCase()` also maps `ß` to
  * `ss` and the Kelvin sign to `k`). Folding too much only refuses an odd archive; folding too little
  * would let one entry be written through another on such a filesystem.
  */
-export function collisionKey(relPath: string): string {
-  return relPath.normalize('NFC').toUpperCase().toLowerCase().normalize('NFC');
+export function collisionKey(segment: string): string {
+  return segment.normalize('NFC').toUpperCase().toLowerCase().normalize('NFC');
 }

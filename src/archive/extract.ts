@@ -36,6 +36,9 @@ export interface ExtractResult {
   dirs: number;
 }
 
+/** One entry as tar-stream yields it: a readable of its data, with `header` and `offset`. */
+type EntryStream = Extract extends AsyncIterable<infer S> ? S : never;
+
 /** Where an error first surfaced: decides its code when it is not already a StorageError. */
 type Origin = 'source' | 'archive' | 'signal';
 
@@ -60,7 +63,7 @@ export async function extractArchive(source: Readable, destDir: string, opts: Ex
   try {
     const limits = resolveLimits(opts);
     throwIfAborted(opts.signal);
-    if (!opts.replace && (await exists(dest))) throw exists_(dest);
+    if (!opts.replace && (await exists(dest))) throw destExists(dest);
     // The name is cut so the temp name stays under NAME_MAX whatever the destination is called.
     tmp = await mkdtemp(join(dirname(dest), `${STAGING_TMP}${basename(dest).slice(0, 64)}.extract-`)).catch((err: unknown) => {
       throw new StorageError(classifyCommon(err) ?? ErrorCode.Unknown, 'cannot create the temp directory beside dest', { op: 'extract', key: destDir, cause: err });
@@ -72,7 +75,8 @@ export async function extractArchive(source: Readable, destDir: string, opts: Ex
     return result;
   } catch (err) {
     source.destroy();
-    if (tmp !== undefined) await rm(tmp, { recursive: true, force: true });
+    // A temp dir that cannot be removed is left to the staging sweep; the original error matters more.
+    if (tmp !== undefined) await rm(tmp, { recursive: true, force: true }).catch(() => {});
     if (err instanceof StorageError) throw err;
     throw new StorageError(classifyCommon(err) ?? ErrorCode.Unknown, `extraction failed: ${(err as Error).message}`, { op: 'extract', key: destDir, cause: err });
   }
@@ -89,6 +93,7 @@ async function unpack(source: Readable, root: string, limits: Limits, signal: Ab
   };
   // Listeners go on before pipeline() adds its own, so the stream that failed first is the one noted.
   source.on('error', note('source'));
+  if (source.errored) note('source')(source.errored);
   signal?.addEventListener('abort', onAbort, { once: true });
   let done: Promise<void> | undefined;
   try {
@@ -97,6 +102,9 @@ async function unpack(source: Readable, root: string, limits: Limits, signal: Ab
     gunzip?.on('error', note('archive'));
     const ex = tarExtract();
     ex.on('error', note('archive'));
+    // The iterator listens for 'entry' from the moment it exists; made after the pipeline starts,
+    // an entry announced in between would be lost and the extraction would hang.
+    const iterator = ex[Symbol.asyncIterator]();
     const meter = new ArchiveMeter(limits, gunzip);
     const tap = (s: AsyncIterable<Buffer>): AsyncGenerator<Buffer> => meter.tap(s);
     // tar-stream's extract is a streamx Writable, which pipeline() drives like a Node one.
@@ -106,7 +114,7 @@ async function unpack(source: Readable, root: string, limits: Limits, signal: Ab
       : pipeline(source, tap, sink, { signal: stop.signal });
     done.catch(() => {}); // awaited below; until then its rejection is not unhandled
     const tree = new ExtractTree(root, limits.maxEntries);
-    const entries = await readEntries(ex, meter, tree, limits);
+    const entries = await readEntries({ [Symbol.asyncIterator]: () => iterator }, meter, tree, limits);
     await done;
     meter.finish();
     await tree.finish();
@@ -120,7 +128,7 @@ async function unpack(source: Readable, root: string, limits: Limits, signal: Ab
   }
 }
 
-async function readEntries(ex: Extract, meter: ArchiveMeter, tree: ExtractTree, limits: Limits): Promise<{ entries: number; bytes: number }> {
+async function readEntries(ex: AsyncIterable<EntryStream>, meter: ArchiveMeter, tree: ExtractTree, limits: Limits): Promise<{ entries: number; bytes: number }> {
   let entries = 0;
   let bytes = 0;
   // One entry at a time: tar-stream reads no further until the loop asks for the next one.
@@ -128,7 +136,9 @@ async function readEntries(ex: Extract, meter: ArchiveMeter, tree: ExtractTree, 
     const h = entry.header;
     if (++entries > limits.maxEntries) throw limitError(`more than ${limits.maxEntries} entries (maxEntries)`, h.name);
     const isDir = h.type === 'directory';
+    // Frontier bookkeeping first, so the header limit holds whatever this entry turns out to be.
     meter.entry(h.name, entry.offset, isDir ? 0 : h.size);
+    // GNU tar extracts 'contiguous-file' (typeflag 7) as a regular file, and so does this.
     if (!isDir && h.type !== 'file' && h.type !== 'contiguous-file') {
       const what = h.type === 'symlink' || h.type === 'link' ? `${h.type} entries are refused (target ${JSON.stringify(h.linkname)})` : `${h.type ?? 'unknown'} entries are refused`;
       throw new StorageError(ErrorCode.InvalidInput, what, { op: 'extract', key: h.name });
@@ -175,6 +185,7 @@ function classify(err: unknown, first: { origin: Origin; err: unknown } | undefi
  */
 function peek(source: Readable, n: number): Promise<Buffer> {
   return new Promise<Buffer>((resolvePeek, reject) => {
+    if (source.destroyed) return reject(source.errored ?? new Error('the archive stream was already closed'));
     const chunks: Buffer[] = [];
     let have = 0;
     const settle = (err?: unknown): void => {
@@ -205,28 +216,36 @@ async function commit(tmp: string, dest: string, replace: boolean): Promise<void
   let aside: string | undefined;
   if (replace && (await exists(dest))) {
     aside = join(dirname(dest), `${STAGING_TMP}${basename(dest).slice(0, 64)}.old-${randomUUID()}`);
-    await rename(dest, aside);
+    await rename(dest, aside); // moves a symlink itself, never its target
+  } else if (!replace && (await exists(dest))) {
+    throw destExists(dest);
   }
   // rename(2) of a directory fails on a non-empty directory or a non-directory (a symlink
-  // included) at `dest`, so a racing writer there makes this fail rather than be followed; an
-  // empty directory created in the window after the check above would be replaced.
-  if (!replace && (await exists(dest))) throw exists_(dest);
+  // included) at `dest`, so a writer racing us there makes this fail rather than be followed; only
+  // an empty directory created since the check above would be replaced.
   await rename(tmp, dest).catch(async (err: unknown) => {
     if (aside !== undefined) await rename(aside, dest).catch(() => {}); // put the old tree back
     const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ENOTEMPTY' || code === 'EEXIST' || code === 'ENOTDIR') throw exists_(dest, err);
+    if (code === 'ENOTEMPTY' || code === 'EEXIST' || code === 'ENOTDIR') throw destExists(dest, err);
     throw err;
   });
-  if (aside !== undefined) await rm(aside, { recursive: true, force: true });
-  const dir = await open(dirname(dest), 'r');
+  // Best effort: a leftover carries the STAGING_TMP prefix, so the staging sweep removes it.
+  if (aside !== undefined) await rm(aside, { recursive: true, force: true }).catch(() => {});
   try {
-    await dir.sync();
-  } finally {
-    await dir.close();
+    const dir = await open(dirname(dest), 'r');
+    try {
+      await dir.sync();
+    } finally {
+      await dir.close();
+    }
+  } catch (err) {
+    // Not known to be durable: take it back and fail (Transient for EIO), never retry the fsync.
+    await rm(dest, { recursive: true, force: true });
+    throw err;
   }
 }
 
-function exists_(dest: string, cause?: unknown): StorageError {
+function destExists(dest: string, cause?: unknown): StorageError {
   return new StorageError(ErrorCode.PreconditionFailed, 'destination already exists', { op: 'extract', key: dest, cause });
 }
 

@@ -12,8 +12,9 @@ export interface ExtractLimits {
    */
   maxTotalBytes?: number;
   /**
-   * Number of entries (files, directories and refused kinds alike; PAX and GNU long-name headers
-   * are not entries and are bounded by `maxHeaderBytes` instead).
+   * Number of entries (PAX and GNU long-name headers are not entries; `maxHeaderBytes` bounds
+   * them), and also of paths created on disk, directories implied by a file's path included, so
+   * deep paths cannot multiply the inodes one entry makes.
    * @defaultValue 100 000
    */
   maxEntries?: number;

@@ -11,10 +11,18 @@ export const fileMode = (mode: number | undefined): number => (mode ?? 0o644) & 
 /** As for files, plus owner rwx always, so the worker can fill and later remove every directory. */
 export const dirMode = (mode: number | undefined): number => ((mode ?? 0o755) & 0o755) | 0o700;
 
+/**
+ * One path this tree created. Kept as a trie of segments rather than a map of whole paths, so
+ * memory grows with the segments created (each at most NAME_MAX bytes), not with path length
+ * times entry count.
+ */
 interface PathNode {
   /** The spelling that created it; another spelling with the same collision key is refused. */
-  path: string;
-  dir: boolean;
+  segment: string;
+  /** Children by collision key; undefined for a file. */
+  children?: Map<string, PathNode>;
+  /** A directory entry's mode and mtime, applied last: a 0o555 directory must not block its children. */
+  meta?: EntryMeta;
 }
 
 export interface EntryMeta {
@@ -29,9 +37,8 @@ export interface EntryMeta {
  * set through the open handle, so no write can be redirected by a symlink, planted or otherwise.
  */
 export class ExtractTree {
-  private readonly nodes = new Map<string, PathNode>();
-  /** Directory modes and mtimes, applied last: a 0o555 directory must not block its own children. */
-  private readonly dirMeta = new Map<string, EntryMeta>();
+  private readonly top: PathNode = { segment: '', children: new Map(), meta: {} };
+  private paths = 0;
   files = 0;
   dirs = 0;
 
@@ -43,24 +50,25 @@ export class ExtractTree {
 
   /** A directory entry; `segments` empty is the root itself (`./`). */
   async directory(name: string, segments: string[], meta: EntryMeta): Promise<void> {
-    await this.ensureDirs(name, segments, segments.length);
-    this.dirMeta.set(segments.join('/'), meta);
+    const node = await this.ensureDirs(name, segments, segments.length);
+    node.meta = meta;
   }
 
   /** A regular file entry; returns the bytes written. An exact duplicate name replaces the earlier file, as tar does. */
   async file(name: string, segments: string[], size: number, meta: EntryMeta, data: AsyncIterable<Uint8Array>): Promise<number> {
-    await this.ensureDirs(name, segments, segments.length - 1);
+    const parent = await this.ensureDirs(name, segments, segments.length - 1);
     const rel = segments.join('/');
-    const key = collisionKey(rel);
-    const node = this.nodes.get(key);
     const abs = join(this.root, rel);
+    const last = segments[segments.length - 1]!;
+    const key = collisionKey(last);
+    const node = parent.children!.get(key);
     if (node) {
-      this.sameSpelling(node, rel, name);
-      if (node.dir) throw refuse(name, `"${rel}" is already a directory`);
+      sameSpelling(node, last, segments, segments.length - 1, name);
+      if (node.children) throw refuse(name, `"${rel}" is already a directory`);
       // unlink(2) removes a name, never what it points to; the O_EXCL open below then makes a new file.
       await fsCall(unlink(abs), name);
     } else {
-      this.add(key, { path: rel, dir: false }, name);
+      this.add(parent, key, { segment: last }, name);
       this.files++;
     }
     const fh = await fsCall(open(abs, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600), name);
@@ -85,52 +93,59 @@ export class ExtractTree {
 
   /** Applies directory modes and mtimes (the root gets 0o755 unless a `./` entry said otherwise). */
   async finish(): Promise<void> {
-    if (!this.dirMeta.has('')) this.dirMeta.set('', {});
-    for (const [rel, meta] of this.dirMeta) {
+    const stack: Array<[PathNode, string]> = [[this.top, '']];
+    for (let item = stack.pop(); item !== undefined; item = stack.pop()) {
+      const [node, rel] = item;
+      for (const child of node.children?.values() ?? []) {
+        if (child.children) stack.push([child, rel === '' ? child.segment : `${rel}/${child.segment}`]);
+      }
+      if (node.meta === undefined) continue;
       const fh = await fsCall(open(join(this.root, rel), O_RDONLY | O_DIRECTORY | O_NOFOLLOW), rel);
       try {
-        await fsCall(fh.chmod(dirMode(meta.mode)), rel);
-        if (validDate(meta.mtime)) await fsCall(fh.utimes(meta.mtime, meta.mtime), rel);
+        await fsCall(fh.chmod(dirMode(node.meta.mode)), rel);
+        if (validDate(node.meta.mtime)) await fsCall(fh.utimes(node.meta.mtime, node.meta.mtime), rel);
       } finally {
         await fh.close();
       }
     }
   }
 
-  /** Makes the first `count` segments exist as directories created by this tree. */
-  private async ensureDirs(name: string, segments: string[], count: number): Promise<void> {
-    if (count === 0) return;
-    // Fast path: the deepest parent is known, so all of its ancestors were checked when it was made.
-    const parent = segments.slice(0, count).join('/');
-    const known = this.nodes.get(collisionKey(parent));
-    if (known?.dir && known.path === parent) return;
-    let rel = '';
+  /** Makes the first `count` segments exist as directories created by this tree; returns the last. */
+  private async ensureDirs(name: string, segments: string[], count: number): Promise<PathNode> {
+    let node = this.top;
     for (let i = 0; i < count; i++) {
-      rel = i === 0 ? segments[0]! : `${rel}/${segments[i]!}`;
-      const key = collisionKey(rel);
-      const node = this.nodes.get(key);
-      if (node) {
-        this.sameSpelling(node, rel, name);
-        if (!node.dir) throw refuse(name, `"${rel}" is a file, not a directory`);
+      const segment = segments[i]!;
+      const key = collisionKey(segment);
+      const child = node.children!.get(key);
+      if (child) {
+        sameSpelling(child, segment, segments, i, name);
+        if (!child.children) throw refuse(name, `"${segments.slice(0, i + 1).join('/')}" is a file, not a directory`);
+        node = child;
         continue;
       }
-      this.add(key, { path: rel, dir: true }, name);
+      const made = this.add(node, key, { segment, children: new Map() }, name);
       // Not recursive: each component is made here, so EEXIST means something this tree did not
       // make (a case-insensitive filesystem folding two names) and is refused, never followed.
-      await fsCall(mkdir(join(this.root, rel), 0o755), name);
+      await fsCall(mkdir(join(this.root, ...segments.slice(0, i + 1)), 0o755), name);
       this.dirs++;
+      node = made;
     }
+    return node;
   }
 
-  private add(key: string, node: PathNode, name: string): void {
-    if (this.nodes.size >= this.maxPaths) throw limitError(`more than ${this.maxPaths} paths (maxEntries)`, name);
-    this.nodes.set(key, node);
+  private add(parent: PathNode, key: string, node: PathNode, name: string): PathNode {
+    if (this.paths >= this.maxPaths) throw limitError(`more than ${this.maxPaths} paths (maxEntries)`, name);
+    this.paths++;
+    parent.children!.set(key, node);
+    return node;
   }
+}
 
-  private sameSpelling(node: PathNode, rel: string, name: string): void {
-    if (node.path !== rel) {
-      throw refuse(name, `"${rel}" collides with "${node.path}" (same name after Unicode NFC and case folding)`);
-    }
+function sameSpelling(node: PathNode, segment: string, segments: string[], i: number, name: string): void {
+  if (node.segment !== segment) {
+    const at = segments.slice(0, i).concat(segment).join('/');
+    const other = segments.slice(0, i).concat(node.segment).join('/');
+    throw refuse(name, `"${at}" collides with "${other}" (same name after Unicode NFC and case folding)`);
   }
 }
 
@@ -153,7 +168,8 @@ function fsError(err: unknown, name: string): StorageError {
   const detail = (err as Error | undefined)?.message ?? String(err);
   if (code === 'EEXIST') return new StorageError(ErrorCode.InvalidInput, 'collides with an existing path', { op: 'extract', key: name, cause: err });
   if (code === 'ELOOP') return new StorageError(ErrorCode.InvalidInput, 'would write through a symlink', { op: 'extract', key: name, cause: err });
-  if (code === 'ENAMETOOLONG' || code === 'ENOTDIR' || code === 'EISDIR') {
+  // Names and times come from the archive: a filesystem refusing them is the archive's fault.
+  if (code === 'ENAMETOOLONG' || code === 'ENOTDIR' || code === 'EISDIR' || code === 'EINVAL' || code === 'EILSEQ') {
     return new StorageError(ErrorCode.InvalidInput, `unusable path: ${detail}`, { op: 'extract', key: name, cause: err });
   }
   return new StorageError(classifyCommon(err) ?? ErrorCode.Unknown, `writing the entry failed: ${detail}`, { op: 'extract', key: name, cause: err });

@@ -2,11 +2,9 @@ import { pathToFileURL } from 'node:url';
 import { ErrorCode, StorageError } from '../errors.js';
 import { Bucket } from '../storage/bucket.js';
 import type { Driver } from '../storage/driver.js';
-import { azureDriverFromUrl, type AzureEnv } from './azure.js';
+import type { AzureEnv } from './azure.js';
 import { fsDriverFromUrl } from './fs.js';
-import { gcsDriverFromUrl } from './gcs.js';
 import { MemoryDriver } from './memory.js';
-import { s3DriverFromUrl } from './s3.js';
 
 export const DEFAULT_BACKENDS = 'default=file:./data/objects';
 
@@ -18,9 +16,10 @@ export interface BackendEnv extends AzureEnv {
 
 /**
  * The one switch on backend kind: a URL of the contract's forms to a Bucket. The URL's path after
- * the bucket or container is a folder inside it.
+ * the bucket or container is a folder inside it. Cloud SDKs load only when a backend uses them
+ * (together they add about a second to every start of the CLI).
  */
-export function openBackend(name: string, spec: string, env: BackendEnv = {}): Bucket {
+export async function openBackend(name: string, spec: string, env: BackendEnv = {}): Promise<Bucket> {
   const url = parseBackendUrl(spec, env.cwd ?? process.cwd());
   let driver: Driver;
   let prefix = '';
@@ -36,7 +35,9 @@ export function openBackend(name: string, spec: string, env: BackendEnv = {}): B
     case 'azblob:':
       if (!url.hostname) throw invalid(name, spec, 'missing bucket or container name');
       prefix = decodeURIComponent(url.pathname).replace(/^\/+|\/+$/g, '');
-      driver = url.protocol === 's3:' ? s3DriverFromUrl(url) : url.protocol === 'gs:' ? gcsDriverFromUrl(url) : azureDriverFromUrl(url, env);
+      driver = url.protocol === 's3:' ? (await import('./s3.js')).s3DriverFromUrl(url)
+        : url.protocol === 'gs:' ? (await import('./gcs.js')).gcsDriverFromUrl(url)
+          : (await import('./azure.js')).azureDriverFromUrl(url, env);
       break;
     default:
       throw invalid(name, spec, `unknown scheme "${url.protocol}" (use file:, s3:, gs:, azblob: or memory:)`);
@@ -45,14 +46,14 @@ export function openBackend(name: string, spec: string, env: BackendEnv = {}): B
 }
 
 /** `name=url,name=url` (STEVEDORE_BACKENDS) to named Buckets; always has `default` unless `spec` names none. */
-export function openBackends(spec: string | undefined, env: BackendEnv = {}): Map<string, Bucket> {
+export async function openBackends(spec: string | undefined, env: BackendEnv = {}): Promise<Map<string, Bucket>> {
   const buckets = new Map<string, Bucket>();
   for (const pair of (spec?.trim() || DEFAULT_BACKENDS).split(',').map((s) => s.trim()).filter(Boolean)) {
     const eq = pair.indexOf('=');
     const name = eq < 0 ? '' : pair.slice(0, eq).trim();
     if (!/^[A-Za-z0-9._-]{1,64}$/.test(name)) throw invalid(name, pair, 'expected name=url with a name of [A-Za-z0-9._-]');
     if (buckets.has(name)) throw invalid(name, pair, 'backend named twice');
-    buckets.set(name, openBackend(name, pair.slice(eq + 1).trim(), env));
+    buckets.set(name, await openBackend(name, pair.slice(eq + 1).trim(), env));
   }
   return buckets;
 }

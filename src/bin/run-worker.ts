@@ -27,7 +27,7 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
     redisUrl = started.url;
     stopRedis = started.stop;
   }
-  const buckets = openBackends(config.backends, { cwd: opts.cwd, AZURE_STORAGE_CONNECTION_STRING: opts.env.AZURE_STORAGE_CONNECTION_STRING });
+  const buckets = await openBackends(config.backends, { cwd: opts.cwd, AZURE_STORAGE_CONNECTION_STRING: opts.env.AZURE_STORAGE_CONNECTION_STRING });
   const staging = new Staging(config.stagingDir);
   const connection = redisConnection(redisUrl, 'worker');
   connection.on('error', (err) => log.warn({ err: { message: err.message } }, 'redis connection error'));

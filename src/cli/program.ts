@@ -85,7 +85,7 @@ export function buildProgram(io: CliIo, setExit: (code: number) => void): Comman
     .option('--json', 'print JSON', false)
     .action(async (site: string, o: { backend: string; json: boolean }) => {
       const cfg = config();
-      const buckets = openBackends(cfg.backends, { cwd: io.cwd, AZURE_STORAGE_CONNECTION_STRING: io.env.AZURE_STORAGE_CONNECTION_STRING });
+      const buckets = await openBackends(cfg.backends, { cwd: io.cwd, AZURE_STORAGE_CONNECTION_STRING: io.env.AZURE_STORAGE_CONNECTION_STRING });
       const bucket = buckets.get(o.backend);
       if (!bucket) throw new InvalidArgumentError(`no backend named "${o.backend}"`);
       try {

@@ -57,16 +57,21 @@ export class FsDriver implements Driver {
     const fh = await open(tmp, 'wx', 0o644);
     let sidecar: string | undefined;
     try {
+      let st: BigIntStats;
+      let meta: Sidecar;
       try {
-        await writeAll(fh, body, opts.signal);
-        if (this.fsync) await fh.sync();
+        await writeAll(fh, body, opts.signal, this.fsync);
+        st = await fh.stat({ bigint: true });
+        const { sha256, size } = body.digest();
+        meta = { key, sha256, size, contentType: opts.contentType, metadata: opts.metadata };
+        sidecar = this.sidecarPath(dir, name, st.ino);
+        // The sidecar's name belongs to this not-yet-visible inode, so it needs no temp-and-rename;
+        // it and the data reach the disk together, both before the rename that publishes them.
+        const done = await Promise.allSettled([this.fsync ? fh.sync() : undefined, this.writeSidecar(sidecar, meta)]);
+        for (const r of done) if (r.status === 'rejected') throw r.reason;
       } finally {
         await fh.close();
       }
-      const st = await lstat(tmp, { bigint: true });
-      const { sha256, size } = body.digest();
-      sidecar = this.sidecarPath(dir, name, st.ino);
-      await this.writeJson(sidecar, { key, sha256, size, contentType: opts.contentType, metadata: opts.metadata } satisfies Sidecar);
       const path = join(dir, name);
       const old = opts.ifAbsent ? undefined : await lstat(path, { bigint: true }).catch(() => undefined);
       if (opts.ifAbsent) {
@@ -82,7 +87,7 @@ export class FsDriver implements Driver {
       sidecar = undefined;
       if (this.fsync) await syncDir(dir);
       if (old && old.ino !== st.ino) await unlinkQuiet(this.sidecarPath(dir, name, old.ino));
-      return toInfo(key, st, { key, sha256, size, contentType: opts.contentType, metadata: opts.metadata });
+      return toInfo(key, st, meta);
     } catch (err) {
       await unlinkQuiet(tmp);
       if (sidecar) await unlinkQuiet(sidecar);
@@ -299,16 +304,14 @@ export class FsDriver implements Driver {
     }
   }
 
-  private async writeJson(path: string, value: unknown): Promise<void> {
-    const tmp = `${path}.${TMP_PREFIX}${randomUUID()}`;
-    const fh: FileHandle = await open(tmp, 'wx', 0o644);
+  private async writeSidecar(path: string, meta: Sidecar): Promise<void> {
+    const fh = await open(path, 'w', 0o644);
     try {
-      await fh.writeFile(JSON.stringify(value));
+      await fh.writeFile(JSON.stringify(meta));
       if (this.fsync) await fh.sync();
     } finally {
       await fh.close();
     }
-    await rename(tmp, path);
     if (this.fsync) await syncDir(dirname(path));
   }
 }
@@ -339,13 +342,46 @@ function notFound(op: string, key: string): StorageError {
   return new StorageError(ErrorCode.NotFound, 'no such object', { op, key });
 }
 
-/** Writes every chunk at the handle's position; the handle stays open for the fsync that follows. */
-async function writeAll(fh: FileHandle, body: PutBody, signal: AbortSignal | undefined): Promise<void> {
-  for await (const chunk of body.stream) {
-    signal?.throwIfAborted();
-    const buf = chunk as Buffer;
-    for (let off = 0; off < buf.length;) off += (await fh.write(buf, off, buf.length - off)).bytesWritten;
+/** Bytes written between the fdatasync calls that start the disk early (see writeAll). */
+const FLUSH_EVERY = 64 * 1024 * 1024;
+
+/**
+ * Writes every chunk at the handle's position; the handle stays open for the fsync that follows.
+ * One write stays in flight while the next chunk is pulled (and hashed upstream), so the disk and
+ * the hash work at once. With `flush`, an fdatasync starts every FLUSH_EVERY bytes: the pages go to
+ * disk while we hash, not all at the final fsync (the kernel's own writeback waits for 10% of RAM
+ * to be dirty, more than most objects).
+ */
+async function writeAll(fh: FileHandle, body: PutBody, signal: AbortSignal | undefined, flush: boolean): Promise<void> {
+  let writing: Promise<unknown> = Promise.resolve();
+  let flushing: Promise<unknown> = Promise.resolve();
+  let unflushed = 0;
+  // A failure surfaces at the next await of the promise; until then it must not count as unhandled.
+  const track = (p: Promise<unknown>) => { p.catch(() => {}); return p; };
+  try {
+    for await (const chunk of body.stream) {
+      signal?.throwIfAborted();
+      const buf = chunk as Buffer;
+      await writing;
+      writing = track(writeFully(fh, buf));
+      unflushed += buf.length;
+      if (flush && unflushed >= FLUSH_EVERY) {
+        await writing;
+        await flushing;
+        flushing = track(fh.datasync());
+        unflushed = 0;
+      }
+    }
+    await writing;
+    await flushing;
+  } finally {
+    // Never leave a write or a flush running on a handle the caller is about to close.
+    await Promise.allSettled([writing, flushing]);
   }
+}
+
+async function writeFully(fh: FileHandle, buf: Buffer): Promise<void> {
+  for (let off = 0; off < buf.length;) off += (await fh.write(buf, off, buf.length - off)).bytesWritten;
 }
 
 async function unlinkQuiet(path: string): Promise<void> {

@@ -1,0 +1,181 @@
+/**
+ * Queue throughput, measured against references in the same run: a bare BullMQ worker doing the
+ * same atomic file write (the ceiling for `log` jobs), and the storage layer's own `put` (for one
+ * large `store`). Prints tables; asserts nothing.
+ */
+import { randomBytes, randomUUID } from 'node:crypto';
+import { mkdir, open, rename, rm, writeFile } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import { Queue, QueueEvents, Worker, type Job } from 'bullmq';
+import { pino } from 'pino';
+import { FsDriver } from '../src/backends/fs.js';
+import { redisConnection } from '../src/queue/connection.js';
+import { startWorker } from '../src/queue/worker.js';
+import { Bucket } from '../src/storage/bucket.js';
+import { Staging } from '../src/staging.js';
+import { freePort, startServerProcess, tempDir } from '../test/harness/process.js';
+import { mbps, ratio, secs, table, verdict } from './table.js';
+
+const LOG_JOBS = Number(process.env.BENCH_LOG_JOBS ?? 20_000);
+const STORE_JOBS = Number(process.env.BENCH_STORE_JOBS ?? 2_000);
+const LEVELS = [1, 8, 32];
+
+const progress = (s: string) => process.stderr.write(`[bench:queue] ${s}\n`);
+
+/** The same atomic write the filesystem backend does for an object, minus our bookkeeping. */
+async function atomicWrite(path: string, body: Buffer): Promise<void> {
+  await mkdir(dirname(path), { recursive: true });
+  const tmp = `${path}.tmp-${randomUUID()}`;
+  const fh = await open(tmp, 'wx');
+  try {
+    await fh.writeFile(body);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await rename(tmp, path);
+  const dir = await open(dirname(path), 'r');
+  try {
+    await dir.sync();
+  } finally {
+    await dir.close();
+  }
+}
+
+interface Ctx { redisUrl: string; root: string }
+
+/** Enqueues `n` jobs in bulk, then starts the worker and times until the last one completed. */
+async function drain(ctx: Ctx, n: number, name: string, data: (i: number) => object, makeWorker: (queue: string) => Worker): Promise<{ ms: number; latencies: number[] }> {
+  const queue = `bench-${randomUUID().slice(0, 8)}`;
+  const conn = redisConnection(ctx.redisUrl, 'producer');
+  const q = new Queue(queue, { connection: conn });
+  for (let i = 0; i < n; i += 1000) {
+    await q.addBulk(Array.from({ length: Math.min(1000, n - i) }, (_, k) => ({ name, data: data(i + k), opts: { removeOnComplete: true } })));
+  }
+  const latencies: number[] = [];
+  const started = Date.now();
+  const worker = makeWorker(queue);
+  await new Promise<void>((resolve) => {
+    let done = 0;
+    worker.on('completed', (job: Job) => {
+      latencies.push(Date.now() - job.timestamp);
+      if (++done === n) resolve();
+    });
+    worker.on('failed', (job) => progress(`job ${job?.id} failed: ${job?.failedReason}`));
+  });
+  const ms = Date.now() - started;
+  await worker.close();
+  // The worker was handed its connection, so closing the worker leaves it open.
+  await (worker.opts.connection as unknown as { quit(): Promise<unknown> }).quit().catch(() => {});
+  await q.obliterate({ force: true });
+  await q.close();
+  await conn.quit();
+  return { ms, latencies };
+}
+
+async function ours(ctx: Ctx, concurrency: number, stagingDir: string): Promise<(queue: string) => Worker> {
+  const buckets = new Map([['default', new Bucket(new FsDriver({ root: join(ctx.root, `ours-${randomUUID().slice(0, 6)}`) }))]]);
+  return (queue) => startWorker(redisConnection(ctx.redisUrl, 'worker'), { queue, prefix: 'bull', concurrency }, {
+    buckets, staging: new Staging(stagingDir), log: pino({ level: 'silent' }), limits: { maxInlineBytes: 1 << 20 },
+  });
+}
+
+function bare(ctx: Ctx, concurrency: number): (queue: string) => Worker {
+  const root = join(ctx.root, `bare-${randomUUID().slice(0, 6)}`);
+  return (queue) => new Worker(queue, async (job: Job) => {
+    const d = job.data as { site: string; build: string; action: string; status: string; timestamp: string };
+    const entry = { timestamp: d.timestamp, build_id: d.build, site_id: d.site, action: d.action, status: d.status, metadata: {} };
+    await atomicWrite(join(root, 'sites', d.site, 'logs', `${d.timestamp}-${d.build}.json`), Buffer.from(`${JSON.stringify(entry)}\n`));
+    return { key: d.timestamp };
+  }, { connection: redisConnection(ctx.redisUrl, 'worker'), concurrency });
+}
+
+const pct = (xs: number[], p: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(p * xs.length))] ?? 0;
+
+export async function queueBench(): Promise<string> {
+  const dir = await tempDir('stevedore-bench-queue-');
+  const port = await freePort();
+  // No persistence: the bench measures the worker, not Redis's disk.
+  const redis = await startServerProcess({ command: 'redis-server', args: ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], port });
+  const ctx: Ctx = { redisUrl: `redis://127.0.0.1:${port}`, root: dir.path };
+  const stagingDir = join(dir.path, 'staging');
+  const out: string[] = [];
+  try {
+    const logData = (i: number) => ({ site: 'bench', build: `b${i}`, action: 'build', status: 'ok', timestamp: new Date(1_700_000_000_000 + i).toISOString() });
+    const rows: string[][] = [];
+    for (const c of LEVELS) {
+      const ref = await drain(ctx, LOG_JOBS, 'log', logData, bare(ctx, c));
+      progress(`bare worker, concurrency ${c}: ${(LOG_JOBS / (ref.ms / 1000)).toFixed(0)} jobs/s`);
+      const our = await drain(ctx, LOG_JOBS, 'log', logData, await ours(ctx, c, stagingDir));
+      progress(`stevedore, concurrency ${c}: ${(LOG_JOBS / (our.ms / 1000)).toFixed(0)} jobs/s`);
+      const r = ref.ms / our.ms;
+      rows.push([String(c), `${(LOG_JOBS / (our.ms / 1000)).toFixed(0)}`, `${(LOG_JOBS / (ref.ms / 1000)).toFixed(0)}`, `${r.toFixed(2)}x`, verdict(0.8, r)]);
+    }
+    out.push(table(`${LOG_JOBS} log jobs, one worker process`, ['concurrency', 'stevedore jobs/s', 'bare BullMQ + same atomic write, jobs/s', 'ratio', 'goal >= 0.8x'], rows,
+      ['bare: a BullMQ processor that writes the same JSON entry with temp file, fsync, rename, fsync(dir); stevedore adds validation, the sidecar with the digest, and its fsync']));
+
+    const blob = randomBytes(16 * 1024);
+    await mkdir(join(stagingDir, 'in'), { recursive: true });
+    for (let i = 0; i < 64; i++) await writeFile(join(stagingDir, 'in', `f${i}`), blob);
+    const storeRows: string[][] = [];
+    for (const c of LEVELS) {
+      const res = await drain(ctx, STORE_JOBS, 'store', (i) => ({ key: `s/${i}`, source: { path: `in/f${i % 64}` } }), await ours(ctx, c, stagingDir));
+      storeRows.push([String(c), `${(STORE_JOBS / (res.ms / 1000)).toFixed(0)}`, `${pct(res.latencies, 0.5)} ms`, `${pct(res.latencies, 0.99)} ms`]);
+      progress(`store 16 KiB, concurrency ${c}: ${(STORE_JOBS / (res.ms / 1000)).toFixed(0)} jobs/s`);
+    }
+    out.push(table(`${STORE_JOBS} store jobs of 16 KiB`, ['concurrency', 'jobs/s', 'p50 enqueue->completion', 'p99'], storeRows,
+      ['all jobs are enqueued before the worker starts, so latency includes queueing behind earlier jobs']));
+  } finally {
+    await redis.stop();
+    await rm(dir.path, { recursive: true, force: true });
+  }
+  return out.join('\n');
+}
+
+/** One large store end to end through Redis, against the storage layer's own put of the same file. */
+export async function largeStoreBench(file: string, bytes: number, runs = 3): Promise<string> {
+  const dir = await tempDir('stevedore-bench-big-');
+  const port = await freePort();
+  const redis = await startServerProcess({ command: 'redis-server', args: ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], port });
+  const ctx: Ctx = { redisUrl: `redis://127.0.0.1:${port}`, root: dir.path };
+  try {
+    const direct: number[] = [];
+    const queued: number[] = [];
+    const stagingDir = dirname(file);
+    for (let i = 0; i < runs; i++) {
+      const root = join(dir.path, `direct-${i}`);
+      const t0 = Date.now();
+      await new Bucket(new FsDriver({ root })).put('big', { path: file });
+      direct.push(Date.now() - t0);
+      await rm(root, { recursive: true, force: true });
+      const q = `big-${i}`;
+      const conn = redisConnection(ctx.redisUrl, 'producer');
+      const queue = new Queue(q, { connection: conn });
+      const events = new QueueEvents(q, { connection: redisConnection(ctx.redisUrl, 'worker') });
+      await events.waitUntilReady();
+      const worker = (await ours(ctx, 1, stagingDir))(q);
+      const t1 = Date.now();
+      const job = await queue.add('store', { key: 'big', source: { path: file.slice(stagingDir.length + 1) } });
+      await job.waitUntilFinished(events);
+      queued.push(Date.now() - t1);
+      await worker.close();
+      await (worker.opts.connection as unknown as { quit(): Promise<unknown> }).quit().catch(() => {});
+      await events.close();
+      await queue.close();
+      await conn.quit();
+      await rm(join(ctx.root), { recursive: true, force: true });
+      await mkdir(ctx.root, { recursive: true });
+    }
+    const med = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+    const d = med(direct);
+    const q = med(queued);
+    return table(`one ${(bytes / 2 ** 30).toFixed(2)} GiB store, end to end`, ['path', 'median', 'throughput', 'ratio to put', 'goal'], [
+      ['Bucket.put (filesystem)', secs(d), mbps(bytes, d), '1.00x', ''],
+      ['store job through Redis', secs(q), mbps(bytes, q), ratio(q, d), `${verdict(q / d, 1 / 0.95)} (>= 0.95x speed)`],
+    ]);
+  } finally {
+    await redis.stop();
+    await rm(dir.path, { recursive: true, force: true });
+  }
+}
+

@@ -53,8 +53,12 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
     stopping = true;
     log.info({ signal, deadlineMs: config.shutdownTimeoutMs }, 'stopping: no new jobs, waiting for active ones');
     const outcome = await stopWorker(worker, config.shutdownTimeoutMs, log);
-    await Promise.allSettled([...buckets.values()].map((b) => b.close()));
-    await connection.quit().catch(() => connection.disconnect());
+    if (outcome === 'drained') {
+      await Promise.allSettled([...buckets.values()].map((b) => b.close()));
+      await connection.quit().catch(() => connection.disconnect());
+    } else {
+      connection.disconnect();
+    }
     await stopRedis?.();
     log.info({ outcome }, 'stopped');
     log.flush();

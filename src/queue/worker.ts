@@ -34,18 +34,18 @@ export function startWorker(connection: Redis, opts: WorkerOptions, deps: Runner
 }
 
 /**
- * Graceful stop: take no new jobs, let active ones finish for up to `deadlineMs`, then close
- * forcibly. Jobs still running then lose their lock and are picked up again by another worker
- * (stalled-job recovery); every job is safe to run twice.
+ * Graceful stop: take no new jobs, let active ones finish for up to `deadlineMs`. Past the
+ * deadline it returns 'forced' without waiting further (BullMQ's close() cannot be hurried once
+ * begun): the caller then exits, the jobs' locks lapse, and another worker picks them up as stalled
+ * jobs. Every job is safe to run twice.
  */
 export async function stopWorker(worker: Worker, deadlineMs: number, log: Logger): Promise<'drained' | 'forced'> {
   let timer: NodeJS.Timeout | undefined;
   const deadline = new Promise<'forced'>((resolve) => { timer = setTimeout(() => resolve('forced'), deadlineMs); });
-  const outcome = await Promise.race([worker.close().then(() => 'drained' as const), deadline]);
+  const closing = worker.close().then(() => 'drained' as const);
+  closing.catch((err: unknown) => log.warn({ err }, 'worker close failed'));
+  const outcome = await Promise.race([closing, deadline]);
   clearTimeout(timer);
-  if (outcome === 'forced') {
-    log.warn({ deadlineMs }, 'active jobs did not finish in time; handing them back');
-    await worker.close(true);
-  }
+  if (outcome === 'forced') log.warn({ deadlineMs }, 'active jobs did not finish in time; handing them back');
   return outcome;
 }

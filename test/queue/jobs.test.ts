@@ -4,6 +4,7 @@ import { createGzip } from 'node:zlib';
 import tar from 'tar-stream';
 import { join } from 'node:path';
 import { Queue, QueueEvents } from 'bullmq';
+import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FsDriver } from '../../src/backends/fs.js';
 import { Bucket } from '../../src/storage/bucket.js';
@@ -192,6 +193,18 @@ describe('jobs through Redis', () => {
     const [a, b] = await Promise.all([w.client.run('store', payload), w.client.run('store', payload)]);
     expect(a).toEqual(b);
     await expect(w.client.run('store', { ...payload, source: { base64: 'b3RoZXI=' } })).rejects.toMatchObject({ code: 'PreconditionFailed' });
+  });
+
+  it('works under a hash-tagged key prefix, as Redis Cluster needs', async () => {
+    const tagged = await inProcessWorker(redis.url, buckets, stagingDir, { prefix: '{stevedore}' });
+    try {
+      await expect(tagged.client.run('store', { key: 'tagged', source: { base64: 'dGFn' } })).resolves.toMatchObject({ size: 3 });
+      const conn = new Redis(redis.url);
+      expect((await conn.keys('{stevedore}:*')).length).toBeGreaterThan(0);
+      await conn.quit();
+    } finally {
+      await tagged.close();
+    }
   });
 
   it("lists a site's builds from artifacts and logs, newest first", async () => {

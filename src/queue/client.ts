@@ -50,6 +50,7 @@ export interface Progress {
 export class StevedoreClient {
   readonly queue: Queue;
   private events: QueueEvents | undefined;
+  private eventsReady: Promise<QueueEvents> | undefined;
   private eventsConnection: Redis | undefined;
   private readonly own: Redis | undefined;
   private readonly opts: ClientOptions;
@@ -62,6 +63,8 @@ export class StevedoreClient {
       prefix: opts.prefix ?? 'bull',
       defaultJobOptions: { ...DEFAULT_JOB_OPTIONS, ...opts.defaultJobOptions },
     });
+    // add() rejects while Redis is away; without a listener BullMQ would also print every error.
+    this.queue.on('error', () => {});
   }
 
   /** Enqueues one job; pass `jobId` to make enqueueing idempotent. Resolves to the job id. */
@@ -117,15 +120,21 @@ export class StevedoreClient {
     await this.own?.quit().catch(() => {});
   }
 
-  private async queueEvents(): Promise<QueueEvents> {
-    if (!this.events) {
+  private queueEvents(): Promise<QueueEvents> {
+    this.eventsReady ??= (async () => {
       // QueueEvents blocks on its connection, so it gets one of its own.
       const connection = this.opts.connection?.duplicate() ?? redisConnection(this.opts.redisUrl ?? 'redis://127.0.0.1:6379', 'worker');
       this.eventsConnection = connection;
-      this.events = new QueueEvents(this.queue.name, { connection, prefix: this.queue.opts.prefix });
-      this.events.on('error', () => {});
-      await this.events.waitUntilReady();
-    }
-    return this.events;
+      // QueueEvents reads from '$' only once its first XREAD reaches Redis, after waitUntilReady()
+      // has resolved; a job finishing in between would never be reported and result() would wait
+      // out its timeout. Read on from the stream's newest entry as of now instead.
+      const [newest] = await connection.xrevrange(this.queue.toKey('events'), '+', '-', 'COUNT', 1);
+      const events = new QueueEvents(this.queue.name, { connection, prefix: this.queue.opts.prefix, lastEventId: newest?.[0] ?? '0-0' });
+      events.on('error', () => {});
+      this.events = events;
+      await events.waitUntilReady();
+      return events;
+    })();
+    return this.eventsReady;
   }
 }

@@ -1,4 +1,4 @@
-import { Worker } from 'bullmq';
+import { WaitingError, Worker } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
 import { runJob, type RunnerDeps } from './runner.js';
@@ -17,7 +17,16 @@ export interface WorkerOptions {
 
 /** One BullMQ worker serving the stevedore queue. Close it with `stopWorker`. */
 export function startWorker(connection: Redis, opts: WorkerOptions, deps: RunnerDeps): Worker {
-  const worker = new Worker(opts.queue, (job, _token, signal) => runJob(job, deps, signal ?? new AbortController().signal), {
+  const worker: Worker = new Worker(opts.queue, async (job, token, signal) => {
+    // A fetch whose blocking wait was already woken when close() began still delivers its job
+    // (BullMQ does not look at `closing` again before moveToActive): a stopping worker hands such a
+    // job straight back to the front of the wait list instead of starting it.
+    if (worker.closing) {
+      await job.moveToWait(token);
+      throw new WaitingError();
+    }
+    return runJob(job, deps, signal ?? new AbortController().signal);
+  }, {
     connection,
     prefix: opts.prefix,
     concurrency: opts.concurrency,

@@ -13,6 +13,7 @@ import { redisConnection } from '../src/queue/connection.js';
 import { startWorker } from '../src/queue/worker.js';
 import { Bucket } from '../src/storage/bucket.js';
 import { Staging } from '../src/staging.js';
+import { syncDir } from '../src/storage/sync-dir.js';
 import { freePort, startServerProcess, tempDir } from '../test/harness/process.js';
 import { mbps, ratio, secs, table, verdict } from './table.js';
 
@@ -34,12 +35,7 @@ async function atomicWrite(path: string, body: Buffer): Promise<void> {
     await fh.close();
   }
   await rename(tmp, path);
-  const dir = await open(dirname(path), 'r');
-  try {
-    await dir.sync();
-  } finally {
-    await dir.close();
-  }
+  await syncDir(dirname(path));
 }
 
 interface Ctx { redisUrl: string; root: string }

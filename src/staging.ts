@@ -1,7 +1,8 @@
 import { randomUUID } from 'node:crypto';
-import { lstat, mkdir, realpath, rename, rm, open } from 'node:fs/promises';
+import { lstat, mkdir, realpath, rename, rm } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, normalize, sep } from 'node:path';
 import { ErrorCode, StorageError } from './errors.js';
+import { syncDir } from './storage/sync-dir.js';
 
 /** Prefix of temp files and directories the worker creates inside the staging area. */
 export const STAGING_TMP = '.stevedore-tmp-';
@@ -65,12 +66,7 @@ export class Staging {
   /** Makes a finished temp file visible at `dest`, durably. */
   async commitFile(tmp: string, dest: string): Promise<void> {
     await rename(tmp, dest);
-    const dir = await open(dirname(dest), 'r');
-    try {
-      await dir.sync();
-    } finally {
-      await dir.close();
-    }
+    await syncDir(dirname(dest));
   }
 
   private async assertInside(dir: string, rel: string, field: string): Promise<void> {

@@ -6,6 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { ErrorCode, StorageError } from '../errors.js';
 import type { ByteRange, Driver, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
 import { CHUNK, HashingStream } from '../storage/hashing.js';
+import { syncDir } from '../storage/sync-dir.js';
 
 /**
  * Folder, in every directory that holds objects, for temp files and metadata sidecars. A key with
@@ -386,13 +387,4 @@ async function writeFully(fh: FileHandle, buf: Buffer): Promise<void> {
 
 async function unlinkQuiet(path: string): Promise<void> {
   await unlink(path).catch(() => {});
-}
-
-async function syncDir(dir: string): Promise<void> {
-  const fh = await open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
 }

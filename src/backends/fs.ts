@@ -60,18 +60,31 @@ export class FsDriver implements Driver {
     try {
       let st: BigIntStats;
       let meta: Sidecar;
+      // The sidecar is named after the temp file's inode, known at once: created now, its folder
+      // entry reaches the disk while the bytes stream, so the end of the put waits for two fsyncs
+      // in a row (data and sidecar together, then the folder after the rename), as a bare atomic
+      // write does. The name belongs to an inode nobody can see yet: no temp-and-rename needed.
+      sidecar = this.sidecarPath(dir, name, (await fh.stat({ bigint: true })).ino);
+      const sc = await open(sidecar, 'w', 0o644);
       try {
-        await writeAll(fh, body, opts.signal, this.fsync);
-        st = await fh.stat({ bigint: true });
-        const { sha256, size } = body.digest();
-        meta = { key, sha256, size, contentType: opts.contentType, metadata: opts.metadata };
-        sidecar = this.sidecarPath(dir, name, st.ino);
-        // The sidecar's name belongs to this not-yet-visible inode, so it needs no temp-and-rename;
-        // it and the data reach the disk together, both before the rename that publishes them.
-        const done = await Promise.allSettled([this.fsync ? fh.sync() : undefined, this.writeSidecar(sidecar, meta)]);
-        for (const r of done) if (r.status === 'rejected') throw r.reason;
+        const entries = this.fsync ? syncDir(join(dir, META_DIR)) : Promise.resolve();
+        entries.catch(() => {}); // awaited below; a failure must not be unhandled meanwhile
+        try {
+          await writeAll(fh, body, opts.signal, this.fsync);
+          st = await fh.stat({ bigint: true });
+          const { sha256, size } = body.digest();
+          meta = { key, sha256, size, contentType: opts.contentType, metadata: opts.metadata };
+          const writeMeta = async () => {
+            await sc.writeFile(JSON.stringify(meta));
+            if (this.fsync) await sc.sync();
+          };
+          const done = await Promise.allSettled([this.fsync ? fh.sync() : undefined, writeMeta(), entries]);
+          for (const r of done) if (r.status === 'rejected') throw r.reason;
+        } finally {
+          await entries.catch(() => {});
+        }
       } finally {
-        await fh.close();
+        await Promise.allSettled([fh.close(), sc.close()]);
       }
       const path = join(dir, name);
       const old = opts.ifAbsent ? undefined : await lstat(path, { bigint: true }).catch(() => undefined);
@@ -227,11 +240,20 @@ export class FsDriver implements Driver {
         if (!e.isDirectory()) continue;
         const path = join(dir, e.name);
         if (e.name !== META_DIR) { await visit(path); continue; }
-        for (const f of await readdir(path).catch(() => [] as string[])) {
+        const files = await readdir(path).catch(() => [] as string[]);
+        // A sidecar is created when its put starts, so one of a live temp file belongs to a put
+        // still streaming (its temp file's mtime moves as it writes; the sidecar's does not).
+        const writing = new Set<bigint>();
+        for (const f of files) {
+          if (!f.startsWith(TMP_PREFIX)) continue;
+          const st = await lstat(join(path, f), { bigint: true }).catch(() => undefined);
+          if (st && Number(st.mtimeMs) > cutoff) writing.add(st.ino);
+        }
+        for (const f of files) {
           const file = join(path, f);
           const st = await lstat(file).catch(() => undefined);
           if (!st || st.mtimeMs > cutoff) continue;
-          if (f.startsWith(TMP_PREFIX) || (await this.orphanSidecar(dir, file))) {
+          if (f.startsWith(TMP_PREFIX) || (await this.orphanSidecar(dir, file, writing))) {
             await unlinkQuiet(file);
             removed++;
           }
@@ -242,10 +264,13 @@ export class FsDriver implements Driver {
     return removed;
   }
 
-  private async orphanSidecar(dir: string, file: string): Promise<boolean> {
+  private async orphanSidecar(dir: string, file: string, writing: Set<bigint>): Promise<boolean> {
     const ino = /\.(\d+)\.json$/.exec(file)?.[1];
-    if (!ino) return false;
-    const meta = JSON.parse(await readFile(file, 'utf8').catch(() => '{}')) as Partial<Sidecar>;
+    if (!ino || writing.has(BigInt(ino))) return false;
+    let meta: Partial<Sidecar> = {};
+    try {
+      meta = JSON.parse(await readFile(file, 'utf8')) as Partial<Sidecar>;
+    } catch { /* empty or torn: its put never finished */ }
     if (typeof meta.key !== 'string') return true;
     const st = await lstat(join(dir, keyName(meta.key)), { bigint: true }).catch(() => undefined);
     return !st || st.ino !== BigInt(ino);
@@ -305,16 +330,6 @@ export class FsDriver implements Driver {
     }
   }
 
-  private async writeSidecar(path: string, meta: Sidecar): Promise<void> {
-    const fh = await open(path, 'w', 0o644);
-    try {
-      await fh.writeFile(JSON.stringify(meta));
-      if (this.fsync) await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    if (this.fsync) await syncDir(dirname(path));
-  }
 }
 
 export function fsDriverFromUrl(url: URL): FsDriver {

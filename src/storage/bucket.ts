@@ -31,15 +31,20 @@ export interface GetOptions {
   signal?: AbortSignal | undefined;
   /** Called with the bytes read so far, after each chunk. */
   progress?: ((bytes: number) => void) | undefined;
+  /** Expected SHA-256 of the whole object, checked in the same pass as the recorded one (whole reads only). */
+  sha256?: string | undefined;
 }
 
 export interface GetResult {
   /**
-   * The object's bytes. A full read is verified against the recorded digest: on a mismatch the
-   * stream errors with ChecksumMismatch at its end, so treat the bytes as unverified until 'end'.
+   * The object's bytes. A full read is verified against the recorded digest (and `sha256` if
+   * given): on a mismatch the stream errors with ChecksumMismatch at its end, so treat the bytes
+   * as unverified until 'end'.
    */
   stream: Readable;
   info: ObjectInfo;
+  /** Digest and size of what a whole read delivered, once `stream` has ended. */
+  digest(): Digest;
 }
 
 export interface BucketOptions {
@@ -111,18 +116,25 @@ export class Bucket {
     if (range && (!Number.isSafeInteger(range.start) || range.start < 0 || (range.end !== undefined && (!Number.isSafeInteger(range.end) || range.end < range.start)))) {
       throw new StorageError(ErrorCode.InvalidInput, `invalid range ${JSON.stringify(range)}`, { op: 'get', key });
     }
+    const expected = validateSha256(opts.sha256);
+    if (expected !== undefined && range) {
+      throw new StorageError(ErrorCode.InvalidInput, 'sha256 is the whole object\'s digest and cannot check a range', { op: 'get', key });
+    }
     const { stream, info } = await this.guard('get', key, () => this.driver.get(this.prefix + key, range, opts.signal));
-    // Only a whole read can be checked against the whole object's digest.
+    if (expected !== undefined && info.sha256 !== undefined && expected !== info.sha256) {
+      stream.destroy();
+      throw new StorageError(ErrorCode.ChecksumMismatch, `stored sha256 ${info.sha256} is not the expected ${expected}`, { op: 'get', key });
+    }
+    // Only a whole read can be checked against the whole object's digest; a range is only counted.
     const whole = !range || (range.start === 0 && (range.end === undefined || range.end >= info.size - 1));
-    const out = whole && info.sha256 !== undefined
-      ? new HashingStream({ sha256: info.sha256, size: info.size, op: 'get', key, onBytes: opts.progress })
-      : new HashingStream({ op: 'get', key, onBytes: opts.progress });
+    const check = whole ? info.sha256 ?? expected : undefined;
+    const out = new HashingStream({ sha256: check, size: check === undefined ? undefined : info.size, hash: whole, op: 'get', key, onBytes: opts.progress });
     stream.on('error', (err) => out.destroy(this.wrap('get', key, err)));
     // As in put: the consumer may attach after a small object already failed its check.
     out.on('error', () => {});
     out.on('close', () => { if (!stream.destroyed) stream.destroy(); });
     stream.pipe(out);
-    return { stream: out, info: this.outside(info) };
+    return { stream: out, info: this.outside(info), digest: () => out.digest() };
   }
 
   async stat(key: string): Promise<ObjectInfo> {

@@ -251,6 +251,17 @@ export function runConformance(target: ConformanceTarget): void {
         expect(await codeOf(b.stat('big'))).toBe(ErrorCode.NotFound);
       });
 
+      it('checks an expected sha256 on read in the same pass, and reports the digest', async () => {
+        const b = fresh();
+        const bytes = randomBytes(50_000);
+        await b.put('r', bytes);
+        const got = await b.get('r', { sha256: sha(bytes) });
+        expect(sha(await readAll(got.stream))).toBe(sha(bytes));
+        expect(got.digest()).toEqual({ sha256: sha(bytes), size: bytes.length });
+        expect(await codeOf(b.get('r', { sha256: sha(Buffer.from('other')) }))).toBe(ErrorCode.ChecksumMismatch);
+        expect(await codeOf(b.get('r', { sha256: sha(bytes), range: { start: 1 } }))).toBe(ErrorCode.InvalidInput);
+      });
+
       it('catches stored bytes that rotted, on a full read', async () => {
         const b = fresh();
         const bytes = randomBytes(4096);

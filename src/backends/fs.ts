@@ -1,11 +1,13 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { constants, type BigIntStats, type Dirent } from 'node:fs';
-import { link, lstat, mkdir, open, readdir, readFile, realpath, rename, unlink, type FileHandle } from 'node:fs/promises';
+import { link, lstat, mkdir, open, readdir, readFile, realpath, rename, unlink } from 'node:fs/promises';
 import { dirname, join, sep } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ErrorCode, StorageError } from '../errors.js';
 import type { ByteRange, Driver, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
-import { CHUNK, HashingStream } from '../storage/hashing.js';
+import { SourceBody } from '../storage/body.js';
+import { closeFd, fdatasyncFd, fstatFd, fsyncFd, openFd, writeFully } from '../storage/fd.js';
+import { CHUNK } from '../storage/hashing.js';
 import { syncDir } from '../storage/sync-dir.js';
 
 /**
@@ -14,6 +16,8 @@ import { syncDir } from '../storage/sync-dir.js';
  */
 export const META_DIR = '.stevedore';
 const TMP_PREFIX = 'tmp-';
+const INSIDE_TTL_MS = 1000;
+const INSIDE_MAX = 4096;
 
 export interface FsDriverOptions {
   /** Absolute root directory; object `k` is the plain file `<root>/<k>`. */
@@ -46,6 +50,8 @@ export class FsDriver implements Driver {
   readonly root: string;
   private readonly fsync: boolean;
   private realRoot: string | undefined;
+  /** Folders found inside the root, and when: a realpath walks every component, so it is cached briefly. */
+  private readonly inside = new Map<string, number>();
 
   constructor(opts: FsDriverOptions) {
     this.root = opts.root.replace(/\/+$/, '') || '/';
@@ -55,7 +61,13 @@ export class FsDriver implements Driver {
   async put(key: string, body: PutBody, opts: DriverPutOptions): Promise<ObjectInfo> {
     const { dir, name } = await this.prepareDir(key);
     const tmp = join(dir, META_DIR, `${TMP_PREFIX}${randomUUID()}`);
-    const fh = await open(tmp, 'wx', 0o644);
+    const fd = await openFd(tmp, 'wx', 0o644).catch(async (err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOTDIR') throw folderTaken(key, err);
+      // The folder exists but has no META_DIR yet (its files were put there by hand).
+      if (err.code !== 'ENOENT') throw err;
+      await this.makeMetaDir(dir, key);
+      return openFd(tmp, 'wx', 0o644);
+    });
     let sidecar: string | undefined;
     try {
       let st: BigIntStats;
@@ -64,27 +76,27 @@ export class FsDriver implements Driver {
       // entry reaches the disk while the bytes stream, so the end of the put waits for two fsyncs
       // in a row (data and sidecar together, then the folder after the rename), as a bare atomic
       // write does. The name belongs to an inode nobody can see yet: no temp-and-rename needed.
-      sidecar = this.sidecarPath(dir, name, (await fh.stat({ bigint: true })).ino);
-      const sc = await open(sidecar, 'w', 0o644);
+      sidecar = this.sidecarPath(dir, name, (await fstatFd(fd)).ino);
+      const sc = await openFd(sidecar, 'w', 0o644);
       try {
         const entries = this.fsync ? syncDir(join(dir, META_DIR)) : Promise.resolve();
         entries.catch(() => {}); // awaited below; a failure must not be unhandled meanwhile
         try {
-          await writeAll(fh, body, opts.signal, this.fsync);
-          st = await fh.stat({ bigint: true });
+          await writeAll(fd, body, opts.signal, this.fsync);
+          st = await fstatFd(fd);
           const { sha256, size } = body.digest();
           meta = { key, sha256, size, contentType: opts.contentType, metadata: opts.metadata };
           const writeMeta = async () => {
-            await sc.writeFile(JSON.stringify(meta));
-            if (this.fsync) await sc.sync();
+            await writeFully(sc, Buffer.from(JSON.stringify(meta)));
+            if (this.fsync) await fsyncFd(sc);
           };
-          const done = await Promise.allSettled([this.fsync ? fh.sync() : undefined, writeMeta(), entries]);
+          const done = await Promise.allSettled([this.fsync ? fsyncFd(fd) : undefined, writeMeta(), entries]);
           for (const r of done) if (r.status === 'rejected') throw r.reason;
         } finally {
           await entries.catch(() => {});
         }
       } finally {
-        await Promise.allSettled([fh.close(), sc.close()]);
+        await Promise.allSettled([closeFd(fd), closeFd(sc)]);
       }
       const path = join(dir, name);
       const old = opts.ifAbsent ? undefined : await lstat(path, { bigint: true }).catch(() => undefined);
@@ -204,12 +216,12 @@ export class FsDriver implements Driver {
   async copy(src: string, dst: string, opts: { ifAbsent: boolean }): Promise<ObjectInfo> {
     // Bytes stream through, checked against the source's digest, so a rotten source is not copied as good.
     const { stream, info } = await this.get(src, undefined, undefined);
-    const hashing = new HashingStream({ sha256: info.sha256, size: info.size, op: 'copy', key: src });
-    stream.on('error', (err) => hashing.destroy(err));
-    stream.pipe(hashing);
-    return this.put(dst, { stream: hashing, sha256: info.sha256, size: info.size, digest: () => hashing.digest() }, {
-      contentType: info.contentType, metadata: info.metadata, ifAbsent: opts.ifAbsent, signal: undefined,
-    });
+    const body = new SourceBody({ stream }, info.sha256, info.size, { sha256: info.sha256, size: info.size, op: 'copy', key: src });
+    try {
+      return await this.put(dst, body, { contentType: info.contentType, metadata: info.metadata, ifAbsent: opts.ifAbsent, signal: undefined });
+    } finally {
+      await body.close();
+    }
   }
 
   async health(): Promise<void> {
@@ -302,34 +314,52 @@ export class FsDriver implements Driver {
     return path;
   }
 
+  /**
+   * The folder a put writes into, checked to lie inside the root. An existing folder costs one
+   * realpath (the put makes its META_DIR when missing); a new one is created with its META_DIR
+   * and then checked.
+   */
   private async prepareDir(key: string): Promise<{ dir: string; name: string }> {
     const path = await this.pathOf(key).catch(async (err: NodeJS.ErrnoException) => {
       if (err.code !== 'ENOENT') throw err;
-      return join(this.root, key);
+      // A new folder: create it with its META_DIR, then check where it really landed.
+      const p = join(this.root, key);
+      await this.makeMetaDir(dirname(p), key);
+      await this.assertInside(dirname(p), key);
+      return p;
     });
-    const dir = dirname(path);
+    return { dir: dirname(path), name: keyName(key) };
+  }
+
+  private async makeMetaDir(dir: string, key: string): Promise<void> {
     try {
       await mkdir(join(dir, META_DIR), { recursive: true });
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
-      if (code === 'ENOTDIR' || code === 'EEXIST') {
-        throw new StorageError(ErrorCode.InvalidInput, 'an object exists where this key needs a folder (the filesystem cannot hold both "a" and "a/b")', { op: 'put', key, cause: err });
-      }
+      if (code === 'ENOTDIR' || code === 'EEXIST') throw folderTaken(key, err);
       throw err;
     }
-    await this.assertInside(dir, key);
-    return { dir, name: keyName(key) };
   }
 
-  /** A symlinked folder inside the root must not lead a write or read outside it. */
+  /**
+   * A symlinked folder inside the root must not lead a write or read outside it. A folder found
+   * inside is trusted for INSIDE_TTL_MS: like any realpath check this guards against links
+   * planted in the tree, not against someone racing the worker, and a link swapped in for a
+   * checked folder is caught within that time.
+   */
   private async assertInside(dir: string, key: string): Promise<void> {
+    const now = Date.now();
+    const seen = this.inside.get(dir);
+    if (seen !== undefined && now - seen < INSIDE_TTL_MS) return;
     this.realRoot ??= await realpath(this.root).catch(() => this.root);
     const real = await realpath(dir);
     if (real !== this.realRoot && !real.startsWith(this.realRoot + sep)) {
+      this.inside.delete(dir);
       throw new StorageError(ErrorCode.PermissionDenied, 'path leads outside the backend root through a symlink', { key });
     }
+    if (this.inside.size >= INSIDE_MAX) this.inside.clear();
+    this.inside.set(dir, now);
   }
-
 }
 
 export function fsDriverFromUrl(url: URL): FsDriver {
@@ -354,6 +384,10 @@ function toInfo(key: string, st: BigIntStats, meta: Sidecar | undefined): Object
   };
 }
 
+function folderTaken(key: string, cause: unknown): StorageError {
+  return new StorageError(ErrorCode.InvalidInput, 'an object exists where this key needs a folder (the filesystem cannot hold both "a" and "a/b")', { op: 'put', key, cause });
+}
+
 function notFound(op: string, key: string): StorageError {
   return new StorageError(ErrorCode.NotFound, 'no such object', { op, key });
 }
@@ -361,43 +395,63 @@ function notFound(op: string, key: string): StorageError {
 /** Bytes written between the fdatasync calls that start the disk early (see writeAll). */
 const FLUSH_EVERY = 64 * 1024 * 1024;
 
+/** Chunk buffers kept between puts: reusing them spares an allocation, and its page faults, per chunk. */
+const spare: Buffer[] = [];
+const SPARE_MAX = 12;
+
 /**
- * Writes every chunk at the handle's position; the handle stays open for the fsync that follows.
- * One write stays in flight while the next chunk is pulled (and hashed upstream), so the disk and
- * the hash work at once. With `flush`, an fdatasync starts every FLUSH_EVERY bytes: the pages go to
- * disk while we hash, not all at the final fsync (the kernel's own writeback waits for 10% of RAM
- * to be dirty, more than most objects).
+ * Three buffers: while one is being written, the next is read and hashed, and the last written
+ * one waits for the write before it to finish. A body smaller than a chunk gets buffers its size.
  */
-async function writeAll(fh: FileHandle, body: PutBody, signal: AbortSignal | undefined, flush: boolean): Promise<void> {
+function takeBuffers(size: number | undefined): Buffer[] {
+  if (size !== undefined && size < CHUNK) return [0, 1, 2].map(() => Buffer.allocUnsafe(Math.max(1, size)));
+  return [0, 1, 2].map(() => spare.pop() ?? Buffer.allocUnsafeSlow(CHUNK));
+}
+
+function giveBuffers(bufs: Buffer[]): void {
+  for (const b of bufs) if (b.length === CHUNK && spare.length < SPARE_MAX) spare.push(b);
+}
+
+/**
+ * Pulls the body through three reused buffers and writes each chunk at the handle's position; the
+ * handle stays open for the fsync that follows. Reading (and hashing) the next chunk overlaps the
+ * write of this one, so the disk and the hash work at once. With `flush`, an fdatasync starts every
+ * FLUSH_EVERY bytes: the pages go to disk while we hash, not all at the final fsync (the kernel's
+ * own writeback waits for 10% of RAM to be dirty, more than most objects).
+ */
+async function writeAll(fd: number, body: PutBody, signal: AbortSignal | undefined, flush: boolean): Promise<void> {
+  const bufs = takeBuffers(body.size);
+  let reading: Promise<number> = Promise.resolve(0);
   let writing: Promise<unknown> = Promise.resolve();
   let flushing: Promise<unknown> = Promise.resolve();
   let unflushed = 0;
   // A failure surfaces at the next await of the promise; until then it must not count as unhandled.
-  const track = (p: Promise<unknown>) => { p.catch(() => {}); return p; };
+  const track = <T>(p: Promise<T>) => { p.catch(() => {}); return p; };
   try {
-    for await (const chunk of body.stream) {
+    reading = track(body.read(bufs[0]!));
+    for (let i = 0; ; i++) {
+      const n = await reading;
+      if (n === 0) break;
       signal?.throwIfAborted();
-      const buf = chunk as Buffer;
+      // Buffer i+1 is free: its last write (chunk i-2) finished before chunk i-1's write began.
+      reading = track(body.read(bufs[(i + 1) % 3]!));
       await writing;
-      writing = track(writeFully(fh, buf));
-      unflushed += buf.length;
+      writing = track(writeFully(fd, bufs[i % 3]!, n));
+      unflushed += n;
       if (flush && unflushed >= FLUSH_EVERY) {
         await writing;
         await flushing;
-        flushing = track(fh.datasync());
+        flushing = track(fdatasyncFd(fd));
         unflushed = 0;
       }
     }
     await writing;
     await flushing;
   } finally {
-    // Never leave a write or a flush running on a handle the caller is about to close.
-    await Promise.allSettled([writing, flushing]);
+    // Never leave a read, write or flush running on a buffer or handle about to be reused or closed.
+    await Promise.allSettled([reading, writing, flushing]);
+    giveBuffers(bufs);
   }
-}
-
-async function writeFully(fh: FileHandle, buf: Buffer): Promise<void> {
-  for (let off = 0; off < buf.length;) off += (await fh.write(buf, off, buf.length - off)).bytesWritten;
 }
 
 async function unlinkQuiet(path: string): Promise<void> {

@@ -1,14 +1,15 @@
-import { createReadStream, createWriteStream } from 'node:fs';
-import { mkdtemp, rm, stat as fsStat } from 'node:fs/promises';
+import { createWriteStream } from 'node:fs';
+import { mkdtemp, open, rm, stat as fsStat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createHash, randomUUID } from 'node:crypto';
 import { ErrorCode, StorageError, classifyCommon } from '../errors.js';
-import type { ByteRange, Driver, ObjectInfo, PutBody } from './driver.js';
+import { SourceBody, type BodySource } from './body.js';
+import type { ByteRange, Driver, ObjectInfo } from './driver.js';
 import { SHA256_META } from './driver.js';
-import { CHUNK, HashingStream, type Digest } from './hashing.js';
+import { CHUNK, Hasher, HashingStream, type Digest } from './hashing.js';
 import { validateContentType, validateKey, validateMetadata, validatePrefix, validateSha256 } from './keys.js';
 
 /** Bytes to store: a stream, bytes in memory, or a local file (read twice where a backend needs the digest first). */
@@ -88,23 +89,13 @@ export class Bucket {
       }
       const driverOpts = { contentType, metadata, ifAbsent: opts.ifAbsent ?? false, signal: opts.signal };
       const prepared = await this.prepare(key, source, expected);
-      let src: Readable | undefined;
+      const body = new SourceBody(prepared.source, prepared.sha256, prepared.size, { sha256: prepared.sha256, size: prepared.size, op: 'put', key, onBytes: opts.progress });
       try {
-        const hashing = new HashingStream({ sha256: prepared.sha256, size: prepared.size, op: 'put', key, onBytes: opts.progress });
-        src = prepared.open();
-        // A source error must reach the driver as an error of the body, never as a clean end.
-        src.on('error', (err) => hashing.destroy(err));
-        // A small body can end (and fail its digest check) before the driver starts reading; the
-        // error stays on the stream for the driver to meet, and must not crash the process first.
-        hashing.on('error', () => {});
-        src.pipe(hashing);
-        const body: PutBody = { stream: hashing, sha256: prepared.sha256, size: prepared.size, digest: () => hashing.digest() };
         const info = await this.driver.put(storeKey, body, driverOpts);
-        const digest = hashing.digest();
+        const digest = body.digest();
         return { ...this.outside(info), sha256: digest.sha256, size: digest.size };
       } finally {
-        // A driver that failed early (precondition, auth) leaves the source unread: release it.
-        src?.destroy();
+        await body.close();
         await prepared.cleanup();
       }
     });
@@ -225,17 +216,17 @@ export class Bucket {
   private async prepare(key: string, source: PutSource, expected: string | undefined): Promise<Prepared> {
     const none = async () => {};
     if (source instanceof Uint8Array) {
-      const buf = Buffer.from(source.buffer, source.byteOffset, source.byteLength);
-      const sha256 = expected ?? (this.driver.metadataAtEnd ? undefined : createHash('sha256').update(buf).digest('hex'));
-      return { sha256, size: buf.length, open: () => Readable.from([buf]), cleanup: none };
+      const bytes = Buffer.from(source.buffer, source.byteOffset, source.byteLength);
+      const sha256 = expected ?? (this.driver.metadataAtEnd ? undefined : createHash('sha256').update(bytes).digest('hex'));
+      return { sha256, size: bytes.length, source: { bytes }, cleanup: none };
     }
     if (!(source instanceof Readable)) {
       const { size } = await fsStat(source.path);
       const sha256 = expected ?? (this.driver.metadataAtEnd ? undefined : (await hashFile(source.path)).sha256);
-      return { sha256, size, open: () => createReadStream(source.path, { highWaterMark: CHUNK }), cleanup: none };
+      return { sha256, size, source: { path: source.path }, cleanup: none };
     }
     if (expected !== undefined || this.driver.metadataAtEnd) {
-      return { sha256: expected, size: undefined, open: () => source, cleanup: none };
+      return { sha256: expected, size: undefined, source: { stream: source }, cleanup: none };
     }
     const dir = await mkdtemp(join(this.spoolDir, 'stevedore-spool-'));
     const cleanup = () => rm(dir, { recursive: true, force: true });
@@ -244,7 +235,7 @@ export class Bucket {
       const hashing = new HashingStream({ op: 'put', key });
       await pipeline(source, hashing, createWriteStream(path, { highWaterMark: CHUNK }));
       const { sha256, size } = hashing.digest();
-      return { sha256, size, open: () => createReadStream(path, { highWaterMark: CHUNK }), cleanup };
+      return { sha256, size, source: { path }, cleanup };
     } catch (err) {
       await cleanup();
       throw err;
@@ -255,14 +246,19 @@ export class Bucket {
 interface Prepared {
   sha256: string | undefined;
   size: number | undefined;
-  open(): Readable;
+  source: BodySource;
   cleanup(): Promise<void>;
 }
 
+/** SHA-256 and size of a file, read through one reused buffer. */
 export async function hashFile(path: string): Promise<Digest> {
-  const hashing = new HashingStream({ op: 'hash', key: path });
-  await pipeline(createReadStream(path, { highWaterMark: CHUNK }), hashing, async function* (src) {
-    for await (const _ of src) { /* drain */ }
-  });
-  return hashing.digest();
+  const fh = await open(path, 'r');
+  try {
+    const hasher = new Hasher({ op: 'hash', key: path });
+    const buf = Buffer.allocUnsafeSlow(CHUNK);
+    for (let n; (n = (await fh.read(buf, 0, CHUNK, null)).bytesRead) > 0;) hasher.update(buf.subarray(0, n));
+    return hasher.finish();
+  } finally {
+    await fh.close();
+  }
 }

@@ -16,13 +16,20 @@ export interface ObjectInfo {
 }
 
 /**
- * The bytes a driver must store. `stream` is already wrapped by the Bucket: it hashes what flows
- * and, when an expected digest is known, errors at its end (before the driver can commit) if the
- * bytes do not match. A driver must therefore never make an object visible unless `stream` ended
- * without error.
+ * The bytes a driver must store, already wrapped by the Bucket: it hashes what flows and, when an
+ * expected digest is known, fails at the end (before the driver can commit) if the bytes do not
+ * match. A driver must therefore never make an object visible unless the bytes ended without
+ * error. It takes them one of two ways, never both: `stream`, or `read` into its own buffers.
  */
 export interface PutBody {
-  stream: Readable;
+  /** The bytes as a stream; errors at its end with ChecksumMismatch on a mismatch. */
+  readonly stream: Readable;
+  /**
+   * Pulls the next bytes into `buf` and resolves with their count; 0 once every byte has been
+   * read and matched, or rejects with ChecksumMismatch. Calls must not overlap. Lets a driver reuse
+   * a few buffers instead of receiving a fresh one per chunk.
+   */
+  read(buf: Buffer): Promise<number>;
   /**
    * The digest, when known before the first byte (given by the caller, or the source was hashed
    * first). Always set for drivers whose `metadataAtEnd` is false.

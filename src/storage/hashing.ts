@@ -10,7 +10,7 @@ export interface Digest {
   size: number;
 }
 
-interface Expectation {
+export interface Expectation {
   sha256?: string | undefined;
   size?: number | undefined;
   op: string;
@@ -22,45 +22,74 @@ interface Expectation {
 }
 
 /**
+ * Hashes and counts bytes in order, and checks them against an expected digest and size at the
+ * end. The one place a transfer's bytes are judged, whether they flow as a stream or are pulled
+ * into a caller's buffers.
+ */
+export class Hasher {
+  private readonly hash: Hash = createHash('sha256');
+  private bytes = 0;
+  private result: Digest | undefined;
+
+  constructor(private readonly expect: Expectation) {}
+
+  update(chunk: Uint8Array): void {
+    if (this.expect.hash !== false) this.hash.update(chunk);
+    this.bytes += chunk.length;
+    this.expect.onBytes?.(this.bytes);
+  }
+
+  /** Ends the count: the digest, or ChecksumMismatch when it differs from the expectation. */
+  finish(): Digest {
+    const sha256 = this.hash.digest('hex');
+    const { expect } = this;
+    if (expect.size !== undefined && this.bytes !== expect.size) {
+      throw new StorageError(ErrorCode.ChecksumMismatch, `size ${this.bytes} does not match the expected ${expect.size}`, { op: expect.op, key: expect.key });
+    }
+    if (expect.sha256 !== undefined && sha256 !== expect.sha256) {
+      throw new StorageError(ErrorCode.ChecksumMismatch, `sha256 ${sha256} does not match the expected ${expect.sha256}`, { op: expect.op, key: expect.key });
+    }
+    this.result = { sha256, size: this.bytes };
+    return this.result;
+  }
+
+  /** The digest of everything counted; only once `finish` succeeded. */
+  digest(): Digest {
+    if (this.expect.hash === false) throw new Error('digest() of bytes counted with hash: false');
+    if (!this.result) throw new Error('digest() called before the bytes ended');
+    return this.result;
+  }
+}
+
+/**
  * Passes bytes through unchanged while hashing them. When an expected digest or size is given, the
  * stream errors with ChecksumMismatch at its end instead of ending, so whatever consumes it (an
  * upload, a file rename) never commits bytes that do not match.
  */
 export class HashingStream extends Transform {
-  private readonly hash: Hash = createHash('sha256');
-  private bytes = 0;
-  private result: Digest | undefined;
+  private readonly hasher: Hasher;
 
-  constructor(private readonly expect: Expectation) {
+  constructor(expect: Expectation | Hasher) {
     super();
+    this.hasher = expect instanceof Hasher ? expect : new Hasher(expect);
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
-    if (this.expect.hash !== false) this.hash.update(chunk);
-    this.bytes += chunk.length;
-    this.expect.onBytes?.(this.bytes);
+    this.hasher.update(chunk);
     cb(null, chunk);
   }
 
   override _flush(cb: TransformCallback): void {
-    const sha256 = this.hash.digest('hex');
-    const { expect } = this;
-    if (expect.size !== undefined && this.bytes !== expect.size) {
-      cb(new StorageError(ErrorCode.ChecksumMismatch, `size ${this.bytes} does not match the expected ${expect.size}`, { op: expect.op, key: expect.key }));
-      return;
+    try {
+      this.hasher.finish();
+      cb();
+    } catch (err) {
+      cb(err as Error);
     }
-    if (expect.sha256 !== undefined && sha256 !== expect.sha256) {
-      cb(new StorageError(ErrorCode.ChecksumMismatch, `sha256 ${sha256} does not match the expected ${expect.sha256}`, { op: expect.op, key: expect.key }));
-      return;
-    }
-    this.result = { sha256, size: this.bytes };
-    cb();
   }
 
   /** The digest of everything that flowed; only once the stream has ended. */
   digest(): Digest {
-    if (this.expect.hash === false) throw new Error('HashingStream.digest() on a stream created with hash: false');
-    if (!this.result) throw new Error('HashingStream.digest() called before the stream ended');
-    return this.result;
+    return this.hasher.digest();
   }
 }

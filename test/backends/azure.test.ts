@@ -4,7 +4,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { AzureDriver, azureDriverFromUrl } from '../../src/backends/azure.js';
 import { ErrorCode, StorageError, classifyCommon } from '../../src/errors.js';
 import type { PutBody } from '../../src/storage/driver.js';
-import { HashingStream } from '../../src/storage/hashing.js';
+import { SourceBody } from '../../src/storage/body.js';
 import { runConformance } from '../conformance/suite.js';
 import { azureConformanceTarget } from '../harness/azure.js';
 import { freePort } from '../harness/process.js';
@@ -19,15 +19,15 @@ const noOpts = { contentType: undefined, metadata: {}, ifAbsent: false, signal: 
 
 /** A body as the Bucket builds it when the digest is not known up front (`sha256` undefined). */
 function body(bytes: Buffer, opts: { expect?: string; at?: number; then?: (b: PutBody) => void } = {}): PutBody {
-  const hashing = new HashingStream({ sha256: opts.expect, op: 'put', key: 'k' });
-  const b: PutBody = { stream: hashing, sha256: undefined, size: undefined, digest: () => hashing.digest() };
   const chunk = 65_536;
-  Readable.from((function* () {
+  let b: PutBody | undefined;
+  const stream = Readable.from((function* () {
     for (let at = 0; at < bytes.length; at += chunk) {
-      if (opts.then && at >= (opts.at ?? 0)) { opts.then(b); return; }
+      if (opts.then && at >= (opts.at ?? 0)) { opts.then(b!); return; }
       yield bytes.subarray(at, at + chunk);
     }
-  })()).pipe(hashing);
+  })());
+  b = new SourceBody({ stream }, undefined, undefined, { sha256: opts.expect, op: 'put', key: 'k' });
   return b;
 }
 

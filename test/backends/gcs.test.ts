@@ -3,6 +3,7 @@ import { Readable } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ErrorCode, StorageError } from '../../src/errors.js';
 import { GcsDriver, gcsDriverFromUrl, gcsOptionsFromUrl } from '../../src/backends/gcs.js';
+import { SourceBody } from '../../src/storage/body.js';
 import type { DriverPutOptions, PutBody } from '../../src/storage/driver.js';
 import { runConformance, readAll } from '../conformance/suite.js';
 import { gcsConformanceTarget } from '../harness/gcs.js';
@@ -19,7 +20,7 @@ function body(bytes: Buffer, opts: { sizeKnown?: boolean; failAtEnd?: boolean } 
     for (let at = 0; at < bytes.length; at += 100_000) yield bytes.subarray(at, at + 100_000);
     if (opts.failAtEnd) throw new StorageError(ErrorCode.ChecksumMismatch, 'digest check failed');
   })());
-  return { stream, sha256: sha(bytes), size: opts.sizeKnown === false ? undefined : bytes.length, digest: () => ({ sha256: sha(bytes), size: bytes.length }) };
+  return new SourceBody({ stream }, sha(bytes), opts.sizeKnown === false ? undefined : bytes.length, { op: 'put', key: 'k' });
 }
 
 async function codeOf(d: GcsDriver, p: Promise<unknown>): Promise<ErrorCode | 'resolved'> {

@@ -5,7 +5,7 @@ import { afterAll, describe, expect, it, vi } from 'vitest';
 import { S3Driver, s3DriverFromUrl, s3OptionsFromUrl } from '../../src/backends/s3.js';
 import { ErrorCode, StorageError, classifyCommon } from '../../src/errors.js';
 import type { PutBody } from '../../src/storage/driver.js';
-import { HashingStream } from '../../src/storage/hashing.js';
+import { SourceBody } from '../../src/storage/body.js';
 import { readAll, runConformance } from '../conformance/suite.js';
 import { S3RVER_CREDENTIALS, s3ConformanceTarget } from '../harness/s3.js';
 import { freePort } from '../harness/process.js';
@@ -19,10 +19,9 @@ const noOpts = { contentType: undefined, metadata: {}, ifAbsent: false, signal: 
 /** A body as the Bucket builds it for S3: digest known up front, checked again at the stream's end. */
 function body(bytes: Buffer, opts: { claim?: string; chunk?: number } = {}): PutBody {
   const claim = opts.claim ?? sha(bytes);
-  const hashing = new HashingStream({ sha256: claim, op: 'put', key: 'k' });
   const chunk = opts.chunk ?? 1 << 20;
-  Readable.from((function* () { for (let at = 0; at < bytes.length; at += chunk) yield bytes.subarray(at, at + chunk); })()).pipe(hashing);
-  return { stream: hashing, sha256: claim, size: undefined, digest: () => hashing.digest() };
+  const stream = Readable.from((function* () { for (let at = 0; at < bytes.length; at += chunk) yield bytes.subarray(at, at + chunk); })());
+  return new SourceBody({ stream }, claim, undefined, { sha256: claim, op: 'put', key: 'k' });
 }
 
 /** Records each request's command and If-None-Match header as it leaves the client. */

@@ -1,7 +1,7 @@
 import { Readable } from 'node:stream';
 import {
-  AbortMultipartUploadCommand, CopyObjectCommand, DeleteObjectCommand, GetObjectCommand, HeadBucketCommand, HeadObjectCommand,
-  ListObjectsV2Command, S3Client, type S3ClientConfig,
+  AbortMultipartUploadCommand, CompleteMultipartUploadCommand, CopyObjectCommand, CreateMultipartUploadCommand, DeleteObjectCommand,
+  GetObjectCommand, HeadBucketCommand, HeadObjectCommand, ListObjectsV2Command, S3Client, UploadPartCopyCommand, type S3ClientConfig,
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
 import { ErrorCode, StorageError, codeForHttpStatus } from '../errors.js';
@@ -13,6 +13,8 @@ const MiB = 1024 * 1024;
 /** S3 refuses parts below 5 MiB (except the last) and uploads of more than 10,000 parts. */
 const MIN_PART_SIZE = 5 * MiB;
 const MAX_PARTS = 10_000;
+/** The largest source CopyObject takes; bigger objects are copied part by part (UploadPartCopy). */
+const MAX_COPY_OBJECT = 5 * 1024 * MiB;
 
 export interface S3DriverOptions {
   bucket: string;
@@ -46,6 +48,13 @@ export interface S3DriverOptions {
    * response body may stall. @defaultValue 120000
    */
   requestTimeoutMs?: number | undefined;
+  /**
+   * Sources larger than this are copied with a multipart UploadPartCopy instead of one CopyObject
+   * (S3 refuses CopyObject above 5 GiB). Only tests lower it. @defaultValue 5 GiB
+   */
+  maxCopyObject?: number | undefined;
+  /** Bytes per part of a multipart copy, all server-side. @defaultValue 512 MiB */
+  copyPartSize?: number | undefined;
   /** Attempts per request, the SDK's own retry with backoff. @defaultValue 3 */
   maxAttempts?: number | undefined;
   /**
@@ -98,6 +107,8 @@ export class S3Driver implements Driver {
   readonly partSize: number;
   readonly client: S3Client;
   private readonly queueSize: number;
+  private readonly maxCopyObject: number;
+  private readonly copyPartSize: number;
 
   constructor(opts: S3DriverOptions) {
     this.bucket = opts.bucket;
@@ -105,6 +116,8 @@ export class S3Driver implements Driver {
     this.partSize = opts.partSize ?? 8 * MiB;
     if (this.partSize < MIN_PART_SIZE) throw new StorageError(ErrorCode.InvalidInput, `partSize must be at least ${MIN_PART_SIZE}`, { op: 'config' });
     this.queueSize = opts.queueSize ?? 4;
+    this.maxCopyObject = opts.maxCopyObject ?? MAX_COPY_OBJECT;
+    this.copyPartSize = Math.max(MIN_PART_SIZE, opts.copyPartSize ?? 512 * MiB);
     const checksums = opts.checksums === 'when_required' ? 'WHEN_REQUIRED' : 'WHEN_SUPPORTED';
     const timeout = opts.requestTimeoutMs ?? 120_000;
     this.client = new S3Client({
@@ -164,7 +177,9 @@ export class S3Driver implements Driver {
       // Best effort: parts left behind are invisible, and a bucket lifecycle rule
       // (AbortIncompleteMultipartUpload) reaps those a crash or a failed abort leaves.
       if (upload.uploadId) {
-        await this.client.send(new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: key, UploadId: upload.uploadId })).catch(() => {});
+        const aborting = this.client.send(new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: key, UploadId: upload.uploadId }), { abortSignal: AbortSignal.timeout(10_000) }).catch(() => {});
+        // A cancelled put (a worker stopping) must not wait on a store that may not answer.
+        if (!opts.signal?.aborted) await aborting;
       }
       throw err;
     } finally {
@@ -228,19 +243,60 @@ export class S3Driver implements Driver {
   }
 
   /**
-   * CopyObject keeps metadata and content type (MetadataDirective COPY). S3 refuses CopyObject for
-   * sources over 5 GiB (InvalidRequest, so InvalidInput); those would need a multipart
-   * UploadPartCopy, which no job needs yet: migrate streams between backends.
+   * Server-side: CopyObject keeps metadata and content type (MetadataDirective COPY). A source over
+   * 5 GiB, which CopyObject refuses, is copied as a multipart upload of UploadPartCopy ranges.
    */
   async copy(src: string, dst: string, opts: { ifAbsent: boolean }): Promise<ObjectInfo> {
-    await this.client.send(new CopyObjectCommand({
-      Bucket: this.bucket,
-      Key: dst,
-      CopySource: `${this.bucket}/${src.split('/').map(encodeURIComponent).join('/')}`,
-      MetadataDirective: 'COPY',
-      IfNoneMatch: opts.ifAbsent && this.atomicIfAbsent ? '*' : undefined,
-    }));
+    const head = await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: src }));
+    const copySource = `${this.bucket}/${src.split('/').map(encodeURIComponent).join('/')}`;
+    const ifNoneMatch = opts.ifAbsent && this.atomicIfAbsent ? '*' : undefined;
+    if ((head.ContentLength ?? 0) <= this.maxCopyObject) {
+      await this.client.send(new CopyObjectCommand({
+        Bucket: this.bucket, Key: dst, CopySource: copySource, MetadataDirective: 'COPY', IfNoneMatch: ifNoneMatch,
+      }));
+    } else {
+      await this.copyInParts(head, copySource, dst, ifNoneMatch);
+    }
     return this.stat(dst);
+  }
+
+  /**
+   * Every part is copied only if the source still has the ETag read before the first one
+   * (x-amz-copy-source-if-match): a source replaced mid-copy fails the copy instead of leaving a
+   * mix of two versions. Metadata, with the digest, is the source's, set when the upload starts.
+   */
+  private async copyInParts(head: { ContentLength?: number | undefined; ETag?: string | undefined; ContentType?: string | undefined; Metadata?: Record<string, string> | undefined }, copySource: string, dst: string, ifNoneMatch: string | undefined): Promise<void> {
+    const size = head.ContentLength ?? 0;
+    const partSize = Math.max(this.copyPartSize, Math.ceil(size / MAX_PARTS));
+    const { UploadId } = await this.client.send(new CreateMultipartUploadCommand({
+      Bucket: this.bucket, Key: dst, ContentType: head.ContentType, Metadata: head.Metadata,
+    }));
+    try {
+      const count = Math.ceil(size / partSize);
+      const etags: string[] = [];
+      let next = 0;
+      let failed = false;
+      const copyNext = async (): Promise<void> => {
+        for (let i = next++; i < count && !failed; i = next++) {
+          const start = i * partSize;
+          const res = await this.client.send(new UploadPartCopyCommand({
+            Bucket: this.bucket, Key: dst, UploadId, PartNumber: i + 1, CopySource: copySource,
+            CopySourceRange: `bytes=${start}-${Math.min(size, start + partSize) - 1}`, CopySourceIfMatch: head.ETag,
+          }));
+          etags[i] = res.CopyPartResult?.ETag ?? '';
+        }
+      };
+      // The first failure stops the other lanes from starting parts of an upload about to be aborted.
+      const lane = () => copyNext().catch((err: unknown) => { failed = true; throw err; });
+      await Promise.all(Array.from({ length: Math.min(this.queueSize, count) }, lane));
+      await this.client.send(new CompleteMultipartUploadCommand({
+        Bucket: this.bucket, Key: dst, UploadId, IfNoneMatch: ifNoneMatch,
+        MultipartUpload: { Parts: etags.map((ETag, i) => ({ ETag, PartNumber: i + 1 })) },
+      }));
+    } catch (err) {
+      await this.client.send(new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: dst, UploadId })).catch(() => {});
+      throw err;
+    }
   }
 
   async health(): Promise<void> {

@@ -46,6 +46,11 @@ export async function runJob(job: Job, deps: RunnerDeps, signal: AbortSignal): P
     return result;
   } catch (err) {
     const mapped = toBullError(err);
+    if (signal.aborted) {
+      // A forced stop cancelled it; the worker hands it back (see stopWorker).
+      log.warn({ ms: Date.now() - started, bytes, err }, 'job interrupted by shutdown');
+      throw mapped;
+    }
     const level = mapped instanceof UnrecoverableError ? 'error' : 'warn';
     log[level]({ ms: Date.now() - started, bytes, err, retry: !(mapped instanceof UnrecoverableError) }, 'job failed');
     throw mapped;

@@ -25,7 +25,18 @@ export function startWorker(connection: Redis, opts: WorkerOptions, deps: Runner
       await job.moveToWait(token);
       throw new WaitingError();
     }
-    return runJob(job, deps, signal ?? new AbortController().signal);
+    const cancel = signal ?? new AbortController().signal;
+    try {
+      return await runJob(job, deps, cancel);
+    } catch (err) {
+      // Cancelled by a forced stop (stopWorker): back to the front of the wait list at once, for
+      // another worker to take, instead of waiting for the lock to lapse. No attempt is spent.
+      if (cancel.aborted && worker.closing && token) {
+        await job.moveToWait(token);
+        throw new WaitingError();
+      }
+      throw err;
+    }
   }, {
     connection,
     prefix: opts.prefix,
@@ -42,19 +53,29 @@ export function startWorker(connection: Redis, opts: WorkerOptions, deps: Runner
   return worker;
 }
 
+/** How long a forced stop waits for cancelled jobs to hand themselves back. */
+const HAND_BACK_MS = 5_000;
+
 /**
  * Graceful stop: take no new jobs, let active ones finish for up to `deadlineMs`. Past the
- * deadline it returns 'forced' without waiting further (BullMQ's close() cannot be hurried once
- * begun): the caller then exits, the jobs' locks lapse, and another worker picks them up as stalled
- * jobs. Every job is safe to run twice.
+ * deadline the active jobs are cancelled (their AbortSignal fires): each stops its transfer,
+ * leaving nothing visible, and moves itself back to the wait list. It returns 'forced' after at most
+ * HAND_BACK_MS more (BullMQ's close() cannot be hurried once begun); a job that ignored the signal
+ * is picked up by another worker once its lock lapses (stalled recovery). Every job is safe to run
+ * twice.
  */
 export async function stopWorker(worker: Worker, deadlineMs: number, log: Logger): Promise<'drained' | 'forced'> {
-  let timer: NodeJS.Timeout | undefined;
-  const deadline = new Promise<'forced'>((resolve) => { timer = setTimeout(() => resolve('forced'), deadlineMs); });
   const closing = worker.close().then(() => 'drained' as const);
   closing.catch((err: unknown) => log.warn({ err }, 'worker close failed'));
-  const outcome = await Promise.race([closing, deadline]);
-  clearTimeout(timer);
-  if (outcome === 'forced') log.warn({ deadlineMs }, 'active jobs did not finish in time; handing them back');
+  const outcome = await Promise.race([closing, sleep(deadlineMs, 'forced' as const)]);
+  if (outcome === 'forced') {
+    log.warn({ deadlineMs }, 'active jobs did not finish in time; cancelling them and handing them back');
+    worker.cancelAllJobs('the worker is stopping');
+    await Promise.race([closing.catch(() => {}), sleep(HAND_BACK_MS, undefined)]);
+  }
   return outcome;
+}
+
+function sleep<T>(ms: number, value: T): Promise<T> {
+  return new Promise((resolve) => { setTimeout(() => resolve(value), ms).unref(); });
 }

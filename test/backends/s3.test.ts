@@ -1,11 +1,12 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
-import { S3ServiceException } from '@aws-sdk/client-s3';
+import { PutObjectCommand, S3ServiceException } from '@aws-sdk/client-s3';
 import { afterAll, describe, expect, it, vi } from 'vitest';
 import { S3Driver, s3DriverFromUrl, s3OptionsFromUrl } from '../../src/backends/s3.js';
 import { ErrorCode, StorageError, classifyCommon } from '../../src/errors.js';
 import type { PutBody } from '../../src/storage/driver.js';
 import { SourceBody } from '../../src/storage/body.js';
+import { Bucket } from '../../src/storage/bucket.js';
 import { readAll, runConformance } from '../conformance/suite.js';
 import { S3RVER_CREDENTIALS, s3ConformanceTarget } from '../harness/s3.js';
 import { freePort } from '../harness/process.js';
@@ -219,5 +220,54 @@ describe('s3 driver', () => {
     expect(d.classify(err)).toBe(code);
     expect(d.classify(new Error('plain'))).toBeUndefined();
     await d.close();
+  });
+});
+
+describe('s3 copy of sources too big for CopyObject', () => {
+  // maxCopyObject lowered from 5 GiB so a 12 MiB object takes the multipart path: 3 parts of 5 MiB.
+  const partSize = 5 * 1024 * 1024;
+  const bytes = randomBytes(2 * partSize + 2_000_000);
+
+  it('copies part by part with UploadPartCopy, keeping bytes, digest, type and metadata', async () => {
+    const d = await target.newDriver({ maxCopyObject: partSize, copyPartSize: partSize });
+    const bucket = new Bucket(d);
+    await bucket.put('src', bytes, { contentType: 'application/x-tar', metadata: { build: '42' } });
+    const seen = recordRequests(d);
+    const info = await bucket.copy('src', 'dst');
+    expect(seen.filter((r) => r.command === 'UploadPartCopyCommand')).toHaveLength(3);
+    expect(seen.some((r) => r.command === 'CopyObjectCommand')).toBe(false);
+    expect(info).toMatchObject({ key: 'dst', size: bytes.length, sha256: sha(bytes), contentType: 'application/x-tar', metadata: { build: '42' } });
+    // A full read is verified against the copied digest.
+    expect(sha(await readAll((await bucket.get('dst')).stream))).toBe(sha(bytes));
+  });
+
+  it('keeps using CopyObject below the limit', async () => {
+    const d = await target.newDriver({ maxCopyObject: partSize });
+    const bucket = new Bucket(d);
+    await bucket.put('small', Buffer.from('tiny'));
+    const seen = recordRequests(d);
+    await bucket.copy('small', 'copy');
+    expect(seen.map((r) => r.command)).toContain('CopyObjectCommand');
+    expect(seen.map((r) => r.command)).not.toContain('UploadPartCopyCommand');
+  });
+
+  it('fails, leaving nothing at the destination, when the source is replaced mid-copy', async () => {
+    const d = await target.newDriver({ maxCopyObject: partSize, copyPartSize: partSize, queueSize: 1 });
+    const bucket = new Bucket(d);
+    await bucket.put('src', bytes);
+    const s3 = await target.s3rver();
+    let replaced = false;
+    // Just before the first part is copied, another writer replaces the source.
+    d.client.middlewareStack.add((next, context) => async (args) => {
+      if (context.commandName === 'UploadPartCopyCommand' && !replaced) {
+        replaced = true;
+        await s3.client.send(new PutObjectCommand({ Bucket: d.bucket, Key: 'src', Body: randomBytes(bytes.length) }));
+      }
+      return next(args);
+    }, { step: 'finalizeRequest' });
+    const err = await bucket.copy('src', 'dst').catch((e: unknown) => e);
+    expect(replaced).toBe(true);
+    expect(err).toMatchObject({ code: ErrorCode.PreconditionFailed });
+    expect(await bucket.stat('dst').catch((e: unknown) => (e as StorageError).code)).toBe(ErrorCode.NotFound);
   });
 });

@@ -23,8 +23,10 @@ const require = createRequire(import.meta.url);
  *   one at a time per key.
  * - ranges: s3rver reads the range's end as `end || Infinity`, so `bytes=0-0` returns the whole
  *   object, and a range of an empty object announces a byte it never sends; S3 answers 416 there.
+ * - UploadPartCopy: s3rver answers NotImplemented. Here a part is copied from the source's range,
+ *   refused with 412 when x-amz-copy-source-if-match no longer matches the source, as S3 does.
  */
-const S3RVER_SHIM = (storePath: string, binPath: string) => `'use strict';
+const S3RVER_SHIM = (storePath: string, binPath: string, objectCtrlPath: string, errorPath: string) => `'use strict';
 const crypto = require('node:crypto');
 const fs = require('node:fs');
 const path = require('node:path');
@@ -94,6 +96,38 @@ Store.prototype.getObject = async function (bucket, key, options) {
   return object;
 };
 
+// s3rver's router refuses a part upload carrying x-amz-copy-source before any controller runs;
+// the header is renamed on arrival so the request reaches uploadPart below.
+const http = require('node:http');
+const emit = http.Server.prototype.emit;
+http.Server.prototype.emit = function (event, req, ...rest) {
+  if (event === 'request' && req.headers['x-amz-copy-source'] && /[?&]uploadId=/.test(req.url)) {
+    req.headers['x-shim-copy-source'] = req.headers['x-amz-copy-source'];
+    delete req.headers['x-amz-copy-source'];
+  }
+  return emit.call(this, event, req, ...rest);
+};
+const objectCtrl = require(${JSON.stringify(objectCtrlPath)});
+const S3Error = require(${JSON.stringify(errorPath)});
+const { uploadPart } = objectCtrl;
+objectCtrl.uploadPart = async function (ctx) {
+  const header = ctx.headers['x-shim-copy-source'];
+  if (!header) return uploadPart.call(this, ctx);
+  const source = decodeURIComponent(header).replace(/^\\//, '');
+  const [srcBucket, ...rest] = source.split('/');
+  const srcKey = rest.join('/');
+  const range = /^bytes=(\\d+)-(\\d+)$/.exec(ctx.headers['x-amz-copy-source-range'] || '');
+  const object = await ctx.store.getObject(srcBucket, srcKey, range ? { start: Number(range[1]), end: Number(range[2]) } : undefined);
+  if (!object) throw new S3Error('NoSuchKey', 'The specified key does not exist.', { Key: srcKey });
+  const ifMatch = ctx.headers['x-amz-copy-source-if-match'];
+  if (ifMatch && ifMatch.replace(/"/g, '') !== String(object.metadata.etag).replace(/"/g, '')) {
+    if (object.content) object.content.destroy();
+    throw new S3Error('PreconditionFailed', 'At least one of the pre-conditions you specified did not hold', { Condition: 'x-amz-copy-source-If-Match' });
+  }
+  const { md5 } = await ctx.store.putPart(ctx.params.bucket, ctx.query.uploadId, ctx.query.partNumber, object.content);
+  ctx.body = { CopyPartResult: { LastModified: new Date().toISOString(), ETag: JSON.stringify(md5) } };
+};
+
 require(${JSON.stringify(binPath)});
 `;
 
@@ -117,7 +151,10 @@ export async function startS3rver(): Promise<S3rver> {
   let server: ServerProcess;
   try {
     const shim = join(dir.path, 's3rver-fixed.cjs');
-    await writeFile(shim, S3RVER_SHIM(require.resolve('s3rver/lib/stores/filesystem.js'), require.resolve('s3rver/bin/s3rver.js')));
+    await writeFile(shim, S3RVER_SHIM(
+      require.resolve('s3rver/lib/stores/filesystem.js'), require.resolve('s3rver/bin/s3rver.js'),
+      require.resolve('s3rver/lib/controllers/object.js'), require.resolve('s3rver/lib/models/error.js'),
+    ));
     await mkdir(join(dir.path, 'data'));
     server = await startServerProcess({
       command: process.execPath,

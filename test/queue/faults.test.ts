@@ -322,15 +322,19 @@ describe('worker processes under faults', () => {
       expect(Date.now() - signalled).toBeLessThan(4_000);
       expect(a.logs().find(isMsg('stopped'))?.outcome).toBe('forced');
       expect(a.logs().some(isMsg('job completed', id))).toBe(false);
+      expect(a.logs().some(isMsg('job interrupted by shutdown', id))).toBe(true);
       expect(await head(key)).toBeUndefined();
+      // Handed back before exiting: waiting at once, not active until its 4 s lock lapses.
+      expect(await state(client, id)).toBe('waiting');
 
       const b = await worker(workerEnv(queue));
       const result = await client.result<'store'>(id, { timeoutMs: 90_000 });
       expect(result).toEqual({ backend: 's3', key, size: mid.size, sha256: mid.sha256 });
       const job = await client.getJob(id);
       expect(job?.processedBy).toBe(b.name);
-      // Handed back, not failed: the stop cost the job none of its attempts.
+      // Handed back, not failed: the stop cost the job none of its attempts, and it never stalled.
       expect(job?.attemptsMade).toBe(1);
+      expect(job?.stalledCounter).toBe(0);
       const h = await head(key);
       expect(h?.ContentLength).toBe(mid.size);
       expect(h?.Metadata?.sha256).toBe(mid.sha256);

@@ -161,7 +161,8 @@ export async function largeStoreBench(file: string, bytes: number, runs = 3): Pr
       const q = `big-${i}`;
       const conn = redisConnection(ctx.redisUrl, 'producer');
       const queue = new Queue(q, { connection: conn });
-      const events = new QueueEvents(q, { connection: redisConnection(ctx.redisUrl, 'worker') });
+      const eventsConn = redisConnection(ctx.redisUrl, 'worker');
+      const events = new QueueEvents(q, { connection: eventsConn });
       await events.waitUntilReady();
       const worker = (await ours(ctx, 1, stagingDir))(q);
       const t1 = Date.now();
@@ -171,6 +172,9 @@ export async function largeStoreBench(file: string, bytes: number, runs = 3): Pr
       await worker.close();
       await (worker.opts.connection as unknown as { quit(): Promise<unknown> }).quit().catch(() => {});
       await events.close();
+      // A connection handed to QueueEvents stays open after close(); left alone, it would retry
+      // (and log ECONNREFUSED) once the bench's Redis is stopped.
+      await eventsConn.quit().catch(() => {});
       await queue.close();
       await conn.quit();
       await rm(join(ctx.root), { recursive: true, force: true });

@@ -103,6 +103,19 @@ describe('filesystem backend on disk', () => {
     expect(await collectKeys(bucket)).toEqual([]);
   });
 
+  it('catches a folder swapped for a symlink once the second its check is trusted has passed', async () => {
+    const outside = join(dir.path, 'outside');
+    await mkdir(outside);
+    await bucket.put('swapped/a', Buffer.from('a'));
+    // Checked once, the folder is trusted for a second; after that the swap is seen.
+    await rename(join(root, 'swapped'), join(dir.path, 'moved-away'));
+    await symlink(outside, join(root, 'swapped'));
+    await new Promise((r) => setTimeout(r, 1100));
+    expect(await codeOf(bucket.put('swapped/b', Buffer.from('b')))).toBe(ErrorCode.PermissionDenied);
+    expect(await codeOf(bucket.get('swapped/a'))).toBe(ErrorCode.PermissionDenied);
+    expect(await filesUnder(outside)).toEqual([]);
+  });
+
   it('reports a key that needs a folder where an object is as InvalidInput', async () => {
     await bucket.put('a', Buffer.from('x'));
     expect(await codeOf(bucket.put('a/b', Buffer.from('y')))).toBe(ErrorCode.InvalidInput);

@@ -18,23 +18,22 @@ export interface WorkerOptions {
 /** One BullMQ worker serving the stevedore queue. Close it with `stopWorker`. */
 export function startWorker(connection: Redis, opts: WorkerOptions, deps: RunnerDeps): Worker {
   const worker: Worker = new Worker(opts.queue, async (job, token, signal) => {
-    // A fetch whose blocking wait was already woken when close() began still delivers its job
-    // (BullMQ does not look at `closing` again before moveToActive): a stopping worker hands such a
-    // job straight back to the front of the wait list instead of starting it.
-    if (worker.closing) {
+    // Back to the front of the wait list, for another worker; WaitingError spends no attempt.
+    const handBack = async (): Promise<never> => {
       await job.moveToWait(token);
       throw new WaitingError();
-    }
+    };
+    // A fetch whose blocking wait was already woken when close() began still delivers its job
+    // (BullMQ does not look at `closing` again before moveToActive): a stopping worker hands such a
+    // job straight back instead of starting it.
+    if (worker.closing) return handBack();
     const cancel = signal ?? new AbortController().signal;
     try {
       return await runJob(job, deps, cancel);
     } catch (err) {
-      // Cancelled by a forced stop (stopWorker): back to the front of the wait list at once, for
-      // another worker to take, instead of waiting for the lock to lapse. No attempt is spent.
-      if (cancel.aborted && worker.closing && token) {
-        await job.moveToWait(token);
-        throw new WaitingError();
-      }
+      // Cancelled by a forced stop (stopWorker): handed back at once instead of waiting for the
+      // lock to lapse.
+      if (cancel.aborted && worker.closing && token) return handBack();
       throw err;
     }
   }, {

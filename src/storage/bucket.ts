@@ -1,5 +1,5 @@
 import { createWriteStream } from 'node:fs';
-import { mkdtemp, open, rm, stat as fsStat } from 'node:fs/promises';
+import { mkdtemp, rm, stat as fsStat } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -9,7 +9,7 @@ import { ErrorCode, StorageError, classifyCommon } from '../errors.js';
 import { SourceBody, type BodySource } from './body.js';
 import type { ByteRange, Driver, ObjectInfo } from './driver.js';
 import { SHA256_META } from './driver.js';
-import { CHUNK, Hasher, HashingStream, type Digest } from './hashing.js';
+import { CHUNK, HashingStream, type Digest } from './hashing.js';
 import { validateContentType, validateKey, validateMetadata, validatePrefix, validateSha256 } from './keys.js';
 
 /** Bytes to store: a stream, bytes in memory, or a local file (read twice where a backend needs the digest first). */
@@ -250,15 +250,14 @@ interface Prepared {
   cleanup(): Promise<void>;
 }
 
-/** SHA-256 and size of a file, read through one reused buffer. */
+/** SHA-256 and size of a file, pulled through one reused buffer. */
 export async function hashFile(path: string): Promise<Digest> {
-  const fh = await open(path, 'r');
+  const body = new SourceBody({ path }, undefined, undefined, { op: 'hash', key: path });
   try {
-    const hasher = new Hasher({ op: 'hash', key: path });
     const buf = Buffer.allocUnsafeSlow(CHUNK);
-    for (let n; (n = (await fh.read(buf, 0, CHUNK, null)).bytesRead) > 0;) hasher.update(buf.subarray(0, n));
-    return hasher.finish();
+    while ((await body.read(buf)) > 0) { /* hashed as it is read */ }
+    return body.digest();
   } finally {
-    await fh.close();
+    await body.close();
   }
 }

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { readdir, stat, utimes } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, type HeadObjectCommandOutput } from '@aws-sdk/client-s3';
 import type { Job } from 'bullmq';
@@ -154,23 +154,29 @@ describe('worker processes under faults', () => {
     return (c.completed ?? 0) + (c.failed ?? 0) >= n && c;
   }, { timeoutMs, everyMs: 100, tolerateErrors: true });
 
+  /** A store of BIG under `key`, taken by a fresh worker and caught while it writes its temp file. */
+  const bigStoreUnderway = async (key: string) => {
+    const { queue, client } = queueAndClient();
+    const meta = join(root, dirname(key), '.stevedore');
+    const id = await client.store({ key, source: { path: BIG } }, { attempts: 3 });
+    const a = await worker(workerEnv(queue));
+    const [temp] = await until('the store to write its temp file', async () => {
+      const t = await tmpFiles(meta);
+      return t.length > 0 && t;
+    }, { everyMs: 5 });
+    expect(await state(client, id)).toBe('active');
+    return { queue, client, meta, id, a, temp: temp! };
+  };
+
   describe('kill -9 mid-store (#15)', () => {
     it('leaves no object on the filesystem; a second worker completes the job with the right digest and sweeps the temp file', async () => {
-      const { queue, client } = queueAndClient();
       const key = 'kill9/fs/artifact.tar.gz';
-      const meta = join(root, 'kill9/fs/.stevedore');
-      const id = await client.store({ key, source: { path: BIG } }, { attempts: 3 });
-      const a = await worker(workerEnv(queue));
-      const [temp] = await until('the store to write its temp file', async () => {
-        const t = await tmpFiles(meta);
-        return t.length > 0 && t;
-      }, { everyMs: 5 });
-      expect(await state(client, id)).toBe('active');
+      const { queue, client, meta, id, a, temp } = await bigStoreUnderway(key);
       a.kill('SIGKILL');
       expect(await a.exited).toEqual({ code: null, signal: 'SIGKILL' });
 
       // Killed halfway: a partial temp file, nothing at the key, nothing listed.
-      expect((await stat(join(meta, temp!))).size).toBeLessThan(big.size);
+      expect((await stat(join(meta, temp))).size).toBeLessThan(big.size);
       await expect(stat(join(root, key))).rejects.toMatchObject({ code: 'ENOENT' });
       await expect(fsBucket.stat(key)).rejects.toMatchObject({ code: 'NotFound' });
       expect(await fsKeys('kill9/')).toEqual([]);
@@ -275,13 +281,8 @@ describe('worker processes under faults', () => {
 
   describe('SIGTERM with an active job (#23)', () => {
     it('finishes the active job within a generous deadline, exits 0, and takes no job after the signal', async () => {
-      const { queue, client } = queueAndClient();
       const key = 'sigterm/drained.bin';
-      const meta = join(root, 'sigterm/.stevedore');
-      const id = await client.store({ key, source: { path: BIG } }, { attempts: 3 });
-      const a = await worker(workerEnv(queue));
-      await until('the store to write its temp file', async () => (await tmpFiles(meta)).length > 0, { everyMs: 5 });
-      expect(await state(client, id)).toBe('active');
+      const { queue, client, id, a } = await bigStoreUnderway(key);
       a.kill('SIGTERM');
       await a.waitForLog(isMsg('stopping: no new jobs, waiting for active ones'), 10_000);
       const late = await client.log({ site: 'late', build: 'b1', action: 'deploy', status: 'ok' });

@@ -140,7 +140,7 @@ async function s3Section(child: Child, s3: S3rver, work: string, main: { file: s
   return { out, msPerByte: timed[0]!.time.median / target.bytes };
 }
 
-async function rssSection(child: Child, s3: S3rver, work: string, small: { file: string; bytes: number }, big: number, s3MsPerByte: number, notes: string[]): Promise<string> {
+async function rssSection(child: Child, s3: S3rver, work: string, small: { file: string; bytes: number }, big: number, s3MsPerByte: number, notes: string[], withFs: boolean): Promise<string> {
   const opts = JSON.stringify(s3.driverOptions(await s3.bucket()));
   const files = new Map([[small.bytes, small.file]]);
   const fileOf = async (bytes: number) => {
@@ -168,9 +168,11 @@ async function rssSection(child: Child, s3: S3rver, work: string, small: { file:
     out.push([label, ...cells, `${diff >= 0 ? '+' : ''}${mb(diff)}`, ok ? 'ok' : 'MISSED']);
   };
   const root = (tag: string) => join(work, `rss-root-${tag}`);
-  await measure('fs put {path}', [small.bytes, big], (file, tag) => child('fs-put', { file, root: root(tag) }));
-  await measure('fs get + verify', [small.bytes, big], (_file, tag) => child('fs-get', { root: root(tag) }));
-  await rm(root('big'), { recursive: true, force: true });
+  if (withFs) {
+    await measure('fs put {path}', [small.bytes, big], (file, tag) => child('fs-put', { file, root: root(tag) }));
+    await measure('fs get + verify', [small.bytes, big], (_file, tag) => child('fs-get', { root: root(tag) }));
+    await rm(root('big'), { recursive: true, force: true });
+  }
   // The bare Upload's figure shows how much of the S3 memory is lib-storage's and the SDK's own.
   await measure('s3 bare lib-storage Upload (for comparison)', [small.bytes, s3Big], (file, tag) => child('s3-upload', { file, s3: opts, key: `upload-${tag}` }));
   await measure('s3 put {path}, pre-hashed', [small.bytes, s3Big], (file, tag) => child('s3-put', { file, s3: opts, key: tag }));
@@ -182,7 +184,8 @@ async function rssSection(child: Child, s3: S3rver, work: string, small: { file:
   ]);
 }
 
-async function main(): Promise<void> {
+/** `only: 's3'` runs the S3 sections alone (`npm run bench -- --s3`). */
+async function main(only?: 's3'): Promise<void> {
   const work = await mkdtemp(join(tmpdir(), 'stevedore-bench-'));
   let s3: S3rver | undefined;
   try {
@@ -209,17 +212,21 @@ async function main(): Promise<void> {
     await randomFile(small.file, small.bytes);
 
     const bigNote = (n: string) => n.includes('big object');
-    const fs = await fsSection(child, work, file, bytes, notes.filter((n) => !bigNote(n)));
+    const fs = only === 's3' ? { out: '', sha256: (await openssl(file)).sha256 } : await fsSection(child, work, file, bytes, notes.filter((n) => !bigNote(n)));
     progress('starting s3rver');
     s3 = await startS3rver();
     const s3r = await s3Section(child, s3, work, { file, bytes, sha256: fs.sha256 }, small);
-    const rss = await rssSection(child, s3, work, small, big, s3r.msPerByte, notes.filter(bigNote));
+    const rss = await rssSection(child, s3, work, small, big, s3r.msPerByte, notes.filter(bigNote), only !== 's3');
     await s3.stop();
     s3 = undefined;
-    progress('queue: log and store jobs through Redis');
-    const queue = await queueBench();
-    const large = await largeStoreBench(file, bytes);
-    process.stdout.write(`\n${fs.out}\n${s3r.out}\n${rss}\n${queue}\n${large}\nLoad average at end: ${loadavg().map((l) => l.toFixed(1)).join(' ')}\n`);
+    let queue = '';
+    let large = '';
+    if (only !== 's3') {
+      progress('queue: log and store jobs through Redis');
+      queue = await queueBench();
+      large = await largeStoreBench(file, bytes);
+    }
+    process.stdout.write(`\n${[fs.out, s3r.out, rss, queue, large].filter(Boolean).join('\n')}\nLoad average at end: ${loadavg().map((l) => l.toFixed(1)).join(' ')}\n`);
   } finally {
     await s3?.stop().catch((err: unknown) => progress(`stopping s3rver failed: ${String(err)}`));
     await rm(work, { recursive: true, force: true });
@@ -231,7 +238,7 @@ if (process.argv.includes('--queue')) {
   // `npm run bench -- --queue`: only the queue section, a few minutes shorter.
   process.stdout.write(`${await queueBench()}\n`);
 } else {
-  await main();
+  await main(process.argv.includes('--s3') ? 's3' : undefined);
 }
 // Worker connections BullMQ does not own keep the loop alive; the bench is done.
 process.exit(0);

@@ -1,9 +1,9 @@
 import { Readable } from 'node:stream';
 import {
   AbortMultipartUploadCommand, CompleteMultipartUploadCommand, CopyObjectCommand, CreateMultipartUploadCommand, DeleteObjectCommand,
-  GetObjectCommand, HeadBucketCommand, HeadObjectCommand, ListObjectsV2Command, S3Client, UploadPartCopyCommand, type S3ClientConfig,
+  GetObjectCommand, HeadBucketCommand, HeadObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client, UploadPartCommand, UploadPartCopyCommand,
+  type S3ClientConfig,
 } from '@aws-sdk/client-s3';
-import { Upload } from '@aws-sdk/lib-storage';
 import { ErrorCode, StorageError, codeForHttpStatus } from '../errors.js';
 import { backendUrl } from './url-params.js';
 import type { ByteRange, Driver, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
@@ -41,7 +41,7 @@ export interface S3DriverOptions {
   conditionalWrites?: boolean | undefined;
   /** Bytes per part of a multipart upload; also the largest single-request upload. @defaultValue 8 MiB */
   partSize?: number | undefined;
-  /** Parts uploaded at once; memory per upload is about `queueSize * partSize`. @defaultValue 4 */
+  /** Parts uploaded at once; an upload holds `queueSize + 1` part buffers (one filling). @defaultValue 4 */
   queueSize?: number | undefined;
   /**
    * Time for one request to get its response headers (a part upload included), and the longest a
@@ -97,7 +97,7 @@ export function s3DriverFromUrl(url: URL): Driver {
   return new S3Driver(s3OptionsFromUrl(url));
 }
 
-/** Amazon S3 and S3-compatible stores, through the AWS SDK v3; multipart uploads via lib-storage. */
+/** Amazon S3 and S3-compatible stores, through the AWS SDK v3. */
 export class S3Driver implements Driver {
   readonly kind = 's3';
   /** Object metadata is fixed when the upload starts, so the Bucket must know the digest first. */
@@ -133,58 +133,84 @@ export class S3Driver implements Driver {
     });
   }
 
+  /**
+   * One PutObject for a body that fits in a part, else a multipart upload. The bytes are pulled
+   * into at most `queueSize + 1` part buffers, reused from part to part: one filling (and hashing)
+   * while up to `queueSize` upload. lib-storage's Upload copies every part into a fresh buffer
+   * (Buffer.concat), 4 GiB of allocation for a 2 GiB object, and its memory grew with the size.
+   * The object becomes visible only after the body has ended and passed its digest check.
+   */
   async put(key: string, body: PutBody, opts: DriverPutOptions): Promise<ObjectInfo> {
     if (body.sha256 === undefined) throw new Error('S3Driver.put needs the digest before the upload (metadataAtEnd is false)');
-    const abort = new AbortController();
-    const onAbort = () => abort.abort();
-    opts.signal?.addEventListener('abort', onAbort, { once: true });
-    if (opts.signal?.aborted) abort.abort();
-    const upload = new Upload({
-      client: this.client,
-      // A known size may need bigger parts to stay within S3's part count.
-      partSize: body.size === undefined ? this.partSize : Math.max(this.partSize, Math.ceil(body.size / MAX_PARTS)),
-      queueSize: this.queueSize,
-      // Upload's own abort replaces the error that caused it when the abort fails (s3rver refuses
-      // AbortMultipartUpload outright), turning a ChecksumMismatch into a retryable error.
-      leavePartsOnError: true,
-      abortController: abort,
-      params: {
-        Bucket: this.bucket,
-        Key: key,
-        Body: body.stream,
-        ContentLength: body.size,
-        ContentType: opts.contentType,
-        Metadata: { ...opts.metadata, [SHA256_META]: body.sha256 },
-        // Sent on PutObject and CompleteMultipartUpload: the object appears only if the key is free.
-        IfNoneMatch: opts.ifAbsent && this.atomicIfAbsent ? '*' : undefined,
-      },
-    });
-    try {
-      // Upload buffers each part before sending it and completes (PutObject for a single part,
-      // CompleteMultipartUpload otherwise) only after the stream has ended cleanly; a stream error,
-      // such as the Bucket's digest check, rejects here before anything is visible.
-      const out = await upload.done();
-      return {
-        key, size: body.digest().size, sha256: body.sha256, etag: out.ETag, contentType: opts.contentType,
-        metadata: { ...opts.metadata },
-        // Neither PutObject nor CompleteMultipartUpload report LastModified; a HEAD would cost a
-        // request and could see a later writer's object.
-        modified: new Date(),
-      };
-    } catch (err) {
-      // On abort, Upload stops reading mid-stream; release the body so its pipeline unwinds.
-      body.stream.destroy();
-      // Best effort: parts left behind are invisible, and a bucket lifecycle rule
-      // (AbortIncompleteMultipartUpload) reaps those a crash or a failed abort leaves.
-      if (upload.uploadId) {
-        const aborting = this.client.send(new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: key, UploadId: upload.uploadId }), { abortSignal: AbortSignal.timeout(10_000) }).catch(() => {});
+    const signal = opts.signal;
+    // A known size may need bigger parts to stay within S3's part count.
+    const partSize = body.size === undefined ? this.partSize : Math.max(this.partSize, Math.ceil(body.size / MAX_PARTS));
+    const target = {
+      Bucket: this.bucket, Key: key, ContentType: opts.contentType,
+      Metadata: { ...opts.metadata, [SHA256_META]: body.sha256 },
+    };
+    // Sent on PutObject and CompleteMultipartUpload: the object appears only if the key is free.
+    const ifNoneMatch = opts.ifAbsent && this.atomicIfAbsent ? '*' : undefined;
+    const free: Buffer[] = [];
+    // A body of known size under a part gets a buffer one byte longer, so one read sees its end.
+    const take = () => free.pop() ?? Buffer.allocUnsafeSlow(body.size !== undefined && body.size < partSize ? body.size + 1 : partSize);
+
+    const first = take();
+    const firstLength = await fillPart(body, first, signal);
+    const second = firstLength === first.length ? take() : undefined;
+    const secondLength = second ? await fillPart(body, second, signal) : 0;
+    let etag: string | undefined;
+    if (secondLength === 0) {
+      etag = (await this.client.send(new PutObjectCommand({
+        ...target, Body: first.subarray(0, firstLength), ContentLength: firstLength, IfNoneMatch: ifNoneMatch,
+      }), { abortSignal: signal })).ETag;
+    } else {
+      const { UploadId } = await this.client.send(new CreateMultipartUploadCommand(target), { abortSignal: signal });
+      try {
+        const etags: string[] = [];
+        const filled = [{ buf: first, n: firstLength }, { buf: second!, n: secondLength }];
+        let part = 0;
+        await inLanes(this.queueSize, async () => {
+          let next = filled.shift();
+          if (!next) {
+            const buf = take();
+            next = { buf, n: await fillPart(body, buf, signal) };
+            if (next.n === 0) return undefined;
+          }
+          const { buf, n } = next;
+          const number = ++part;
+          return async () => {
+            try {
+              const res = await this.client.send(new UploadPartCommand({
+                Bucket: this.bucket, Key: key, UploadId, PartNumber: number, Body: buf.subarray(0, n), ContentLength: n,
+              }), { abortSignal: signal });
+              etags[number - 1] = res.ETag ?? '';
+            } finally {
+              // Settled, retries included: the SDK holds the buffer no longer.
+              free.push(buf);
+            }
+          };
+        });
+        etag = (await this.client.send(new CompleteMultipartUploadCommand({
+          Bucket: this.bucket, Key: key, UploadId, IfNoneMatch: ifNoneMatch,
+          MultipartUpload: { Parts: etags.map((ETag, i) => ({ ETag, PartNumber: i + 1 })) },
+        }), { abortSignal: signal })).ETag;
+      } catch (err) {
+        // Best effort: parts left behind are invisible, and a bucket lifecycle rule
+        // (AbortIncompleteMultipartUpload) reaps those a crash or a failed abort leaves.
+        const aborting = this.client.send(new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: key, UploadId }), { abortSignal: AbortSignal.timeout(10_000) }).catch(() => {});
         // A cancelled put (a worker stopping) must not wait on a store that may not answer.
-        if (!opts.signal?.aborted) await aborting;
+        if (!signal?.aborted) await aborting;
+        throw err;
       }
-      throw err;
-    } finally {
-      opts.signal?.removeEventListener('abort', onAbort);
     }
+    return {
+      key, size: body.digest().size, sha256: body.sha256, etag, contentType: opts.contentType,
+      metadata: { ...opts.metadata },
+      // Neither PutObject nor CompleteMultipartUpload report LastModified; a HEAD would cost a
+      // request and could see a later writer's object.
+      modified: new Date(),
+    };
   }
 
   async get(key: string, range: ByteRange | undefined, signal: AbortSignal | undefined): Promise<DriverGetResult> {
@@ -275,20 +301,18 @@ export class S3Driver implements Driver {
       const count = Math.ceil(size / partSize);
       const etags: string[] = [];
       let next = 0;
-      let failed = false;
-      const copyNext = async (): Promise<void> => {
-        for (let i = next++; i < count && !failed; i = next++) {
+      await inLanes(this.queueSize, async () => {
+        if (next === count) return undefined;
+        const i = next++;
+        return async () => {
           const start = i * partSize;
           const res = await this.client.send(new UploadPartCopyCommand({
             Bucket: this.bucket, Key: dst, UploadId, PartNumber: i + 1, CopySource: copySource,
             CopySourceRange: `bytes=${start}-${Math.min(size, start + partSize) - 1}`, CopySourceIfMatch: head.ETag,
           }));
           etags[i] = res.CopyPartResult?.ETag ?? '';
-        }
-      };
-      // The first failure stops the other lanes from starting parts of an upload about to be aborted.
-      const lane = () => copyNext().catch((err: unknown) => { failed = true; throw err; });
-      await Promise.all(Array.from({ length: Math.min(this.queueSize, count) }, lane));
+        };
+      });
       await this.client.send(new CompleteMultipartUploadCommand({
         Bucket: this.bucket, Key: dst, UploadId, IfNoneMatch: ifNoneMatch,
         MultipartUpload: { Parts: etags.map((ETag, i) => ({ ETag, PartNumber: i + 1 })) },
@@ -334,6 +358,44 @@ export class S3Driver implements Driver {
       modified: r.LastModified ?? new Date(0),
     };
   }
+}
+
+/**
+ * Runs the tasks `next` hands out, up to `lanes` at once, and returns when all have finished.
+ * `next` prepares its task (a part buffer is filled) while the lanes are busy, so preparing and
+ * running overlap; it returns undefined when there is no more. The first failure, of a task or of
+ * `next`, stops new tasks and is thrown once the running ones have settled.
+ */
+async function inLanes(lanes: number, next: () => Promise<(() => Promise<void>) | undefined>): Promise<void> {
+  const running = new Set<Promise<void>>();
+  let failure: { err: unknown } | undefined;
+  try {
+    while (!failure) {
+      const task = await next();
+      if (!task) break;
+      while (running.size >= lanes && !failure) await Promise.race(running);
+      if (failure) break;
+      const run: Promise<void> = task()
+        .catch((err: unknown) => { failure ??= { err }; })
+        .finally(() => running.delete(run));
+      running.add(run);
+    }
+  } finally {
+    await Promise.all(running);
+  }
+  if (failure) throw failure.err;
+}
+
+/** Reads the body into `buf` until it is full or the body ends (its digest then checked); returns the bytes read. */
+async function fillPart(body: PutBody, buf: Buffer, signal: AbortSignal | undefined): Promise<number> {
+  let n = 0;
+  while (n < buf.length) {
+    signal?.throwIfAborted();
+    const got = await body.read(buf.subarray(n));
+    if (got === 0) break;
+    n += got;
+  }
+  return n;
 }
 
 /** S3 error codes whose meaning the HTTP status alone gets wrong or too coarse. */

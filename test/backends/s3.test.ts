@@ -121,21 +121,55 @@ describe('s3 driver', () => {
     expect((await d.list('', undefined, 10)).objects.map((o) => o.key)).toEqual(['k']);
   });
 
+  it('uploads through reused part buffers: one PutObject up to a part, no empty last part, parts intact past the pool', async () => {
+    const P = target.multipartThreshold;
+    const d = await target.newDriver({ queueSize: 2 });
+    const seen = recordRequests(d);
+    const cases = [
+      { key: 'one', bytes: randomBytes(P), sizeKnown: true, parts: 0 },
+      { key: 'even', bytes: randomBytes(3 * P), sizeKnown: false, parts: 3 },
+      // Eight parts through three buffers: each buffer carries several parts in turn.
+      { key: 'many', bytes: randomBytes(7 * P + 123), sizeKnown: true, parts: 8 },
+    ];
+    for (const c of cases) {
+      seen.length = 0;
+      const b = new SourceBody({ bytes: c.bytes }, sha(c.bytes), c.sizeKnown ? c.bytes.length : undefined, { sha256: sha(c.bytes), op: 'put', key: c.key });
+      await d.put(c.key, b, noOpts);
+      const commands = seen.map((r) => r.command);
+      expect(commands.filter((n) => n === 'UploadPartCommand')).toHaveLength(c.parts);
+      expect(commands.includes('PutObjectCommand')).toBe(c.parts === 0);
+      const got = await d.get(c.key, undefined, undefined);
+      expect(got.info).toMatchObject({ size: c.bytes.length, sha256: sha(c.bytes) });
+      expect(sha(await readAll(got.stream))).toBe(sha(c.bytes));
+    }
+  });
+
   it('rejects, rather than hangs, when the body closes without ending', async () => {
     const d = await target.newDriver();
-    const b = body(randomBytes(3 * 1024 * 1024), { chunk: 65_536 });
-    b.stream.once('data', () => b.stream.destroy());
+    let sent = 0;
+    const source = new Readable({ read() { if (sent++ < 3) this.push(randomBytes(65_536)); else this.destroy(); } });
+    const b = new SourceBody({ stream: source }, sha(Buffer.alloc(0)), undefined, { op: 'put', key: 'k' });
     await expect(d.put('k', b, noOpts)).rejects.toMatchObject({ code: 'ERR_STREAM_PREMATURE_CLOSE' });
     expect(d.classify(await d.stat('k').catch((e: unknown) => e))).toBe(ErrorCode.NotFound);
   });
 
-  it('stops an upload when its signal aborts, committing nothing', async () => {
+  it('stops an upload when its signal aborts mid-way, committing nothing', async () => {
     const d = await target.newDriver();
     const ac = new AbortController();
-    const b = body(randomBytes(3 * target.multipartThreshold), { chunk: 65_536 });
-    b.stream.once('data', () => ac.abort());
+    const bytes = randomBytes(4 * target.multipartThreshold);
+    const seen = recordRequests(d);
+    // Aborted once two parts have been read: the upload has begun and a part is on its way.
+    const source = Readable.from((function* () {
+      for (let at = 0; at < bytes.length; at += 65_536) {
+        if (at === 2 * target.multipartThreshold + 65_536) ac.abort();
+        yield bytes.subarray(at, at + 65_536);
+      }
+    })());
+    const b = new SourceBody({ stream: source }, sha(bytes), undefined, { sha256: sha(bytes), op: 'put', key: 'k' });
     const err = await d.put('k', b, { ...noOpts, signal: ac.signal }).catch((e: unknown) => e);
     expect((err as Error).name).toBe('AbortError');
+    expect(seen.map((r) => r.command)).toContain('CreateMultipartUploadCommand');
+    expect(seen.map((r) => r.command)).not.toContain('CompleteMultipartUploadCommand');
     expect(d.classify(await d.stat('k').catch((e: unknown) => e))).toBe(ErrorCode.NotFound);
   });
 

@@ -171,8 +171,8 @@ export async function startS3rver(): Promise<S3rver> {
   const driverOptions = (bucket: string): S3DriverOptions => ({
     bucket, endpoint, region: 'us-east-1', forcePathStyle: true, credentials: S3RVER_CREDENTIALS,
     // s3rver ignores If-None-Match on writes, so the Bucket must check first. Checksums stay at the
-    // SDK's default, as in production: s3rver would store aws-chunked framing as content, but Upload
-    // sends every part as a Buffer, whose checksum travels in a header.
+    // SDK's default, as in production: s3rver would store aws-chunked framing as content, but the
+    // driver sends every part as a Buffer, whose checksum travels in a header.
     conditionalWrites: false,
   });
   const client = new S3Client({

@@ -1,0 +1,121 @@
+// RELIABILITY.md #20, the SQLite way: fail the Nth I/O call of a filesystem put, for every N, and
+// check what must hold after each. The calls are our own fd layer and node:fs/promises, wrapped to
+// fail once on demand with a real errno; everything else is the real filesystem.
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { FsDriver, META_DIR } from '../../src/backends/fs.js';
+import { ErrorCode, StorageError } from '../../src/errors.js';
+import { Bucket } from '../../src/storage/bucket.js';
+import { readAll, sha } from '../conformance/suite.js';
+import { filesUnder } from '../harness/fs.js';
+import { tempDir } from '../harness/process.js';
+
+const io = vi.hoisted(() => {
+  const state = {
+    armed: false,
+    count: 0,
+    failAt: 0,
+    code: 'EIO',
+    /** Every armed call, with the descriptor for fd calls. */
+    calls: [] as { name: string; fd?: number }[],
+  };
+  const wrap = <A extends unknown[], R>(name: string, f: (...a: A) => Promise<R>) => async (...a: A): Promise<R> => {
+    if (state.armed) {
+      state.calls.push({ name, ...(typeof a[0] === 'number' ? { fd: a[0] } : {}) });
+      if (++state.count === state.failAt) throw Object.assign(new Error(`${state.code}: injected into ${name}`), { code: state.code, syscall: name });
+    }
+    return f(...a);
+  };
+  return { state, wrap };
+});
+
+vi.mock('../../src/storage/fd.js', async (importOriginal) => {
+  const real = await importOriginal<typeof import('../../src/storage/fd.js')>();
+  return {
+    ...real,
+    openFd: io.wrap('open', real.openFd),
+    closeFd: io.wrap('close', real.closeFd),
+    fsyncFd: io.wrap('fsync', real.fsyncFd),
+    fdatasyncFd: io.wrap('fdatasync', real.fdatasyncFd),
+    fstatFd: io.wrap('fstat', real.fstatFd),
+    writeFully: io.wrap('write', real.writeFully),
+  };
+});
+
+vi.mock('node:fs/promises', async (importOriginal) => {
+  const real = await importOriginal<typeof import('node:fs/promises')>();
+  const names = ['link', 'lstat', 'mkdir', 'rename', 'unlink', 'realpath'] as const;
+  const wrapped = Object.fromEntries(names.map((n) => [n, io.wrap(n, real[n] as (...a: unknown[]) => Promise<unknown>)]));
+  return { ...real, ...wrapped, default: { ...real, ...wrapped } };
+});
+
+describe('filesystem put with the Nth I/O call failing (RELIABILITY #20)', () => {
+  let dir: Awaited<ReturnType<typeof tempDir>>;
+  beforeAll(async () => { dir = await tempDir('stevedore-fsfaults-'); });
+  afterAll(() => dir.remove());
+
+  const OLD = Buffer.from('the old object, whole');
+  const NEW = Buffer.alloc(3 * 1024 * 1024 + 17, 'n'); // several write chunks
+
+  async function armedPut(bucket: Bucket, key: string, failAt: number, code = 'EIO'): Promise<unknown> {
+    Object.assign(io.state, { armed: true, count: 0, failAt, code, calls: [] });
+    try {
+      await bucket.put(key, NEW);
+      return undefined;
+    } catch (err) {
+      return err;
+    } finally {
+      io.state.armed = false;
+    }
+  }
+
+  it('never shows a torn object or leaves a temp file, fails Transient, and never fsyncs a descriptor again after its fsync failed', async () => {
+    const root = join(dir.path, 'nth');
+    const driver = new FsDriver({ root });
+    const bucket = new Bucket(driver);
+    await bucket.put('probe/k', OLD);
+    await armedPut(bucket, 'probe/k', 0);
+    const total = io.state.count;
+    expect(total).toBeGreaterThan(8);
+
+    const outcomes = new Map<string, number>();
+    for (const code of ['EIO', 'ENOSPC']) {
+      for (let n = 1; n <= total; n++) {
+        const key = `k-${code}-${n}`;
+        await bucket.put(key, OLD);
+        const err = await armedPut(bucket, key, n, code);
+        const failed = io.state.calls[n - 1]!;
+        const label = `${code} at call ${n} (${failed.name})`;
+        outcomes.set(failed.name, (outcomes.get(failed.name) ?? 0) + 1);
+        if (err !== undefined) {
+          expect(err, label).toBeInstanceOf(StorageError);
+          expect((err as StorageError).code, label).toBe(ErrorCode.Transient);
+        }
+        // Whole old or whole new, and it reads back verified.
+        const got = await bucket.get(key);
+        const bytes = await readAll(got.stream);
+        expect([sha(OLD), sha(NEW)], label).toContain(sha(bytes));
+        expect(got.info.sha256, label).toBe(sha(bytes));
+        // The temp file is removed on the way out, whatever failed.
+        expect((await filesUnder(root)).filter((f) => f.includes('/tmp-')), label).toEqual([]);
+        // An fsync that failed is never retried: the put gives up on that file.
+        if (failed.name === 'fsync' || failed.name === 'fdatasync') {
+          const again = io.state.calls.slice(n).filter((c) => (c.name === 'fsync' || c.name === 'fdatasync') && c.fd === failed.fd);
+          expect(again, label).toEqual([]);
+        }
+        // A retry (the job's next attempt) stores the new object.
+        await bucket.put(key, NEW);
+        expect(sha(await readAll((await bucket.get(key)).stream)), label).toBe(sha(NEW));
+      }
+    }
+    // Every kind of call in the put was failed at least once.
+    expect([...outcomes.keys()].sort()).toEqual(expect.arrayContaining(['close', 'fstat', 'fsync', 'open', 'rename', 'write']));
+
+    // What a failure left behind (sidecars of objects that never appeared, or of replaced ones)
+    // is swept: afterwards only objects and their own sidecars remain.
+    await driver.sweep(0);
+    const files = await filesUnder(root);
+    const objects = files.filter((f) => !f.includes(`${META_DIR}/`));
+    expect(files.filter((f) => f.includes(`${META_DIR}/`))).toHaveLength(objects.length);
+  });
+});

@@ -152,8 +152,8 @@ export class S3Driver implements Driver {
     // Sent on PutObject and CompleteMultipartUpload: the object appears only if the key is free.
     const ifNoneMatch = opts.ifAbsent && this.atomicIfAbsent ? '*' : undefined;
     const free: Buffer[] = [];
-    // A body of known size under a part gets a buffer one byte longer, so one read sees its end.
-    const take = () => free.pop() ?? Buffer.allocUnsafeSlow(body.size !== undefined && body.size < partSize ? body.size + 1 : partSize);
+    // A body of known size up to a part gets a buffer one byte longer, so one read sees its end.
+    const take = () => free.pop() ?? Buffer.allocUnsafeSlow(body.size !== undefined && body.size <= partSize ? body.size + 1 : partSize);
 
     const first = take();
     const firstLength = await fillPart(body, first, signal);

@@ -13,6 +13,8 @@ import { freePort } from '../harness/process.js';
 
 const target = s3ConformanceTarget();
 runConformance(target);
+// After every describe below: each starts the server again if an earlier one stopped it.
+afterAll(() => target.teardown());
 
 const sha = (b: Uint8Array) => createHash('sha256').update(b).digest('hex');
 const noOpts = { contentType: undefined, metadata: {}, ifAbsent: false, signal: undefined };
@@ -89,7 +91,6 @@ describe('s3 URLs', () => {
 });
 
 describe('s3 driver', () => {
-  afterAll(() => target.teardown());
 
   it.each([
     ['a single request', 1000],

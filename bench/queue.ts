@@ -144,8 +144,9 @@ export async function queueBench(): Promise<string> {
 
 /**
  * One large store end to end through Redis, against the storage layer's own put of the same file.
- * The two alternate which goes first (this VM's disk is slower right after a large delete, and
- * each run deletes what it wrote), and each figure is the median of `runs`.
+ * The two alternate which goes first: on this VM the first 1 GiB written after the previous pair
+ * is ~40% slower than the second, so with an even number of runs each side pays it equally often.
+ * Each figure is the median of `runs`.
  */
 export async function largeStoreBench(file: string, bytes: number, runs = 6): Promise<string> {
   const dir = await tempDir('stevedore-bench-big-');

@@ -184,8 +184,8 @@ async function rssSection(child: Child, s3: S3rver, work: string, small: { file:
   ]);
 }
 
-/** `only: 's3'` runs the S3 sections alone (`npm run bench -- --s3`). */
-async function main(only?: 's3'): Promise<void> {
+/** `only` runs one part alone: `npm run bench -- --fs` (filesystem table) or `-- --s3` (S3 tables). */
+async function main(only?: 'fs' | 's3'): Promise<void> {
   const work = await mkdtemp(join(tmpdir(), 'stevedore-bench-'));
   let s3: S3rver | undefined;
   try {
@@ -213,6 +213,10 @@ async function main(only?: 's3'): Promise<void> {
 
     const bigNote = (n: string) => n.includes('big object');
     const fs = only === 's3' ? { out: '', sha256: (await openssl(file)).sha256 } : await fsSection(child, work, file, bytes, notes.filter((n) => !bigNote(n)));
+    if (only === 'fs') {
+      process.stdout.write(`\n${fs.out}\nLoad average at end: ${loadavg().map((l) => l.toFixed(1)).join(' ')}\n`);
+      return;
+    }
     progress('starting s3rver');
     s3 = await startS3rver();
     const s3r = await s3Section(child, s3, work, { file, bytes, sha256: fs.sha256 }, small);
@@ -238,7 +242,7 @@ if (process.argv.includes('--queue')) {
   // `npm run bench -- --queue`: only the queue section, a few minutes shorter.
   process.stdout.write(`${await queueBench()}\n`);
 } else {
-  await main(process.argv.includes('--s3') ? 's3' : undefined);
+  await main(process.argv.includes('--s3') ? 's3' : process.argv.includes('--fs') ? 'fs' : undefined);
 }
 // Worker connections BullMQ does not own keep the loop alive; the bench is done.
 process.exit(0);

@@ -76,9 +76,11 @@ export class FsDriver implements Driver {
       // entry reaches the disk while the bytes stream, so the end of the put waits for two fsyncs
       // in a row (data and sidecar together, then the folder after the rename), as a bare atomic
       // write does. The name belongs to an inode nobody can see yet: no temp-and-rename needed.
-      sidecar = this.sidecarPath(dir, name, (await fstatFd(fd)).ino);
-      const sc = await openFd(sidecar, 'w', 0o644);
+      let sc: number | undefined;
       try {
+        sidecar = this.sidecarPath(dir, name, (await fstatFd(fd)).ino);
+        sc = await openFd(sidecar, 'w', 0o644);
+        const sidecarFd = sc;
         const entries = this.fsync ? syncDir(join(dir, META_DIR)) : Promise.resolve();
         entries.catch(() => {}); // awaited below; a failure must not be unhandled meanwhile
         try {
@@ -87,8 +89,8 @@ export class FsDriver implements Driver {
           const { sha256, size } = body.digest();
           meta = { key, sha256, size, contentType: opts.contentType, metadata: opts.metadata };
           const writeMeta = async () => {
-            await writeFully(sc, Buffer.from(JSON.stringify(meta)));
-            if (this.fsync) await fsyncFd(sc);
+            await writeFully(sidecarFd, Buffer.from(JSON.stringify(meta)));
+            if (this.fsync) await fsyncFd(sidecarFd);
           };
           const done = await Promise.allSettled([this.fsync ? fsyncFd(fd) : undefined, writeMeta(), entries]);
           for (const r of done) if (r.status === 'rejected') throw r.reason;
@@ -96,7 +98,8 @@ export class FsDriver implements Driver {
           await entries.catch(() => {});
         }
       } finally {
-        await Promise.allSettled([closeFd(fd), closeFd(sc)]);
+        // Both descriptors, whatever failed (the first fstat or the sidecar's open included).
+        await Promise.allSettled([closeFd(fd), sc === undefined ? undefined : closeFd(sc)]);
       }
       const path = join(dir, name);
       const old = opts.ifAbsent ? undefined : await lstat(path, { bigint: true }).catch(() => undefined);

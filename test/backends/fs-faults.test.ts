@@ -1,6 +1,7 @@
 // RELIABILITY.md #20, the SQLite way: fail the Nth I/O call of a filesystem put, for every N, and
 // check what must hold after each. The calls are our own fd layer and node:fs/promises, wrapped to
 // fail once on demand with a real errno; everything else is the real filesystem.
+import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { FsDriver, META_DIR } from '../../src/backends/fs.js';
@@ -19,10 +20,14 @@ const io = vi.hoisted(() => {
     /** Every armed call, with the descriptor for fd calls. */
     calls: [] as { name: string; fd?: number }[],
   };
-  const wrap = <A extends unknown[], R>(name: string, f: (...a: A) => Promise<R>) => async (...a: A): Promise<R> => {
+  /** `after`: the call takes effect, then reports the error, as close() does on Linux (the descriptor is freed). */
+  const wrap = <A extends unknown[], R>(name: string, f: (...a: A) => Promise<R>, after = false) => async (...a: A): Promise<R> => {
     if (state.armed) {
       state.calls.push({ name, ...(typeof a[0] === 'number' ? { fd: a[0] } : {}) });
-      if (++state.count === state.failAt) throw Object.assign(new Error(`${state.code}: injected into ${name}`), { code: state.code, syscall: name });
+      if (++state.count === state.failAt) {
+        if (after) await f(...a);
+        throw Object.assign(new Error(`${state.code}: injected into ${name}`), { code: state.code, syscall: name });
+      }
     }
     return f(...a);
   };
@@ -34,7 +39,7 @@ vi.mock('../../src/storage/fd.js', async (importOriginal) => {
   return {
     ...real,
     openFd: io.wrap('open', real.openFd),
-    closeFd: io.wrap('close', real.closeFd),
+    closeFd: io.wrap('close', real.closeFd, true),
     fsyncFd: io.wrap('fsync', real.fsyncFd),
     fdatasyncFd: io.wrap('fdatasync', real.fdatasyncFd),
     fstatFd: io.wrap('fstat', real.fstatFd),
@@ -48,6 +53,9 @@ vi.mock('node:fs/promises', async (importOriginal) => {
   const wrapped = Object.fromEntries(names.map((n) => [n, io.wrap(n, real[n] as (...a: unknown[]) => Promise<unknown>)]));
   return { ...real, ...wrapped, default: { ...real, ...wrapped } };
 });
+
+/** Descriptors open in this process (Linux). */
+const openFds = () => readdirSync('/proc/self/fd').length;
 
 describe('filesystem put with the Nth I/O call failing (RELIABILITY #20)', () => {
   let dir: Awaited<ReturnType<typeof tempDir>>;
@@ -69,7 +77,7 @@ describe('filesystem put with the Nth I/O call failing (RELIABILITY #20)', () =>
     }
   }
 
-  it('never shows a torn object or leaves a temp file, fails Transient, and never fsyncs a descriptor again after its fsync failed', async () => {
+  it('never shows a torn object, leaves no temp file or open descriptor, fails Transient, and never fsyncs a descriptor again after its fsync failed', async () => {
     const root = join(dir.path, 'nth');
     const driver = new FsDriver({ root });
     const bucket = new Bucket(driver);
@@ -83,10 +91,13 @@ describe('filesystem put with the Nth I/O call failing (RELIABILITY #20)', () =>
       for (let n = 1; n <= total; n++) {
         const key = `k-${code}-${n}`;
         await bucket.put(key, OLD);
+        const fds = openFds();
         const err = await armedPut(bucket, key, n, code);
         const failed = io.state.calls[n - 1]!;
         const label = `${code} at call ${n} (${failed.name})`;
         outcomes.set(failed.name, (outcomes.get(failed.name) ?? 0) + 1);
+        // Every descriptor the put opened is closed when it returns, whatever failed.
+        expect(openFds(), label).toBe(fds);
         if (err !== undefined) {
           expect(err, label).toBeInstanceOf(StorageError);
           expect((err as StorageError).code, label).toBe(ErrorCode.Transient);

@@ -96,6 +96,7 @@ async function unpack(source: Readable, root: string, limits: Limits, signal: Ab
   if (source.errored) note('source')(source.errored);
   signal?.addEventListener('abort', onAbort, { once: true });
   let done: Promise<void> | undefined;
+  let tree: ExtractTree | undefined;
   try {
     const head = await peek(source, 2);
     const gunzip = head[0] === 0x1f && head[1] === 0x8b ? createGunzip() : undefined;
@@ -113,7 +114,7 @@ async function unpack(source: Readable, root: string, limits: Limits, signal: Ab
       ? pipeline(source, gunzip, tap, sink, { signal: stop.signal })
       : pipeline(source, tap, sink, { signal: stop.signal });
     done.catch(() => {}); // awaited below; until then its rejection is not unhandled
-    const tree = new ExtractTree(root, limits.maxEntries);
+    tree = new ExtractTree(root, limits.maxEntries);
     const entries = await readEntries({ [Symbol.asyncIterator]: () => iterator }, meter, tree, limits);
     await done;
     meter.finish();
@@ -122,6 +123,8 @@ async function unpack(source: Readable, root: string, limits: Limits, signal: Ab
   } catch (err) {
     stop.abort();
     await done?.catch(() => {});
+    // No file of the tree still open or being fsynced when the caller removes it.
+    await tree?.settle();
     throw classify(err, first);
   } finally {
     signal?.removeEventListener('abort', onAbort);

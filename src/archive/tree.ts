@@ -1,10 +1,13 @@
-import { constants, mkdir, open, unlink } from 'node:fs/promises';
+import { constants, mkdir, open, unlink, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { classifyCommon, ErrorCode, StorageError } from '../errors.js';
 import { collisionKey } from './entry-path.js';
 import { limitError } from './limits.js';
 
 const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_RDONLY, O_DIRECTORY } = constants;
+
+/** fsyncs of finished files that may run beside the extraction. */
+const SYNC_LANES = 16;
 
 /** Permission bits only (no setuid, setgid or sticky), never group- or world-writable. */
 export const fileMode = (mode: number | undefined): number => (mode ?? 0o644) & 0o755;
@@ -35,10 +38,15 @@ export interface EntryMeta {
  * predates the extraction). Only directories and regular files are ever made, every path component
  * is created here and remembered, files are created with O_EXCL | O_NOFOLLOW and their metadata is
  * set through the open handle, so no write can be redirected by a symlink, planted or otherwise.
+ * Every file and directory is fsynced before `finish` returns, so the tree the caller then renames
+ * into place survives a power cut whole, as a fetched file does.
  */
 export class ExtractTree {
   private readonly top: PathNode = { segment: '', children: new Map(), meta: {} };
   private paths = 0;
+  /** Files written and being fsynced (then closed) while later entries are extracted. */
+  private readonly syncing = new Set<Promise<void>>();
+  private syncFailure: { err: unknown } | undefined;
   files = 0;
   dirs = 0;
 
@@ -85,25 +93,57 @@ export class ExtractTree {
       if (written !== size) throw refuse(name, `truncated: ${written} of ${size} bytes`);
       await fsCall(fh.chmod(fileMode(meta.mode)), name);
       if (validDate(meta.mtime)) await fsCall(fh.utimes(meta.mtime, meta.mtime), name);
-    } finally {
+    } catch (err) {
       await fh.close();
+      throw err;
     }
+    await this.syncThenClose(fh, name);
     return written;
   }
 
-  /** Applies directory modes and mtimes (the root gets 0o755 unless a `./` entry said otherwise). */
+  /** Waits for the files still being fsynced; call it before removing a tree that failed. */
+  async settle(): Promise<void> {
+    await Promise.all(this.syncing);
+  }
+
+  /**
+   * fsyncs and closes `fh` beside the extraction, at most SYNC_LANES at once. A failed fsync is
+   * never retried: it fails the extraction (at the next file, or in `finish`).
+   */
+  private async syncThenClose(fh: FileHandle, name: string): Promise<void> {
+    while (this.syncing.size >= SYNC_LANES && !this.syncFailure) await Promise.race(this.syncing);
+    if (this.syncFailure) {
+      await fh.close();
+      throw this.syncFailure.err;
+    }
+    const job: Promise<void> = fsCall(fh.sync(), name)
+      .catch((err: unknown) => { this.syncFailure ??= { err }; })
+      .then(() => fh.close())
+      .catch((err: unknown) => { this.syncFailure ??= { err: fsError(err, name) }; })
+      .finally(() => this.syncing.delete(job));
+    this.syncing.add(job);
+  }
+
+  /**
+   * Waits for the files' fsyncs, then applies directory modes and mtimes (the root gets 0o755
+   * unless a `./` entry said otherwise) and fsyncs every directory, so all their entries are durable.
+   */
   async finish(): Promise<void> {
+    await this.settle();
+    if (this.syncFailure) throw this.syncFailure.err;
     const stack: Array<[PathNode, string]> = [[this.top, '']];
     for (let item = stack.pop(); item !== undefined; item = stack.pop()) {
       const [node, rel] = item;
       for (const child of node.children?.values() ?? []) {
         if (child.children) stack.push([child, rel === '' ? child.segment : `${rel}/${child.segment}`]);
       }
-      if (node.meta === undefined) continue;
       const fh = await fsCall(open(join(this.root, rel), O_RDONLY | O_DIRECTORY | O_NOFOLLOW), rel);
       try {
-        await fsCall(fh.chmod(dirMode(node.meta.mode)), rel);
-        if (validDate(node.meta.mtime)) await fsCall(fh.utimes(node.meta.mtime, node.meta.mtime), rel);
+        if (node.meta !== undefined) {
+          await fsCall(fh.chmod(dirMode(node.meta.mode)), rel);
+          if (validDate(node.meta.mtime)) await fsCall(fh.utimes(node.meta.mtime, node.meta.mtime), rel);
+        }
+        await fsCall(fh.sync(), rel);
       } finally {
         await fh.close();
       }

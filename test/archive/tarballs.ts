@@ -84,14 +84,17 @@ export function tarball(...parts: Buffer[]): Buffer {
 /** An honest archive, written by tar-stream's own packer. */
 export async function packed(entries: Array<Partial<Header> & { name: string; data?: string | Buffer }>): Promise<Buffer> {
   const p = pack();
+  // Read while adding: the packer holds back an entry's callback until its output is read, so
+  // reading only afterwards would stall past its buffer (about 16 small entries).
+  const chunks: Buffer[] = [];
+  const read = (async () => { for await (const c of p) chunks.push(c as Buffer); })();
   for (const { data, ...h } of entries) {
     await new Promise<void>((resolve, reject) => {
       p.entry(h, data ?? Buffer.alloc(0), (err) => (err ? reject(err) : resolve()));
     });
   }
   p.finalize();
-  const chunks: Buffer[] = [];
-  for await (const c of p) chunks.push(c as Buffer);
+  await read;
   return Buffer.concat(chunks);
 }
 

@@ -63,10 +63,19 @@ export class Staging {
     await this.assertInside(dirname(dest), dest, 'dest');
   }
 
-  /** Makes a finished temp file visible at `dest`, durably. */
+  /**
+   * Makes a finished (fsynced) temp file visible at `dest`, durably. If the folder's fsync fails,
+   * the rename is not known to be durable: `dest` is taken back and the error thrown (the job
+   * fails Transient for EIO and runs again from scratch; the fsync itself is never retried).
+   */
   async commitFile(tmp: string, dest: string): Promise<void> {
     await rename(tmp, dest);
-    await syncDir(dirname(dest));
+    try {
+      await syncDir(dirname(dest));
+    } catch (err) {
+      await rm(dest, { force: true });
+      throw err;
+    }
   }
 
   private async assertInside(dir: string, rel: string, field: string): Promise<void> {

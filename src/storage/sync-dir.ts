@@ -4,7 +4,10 @@ import { closeFd, fsyncFd, openFd } from './fd.js';
  * Group commit: concurrent callers for one key share runs of `fn`. A caller joins the next run to
  * start, never one already under way (it may have begun before the caller's change), so each
  * caller still gets a run that began after its call. Two runs at most per burst, however many
- * callers: one running, one queued.
+ * callers: one running, one queued. When a run fails, the callers queued behind it fail with the
+ * same error instead of getting a fresh run: their changes were made while the failed fsync was
+ * under way and may be among what it lost, and a new fsync would not report that error again
+ * (an fsync is never retried to turn a failure into a success).
  */
 export class GroupCommit {
   private readonly slots = new Map<string, { running: Promise<void>; queued: Promise<void> | undefined }>();
@@ -14,7 +17,11 @@ export class GroupCommit {
   run(key: string): Promise<void> {
     const slot = this.slots.get(key);
     if (!slot) return this.start(key);
-    slot.queued ??= slot.running.then(ignore, ignore).then(() => this.start(key));
+    slot.queued ??= slot.running.then(() => this.start(key), (err: unknown) => {
+      // Callers arriving after the failure start afresh: their changes come after it.
+      if (this.slots.get(key) === slot) this.slots.delete(key);
+      throw err;
+    });
     return slot.queued;
   }
 
@@ -26,8 +33,6 @@ export class GroupCommit {
     return slot.running;
   }
 }
-
-const ignore = () => {};
 
 const dirSyncs = new GroupCommit(async (dir) => {
   const fd = await openFd(dir, 'r');

@@ -48,15 +48,19 @@ describe('GroupCommit', () => {
     await again;
   });
 
-  it('gives a failed run to its callers and still serves the queue after it', async () => {
+  it('fails the callers queued behind a failed run with its error, never a fresh fsync; later callers start afresh', async () => {
     const { runs, commit } = gatedRuns();
     const first = commit.run('d');
     const queued = commit.run('d');
+    queued.catch(() => {});
     runs[0]!.fail(new Error('EIO'));
     await expect(first).rejects.toThrow('EIO');
-    await tick();
+    await expect(queued).rejects.toThrow('EIO');
+    expect(runs).toHaveLength(1);
+    const after = commit.run('d');
+    expect(runs).toHaveLength(2);
     runs[1]!.release();
-    await expect(queued).resolves.toBeUndefined();
+    await expect(after).resolves.toBeUndefined();
   });
 });
 

@@ -53,7 +53,8 @@ export async function store(p: StorePayload, d: JobDeps): Promise<StoreResult> {
   } catch (err) {
     if (!(p.ifAbsent && err instanceof StorageError && err.code === ErrorCode.PreconditionFailed)) throw err;
     // A redelivered job whose first run already stored these very bytes has nothing left to do.
-    const existing = await bucket.stat(p.key);
+    // Gone again (the other writer's upload never completed, or it was deleted): the original error stands.
+    const existing = await bucket.stat(p.key).catch(() => { throw err; });
     const ours = p.sha256 ?? (source instanceof Uint8Array ? createHash('sha256').update(source).digest('hex') : (await hashFile((source as { path: string }).path)).sha256);
     if (existing.sha256 !== ours) throw err;
     return { backend: p.backend, key: p.key, size: existing.size, sha256: ours };

@@ -75,6 +75,8 @@ export function classifyCommon(err: unknown): ErrorCode | undefined {
     if (e.code === 'ENOENT') return ErrorCode.NotFound;
     if (e.code === 'EACCES' || e.code === 'EPERM' || e.code === 'EROFS') return ErrorCode.PermissionDenied;
     if (e.code === 'EEXIST') return ErrorCode.PreconditionFailed;
+    // A path the input asked for that cannot be: a file where a folder must be, or a name too long.
+    if (e.code === 'ENOTDIR' || e.code === 'EISDIR' || e.code === 'ENAMETOOLONG') return ErrorCode.InvalidInput;
     if (TRANSIENT_ERRNO.has(e.code)) return ErrorCode.Transient;
   }
   const status = typeof e.statusCode === 'number' ? e.statusCode : typeof e.status === 'number' ? e.status : undefined;

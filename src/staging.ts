@@ -54,12 +54,16 @@ export class Staging {
    */
   async tempBeside(dest: string): Promise<string> {
     await this.ensureParent(dest);
-    return join(dirname(dest), `${STAGING_TMP}${basename(dest)}-${randomUUID()}`);
+    // Cut, so a dest name near the 255-byte limit still leaves room for the prefix and the UUID.
+    return join(dirname(dest), `${STAGING_TMP}${basename(dest).slice(0, 64)}-${randomUUID()}`);
   }
 
   /** Creates the folder `dest` goes in, checked to be inside the area once it exists. */
   async ensureParent(dest: string): Promise<void> {
-    await mkdir(dirname(dest), { recursive: true });
+    await mkdir(dirname(dest), { recursive: true }).catch((err: NodeJS.ErrnoException) => {
+      if (err.code !== 'EEXIST' && err.code !== 'ENOTDIR') throw err;
+      throw new StorageError(ErrorCode.InvalidInput, 'dest: a file is where its folder must be', { op: 'staging', key: dest, cause: err });
+    });
     await this.assertInside(dirname(dest), dest, 'dest');
   }
 

@@ -1,7 +1,7 @@
-import { mkdir, readdir, symlink, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { mkdir, readdir, rename, symlink, writeFile } from 'node:fs/promises';
+import { basename, join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { ErrorCode, StorageError } from '../src/errors.js';
+import { ErrorCode, StorageError, classifyCommon } from '../src/errors.js';
 import { Staging } from '../src/staging.js';
 import { tempDir } from './harness/process.js';
 
@@ -38,6 +38,28 @@ describe('the staging area', () => {
     expect(await codeOf(staging.source('missing'))).toBe(ErrorCode.NotFound);
     await writeFile(join(dir.path, 'staging', 'ok'), 'x');
     expect(await staging.source('ok')).toBe(join(dir.path, 'staging', 'ok'));
+  });
+
+  it('gives a temp name that fits beside a dest whose name is near the 255-byte limit', async () => {
+    const dest = await staging.resolve(`out/${'n'.repeat(250)}`);
+    const tmp = await staging.tempBeside(dest);
+    expect(Buffer.byteLength(basename(tmp))).toBeLessThanOrEqual(255);
+    await writeFile(tmp, 'x');
+    await staging.commitFile(tmp, dest);
+    expect(await readdir(join(dir.path, 'staging', 'out'))).toEqual(['n'.repeat(250)]);
+  });
+
+  it('calls a dest the filesystem cannot hold InvalidInput, not a retryable error', async () => {
+    await writeFile(join(dir.path, 'staging', 'file'), 'x');
+    const underFile = await staging.resolve('file/below').then(() => undefined, (e: unknown) => e);
+    const err = underFile ?? (await staging.ensureParent(join(dir.path, 'staging', 'file', 'below')).catch((e: unknown) => e));
+    expect(classifyCommon(err)).toBe(ErrorCode.InvalidInput);
+    await mkdir(join(dir.path, 'staging', 'folder'));
+    const tmp = await staging.tempBeside(join(dir.path, 'staging', 'folder'));
+    await writeFile(tmp, 'x');
+    const onto = await rename(tmp, join(dir.path, 'staging', 'folder')).catch((e: unknown) => e);
+    expect(classifyCommon(onto)).toBe(ErrorCode.InvalidInput);
+    expect(classifyCommon(Object.assign(new Error('name too long'), { code: 'ENAMETOOLONG' }))).toBe(ErrorCode.InvalidInput);
   });
 
   it('names the field in its message', async () => {

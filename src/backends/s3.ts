@@ -408,8 +408,9 @@ const S3_CODES = new Map<string, ErrorCode>(Object.entries({
   SignatureDoesNotMatch: ErrorCode.PermissionDenied,
   AllAccessDisabled: ErrorCode.PermissionDenied,
   PreconditionFailed: ErrorCode.PreconditionFailed,
-  // A concurrent conditional write to the same key: another writer is creating it.
-  ConditionalRequestConflict: ErrorCode.PreconditionFailed,
+  // A conditional write raced another write to the key; AWS says to retry (the retry then meets
+  // the key as it ended up: PreconditionFailed if the other writer created it).
+  ConditionalRequestConflict: ErrorCode.Transient,
   InvalidRange: ErrorCode.InvalidInput,
   // 400s and 409s that heal by themselves: timeouts, rotated credentials, bytes damaged in flight.
   RequestTimeout: ErrorCode.Transient,

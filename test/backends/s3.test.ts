@@ -245,7 +245,7 @@ describe('s3 driver', () => {
     ['InternalError', 500, ErrorCode.Transient],
     ['RequestTimeout', 400, ErrorCode.Transient],
     ['PreconditionFailed', 412, ErrorCode.PreconditionFailed],
-    ['ConditionalRequestConflict', 409, ErrorCode.PreconditionFailed],
+    ['ConditionalRequestConflict', 409, ErrorCode.Transient],
     ['AccessDenied', 403, ErrorCode.PermissionDenied],
     ['InvalidRange', 416, ErrorCode.InvalidInput],
     ['SomethingNew', 429, ErrorCode.Transient],

@@ -35,10 +35,29 @@ export const Metadata = z.record(z.string(), z.string());
 /** A path relative to the staging directory; containment is checked by Staging when used. */
 export const StagingPath = z.string().min(1).max(4096);
 
+/** Names no payload field uses, at any depth: the shapes of prototype pollution (RELIABILITY #11). */
+const FORBIDDEN_NAMES = new Set(['__proto__', 'constructor', 'prototype']);
+
+/** The path of the first forbidden name in `v`; own keys only (JSON.parse makes `__proto__` one). */
+function forbiddenName(v: unknown, path: string[] = []): string | undefined {
+  if (typeof v !== 'object' || v === null || path.length > 64) return undefined;
+  for (const k of Object.keys(v)) {
+    if (FORBIDDEN_NAMES.has(k)) return [...path, k].join('.');
+    const found = forbiddenName((v as Record<string, unknown>)[k], [...path, k]);
+    if (found) return found;
+  }
+  return undefined;
+}
+
 /** Validates a payload; the error names every offending field, and unknown fields are refused. */
 export function parsePayload<S extends z.ZodType>(schema: S, data: unknown): z.infer<S> {
   const res = schema.safeParse(data);
-  if (res.success) return res.data;
+  if (res.success) {
+    // zod drops a `__proto__` key inside records (metadata) without a word; it must not pass silently.
+    const bad = forbiddenName(data);
+    if (bad) throw new StorageError(ErrorCode.InvalidInput, `${bad}: "${bad.split('.').pop()!}" is not allowed as a field name`);
+    return res.data;
+  }
   const detail = res.error.issues
     .slice(0, 5)
     .map((i) => {

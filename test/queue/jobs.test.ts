@@ -134,6 +134,7 @@ describe('jobs through Redis', () => {
     ['a staging path outside the area', { key: 'k', source: { path: '../../etc/passwd' } }, /^InvalidInput: .*source\.path: must not contain "\.\."/],
     ['an absolute staging path', { key: 'k', source: { path: '/etc/passwd' } }, /^InvalidInput: .*source\.path: must be relative/],
     ['a __proto__ field', JSON.parse('{"key":"k","source":{"base64":""},"__proto__":{"polluted":true}}') as object, /^InvalidInput: payload: unknown field\(s\) "__proto__"/],
+    ['a __proto__ name inside metadata', JSON.parse('{"key":"k","source":{"base64":""},"metadata":{"__proto__":"x"}}') as object, /^InvalidInput: metadata\.__proto__: "__proto__" is not allowed/],
     ['an unknown backend', { backend: 'nope', key: 'k', source: { base64: '' } }, /^InvalidInput: backend: no backend named "nope"/],
     ['inline bytes over the limit', { key: 'k', source: { base64: randomBytes(2048).toString('base64') } }, /^InvalidInput: .*over the inline limit/],
   ])('fails a payload with %s at once, naming the field, and keeps serving', async (_what, data, reason) => {

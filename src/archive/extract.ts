@@ -214,26 +214,28 @@ function peek(source: Readable, n: number): Promise<Buffer> {
   });
 }
 
-/** Puts the finished tree at `dest` and makes the rename durable. */
+/** How often a replacing commit moves aside a tree that a concurrent run put at dest meanwhile. */
+const COMMIT_ATTEMPTS = 5;
+
+/**
+ * Puts the finished tree at `dest` and makes the rename durable. With `replace`, whatever is at
+ * `dest` is moved aside first; a tree another run of the same job put there in between (a job
+ * run twice at once) is moved aside in turn, so the last run wins whole instead of the others
+ * failing. rename(2) of a directory fails on a non-empty directory or a non-directory (a symlink
+ * included) at `dest`, so nothing is ever written through what is there.
+ */
 async function commit(tmp: string, dest: string, replace: boolean): Promise<void> {
-  let aside: string | undefined;
-  if (replace && (await exists(dest))) {
-    aside = join(dirname(dest), `${STAGING_TMP}${basename(dest).slice(0, 64)}.old-${randomUUID()}`);
-    await rename(dest, aside); // moves a symlink itself, never its target
-  } else if (!replace && (await exists(dest))) {
-    throw destExists(dest);
-  }
-  // rename(2) of a directory fails on a non-empty directory or a non-directory (a symlink
-  // included) at `dest`, so a writer racing us there makes this fail rather than be followed; only
-  // an empty directory created since the check above would be replaced.
-  await rename(tmp, dest).catch(async (err: unknown) => {
-    if (aside !== undefined) await rename(aside, dest).catch(() => {}); // put the old tree back
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ENOTEMPTY' || code === 'EEXIST' || code === 'ENOTDIR') throw destExists(dest, err);
+  const asides: string[] = [];
+  try {
+    await placeTree(tmp, dest, replace, asides);
+  } catch (err) {
+    // Nothing of ours got to dest: put back the tree that was there (the last one moved aside).
+    const last = asides.pop();
+    if (last !== undefined) await rename(last, dest).catch(() => {});
     throw err;
-  });
+  }
   // Best effort: a leftover carries the STAGING_TMP prefix, so the staging sweep removes it.
-  if (aside !== undefined) await rm(aside, { recursive: true, force: true }).catch(() => {});
+  for (const aside of asides) await rm(aside, { recursive: true, force: true }).catch(() => {});
   try {
     const dir = await open(dirname(dest), 'r');
     try {
@@ -245,6 +247,32 @@ async function commit(tmp: string, dest: string, replace: boolean): Promise<void
     // Not known to be durable: take it back and fail (Transient for EIO), never retry the fsync.
     await rm(dest, { recursive: true, force: true });
     throw err;
+  }
+}
+
+/** The rename loop of `commit`; trees it moved out of the way are added to `asides`. */
+async function placeTree(tmp: string, dest: string, replace: boolean, asides: string[]): Promise<void> {
+  for (let attempt = 1; ; attempt++) {
+    if (replace && (await exists(dest))) {
+      const aside = join(dirname(dest), `${STAGING_TMP}${basename(dest).slice(0, 64)}.old-${randomUUID()}`);
+      // Moves a symlink itself, never its target; gone already if the other run moved it.
+      const moved = await rename(dest, aside).then(() => true, (err: NodeJS.ErrnoException) => {
+        if (err.code === 'ENOENT') return false;
+        throw err;
+      });
+      if (moved) asides.push(aside);
+    } else if (!replace && (await exists(dest))) {
+      throw destExists(dest);
+    }
+    const taken = await rename(tmp, dest).then(() => false, (err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOTEMPTY' || err.code === 'EEXIST' || err.code === 'ENOTDIR') return err;
+      throw err;
+    });
+    if (!taken) break;
+    if (!replace) throw destExists(dest, taken);
+    if (attempt === COMMIT_ATTEMPTS) {
+      throw new StorageError(ErrorCode.Transient, 'destination keeps being replaced by another writer', { op: 'extract', key: dest, cause: taken });
+    }
   }
 }
 

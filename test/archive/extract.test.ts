@@ -184,3 +184,19 @@ describe('extractArchive: failures that are not the archive\'s fault', () => {
     await expectRefused(box, extractArchive(failing(rot), box.dest), { code: ErrorCode.ChecksumMismatch });
   });
 });
+
+describe('extractArchive run twice at once (RELIABILITY #17)', () => {
+  it('lets both replacing runs succeed, leaving one whole tree and no temp folders', async () => {
+    const tar = await packed([
+      { name: 'site/index.html', data: '<h1>hi</h1>' },
+      ...Array.from({ length: 30 }, (_, i) => ({ name: `site/f${i}.txt`, data: `file ${i}` })),
+    ]);
+    for (let round = 0; round < 15; round++) {
+      const runs = await Promise.allSettled([0, 1].map(() => extractArchive(streamOf(tar), box.dest, { replace: true })));
+      expect(runs.map((r) => (r.status === 'rejected' ? String(r.reason) : 'ok'))).toEqual(['ok', 'ok']);
+      expect(await listAll(box.dest)).toHaveLength(32);
+      expect(await readFile(join(box.dest, 'site/index.html'), 'utf8')).toBe('<h1>hi</h1>');
+      expect(await listAll(box.parent).then((all) => all.filter((p) => !p.startsWith('out')))).toEqual([]);
+    }
+  });
+});

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
-import { lstat, mkdir, realpath, rename, rm } from 'node:fs/promises';
+import { lstat, mkdir, readdir, realpath, rename, rm } from 'node:fs/promises';
+import type { Dirent } from 'node:fs';
 import { basename, dirname, isAbsolute, join, normalize, sep } from 'node:path';
 import { ErrorCode, StorageError } from './errors.js';
 import { syncDir } from './storage/sync-dir.js';
@@ -93,6 +94,44 @@ export class Staging {
   async discard(tmp: string): Promise<void> {
     await rm(tmp, { recursive: true, force: true });
   }
+
+  /**
+   * Removes what killed workers left in the staging area: temp files and trees (STAGING_TMP) in
+   * which nothing changed for `maxAgeMs`. A temp tree counts as changed while any entry in it is
+   * newer, so a long extraction is never swept from under its worker. Symlinks are never
+   * followed. Returns how many leftovers it removed.
+   */
+  async sweep(maxAgeMs = 60 * 60_000): Promise<number> {
+    const cutoff = Date.now() - maxAgeMs;
+    let removed = 0;
+    const visit = async (dir: string): Promise<void> => {
+      const entries = await readdir(dir, { withFileTypes: true }).catch(() => [] as Dirent[]);
+      for (const e of entries) {
+        const path = join(dir, e.name);
+        if (e.name.startsWith(STAGING_TMP)) {
+          if ((await newestChange(path)) <= cutoff) {
+            await rm(path, { recursive: true, force: true });
+            removed++;
+          }
+        } else if (e.isDirectory()) {
+          await visit(path);
+        }
+      }
+    };
+    await visit(this.root);
+    return removed;
+  }
+}
+
+/** The latest mtime of `path` and, for a directory, of everything under it (0 if it vanished). */
+async function newestChange(path: string): Promise<number> {
+  const st = await lstat(path).catch(() => undefined);
+  if (!st) return 0;
+  let newest = st.mtimeMs;
+  if (st.isDirectory()) {
+    for (const e of await readdir(path).catch(() => [] as string[])) newest = Math.max(newest, await newestChange(join(path, e)));
+  }
+  return newest;
 }
 
 async function exists(path: string): Promise<boolean> {

@@ -1,8 +1,8 @@
-import { mkdir, readdir, rename, symlink, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, rename, symlink, utimes, writeFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { ErrorCode, StorageError, classifyCommon } from '../src/errors.js';
-import { Staging } from '../src/staging.js';
+import { STAGING_TMP, Staging } from '../src/staging.js';
 import { tempDir } from './harness/process.js';
 
 const codeOf = (p: Promise<unknown>) => p.then(() => 'resolved', (e: unknown) => (e as StorageError).code);
@@ -65,5 +65,37 @@ describe('the staging area', () => {
   it('names the field in its message', async () => {
     const err = await staging.resolve('/abs', 'dest').catch((e: unknown) => e as StorageError);
     expect((err as StorageError).message).toMatch(/^InvalidInput: .*dest: must be relative/);
+  });
+});
+
+describe('sweeping the staging area', () => {
+  let dir: Awaited<ReturnType<typeof tempDir>>;
+  beforeEach(async () => { dir = await tempDir(); });
+  afterEach(() => dir.remove());
+
+  it('removes temp files and trees a killed worker left, once nothing in them changed for the age given', async () => {
+    const root = join(dir.path, 'staging');
+    const staging = new Staging(root);
+    const old = new Date(Date.now() - 2 * 60_000);
+    const at = (...p: string[]) => join(root, ...p);
+    await mkdir(at('jobs/a'), { recursive: true });
+    // Left by a killed fetch and a killed extraction, both old.
+    await writeFile(at('jobs/a', `${STAGING_TMP}out.bin-1`), 'partial');
+    await mkdir(at('jobs', `${STAGING_TMP}tree.extract-1`, 'site'), { recursive: true });
+    await writeFile(at('jobs', `${STAGING_TMP}tree.extract-1`, 'site', 'f'), 'x');
+    // An extraction still running: its top folder is old, a file deep inside is fresh.
+    await mkdir(at(`${STAGING_TMP}live.extract-2`, 'deep'), { recursive: true });
+    await writeFile(at(`${STAGING_TMP}live.extract-2`, 'deep', 'fresh'), 'x');
+    // A user's own file, old, and a fresh temp file.
+    await writeFile(at('jobs/a/keep.bin'), 'mine');
+    await writeFile(at('jobs/a', `${STAGING_TMP}new.bin-3`), 'writing');
+    for (const p of [at('jobs/a', `${STAGING_TMP}out.bin-1`), at('jobs', `${STAGING_TMP}tree.extract-1`, 'site', 'f'), at('jobs', `${STAGING_TMP}tree.extract-1`, 'site'),
+      at('jobs', `${STAGING_TMP}tree.extract-1`), at(`${STAGING_TMP}live.extract-2`), at('jobs/a/keep.bin')]) await utimes(p, old, old);
+
+    expect(await staging.sweep(60_000)).toBe(2);
+    expect((await readdir(root, { recursive: true })).sort()).toEqual([
+      `${STAGING_TMP}live.extract-2`, `${STAGING_TMP}live.extract-2/deep`, `${STAGING_TMP}live.extract-2/deep/fresh`,
+      'jobs', 'jobs/a', `jobs/a/${STAGING_TMP}new.bin-3`, 'jobs/a/keep.bin',
+    ].sort());
   });
 });

@@ -17,6 +17,9 @@ export interface RunWorkerOptions {
   cwd: string;
 }
 
+/** How often a worker sweeps stale temp files (at start too). */
+const SWEEP_EVERY_MS = 10 * 60_000;
+
 /** Composition root of a worker process: config -> logger -> backends -> worker -> signals. */
 export async function runWorker(config: Config, opts: RunWorkerOptions): Promise<Worker> {
   const log = createLogger(config.logLevel);
@@ -40,17 +43,23 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
     backends: [...buckets.entries()].map(([name, b]) => `${name}=${b.driver.kind}`), staging: config.stagingDir,
   }, 'worker started');
 
-  // Leftovers of killed writers in filesystem backends; an hour old means no live writer owns them.
-  for (const [name, b] of buckets) {
-    if (b.driver instanceof FsDriver) {
-      b.driver.sweep().then((n) => n && log.info({ backend: name, removed: n }, 'swept stale temp files'), (err: unknown) => log.warn({ err, backend: name }, 'sweep failed'));
+  // Leftovers of killed workers, in filesystem backends and in the staging area: an hour without a
+  // change means no live worker owns them. Swept at start and every SWEEP_EVERY_MS after.
+  const sweep = () => {
+    const sweeps: Array<[string, Promise<number>]> = [['staging', staging.sweep()]];
+    for (const [name, b] of buckets) if (b.driver instanceof FsDriver) sweeps.push([`backend ${name}`, b.driver.sweep()]);
+    for (const [where, done] of sweeps) {
+      done.then((n) => n && log.info({ where, removed: n }, 'swept stale temp files'), (err: unknown) => log.warn({ err, where }, 'sweep failed'));
     }
-  }
+  };
+  sweep();
+  const sweeper = setInterval(sweep, SWEEP_EVERY_MS).unref();
 
   let stopping = false;
   const shutdown = async (signal: string) => {
     if (stopping) return;
     stopping = true;
+    clearInterval(sweeper);
     log.info({ signal, deadlineMs: config.shutdownTimeoutMs }, 'stopping: no new jobs, waiting for active ones');
     const outcome = await stopWorker(worker, config.shutdownTimeoutMs, log);
     if (outcome === 'drained') {

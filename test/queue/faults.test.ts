@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { readdir, stat, utimes } from 'node:fs/promises';
+import { readdir, stat, utimes, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, type HeadObjectCommandOutput } from '@aws-sdk/client-s3';
@@ -7,6 +7,7 @@ import type { Job } from 'bullmq';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { FsDriver } from '../../src/backends/fs.js';
 import { StevedoreClient } from '../../src/queue/client.js';
+import { STAGING_TMP } from '../../src/staging.js';
 import { Bucket } from '../../src/storage/bucket.js';
 import { digestFile, digestStream, writeRandomFile, type Written } from '../fixtures/big-file.js';
 import { startGateProxy, type GateProxy } from '../fixtures/gate-proxy.js';
@@ -182,9 +183,13 @@ describe('worker processes under faults', () => {
       expect(await fsKeys('kill9/')).toEqual([]);
       expect(await state(client, id)).toBe('active');
 
-      // Age what the dead writer left so the next worker's start-up sweep counts it as stale.
+      // Age what the dead writer left so the next worker's start-up sweep counts it as stale; and
+      // plant what a worker killed mid-fetch leaves in staging, aged as well.
       const old = new Date(Date.now() - 2 * 3600_000);
       for (const f of await readdir(meta)) await utimes(join(meta, f), old, old);
+      const fetchLeftover = join(stagingDir, `${STAGING_TMP}fetched.bin-dead`);
+      await writeFile(fetchLeftover, 'partial');
+      await utimes(fetchLeftover, old, old);
 
       const b = await worker(workerEnv(queue));
       const result = await client.result<'store'>(id, { timeoutMs: 60_000 });
@@ -194,8 +199,10 @@ describe('worker processes under faults', () => {
       const job = await client.getJob(id);
       expect(job?.processedBy).toBe(b.name);
       expect(job?.stalledCounter).toBe(1);
-      expect((await b.waitForLog(isMsg('swept stale temp files'), 10_000)).removed).toBeGreaterThanOrEqual(1);
+      expect((await b.waitForLog((l) => l.msg === 'swept stale temp files' && l.where === 'backend default', 10_000)).removed).toBeGreaterThanOrEqual(1);
+      expect((await b.waitForLog((l) => l.msg === 'swept stale temp files' && l.where === 'staging', 10_000)).removed).toBe(1);
       expect(await tmpFiles(meta)).toEqual([]);
+      await expect(stat(fetchLeftover)).rejects.toMatchObject({ code: 'ENOENT' });
       expect(await fsKeys('kill9/')).toEqual([key]);
     }, 120_000);
 

@@ -47,8 +47,9 @@ export async function runJob(job: Job, deps: RunnerDeps, signal: AbortSignal): P
   } catch (err) {
     const mapped = toBullError(err);
     if (signal.aborted) {
-      // A forced stop cancelled it; the worker hands it back (see stopWorker).
-      log.warn({ ms: Date.now() - started, bytes, err }, 'job interrupted by shutdown');
+      // Cancelled: by a forced stop (the worker hands it back, see stopWorker), or because its lock
+      // was lost (another worker runs it now).
+      log.warn({ ms: Date.now() - started, bytes, err, reason: String(signal.reason) }, 'job cancelled');
       throw mapped;
     }
     const level = mapped instanceof UnrecoverableError ? 'error' : 'warn';

@@ -49,6 +49,14 @@ export function startWorker(connection: Redis, opts: WorkerOptions, deps: Runner
   });
   // Without an 'error' listener a Redis hiccup would be an unhandled error event and kill the process.
   worker.on('error', (err) => deps.log.error({ err }, 'worker error'));
+  // A job whose lock could not be renewed may already be another worker's (its stalled check took
+  // it): stop this run instead of racing that one. Its handler sees the abort, and whatever it
+  // leaves is invisible (temp files, unfinished uploads); the other run completes the job.
+  worker.on('lockRenewalFailed', (jobIds: string[]) => {
+    for (const id of jobIds) {
+      if (worker.cancelJob(id, 'lock lost: another worker may be running this job')) deps.log.warn({ jobId: id }, 'job lock lost; job cancelled');
+    }
+  });
   return worker;
 }
 

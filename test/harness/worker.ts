@@ -17,11 +17,11 @@ export interface InProcessWorker {
 }
 
 /** A worker and a client on a fresh queue name, in this process, against real Redis and real backends. */
-export async function inProcessWorker(redisUrl: string, buckets: Map<string, Bucket>, stagingDir: string, opts: { concurrency?: number; maxInlineBytes?: number; prefix?: string } = {}): Promise<InProcessWorker> {
+export async function inProcessWorker(redisUrl: string, buckets: Map<string, Bucket>, stagingDir: string, opts: { concurrency?: number; maxInlineBytes?: number; prefix?: string; lockDurationMs?: number } = {}): Promise<InProcessWorker> {
   const queue = `test-${randomUUID().slice(0, 8)}`;
   const connection: Redis = redisConnection(redisUrl, 'worker');
   const staging = new Staging(stagingDir);
-  const worker = startWorker(connection, { queue, prefix: opts.prefix ?? 'bull', concurrency: opts.concurrency ?? 4, stalledIntervalMs: 5_000 }, {
+  const worker = startWorker(connection, { queue, prefix: opts.prefix ?? 'bull', concurrency: opts.concurrency ?? 4, stalledIntervalMs: 5_000, ...(opts.lockDurationMs ? { lockDurationMs: opts.lockDurationMs } : {}) }, {
     buckets, staging, log: pino({ level: 'silent' }), limits: { maxInlineBytes: opts.maxInlineBytes ?? 1 << 20 }, progressIntervalMs: 0,
   });
   await worker.waitUntilReady();

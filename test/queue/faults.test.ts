@@ -330,7 +330,7 @@ describe('worker processes under faults', () => {
       expect(Date.now() - signalled).toBeLessThan(4_000);
       expect(a.logs().find(isMsg('stopped'))?.outcome).toBe('forced');
       expect(a.logs().some(isMsg('job completed', id))).toBe(false);
-      expect(a.logs().some(isMsg('job interrupted by shutdown', id))).toBe(true);
+      expect(a.logs().some(isMsg('job cancelled', id))).toBe(true);
       expect(await head(key)).toBeUndefined();
       // Handed back before exiting: waiting at once, not active until its 4 s lock lapses.
       expect(await state(client, id)).toBe('waiting');

@@ -28,6 +28,8 @@ export interface FetchResult {
 export async function fetchToStaging(p: FetchPayload, d: JobDeps): Promise<FetchResult> {
   const dest = await d.staging.resolve(p.dest, 'dest');
   await d.staging.ensureParent(dest);
+  // Named before the object is opened, so a staging error cannot leave its stream open.
+  const tmp = p.extract ? undefined : await d.staging.tempBeside(dest);
   let total: number | undefined;
   // One pass checks both the digest recorded at write time and `sha256`, and gives the result's digest.
   const got = await d.bucket(p.backend).get(p.key, { signal: d.signal, sha256: p.sha256, progress: (n) => d.progress(n, total) });
@@ -35,13 +37,13 @@ export async function fetchToStaging(p: FetchPayload, d: JobDeps): Promise<Fetch
   if (got.info.sha256 === undefined && p.sha256 === undefined) {
     d.log.warn({ key: p.key }, 'object has no recorded sha256 (written by another tool); fetched unverified');
   }
-  if (p.extract) {
+  if (tmp === undefined) {
+    // extract: the archive is unpacked into a fresh temp directory of its own.
     const res = await extractArchive(got.stream, dest, { replace: true, signal: d.signal });
     const { sha256, size } = got.digest();
     d.log.info({ key: p.key, dest: p.dest, entries: res.entries }, 'fetched and extracted');
     return { path: p.dest, size, sha256, entries: res.entries };
   }
-  const tmp = await d.staging.tempBeside(dest);
   try {
     // flush: fsync before close, so a rename after a crash never exposes an empty or partial file.
     await pipeline(got.stream, createWriteStream(tmp, { flags: 'wx', flush: true }), { signal: d.signal });

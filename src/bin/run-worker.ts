@@ -30,7 +30,12 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
     redisUrl = started.url;
     stopRedis = started.stop;
   }
-  const buckets = await openBackends(config.backends, { cwd: opts.cwd, AZURE_STORAGE_CONNECTION_STRING: opts.env.AZURE_STORAGE_CONNECTION_STRING });
+  // A backend that cannot be opened ends the start; a private Redis must not outlive it.
+  const buckets = await openBackends(config.backends, { cwd: opts.cwd, AZURE_STORAGE_CONNECTION_STRING: opts.env.AZURE_STORAGE_CONNECTION_STRING })
+    .catch(async (err: unknown) => {
+      await stopRedis?.().catch(() => {});
+      throw err;
+    });
   const staging = new Staging(config.stagingDir);
   const connection = redisConnection(redisUrl, 'worker');
   connection.on('error', (err) => log.warn({ err: { message: err.message } }, 'redis connection error'));
@@ -74,8 +79,16 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
     // A forced stop leaves handlers running; exiting hands their jobs back (stalled recovery).
     process.exit(0);
   };
-  process.once('SIGTERM', () => void shutdown('SIGTERM'));
-  process.once('SIGINT', () => void shutdown('SIGINT'));
+  const onSignal = (signal: string) => () => {
+    shutdown(signal).catch(async (err: unknown) => {
+      log.error({ err }, 'stopping failed');
+      await stopRedis?.().catch(() => {});
+      log.flush();
+      process.exit(1);
+    });
+  };
+  process.once('SIGTERM', onSignal('SIGTERM'));
+  process.once('SIGINT', onSignal('SIGINT'));
   return worker;
 }
 

@@ -221,9 +221,11 @@ export class Bucket {
       return { sha256, size: bytes.length, source: { bytes }, cleanup: none };
     }
     if (!(source instanceof Readable)) {
-      const { size } = await fsStat(source.path);
-      const sha256 = expected ?? (this.driver.metadataAtEnd ? undefined : (await hashFile(source.path)).sha256);
-      return { sha256, size, source: { path: source.path }, cleanup: none };
+      // Digest and size of one pass, so they describe the same bytes even if the file changes
+      // (the upload then fails its check instead of sending a stale length).
+      const known = expected === undefined && !this.driver.metadataAtEnd ? await hashFile(source.path) : undefined;
+      const size = known?.size ?? (await fsStat(source.path)).size;
+      return { sha256: expected ?? known?.sha256, size, source: { path: source.path }, cleanup: none };
     }
     if (expected !== undefined || this.driver.metadataAtEnd) {
       return { sha256: expected, size: undefined, source: { stream: source }, cleanup: none };

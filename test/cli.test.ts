@@ -17,14 +17,15 @@ describe('the stevedore command', () => {
   let w: InProcessWorker;
   let env: NodeJS.ProcessEnv;
 
-  const cli = (...args: string[]): Promise<Run> => new Promise((resolve) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', 'src/bin/stevedore.ts', ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const cliIn = (childEnv: NodeJS.ProcessEnv, ...args: string[]): Promise<Run> => new Promise((resolve) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', 'src/bin/stevedore.ts', ...args], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';
     child.stdout.on('data', (b: Buffer) => { out += b.toString(); });
     child.stderr.on('data', (b: Buffer) => { err += b.toString(); });
     child.on('exit', (code) => resolve({ code, out, err }));
   });
+  const cli = (...args: string[]): Promise<Run> => cliIn(env, ...args);
 
   beforeAll(async () => {
     redis = await startRedis();
@@ -59,6 +60,21 @@ describe('the stevedore command', () => {
     const listed = await cli('versions', 'web');
     expect(listed.code).toBe(0);
     expect(listed.out).toMatch(/^42\t\S+\t14 bytes\t1 log entries\n$/);
+  });
+
+  it('keeps the staged copy when --wait runs out before the job does: the job still needs it', async () => {
+    const file = join(tmp.path, 'slow.tar.gz');
+    await writeFile(file, 'waiting bytes');
+    // A queue no worker serves: the job waits, the CLI's wait runs out.
+    const unserved = { ...env, STEVEDORE_QUEUE: `${w.queue}-unserved` };
+    const before = await readdir(join(tmp.path, 'staging', 'incoming')).catch(() => [] as string[]);
+    const run = await cliIn(unserved, 'store', file, '--key', 'slow/1', '--wait', '--timeout', '1');
+    expect(run.code).toBe(1);
+    expect(run.err).toMatch(/did not finish within 1000 ms; it may still be running/);
+    const after = await readdir(join(tmp.path, 'staging', 'incoming'));
+    const added = after.filter((f) => !before.includes(f));
+    expect(added).toHaveLength(1);
+    expect(await readFile(join(tmp.path, 'staging', 'incoming', added[0]!), 'utf8')).toBe('waiting bytes');
   });
 
   it('prints the job id without --wait', async () => {

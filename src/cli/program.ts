@@ -1,10 +1,11 @@
 import { randomUUID } from 'node:crypto';
-import { copyFile, mkdir, rename, rm } from 'node:fs/promises';
+import { copyFile, mkdir, open, rename, rm } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
 import { openBackends } from '../backends/open.js';
 import { loadConfig, type Config } from '../config.js';
 import { StevedoreClient, type JobName, type Payloads, type Progress } from '../queue/client.js';
+import { STAGING_TMP } from '../staging.js';
 import { versions } from '../versions.js';
 import { runWorker } from '../bin/run-worker.js';
 
@@ -48,14 +49,16 @@ export function buildProgram(io: CliIo, setExit: (code: number) => void): Comman
       if (!key) throw new InvalidArgumentError('give --key, or --site and --build');
       const cfg = config();
       const staged = await stageFile(cfg.stagingDir, file);
+      let finished = false;
       try {
-        await submit(cfg, io, setExit, o, 'store', {
+        finished = await submit(cfg, io, setExit, o, 'store', {
           backend: String(o.backend), key, source: { path: staged.rel },
           ...(o.sha256 ? { sha256: String(o.sha256) } : {}), ...(o.contentType ? { contentType: String(o.contentType) } : {}),
           ...(o.ifAbsent ? { ifAbsent: true } : {}),
         });
       } finally {
-        if (o.wait) await rm(staged.abs, { force: true });
+        // Only once the job is over: a job still running after --timeout still reads it.
+        if (finished) await rm(staged.abs, { force: true });
       }
     });
 
@@ -99,36 +102,54 @@ export function buildProgram(io: CliIo, setExit: (code: number) => void): Comman
   return program;
 }
 
-async function submit<N extends JobName>(cfg: Config, io: CliIo, setExit: (c: number) => void, o: Record<string, unknown>, name: N, payload: Payloads[N]): Promise<void> {
+/** Enqueues, and with --wait awaits the outcome; returns false while the job may still run. */
+async function submit<N extends JobName>(cfg: Config, io: CliIo, setExit: (c: number) => void, o: Record<string, unknown>, name: N, payload: Payloads[N]): Promise<boolean> {
   const client = new StevedoreClient({ redisUrl: cfg.redisUrl, queue: cfg.queue, prefix: cfg.prefix });
   try {
     if (!o.wait) {
       io.out(`${await client.add(name, payload)}\n`);
-      return;
+      return false;
     }
     const bar = io.isTTY ? (p: Progress) => io.err(`\r${progressBar(p)}`) : undefined;
     try {
       const result = await client.run(name, payload, { timeoutMs: typeof o.timeout === 'number' ? o.timeout * 1000 : undefined, ...(bar ? { onProgress: bar } : {}) });
       if (bar) io.err('\n');
       io.out(`${JSON.stringify(result)}\n`);
+      return true;
     } catch (err) {
       if (bar) io.err('\n');
       io.err(`${(err as Error).message}\n`);
       setExit((err as { code?: string }).code === 'InvalidInput' ? EXIT.usage : EXIT.failed);
+      return (err as { pending?: boolean }).pending !== true;
     }
   } finally {
     await client.close();
   }
 }
 
-/** Copies a file into the staging area under incoming/, whole before it is visible there. */
+/**
+ * Copies a file into the staging area under incoming/, whole and on disk before it is visible
+ * there (a crash must not leave a short file for the job to store), under a temp name the staging
+ * sweep removes if the copy dies half-way.
+ */
 async function stageFile(stagingDir: string, file: string): Promise<{ rel: string; abs: string }> {
   const rel = join('incoming', `${randomUUID()}-${basename(file)}`);
   const abs = join(stagingDir, rel);
   await mkdir(join(stagingDir, 'incoming'), { recursive: true });
-  const tmp = `${abs}.partial`;
-  await copyFile(file, tmp);
-  await rename(tmp, abs);
+  const tmp = join(stagingDir, 'incoming', `${STAGING_TMP}${randomUUID()}`);
+  try {
+    await copyFile(file, tmp);
+    const fh = await open(tmp, 'r+');
+    try {
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await rename(tmp, abs);
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw err;
+  }
   return { rel, abs };
 }
 

@@ -93,6 +93,10 @@ export class StevedoreClient {
       return (await job.waitUntilFinished(events, opts.timeoutMs)) as Results[N];
     } catch (err) {
       const reason = err instanceof Error ? err.message : String(err);
+      // The wait ran out, not the job: it may still be running (`pending`, no contract code).
+      if (opts.timeoutMs !== undefined && !(await job.isCompleted()) && !(await job.isFailed())) {
+        throw Object.assign(new Error(`job ${jobId} did not finish within ${opts.timeoutMs} ms; it may still be running`), { code: 'Unknown', pending: true });
+      }
       const code = /^(\w+):/.exec(reason)?.[1] ?? 'Unknown';
       throw Object.assign(new Error(reason), { code });
     } finally {

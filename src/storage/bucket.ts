@@ -120,7 +120,13 @@ export class Bucket {
     const whole = !range || (range.start === 0 && (range.end === undefined || range.end >= info.size - 1));
     const check = whole ? info.sha256 ?? expected : undefined;
     const out = new HashingStream({ sha256: check, size: check === undefined ? undefined : info.size, hash: whole, op: 'get', key, onBytes: opts.progress });
-    stream.on('error', (err) => out.destroy(this.wrap('get', key, err)));
+    stream.on('error', (err) => {
+      const wrapped = this.wrap('get', key, err);
+      // A precondition failing mid-read (Azure resumes a broken download only if the ETag still
+      // matches) means the object was replaced while we read it: a new attempt reads the new one.
+      out.destroy(wrapped.code !== ErrorCode.PreconditionFailed ? wrapped
+        : new StorageError(ErrorCode.Transient, 'the object was replaced while it was being read', { op: 'get', key, cause: err }));
+    });
     // As in put: the consumer may attach after a small object already failed its check.
     out.on('error', () => {});
     out.on('close', () => { if (!stream.destroyed) stream.destroy(); });

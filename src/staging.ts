@@ -3,7 +3,7 @@ import { lstat, mkdir, readdir, realpath, rename, rm } from 'node:fs/promises';
 import type { Dirent } from 'node:fs';
 import { basename, dirname, isAbsolute, join, normalize, sep } from 'node:path';
 import { ErrorCode, StorageError } from './errors.js';
-import { syncDir } from './storage/sync-dir.js';
+import { mkdirDurable, syncDir } from './storage/sync-dir.js';
 
 /** Prefix of temp files and directories the worker creates inside the staging area. */
 export const STAGING_TMP = '.stevedore-tmp-';
@@ -61,7 +61,7 @@ export class Staging {
 
   /** Creates the folder `dest` goes in, checked to be inside the area once it exists. */
   async ensureParent(dest: string): Promise<void> {
-    await mkdir(dirname(dest), { recursive: true }).catch((err: NodeJS.ErrnoException) => {
+    await mkdirDurable(dirname(dest)).catch((err: NodeJS.ErrnoException) => {
       if (err.code !== 'EEXIST' && err.code !== 'ENOTDIR') throw err;
       throw new StorageError(ErrorCode.InvalidInput, 'dest: a file is where its folder must be', { op: 'staging', key: dest, cause: err });
     });

@@ -8,7 +8,7 @@ import type { ByteRange, Driver, DriverGetResult, DriverPutOptions, ListPage, Ob
 import { SourceBody } from '../storage/body.js';
 import { closeFd, fdatasyncFd, fstatFd, fsyncFd, openFd, writeFully } from '../storage/fd.js';
 import { CHUNK } from '../storage/hashing.js';
-import { syncDir } from '../storage/sync-dir.js';
+import { mkdirDurable, syncDir } from '../storage/sync-dir.js';
 
 /**
  * Folder, in every directory that holds objects, for temp files and metadata sidecars. A key with
@@ -336,7 +336,9 @@ export class FsDriver implements Driver {
 
   private async makeMetaDir(dir: string, key: string): Promise<void> {
     try {
-      await mkdir(join(dir, META_DIR), { recursive: true });
+      // New folders' entries made durable too (a put that only sees them created by a concurrent
+      // put, before that one's fsyncs end, relies on them; the window is that put's few fsyncs).
+      await (this.fsync ? mkdirDurable : mkdirPlain)(join(dir, META_DIR));
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       if (code === 'ENOTDIR' || code === 'EEXIST') throw folderTaken(key, err);
@@ -455,6 +457,10 @@ async function writeAll(fd: number, body: PutBody, signal: AbortSignal | undefin
     await Promise.allSettled([reading, writing, flushing]);
     giveBuffers(bufs);
   }
+}
+
+async function mkdirPlain(path: string): Promise<void> {
+  await mkdir(path, { recursive: true });
 }
 
 async function unlinkQuiet(path: string): Promise<void> {

@@ -1,3 +1,5 @@
+import { mkdir } from 'node:fs/promises';
+import { dirname } from 'node:path';
 import { closeFd, fsyncFd, openFd } from './fd.js';
 
 /**
@@ -50,4 +52,18 @@ const dirSyncs = new GroupCommit(async (dir) => {
  */
 export function syncDir(dir: string): Promise<void> {
   return dirSyncs.run(dir);
+}
+
+/**
+ * `mkdir -p` whose new folders survive a power cut: each folder it created is an entry in its
+ * parent, so every such parent is fsynced (a file later renamed into the deepest one would
+ * otherwise be durable inside a folder that is not). Folders that already existed cost nothing.
+ */
+export async function mkdirDurable(path: string): Promise<void> {
+  const first = await mkdir(path, { recursive: true });
+  if (first === undefined) return;
+  for (let dir = path; ; dir = dirname(dir)) {
+    await syncDir(dirname(dir));
+    if (dir === first || dirname(dir) === dir) break;
+  }
 }

@@ -18,18 +18,21 @@ const io = vi.hoisted(() => {
     failAt: 0,
     code: 'EIO',
     /** Every armed call, with the descriptor for fd calls. */
-    calls: [] as { name: string; fd?: number }[],
+    calls: [] as { name: string; fd?: number; path?: string }[],
   };
   /** `after`: the call takes effect, then reports the error, as close() does on Linux (the descriptor is freed). */
   const wrap = <A extends unknown[], R>(name: string, f: (...a: A) => Promise<R>, after = false) => async (...a: A): Promise<R> => {
     if (state.armed) {
-      state.calls.push({ name, ...(typeof a[0] === 'number' ? { fd: a[0] } : {}) });
+      state.calls.push({ name, ...(typeof a[0] === 'number' ? { fd: a[0] } : {}), ...(typeof a[0] === 'string' ? { path: a[0] } : {}) });
       if (++state.count === state.failAt) {
         if (after) await f(...a);
         throw Object.assign(new Error(`${state.code}: injected into ${name}`), { code: state.code, syscall: name });
       }
     }
-    return f(...a);
+    const result = await f(...a);
+    // Which path an fd belongs to, for checks of what was fsynced.
+    if (state.armed && name === 'open' && typeof result === 'number') state.calls[state.calls.length - 1]!.fd = result;
+    return result;
   };
   return { state, wrap };
 });
@@ -128,5 +131,27 @@ describe('filesystem put with the Nth I/O call failing (RELIABILITY #20)', () =>
     const files = await filesUnder(root);
     const objects = files.filter((f) => !f.includes(`${META_DIR}/`));
     expect(files.filter((f) => f.includes(`${META_DIR}/`))).toHaveLength(objects.length);
+  });
+
+  it('makes new folders durable: a put into a fresh folder chain fsyncs the parent of every folder it created', async () => {
+    const root = join(dir.path, 'chain');
+    const bucket = new Bucket(new FsDriver({ root }));
+    await bucket.put('first', OLD); // the root exists now
+    Object.assign(io.state, { armed: true, count: 0, failAt: 0, calls: [] });
+    try {
+      await bucket.put('x/y/z/k', OLD);
+    } finally {
+      io.state.armed = false;
+    }
+    // Each fsync, by the path its descriptor was opened with (descriptors are reused after close).
+    const open = new Map<number, string>();
+    const synced: string[] = [];
+    for (const c of io.state.calls) {
+      if (c.name === 'open' && c.fd !== undefined && c.path !== undefined) open.set(c.fd, c.path);
+      if (c.name === 'fsync' && c.fd !== undefined && open.has(c.fd)) synced.push(open.get(c.fd)!.slice(root.length));
+      if (c.name === 'close' && c.fd !== undefined) open.delete(c.fd);
+    }
+    // The entries of x, x/y, x/y/z and x/y/z/.stevedore live in root, x, x/y and x/y/z.
+    for (const parent of ['', '/x', '/x/y', '/x/y/z']) expect(synced).toContain(parent);
   });
 });

@@ -77,6 +77,8 @@ export function classifyCommon(err: unknown): ErrorCode | undefined {
     if (e.code === 'EEXIST') return ErrorCode.PreconditionFailed;
     // A path the input asked for that cannot be: a file where a folder must be, or a name too long.
     if (e.code === 'ENOTDIR' || e.code === 'EISDIR' || e.code === 'ENAMETOOLONG') return ErrorCode.InvalidInput;
+    // A symlink where none may be followed (O_NOFOLLOW): the input named a link.
+    if (e.code === 'ELOOP') return ErrorCode.InvalidInput;
     if (TRANSIENT_ERRNO.has(e.code)) return ErrorCode.Transient;
   }
   const status = typeof e.statusCode === 'number' ? e.statusCode : typeof e.status === 'number' ? e.status : undefined;

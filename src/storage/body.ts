@@ -1,8 +1,15 @@
-import { createReadStream } from 'node:fs';
+import { constants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { Readable } from 'node:stream';
 import type { PutBody } from './driver.js';
 import { CHUNK, Hasher, HashingStream, type Digest, type Expectation } from './hashing.js';
+
+/**
+ * A file source is opened without following a symlink at its last component (ELOOP, which is
+ * InvalidInput): a staged file the worker checked cannot be swapped for a link to a file outside
+ * the staging area between the check and the read.
+ */
+const READ_NOFOLLOW = constants.O_RDONLY | constants.O_NOFOLLOW;
 
 /** Where a put's bytes come from once the Bucket has prepared them. */
 export type BodySource = { bytes: Buffer } | { path: string } | { stream: Readable };
@@ -38,7 +45,7 @@ export class SourceBody implements PutBody {
     if (this.piped) return this.piped;
     this.claim('stream');
     const s = this.source;
-    const src = 'bytes' in s ? Readable.from([s.bytes]) : 'path' in s ? createReadStream(s.path, { highWaterMark: CHUNK }) : s.stream;
+    const src = 'bytes' in s ? Readable.from([s.bytes]) : 'path' in s ? Readable.from(fileChunks(s.path), { objectMode: false }) : s.stream;
     const hashing = new HashingStream(this.hasher);
     // A source error must reach the driver as an error of the body, never as a clean end.
     src.on('error', (err: Error) => hashing.destroy(err));
@@ -95,7 +102,7 @@ export class SourceBody implements PutBody {
       return n;
     }
     if ('path' in s) {
-      this.fh ??= await open(s.path, 'r');
+      this.fh ??= await open(s.path, READ_NOFOLLOW);
       return (await this.fh.read(buf, 0, buf.length, null)).bytesRead;
     }
     if (!this.rest?.length) {
@@ -108,5 +115,15 @@ export class SourceBody implements PutBody {
     const n = this.rest.copy(buf);
     this.rest = this.rest.subarray(n);
     return n;
+  }
+}
+
+/** A file's bytes in CHUNK-sized pieces, opened without following a symlink; closed when done or abandoned. */
+async function* fileChunks(path: string): AsyncGenerator<Buffer> {
+  const fh = await open(path, READ_NOFOLLOW);
+  try {
+    for await (const chunk of fh.createReadStream({ highWaterMark: CHUNK, autoClose: false })) yield chunk as Buffer;
+  } finally {
+    await fh.close();
   }
 }

@@ -1,5 +1,5 @@
 import { createWriteStream } from 'node:fs';
-import { mkdtemp, rm, stat as fsStat } from 'node:fs/promises';
+import { lstat, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -230,7 +230,7 @@ export class Bucket {
       // Digest and size of one pass, so they describe the same bytes even if the file changes
       // (the upload then fails its check instead of sending a stale length).
       const known = expected === undefined && !this.driver.metadataAtEnd ? await hashFile(source.path) : undefined;
-      const size = known?.size ?? (await fsStat(source.path)).size;
+      const size = known?.size ?? (await lstat(source.path)).size;
       return { sha256: expected ?? known?.sha256, size, source: { path: source.path }, cleanup: none };
     }
     if (expected !== undefined || this.driver.metadataAtEnd) {

@@ -1,10 +1,11 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FsDriver } from '../../src/backends/fs.js';
+import { MemoryDriver } from '../../src/backends/memory.js';
 import { ErrorCode } from '../../src/errors.js';
 import { Bucket } from '../../src/storage/bucket.js';
 import { SourceBody, type BodySource } from '../../src/storage/body.js';
@@ -96,5 +97,25 @@ describe('filesystem put through reused buffers', () => {
       expect(sha(got), key).toBe(sha(bytes));
     }
     for (const [i, b] of others.entries()) expect(sha(await readAll((await bucket.get(`other-${i}`)).stream))).toBe(sha(b));
+  });
+});
+
+describe('a file source that is a symlink', () => {
+  it('is refused as InvalidInput, never followed, whether the driver reads or streams it', async () => {
+    const secret = join(dir, 'outside-secret');
+    await writeFile(secret, 'not for the bucket');
+    const link = join(dir, 'staged-link');
+    await symlink(secret, link);
+    // The filesystem driver pulls with read(); the memory driver takes the stream (as GCS and Azure do).
+    for (const bucket of [new Bucket(new FsDriver({ root: join(dir, 'link-root') })), new Bucket(new MemoryDriver())]) {
+      const err = await bucket.put('k', { path: link }).catch((e: unknown) => e);
+      expect((err as { code?: string }).code, bucket.driver.kind).toBe(ErrorCode.InvalidInput);
+      await expect(bucket.stat('k')).rejects.toMatchObject({ code: ErrorCode.NotFound });
+    }
+    // A driver that needs the digest first (S3, GCS): the pre-hash refuses it too.
+    const upfront = Object.assign(new MemoryDriver(), { metadataAtEnd: false });
+    const err = await new Bucket(upfront).put('k', { path: link }).catch((e: unknown) => e);
+    expect((err as { code?: string }).code).toBe(ErrorCode.InvalidInput);
+    expect((err as Error).message).toMatch(/ELOOP|symbolic link|symlink/i);
   });
 });

@@ -1,4 +1,4 @@
-import { mkdir, readdir, rename, symlink, utimes, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, symlink, utimes, writeFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { ErrorCode, StorageError, classifyCommon } from '../src/errors.js';
@@ -50,15 +50,16 @@ describe('the staging area', () => {
   });
 
   it('calls a dest the filesystem cannot hold InvalidInput, not a retryable error', async () => {
+    // A dest below a file: its folder cannot be made.
     await writeFile(join(dir.path, 'staging', 'file'), 'x');
-    const underFile = await staging.resolve('file/below').then(() => undefined, (e: unknown) => e);
-    const err = underFile ?? (await staging.ensureParent(join(dir.path, 'staging', 'file', 'below')).catch((e: unknown) => e));
-    expect(classifyCommon(err)).toBe(ErrorCode.InvalidInput);
+    const below = await staging.resolve('file/below');
+    expect(await codeOf(staging.ensureParent(below))).toBe(ErrorCode.InvalidInput);
+    // A fetched file committed onto a folder: EISDIR from the rename.
     await mkdir(join(dir.path, 'staging', 'folder'));
-    const tmp = await staging.tempBeside(join(dir.path, 'staging', 'folder'));
+    const folder = await staging.resolve('folder');
+    const tmp = await staging.tempBeside(folder);
     await writeFile(tmp, 'x');
-    const onto = await rename(tmp, join(dir.path, 'staging', 'folder')).catch((e: unknown) => e);
-    expect(classifyCommon(onto)).toBe(ErrorCode.InvalidInput);
+    expect(classifyCommon(await staging.commitFile(tmp, folder).catch((e: unknown) => e))).toBe(ErrorCode.InvalidInput);
     expect(classifyCommon(Object.assign(new Error('name too long'), { code: 'ENAMETOOLONG' }))).toBe(ErrorCode.InvalidInput);
   });
 

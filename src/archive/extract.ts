@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { lstat, mkdtemp, open, rename, rm } from 'node:fs/promises';
+import { lstat, mkdtemp, rename, rm } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -7,6 +7,7 @@ import { createGunzip } from 'node:zlib';
 import { extract as tarExtract, type Extract } from 'tar-stream';
 import { classifyCommon, ErrorCode, StorageError } from '../errors.js';
 import { STAGING_TMP } from '../staging.js';
+import { syncDir } from '../storage/sync-dir.js';
 import { entrySegments } from './entry-path.js';
 import { ArchiveMeter, limitError, resolveLimits, type ExtractLimits, type Limits } from './limits.js';
 import { ExtractTree } from './tree.js';
@@ -237,12 +238,7 @@ async function commit(tmp: string, dest: string, replace: boolean): Promise<void
   // Best effort: a leftover carries the STAGING_TMP prefix, so the staging sweep removes it.
   for (const aside of asides) await rm(aside, { recursive: true, force: true }).catch(() => {});
   try {
-    const dir = await open(dirname(dest), 'r');
-    try {
-      await dir.sync();
-    } finally {
-      await dir.close();
-    }
+    await syncDir(dirname(dest));
   } catch (err) {
     // Not known to be durable: take it back and fail (Transient for EIO), never retry the fsync.
     await rm(dest, { recursive: true, force: true });

@@ -336,8 +336,8 @@ export class FsDriver implements Driver {
 
   private async makeMetaDir(dir: string, key: string): Promise<void> {
     try {
-      // New folders' entries made durable too (a put that only sees them created by a concurrent
-      // put, before that one's fsyncs end, relies on them; the window is that put's few fsyncs).
+      // Each new folder is made durable in its parent. Not covered: a concurrent put that finds
+      // the folders already made returns without waiting for this one's fsyncs (a few ms).
       await (this.fsync ? mkdirDurable : mkdirPlain)(join(dir, META_DIR));
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;

@@ -47,6 +47,9 @@ export interface Progress {
 }
 
 /** The producer side: enqueue the contract's jobs, follow them, await their results. */
+/** Job states after which a wait can no longer be said to have run out first. */
+const FINISHED = new Set(['completed', 'failed', 'unknown']);
+
 export class StevedoreClient {
   readonly queue: Queue;
   private events: QueueEvents | undefined;
@@ -93,8 +96,9 @@ export class StevedoreClient {
       return (await job.waitUntilFinished(events, opts.timeoutMs)) as Results[N];
     } catch (err) {
       const reason = err instanceof Error ? err.message : String(err);
-      // The wait ran out, not the job: it may still be running (`pending`, no contract code).
-      if (opts.timeoutMs !== undefined && !(await job.isCompleted()) && !(await job.isFailed())) {
+      // The wait ran out, not the job: it may still be running (`pending`, no contract code). A job
+      // that finished and was removed (removeOnFail) reads `unknown` and keeps its own reason.
+      if (opts.timeoutMs !== undefined && !FINISHED.has(await job.getState())) {
         throw Object.assign(new Error(`job ${jobId} did not finish within ${opts.timeoutMs} ms; it may still be running`), { code: 'Unknown', pending: true });
       }
       const code = /^(\w+):/.exec(reason)?.[1] ?? 'Unknown';

@@ -1,6 +1,7 @@
 // Durability of `extract`: every file and directory of the tree is fsynced before it is renamed
 // into place, and a failed fsync (EIO) fails the extraction with nothing at `dest`. The fsyncs go
-// through node:fs/promises' FileHandle, wrapped here to record each and fail one on demand.
+// through node:fs/promises' FileHandle and, for dest's folder, syncDir; both are wrapped here to
+// record each and fail one on demand.
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { extractArchive } from '../../src/archive/extract.js';
 import { ErrorCode, StorageError } from '../../src/errors.js';
@@ -22,6 +23,21 @@ vi.mock('node:fs/promises', async (importOriginal) => {
     return fh;
   };
   return { ...real, open, default: { ...real, open } };
+});
+
+// dest's folder is fsynced through the shared syncDir (group commit), after the rename.
+vi.mock('../../src/storage/sync-dir.js', async (importOriginal) => {
+  const real = await importOriginal<typeof import('../../src/storage/sync-dir.js')>();
+  return {
+    ...real,
+    syncDir: async (dir: string) => {
+      if (io.armed) {
+        io.synced.push(dir);
+        if (io.synced.length === io.failAt) throw Object.assign(new Error('EIO: injected into fsync'), { code: 'EIO', syscall: 'fsync' });
+      }
+      return real.syncDir(dir);
+    },
+  };
 });
 
 let box: Awaited<ReturnType<typeof sandbox>>;

@@ -17,7 +17,7 @@ const io = vi.hoisted(() => {
     count: 0,
     failAt: 0,
     code: 'EIO',
-    /** Every armed call, with the descriptor for fd calls. */
+    /** Every armed call, with its descriptor (for open, the one it returned) or its path. */
     calls: [] as { name: string; fd?: number; path?: string }[],
   };
   /** `after`: the call takes effect, then reports the error, as close() does on Linux (the descriptor is freed). */
@@ -114,7 +114,10 @@ describe('filesystem put with the Nth I/O call failing (RELIABILITY #20)', () =>
         expect((await filesUnder(root)).filter((f) => f.includes('/tmp-')), label).toEqual([]);
         // An fsync that failed is never retried: the put gives up on that file.
         if (failed.name === 'fsync' || failed.name === 'fdatasync') {
-          const again = io.state.calls.slice(n).filter((c) => (c.name === 'fsync' || c.name === 'fdatasync') && c.fd === failed.fd);
+          // Up to that descriptor's close: after it, the number may belong to another file.
+          const rest = io.state.calls.slice(n);
+          const closed = rest.findIndex((c) => c.name === 'close' && c.fd === failed.fd);
+          const again = rest.slice(0, closed < 0 ? undefined : closed).filter((c) => (c.name === 'fsync' || c.name === 'fdatasync') && c.fd === failed.fd);
           expect(again, label).toEqual([]);
         }
         // A retry (the job's next attempt) stores the new object.

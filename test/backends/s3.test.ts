@@ -20,10 +20,16 @@ const sha = (b: Uint8Array) => createHash('sha256').update(b).digest('hex');
 const noOpts = { contentType: undefined, metadata: {}, ifAbsent: false, signal: undefined };
 
 /** A body as the Bucket builds it for S3: digest known up front, checked again at the stream's end. */
-function body(bytes: Buffer, opts: { claim?: string; chunk?: number } = {}): PutBody {
+/** `bytes` as a stream of `chunk`-sized pieces; `beforeChunk` sees each piece's offset before it is read. */
+function body(bytes: Buffer, opts: { claim?: string; chunk?: number; beforeChunk?: (at: number) => void } = {}): PutBody {
   const claim = opts.claim ?? sha(bytes);
   const chunk = opts.chunk ?? 1 << 20;
-  const stream = Readable.from((function* () { for (let at = 0; at < bytes.length; at += chunk) yield bytes.subarray(at, at + chunk); })());
+  const stream = Readable.from((function* () {
+    for (let at = 0; at < bytes.length; at += chunk) {
+      opts.beforeChunk?.(at);
+      yield bytes.subarray(at, at + chunk);
+    }
+  })());
   return new SourceBody({ stream }, claim, undefined, { sha256: claim, op: 'put', key: 'k' });
 }
 
@@ -91,7 +97,6 @@ describe('s3 URLs', () => {
 });
 
 describe('s3 driver', () => {
-
   it.each([
     ['a single request', 1000],
     ['a multipart upload', target.multipartThreshold + 1_234_567],
@@ -160,13 +165,7 @@ describe('s3 driver', () => {
     const bytes = randomBytes(4 * target.multipartThreshold);
     const seen = recordRequests(d);
     // Aborted once two parts have been read: the upload has begun and a part is on its way.
-    const source = Readable.from((function* () {
-      for (let at = 0; at < bytes.length; at += 65_536) {
-        if (at === 2 * target.multipartThreshold + 65_536) ac.abort();
-        yield bytes.subarray(at, at + 65_536);
-      }
-    })());
-    const b = new SourceBody({ stream: source }, sha(bytes), undefined, { sha256: sha(bytes), op: 'put', key: 'k' });
+    const b = body(bytes, { chunk: 65_536, beforeChunk: (at) => { if (at === 2 * target.multipartThreshold + 65_536) ac.abort(); } });
     const err = await d.put('k', b, { ...noOpts, signal: ac.signal }).catch((e: unknown) => e);
     expect((err as Error).name).toBe('AbortError');
     expect(seen.map((r) => r.command)).toContain('CreateMultipartUploadCommand');

@@ -1,6 +1,7 @@
-import { constants, mkdir, open, unlink, type FileHandle } from 'node:fs/promises';
+import { constants, mkdir, open, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { classifyCommon, ErrorCode, StorageError } from '../errors.js';
+import { Lanes } from '../storage/lanes.js';
 import { collisionKey } from './entry-path.js';
 import { limitError } from './limits.js';
 
@@ -44,9 +45,8 @@ export interface EntryMeta {
 export class ExtractTree {
   private readonly top: PathNode = { segment: '', children: new Map(), meta: {} };
   private paths = 0;
-  /** Files written and being fsynced (then closed) while later entries are extracted. */
-  private readonly syncing = new Set<Promise<void>>();
-  private syncFailure: { err: unknown } | undefined;
+  /** fsyncs (then closes) of written files, run while later entries are extracted. */
+  private readonly syncs = new Lanes(SYNC_LANES);
   files = 0;
   dirs = 0;
 
@@ -97,31 +97,20 @@ export class ExtractTree {
       await fh.close();
       throw err;
     }
-    await this.syncThenClose(fh, name);
+    // fsynced and closed beside the extraction. A failed fsync is never retried: it fails the
+    // extraction, at a later file's start or in `finish`.
+    try {
+      await this.syncs.start(() => fsCall(fh.sync().finally(() => fh.close()), name));
+    } catch (err) {
+      await fh.close(); // an earlier fsync failed: this one never started
+      throw err;
+    }
     return written;
   }
 
   /** Waits for the files still being fsynced; call it before removing a tree that failed. */
   async settle(): Promise<void> {
-    await Promise.all(this.syncing);
-  }
-
-  /**
-   * fsyncs and closes `fh` beside the extraction, at most SYNC_LANES at once. A failed fsync is
-   * never retried: it fails the extraction (at the next file, or in `finish`).
-   */
-  private async syncThenClose(fh: FileHandle, name: string): Promise<void> {
-    while (this.syncing.size >= SYNC_LANES && !this.syncFailure) await Promise.race(this.syncing);
-    if (this.syncFailure) {
-      await fh.close();
-      throw this.syncFailure.err;
-    }
-    const job: Promise<void> = fsCall(fh.sync(), name)
-      .catch((err: unknown) => { this.syncFailure ??= { err }; })
-      .then(() => fh.close())
-      .catch((err: unknown) => { this.syncFailure ??= { err: fsError(err, name) }; })
-      .finally(() => this.syncing.delete(job));
-    this.syncing.add(job);
+    await this.syncs.settle();
   }
 
   /**
@@ -129,8 +118,7 @@ export class ExtractTree {
    * unless a `./` entry said otherwise) and fsyncs every directory, so all their entries are durable.
    */
   async finish(): Promise<void> {
-    await this.settle();
-    if (this.syncFailure) throw this.syncFailure.err;
+    await this.syncs.finish();
     const stack: Array<[PathNode, string]> = [[this.top, '']];
     for (let item = stack.pop(); item !== undefined; item = stack.pop()) {
       const [node, rel] = item;

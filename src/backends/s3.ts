@@ -8,6 +8,7 @@ import { ErrorCode, StorageError, codeForHttpStatus } from '../errors.js';
 import { backendUrl } from './url-params.js';
 import type { ByteRange, Driver, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
 import { SHA256_META } from '../storage/driver.js';
+import { Lanes } from '../storage/lanes.js';
 
 const MiB = 1024 * 1024;
 /** S3 refuses parts below 5 MiB (except the last) and uploads of more than 10,000 parts. */
@@ -366,24 +367,14 @@ export class S3Driver implements Driver {
  * running overlap; it returns undefined when there is no more. The first failure, of a task or of
  * `next`, stops new tasks and is thrown once the running ones have settled.
  */
-async function inLanes(lanes: number, next: () => Promise<(() => Promise<void>) | undefined>): Promise<void> {
-  const running = new Set<Promise<void>>();
-  let failure: { err: unknown } | undefined;
+async function inLanes(size: number, next: () => Promise<(() => Promise<void>) | undefined>): Promise<void> {
+  const lanes = new Lanes(size);
   try {
-    while (!failure) {
-      const task = await next();
-      if (!task) break;
-      while (running.size >= lanes && !failure) await Promise.race(running);
-      if (failure) break;
-      const run: Promise<void> = task()
-        .catch((err: unknown) => { failure ??= { err }; })
-        .finally(() => running.delete(run));
-      running.add(run);
-    }
+    for (let task = await next(); task; task = await next()) await lanes.start(task);
   } finally {
-    await Promise.all(running);
+    await lanes.settle();
   }
-  if (failure) throw failure.err;
+  await lanes.finish();
 }
 
 /** Reads the body into `buf` until it is full or the body ends (its digest then checked); returns the bytes read. */

@@ -2,7 +2,7 @@ import { createWriteStream } from 'node:fs';
 import { pipeline } from 'node:stream/promises';
 import { z } from 'zod';
 import { extractArchive } from '../src/archive/extract.js';
-import { BackendName, Key, Sha256, StagingPath, type JobDeps } from '../src/queue/payload.js';
+import { BackendName, Key, Sha256, StagingPath, type JobDeps } from '../src/payload.js';
 
 export const FetchPayload = z.strictObject({
   backend: BackendName,

@@ -1,5 +1,5 @@
 import type { z } from 'zod';
-import type { JobDeps } from '../src/queue/payload.js';
+import type { JobDeps } from '../src/payload.js';
 import { FetchPayload, fetchToStaging } from './fetch-to-staging.js';
 import { LogPayload, log } from './log.js';
 import { StorePayload, store } from './store.js';

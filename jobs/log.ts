@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { ErrorCode, StorageError } from '../src/errors.js';
-import { BackendName, SiteId, type JobDeps } from '../src/queue/payload.js';
+import { BackendName, SiteId, type JobDeps } from '../src/payload.js';
 
 const Word = z.string().min(1).max(128).regex(/^[\u0020-\u007e]+$/, 'must be printable ASCII');
 

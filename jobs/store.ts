@@ -2,7 +2,7 @@ import { z } from 'zod';
 import { ErrorCode, StorageError } from '../src/errors.js';
 import { hashFile, type PutSource } from '../src/storage/bucket.js';
 import { createHash } from 'node:crypto';
-import { BackendName, Key, Metadata, Sha256, StagingPath, type JobDeps } from '../src/queue/payload.js';
+import { BackendName, Key, Metadata, Sha256, StagingPath, type JobDeps } from '../src/payload.js';
 
 const BASE64 = /^[A-Za-z0-9+/]*={0,2}$/;
 

@@ -66,6 +66,8 @@ export class AzureDriver implements Driver {
   readonly kind = 'azblob';
   readonly metadataAtEnd = true;
   readonly atomicIfAbsent = true;
+  readonly atomicIfMatch = false;
+  readonly listHasDigest = true;
   readonly container: ContainerClient;
   readonly blockSize: number;
   private readonly concurrency: number;

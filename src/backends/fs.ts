@@ -47,6 +47,8 @@ export class FsDriver implements Driver {
   readonly kind = 'file';
   readonly metadataAtEnd = true;
   readonly atomicIfAbsent = true;
+  readonly atomicIfMatch = false;
+  readonly listHasDigest = true;
   readonly root: string;
   private readonly fsync: boolean;
   private realRoot: string | undefined;

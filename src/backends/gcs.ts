@@ -82,6 +82,8 @@ export class GcsDriver implements Driver {
   readonly metadataAtEnd = false;
   /** `ifGenerationMatch: 0` makes GCS refuse the write when the name is taken. */
   readonly atomicIfAbsent = true;
+  readonly atomicIfMatch = false;
+  readonly listHasDigest = true;
   readonly bucketName: string;
   readonly resumableThreshold: number;
   readonly chunkSize: number;

@@ -12,6 +12,8 @@ export class MemoryDriver implements Driver {
   readonly kind = 'memory';
   readonly metadataAtEnd = true;
   readonly atomicIfAbsent = true;
+  readonly atomicIfMatch = false;
+  readonly listHasDigest = true;
   private readonly objects = new Map<string, Entry>();
   private version = 0;
 

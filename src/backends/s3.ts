@@ -104,6 +104,8 @@ export class S3Driver implements Driver {
   /** Object metadata is fixed when the upload starts, so the Bucket must know the digest first. */
   readonly metadataAtEnd = false;
   readonly atomicIfAbsent: boolean;
+  readonly atomicIfMatch = false;
+  readonly listHasDigest = false;
   readonly bucket: string;
   readonly partSize: number;
   readonly client: S3Client;

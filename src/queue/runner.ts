@@ -4,7 +4,7 @@ import { JOBS, type JobName } from '../../jobs/index.js';
 import { ErrorCode, StorageError, classifyCommon, isRetryable } from '../errors.js';
 import type { Bucket } from '../storage/bucket.js';
 import type { Staging } from '../staging.js';
-import { parsePayload, type JobDeps } from './payload.js';
+import { parsePayload, type JobDeps } from '../payload.js';
 
 export interface RunnerDeps {
   buckets: ReadonlyMap<string, Bucket>;

@@ -12,6 +12,9 @@ import { SHA256_META } from './driver.js';
 import { CHUNK, HashingStream, type Digest } from './hashing.js';
 import { validateContentType, validateKey, validateMetadata, validatePrefix, validateSha256 } from './keys.js';
 
+/** Concurrent stats when a listing must be completed with digests (S3 listings carry none). */
+const LIST_STAT_LANES = 16;
+
 /** Bytes to store: a stream, bytes in memory, or a local file (read twice where a backend needs the digest first). */
 export type PutSource = Readable | Uint8Array | { path: string };
 
@@ -22,9 +25,28 @@ export interface PutOptions {
   sha256?: string | undefined;
   /** Fail with PreconditionFailed when the key already exists. */
   ifAbsent?: boolean | undefined;
+  /**
+   * Replace only the version whose `etag` (from `stat`, `list` or a previous `put`) is this:
+   * PreconditionFailed when the object moved on or is gone. Atomic where `atomicIfMatch` is.
+   */
+  ifMatch?: string | undefined;
   signal?: AbortSignal | undefined;
   /** Called with the bytes sent so far, after each chunk. */
   progress?: ((bytes: number) => void) | undefined;
+}
+
+export interface DeleteOptions {
+  /** Delete only the version whose `etag` is this: PreconditionFailed when it moved on. A missing key still succeeds. */
+  ifMatch?: string | undefined;
+}
+
+export interface ListOptions {
+  pageSize?: number | undefined;
+  /**
+   * Every listed object carries its recorded `sha256` (undefined only when it has none). Free where
+   * the listing has it (`listHasDigest`); on S3 it costs one HEAD per object.
+   */
+  digests?: boolean | undefined;
 }
 
 export interface GetOptions {
@@ -83,11 +105,15 @@ export class Bucket {
     const contentType = validateContentType(opts.contentType);
     const expected = validateSha256(opts.sha256);
     const storeKey = this.prefix + key;
+    if (opts.ifAbsent && opts.ifMatch !== undefined) {
+      throw new StorageError(ErrorCode.InvalidInput, 'ifAbsent and ifMatch exclude each other', { op: 'put', key });
+    }
     return this.guard('put', key, async () => {
       if (opts.ifAbsent && !this.driver.atomicIfAbsent && (await this.exists(storeKey))) {
         throw new StorageError(ErrorCode.PreconditionFailed, 'object already exists', { op: 'put', key });
       }
-      const driverOpts = { contentType, metadata, ifAbsent: opts.ifAbsent ?? false, signal: opts.signal };
+      if (opts.ifMatch !== undefined && !this.driver.atomicIfMatch) await this.assertEtag('put', key, opts.ifMatch, false);
+      const driverOpts = { contentType, metadata, ifAbsent: opts.ifAbsent ?? false, ifMatch: opts.ifMatch, signal: opts.signal };
       const prepared = await this.prepare(key, source, expected);
       const body = new SourceBody(prepared.source, prepared.sha256, prepared.size, { sha256: prepared.sha256, size: prepared.size, op: 'put', key, onBytes: opts.progress });
       try {
@@ -149,21 +175,42 @@ export class Bucket {
     }
   }
 
-  /** Objects whose key starts with `prefix`, in UTF-8 byte order of key; pages are fetched lazily. */
-  async *list(prefix = '', opts: { pageSize?: number } = {}): AsyncGenerator<ObjectInfo> {
+  /** True when `put`/`delete` with `ifMatch` are atomic in this store; otherwise a stat guards them, not race-free. */
+  get atomicIfMatch(): boolean {
+    return this.driver.atomicIfMatch;
+  }
+
+  /** True when `put` with `ifAbsent` is atomic in this store. */
+  get atomicIfAbsent(): boolean {
+    return this.driver.atomicIfAbsent;
+  }
+
+  /**
+   * Objects whose key starts with `prefix`, in UTF-8 byte order of key; pages are fetched lazily.
+   * Each carries its etag (or generation), size and modification time; `sha256` where the listing
+   * has it, or on every object with `digests`.
+   */
+  async *list(prefix = '', opts: ListOptions = {}): AsyncGenerator<ObjectInfo> {
     validatePrefix(prefix);
     let token: string | undefined;
     do {
       const page = await this.guard('list', prefix, () => this.driver.list(this.prefix + prefix, token, opts.pageSize ?? this.pageSize));
-      for (const o of page.objects) yield this.outside(o);
+      const objects = opts.digests && !this.driver.listHasDigest ? await this.withDigests(page.objects) : page.objects;
+      for (const o of objects) yield this.outside(o);
       token = page.next;
     } while (token !== undefined);
   }
 
   /** Deleting a missing key succeeds. */
-  async delete(key: string): Promise<void> {
+  async delete(key: string, opts: DeleteOptions = {}): Promise<void> {
     validateKey(key, 'delete');
-    await this.guard('delete', key, () => this.driver.delete(this.prefix + key));
+    await this.guard('delete', key, async () => {
+      if (opts.ifMatch !== undefined && !this.driver.atomicIfMatch) {
+        // A key already gone is no error, as for an unconditional delete.
+        if (!(await this.assertEtag('delete', key, opts.ifMatch, true))) return;
+      }
+      await this.driver.delete(this.prefix + key, { ifMatch: opts.ifMatch });
+    });
   }
 
   /** Server-side copy within this bucket; the digest and metadata travel with the bytes. */
@@ -208,6 +255,39 @@ export class Bucket {
     } catch (err) {
       throw this.wrap(op, key, err);
     }
+  }
+
+  /** The stat-first check for stores without atomic `ifMatch`; false when the key is gone and `missingOk`. */
+  private async assertEtag(op: string, key: string, etag: string, missingOk: boolean): Promise<boolean> {
+    let info: ObjectInfo;
+    try {
+      info = await this.driver.stat(this.prefix + key);
+    } catch (err) {
+      if (this.codeOf(err) !== ErrorCode.NotFound) throw err;
+      if (missingOk) return false;
+      throw new StorageError(ErrorCode.PreconditionFailed, `object is gone (expected etag ${etag})`, { op, key, cause: err });
+    }
+    if (info.etag !== etag) throw new StorageError(ErrorCode.PreconditionFailed, `object changed (etag ${info.etag ?? 'none'}, expected ${etag})`, { op, key });
+    return true;
+  }
+
+  /** Fills `sha256` by a stat of each object the listing left without one, a few at a time. */
+  private async withDigests(objects: ObjectInfo[]): Promise<ObjectInfo[]> {
+    const out = [...objects];
+    let next = 0;
+    const lane = async () => {
+      for (let i = next++; i < out.length; i = next++) {
+        const o = out[i]!;
+        if (o.sha256 !== undefined) continue;
+        // Deleted since the listing: keep what the listing said, the caller meets the NotFound on use.
+        out[i] = await this.driver.stat(o.key).catch((err: unknown) => {
+          if (this.codeOf(err) === ErrorCode.NotFound) return o;
+          throw err;
+        });
+      }
+    };
+    await Promise.all(Array.from({ length: Math.min(LIST_STAT_LANES, out.length) }, lane));
+    return out;
   }
 
   private outside(info: ObjectInfo): ObjectInfo {

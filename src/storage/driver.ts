@@ -47,7 +47,18 @@ export interface DriverPutOptions {
   metadata: Record<string, string>;
   /** Fail with PreconditionFailed if the key already exists (atomically where the store can). */
   ifAbsent: boolean;
+  /**
+   * Replace only the version whose `etag` is this (S3 `If-Match`, GCS `ifGenerationMatch`, Azure
+   * `If-Match`, the filesystem by its own means): PreconditionFailed when the object moved on or is
+   * gone. Atomic where `atomicIfMatch` is true; otherwise the Bucket checks with a stat first.
+   */
+  ifMatch?: string | undefined;
   signal: AbortSignal | undefined;
+}
+
+export interface DriverDeleteOptions {
+  /** Delete only the version whose `etag` is this; PreconditionFailed when it moved on (a missing key still succeeds). */
+  ifMatch?: string | undefined;
 }
 
 export interface ByteRange {
@@ -84,16 +95,23 @@ export interface Driver {
   readonly metadataAtEnd: boolean;
   /** True when `ifAbsent` is enforced atomically by the store itself. */
   readonly atomicIfAbsent: boolean;
+  /** True when `ifMatch` (put and delete) is enforced atomically by the store itself. */
+  readonly atomicIfMatch: boolean;
+  /** True when `list` returns each object's recorded `sha256`; when false (S3) the Bucket stats each object if asked for digests. */
+  readonly listHasDigest: boolean;
 
   put(key: string, body: PutBody, opts: DriverPutOptions): Promise<ObjectInfo>;
   get(key: string, range: ByteRange | undefined, signal: AbortSignal | undefined): Promise<DriverGetResult>;
   stat(key: string): Promise<ObjectInfo>;
-  /** Objects whose key starts with `prefix` (a plain string prefix), in UTF-8 byte order of key. */
+  /**
+   * Objects whose key starts with `prefix` (a plain string prefix), in UTF-8 byte order of key,
+   * each with its etag (or generation), size and modification time on every backend.
+   */
   list(prefix: string, pageToken: string | undefined, pageSize: number): Promise<ListPage>;
   /** Deleting a missing key succeeds (object-store semantics). */
-  delete(key: string): Promise<void>;
+  delete(key: string, opts?: DriverDeleteOptions): Promise<void>;
   /** Server-side copy within this backend, metadata (including the digest) included. */
-  copy(src: string, dst: string, opts: { ifAbsent: boolean }): Promise<ObjectInfo>;
+  copy(src: string, dst: string, opts: { ifAbsent: boolean; ifMatch?: string | undefined }): Promise<ObjectInfo>;
   /** Throws when the backend cannot be reached or used. */
   health(): Promise<void>;
   /** Maps an SDK-specific error to a code; undefined falls back to the common mapping. */

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { LogPayload } from '../../jobs/log.js';
 import { StorePayload } from '../../jobs/store.js';
-import { parsePayload } from '../../src/queue/payload.js';
+import { parsePayload } from '../../src/payload.js';
 
 describe('payload names that pollute prototypes (RELIABILITY #11)', () => {
   it.each([

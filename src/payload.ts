@@ -1,9 +1,9 @@
 import { z } from 'zod';
 import type { Logger } from 'pino';
-import { ErrorCode, StorageError } from '../errors.js';
-import type { Bucket } from '../storage/bucket.js';
-import { validateKey, validateSha256 } from '../storage/keys.js';
-import type { Staging } from '../staging.js';
+import { ErrorCode, StorageError } from './errors.js';
+import type { Bucket } from './storage/bucket.js';
+import { validateKey, validateSha256 } from './storage/keys.js';
+import type { Staging } from './staging.js';
 
 /** Everything a job handler may use. Handlers never read process.env, touch Redis or decide retries. */
 export interface JobDeps {

@@ -16,6 +16,8 @@ export interface JobDeps {
   progress(done: number, total?: number): void;
   /** When the job was first enqueued (ms since epoch): the same on every attempt. */
   enqueuedAt: number;
+  /** The BullMQ job id: the same on every attempt and every redelivery of one job. */
+  jobId: string;
   limits: { maxInlineBytes: number };
 }
 

@@ -40,6 +40,7 @@ export async function runJob(job: Job, deps: RunnerDeps, signal: AbortSignal): P
       signal,
       progress: throttledProgress(job, deps.progressIntervalMs ?? 1000, (n) => { bytes = n; }),
       enqueuedAt: job.timestamp,
+      jobId: String(job.id),
       limits: deps.limits,
     });
     log.info({ ms: Date.now() - started, bytes }, 'job completed');

@@ -116,6 +116,11 @@ export interface Driver {
   health(): Promise<void>;
   /** Maps an SDK-specific error to a code; undefined falls back to the common mapping. */
   classify(err: unknown): ErrorCode | undefined;
+  /**
+   * Removes what killed writers left behind (temp files older than `maxAgeMs`, orphaned metadata)
+   * and returns how many it removed; only drivers that leave such things have it (the filesystem).
+   */
+  sweep?(maxAgeMs?: number): Promise<number>;
   /** Releases clients and sockets. */
   close(): Promise<void>;
 }

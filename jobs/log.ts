@@ -1,8 +1,16 @@
 import { z } from 'zod';
 import { ErrorCode, StorageError } from '../src/errors.js';
 import { BackendName, SiteId, type JobDeps } from '../src/payload.js';
+import type { Bucket } from '../src/storage/bucket.js';
+import type { ObjectInfo } from '../src/storage/driver.js';
+import { JOB_ID_META, jobIdMeta, logKey, parseLogKey } from '../src/versions.js';
 
 const Word = z.string().min(1).max(128).regex(/^[\u0020-\u007e]+$/, 'must be printable ASCII');
+
+/** ISO 8601 with a zone (`Z`, `±HH:MM`, `±HHMM`, `±HH`), seconds required, any fraction (cut to ms). */
+const ISO = /^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:[.,](\d+))?(?:([Zz])|([+-])(\d{2})(?::?(\d{2}))?)$/;
+const MIN_MS = 0; // 1970-01-01T00:00:00.000Z
+const MAX_MS = Date.UTC(9999, 11, 31, 23, 59, 59, 999);
 
 export const LogPayload = z.strictObject({
   backend: BackendName,
@@ -11,8 +19,17 @@ export const LogPayload = z.strictObject({
   action: Word,
   status: Word,
   metadata: z.record(z.string(), z.unknown()).optional(),
-  /** ISO 8601 or epoch milliseconds; defaults to when the job was enqueued, so a retry writes the same entry. */
-  timestamp: z.union([z.string(), z.number()]).optional(),
+  /**
+   * ISO 8601 with a zone offset or `Z`, or epoch milliseconds as a number; defaults to when the job
+   * was enqueued, so a retry writes the same entry. Checked here, so a bad one fails at parse time.
+   */
+  timestamp: z.union([z.string(), z.number()]).superRefine((t, ctx) => {
+    try {
+      normalizeTimestamp(t);
+    } catch (err) {
+      ctx.addIssue({ code: 'custom', message: err instanceof StorageError ? err.detail.replace(/^timestamp: /, '') : String(err) });
+    }
+  }).optional(),
 });
 export type LogPayload = z.infer<typeof LogPayload>;
 
@@ -33,34 +50,99 @@ export interface LogEntry {
 
 /** Longest JSON entry: log entries are small records, not log files. */
 const MAX_ENTRY_BYTES = 256 * 1024;
+/** Keys tried for one entry before the job gives up for now (Transient: a retry tries again). */
+const MAX_KEY_TRIES = 100;
 
 /**
  * Writes one log entry as a single atomic object. Keys start with a fixed-width UTC ISO timestamp,
- * so they sort chronologically in every backend's listing order.
+ * so they sort chronologically in every backend's listing order. Every write is `ifAbsent`: a key
+ * already taken by another job's entry sends this one to the next free suffix (`~1`, `~2`, ...,
+ * `~~10`, which all sort after the first key), and a key taken by this very job's entry (a
+ * redelivery, or two runs at once after a lost lock) is this job's result. The job id lives in
+ * the object's user metadata, so the entry's JSON keeps the seed format.
  */
 export async function log(p: LogPayload, d: JobDeps): Promise<LogResult> {
   const timestamp = normalizeTimestamp(p.timestamp ?? d.enqueuedAt);
-  const key = logKey(p.site, timestamp, p.build);
+  const base = logKey(p.site, timestamp, p.build);
   const entry: LogEntry = { timestamp, build_id: p.build, site_id: p.site, action: p.action, status: p.status, metadata: p.metadata ?? {} };
   const bytes = Buffer.from(`${JSON.stringify(entry)}\n`);
   if (bytes.length > MAX_ENTRY_BYTES) {
-    throw new StorageError(ErrorCode.InvalidInput, `metadata: entry of ${bytes.length} bytes is over ${MAX_ENTRY_BYTES}`, { op: 'log', key });
+    throw new StorageError(ErrorCode.InvalidInput, `metadata: entry of ${bytes.length} bytes is over ${MAX_ENTRY_BYTES}`, { op: 'log', key: base });
   }
-  await d.bucket(p.backend).put(key, bytes, { contentType: 'application/json', signal: d.signal });
-  d.log.info({ key }, 'logged');
-  return { key, timestamp };
+  const bucket = d.bucket(p.backend);
+  const jobId = jobIdMeta(d.jobId);
+  const write = (key: string) => bucket.put(key, bytes, { contentType: 'application/json', metadata: { [JOB_ID_META]: jobId }, ifAbsent: true, signal: d.signal });
+  let key = base;
+  for (let tries = 0; tries < MAX_KEY_TRIES; tries++) {
+    try {
+      await write(key);
+      d.log.info({ key }, 'logged');
+      return { key, timestamp };
+    } catch (err) {
+      if (!(err instanceof StorageError && err.code === ErrorCode.PreconditionFailed)) throw err;
+    }
+    // Taken: by this job's own entry (return it), or by others (the next key after all of them).
+    const taken = await entriesAt(bucket, p.site, timestamp, p.build);
+    const ours = taken.find((o) => o.metadata[JOB_ID_META] === jobId);
+    if (ours) {
+      d.log.info({ key: ours.key }, 'already logged by an earlier run of this job');
+      return { key: ours.key, timestamp };
+    }
+    const last = Math.max(0, ...taken.map((o) => parseLogKey(o.key)?.seq ?? 0));
+    key = logKey(p.site, timestamp, p.build, last + 1);
+  }
+  throw new StorageError(ErrorCode.Transient, `${MAX_KEY_TRIES} keys for this site, build and millisecond were taken while trying`, { op: 'log', key: base });
 }
 
-export function logKey(site: string, timestamp: string, build: string): string {
-  return `sites/${site}/logs/${timestamp}-${build}.json`;
+/** The entries of one site, build and millisecond, with their user metadata (a stat each where listings carry none). */
+async function entriesAt(bucket: Bucket, site: string, timestamp: string, build: string): Promise<ObjectInfo[]> {
+  const out: ObjectInfo[] = [];
+  // The prefix also matches other builds that start with this one (`b` and `b2`): parse to filter.
+  for await (const o of bucket.list(logKey(site, timestamp, build).slice(0, -'.json'.length), { digests: true })) {
+    const k = parseLogKey(o.key);
+    if (k && k.site === site && k.timestamp === timestamp && k.build === build) out.push(o);
+  }
+  return out;
 }
 
-/** Fixed-width `YYYY-MM-DDTHH:mm:ss.sssZ`; years outside 0000-9999 would break the sort and are refused. */
+/**
+ * The fixed-width `YYYY-MM-DDTHH:mm:ss.sssZ` form of a timestamp given as ISO 8601 with a zone, or
+ * as epoch milliseconds (a number). Anything else is InvalidInput: a string without a zone would
+ * depend on the worker's TZ, and `Date`'s lenient parser reads `'1'` as 2001. Years outside
+ * 1970-9999 would break the key's sort and are refused.
+ */
 export function normalizeTimestamp(t: string | number): string {
-  const date = new Date(t);
-  const year = date.getUTCFullYear();
-  if (Number.isNaN(date.getTime()) || year < 1970 || year > 9999) {
-    throw new StorageError(ErrorCode.InvalidInput, `timestamp: ${JSON.stringify(t)} is not a date between 1970 and 9999`, { op: 'log' });
+  const bad = (why: string): never => {
+    throw new StorageError(ErrorCode.InvalidInput, `timestamp: ${JSON.stringify(t).slice(0, 64)} ${why}`, { op: 'log' });
+  };
+  let ms: number;
+  if (typeof t === 'number') {
+    if (!Number.isSafeInteger(t)) return bad('is not a whole number of epoch milliseconds');
+    ms = t;
+  } else if (typeof t === 'string') {
+    const m = ISO.exec(t);
+    if (!m) return bad('is not ISO 8601 with a zone offset or Z (e.g. 2026-12-02T07:00:00Z), nor epoch milliseconds as a number');
+    const [year, month, day, hour, minute, second] = m.slice(1, 7).map(Number) as [number, number, number, number, number, number];
+    const fraction = Number((m[7] ?? '').padEnd(3, '0').slice(0, 3));
+    if (year < 1969 || year > 9999) return bad('is not between 1970 and 9999');
+    const local = Date.UTC(year, month - 1, day, hour, minute, second, fraction);
+    const check = new Date(local);
+    // Date.UTC rolls over (Feb 30 becomes Mar 2): a field out of range shows as a different date.
+    if (check.getUTCFullYear() !== year || check.getUTCMonth() !== month - 1 || check.getUTCDate() !== day
+      || check.getUTCHours() !== hour || check.getUTCMinutes() !== minute || check.getUTCSeconds() !== second) {
+      return bad('names no such date or time');
+    }
+    let offset = 0;
+    if (!m[8]) {
+      const oh = Number(m[10]);
+      const om = Number(m[11] ?? '0');
+      if (oh > 23 || om > 59) return bad('has an impossible zone offset');
+      offset = (m[9] === '-' ? -1 : 1) * (oh * 60 + om) * 60_000;
+    }
+    ms = local - offset;
+  } else {
+    return bad('must be a string or a number');
   }
-  return date.toISOString();
+  if (ms < MIN_MS || ms > MAX_MS) return bad('is not between 1970 and 9999');
+  return new Date(ms).toISOString();
 }

@@ -1,4 +1,5 @@
 import { randomUUID } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { lstat, mkdir, readdir, realpath, rename, rm } from 'node:fs/promises';
 import type { Dirent } from 'node:fs';
 import { basename, dirname, isAbsolute, join, normalize, sep } from 'node:path';
@@ -8,14 +9,36 @@ import { mkdirDurable, syncDir } from './storage/sync-dir.js';
 /** Prefix of temp files and directories the worker creates inside the staging area. */
 export const STAGING_TMP = '.stevedore-tmp-';
 
+export interface StagingOptions {
+  /** How long a staged source that is not (yet) visible is looked up again before NotFound. @defaultValue 2000 */
+  sourceWaitMs?: number | undefined;
+}
+
+export interface SweepOptions {
+  /** Age (by ctime) past which a killed worker's temp file or tree is removed. @defaultValue 1 hour */
+  maxAgeMs?: number | undefined;
+  /**
+   * Age (by ctime) past which a file the CLI staged under `incoming/` is removed: `store` without
+   * `--wait` (or past its `--timeout`) leaves its copy for the job, which may wait in the queue a
+   * long while first. @defaultValue 24 hours
+   */
+  incomingMaxAgeMs?: number | undefined;
+}
+
+/** Folder of the staging area where the CLI stages the files it enqueues `store` jobs for. */
+export const STAGING_INCOMING = 'incoming';
+
 /**
  * The staging area shared by producers and workers. Payload paths are relative to it; anything
  * that resolves outside it (absolute, `..`, or through a symlink) is InvalidInput.
  */
 export class Staging {
   private realRoot: string | undefined;
+  readonly sourceWaitMs: number;
 
-  constructor(readonly root: string) {}
+  constructor(readonly root: string, opts: StagingOptions = {}) {
+    this.sourceWaitMs = opts.sourceWaitMs ?? 2_000;
+  }
 
   /** Absolute path of `rel`, checked to stay inside the staging area (parents resolved through symlinks). */
   async resolve(rel: string, field = 'path'): Promise<string> {
@@ -39,14 +62,42 @@ export class Staging {
   }
 
   /** A staged file to read: a regular file inside the area, not a symlink. */
-  async source(rel: string, field = 'source.path'): Promise<string> {
-    const path = await this.resolve(rel, field);
-    const st = await lstat(path).catch((err: NodeJS.ErrnoException) => {
-      if (err.code === 'ENOENT') throw new StorageError(ErrorCode.NotFound, `${field}: no such staged file`, { op: 'staging', key: rel, cause: err });
-      throw err;
-    });
-    if (!st.isFile()) throw new StorageError(ErrorCode.InvalidInput, `${field}: not a regular file (symlinks are not followed)`, { op: 'staging', key: rel });
-    return path;
+  async source(rel: string, field = 'source.path', opts: { signal?: AbortSignal | undefined } = {}): Promise<string> {
+    return (await this.sourceFile(rel, field, opts)).path;
+  }
+
+  /**
+   * A staged file to read and its size. A file not there yet is looked up again for a short,
+   * bounded while (`sourceWaitMs`) before NotFound: on an NFS client a file another replica just
+   * created can stay invisible for a moment (the negative lookup cache), and reading its folder
+   * again makes the client revalidate it. The containment check is repeated with each lookup, as
+   * folders may appear meanwhile too.
+   */
+  async sourceFile(rel: string, field = 'source.path', opts: { signal?: AbortSignal | undefined } = {}): Promise<{ path: string; size: number }> {
+    const deadline = Date.now() + this.sourceWaitMs;
+    for (let delay = 50; ; delay = Math.min(delay * 2, 400)) {
+      const path = await this.resolve(rel, field);
+      const st = await lstat(path).catch((err: NodeJS.ErrnoException) => {
+        if (err.code === 'ENOENT') return undefined;
+        throw err;
+      });
+      if (st) {
+        if (!st.isFile()) throw new StorageError(ErrorCode.InvalidInput, `${field}: not a regular file (symlinks are not followed)`, { op: 'staging', key: rel });
+        return { path, size: st.size };
+      }
+      const left = deadline - Date.now();
+      if (left <= 0) throw new StorageError(ErrorCode.NotFound, `${field}: no such staged file (looked for ${this.sourceWaitMs} ms)`, { op: 'staging', key: rel });
+      await sleep(Math.min(delay, left), undefined, { signal: opts.signal });
+      await this.relist(dirname(path));
+    }
+  }
+
+  /** Reads the nearest existing folder of `dir` (inside the area), so an NFS client revalidates its entries. */
+  private async relist(dir: string): Promise<void> {
+    for (; dir.length >= this.root.length; dir = dirname(dir)) {
+      if (await readdir(dir).then(() => true, () => false)) return;
+      if (dir === dirname(dir)) return;
+    }
   }
 
   /**
@@ -97,12 +148,18 @@ export class Staging {
 
   /**
    * Removes what killed workers left in the staging area: temp files and trees (STAGING_TMP) in
-   * which nothing changed for `maxAgeMs`. A temp tree counts as changed while any entry in it is
-   * newer, so a long extraction is never swept from under its worker. Symlinks are never
-   * followed. Returns how many leftovers it removed.
+   * which nothing changed for `maxAgeMs`; and the CLI's staged copies under `incoming/` older than
+   * `incomingMaxAgeMs`. A temp tree counts as changed while any entry in it is newer, so a long
+   * extraction is never swept from under its worker. Age is judged by ctime, which `utimes` cannot
+   * set back: extraction gives files the archive's mtimes (often 1970). Symlinks are never
+   * followed. Returns how many leftovers it removed. A number is `maxAgeMs`.
    */
-  async sweep(maxAgeMs = 60 * 60_000): Promise<number> {
-    const cutoff = Date.now() - maxAgeMs;
+  async sweep(options: number | SweepOptions = {}): Promise<number> {
+    const opts = typeof options === 'number' ? { maxAgeMs: options } : options;
+    const now = Date.now();
+    const cutoff = now - (opts.maxAgeMs ?? 60 * 60_000);
+    const incomingCutoff = now - (opts.incomingMaxAgeMs ?? 24 * 60 * 60_000);
+    const incoming = join(this.root, STAGING_INCOMING);
     let removed = 0;
     const visit = async (dir: string): Promise<void> => {
       const entries = await readdir(dir, { withFileTypes: true }).catch(() => [] as Dirent[]);
@@ -111,6 +168,12 @@ export class Staging {
         if (e.name.startsWith(STAGING_TMP)) {
           if ((await newestChange(path)) <= cutoff) {
             await rm(path, { recursive: true, force: true });
+            removed++;
+          }
+        } else if (dir === incoming && e.isFile()) {
+          const st = await lstat(path).catch(() => undefined);
+          if (st && st.ctimeMs <= incomingCutoff) {
+            await rm(path, { force: true });
             removed++;
           }
         } else if (e.isDirectory()) {
@@ -123,11 +186,11 @@ export class Staging {
   }
 }
 
-/** The latest mtime of `path` and, for a directory, of everything under it (0 if it vanished). */
+/** The latest ctime of `path` and, for a directory, of everything under it (0 if it vanished). */
 async function newestChange(path: string): Promise<number> {
   const st = await lstat(path).catch(() => undefined);
   if (!st) return 0;
-  let newest = st.mtimeMs;
+  let newest = st.ctimeMs;
   if (st.isDirectory()) {
     for (const e of await readdir(path).catch(() => [] as string[])) newest = Math.max(newest, await newestChange(join(path, e)));
   }

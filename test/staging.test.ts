@@ -1,8 +1,8 @@
-import { mkdir, readdir, symlink, utimes, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, rename, symlink, utimes, writeFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { ErrorCode, StorageError, classifyCommon } from '../src/errors.js';
-import { STAGING_TMP, Staging } from '../src/staging.js';
+import { STAGING_INCOMING, STAGING_TMP, Staging } from '../src/staging.js';
 import { tempDir } from './harness/process.js';
 
 const codeOf = (p: Promise<unknown>) => p.then(() => 'resolved', (e: unknown) => (e as StorageError).code);
@@ -40,6 +40,32 @@ describe('the staging area', () => {
     expect(await staging.source('ok')).toBe(join(dir.path, 'staging', 'ok'));
   });
 
+  it('finds a staged file that becomes visible only after the lookup began (an NFS negative cache)', async () => {
+    const started = Date.now();
+    const found = staging.sourceFile('late.bin');
+    await new Promise((r) => setTimeout(r, 300));
+    await writeFile(join(dir.path, 'tmp-late'), 'late bytes');
+    await rename(join(dir.path, 'tmp-late'), join(dir.path, 'staging', 'late.bin'));
+    expect(await found).toEqual({ path: join(dir.path, 'staging', 'late.bin'), size: 10 });
+    expect(Date.now() - started).toBeGreaterThanOrEqual(300);
+  });
+
+  it('fails NotFound once the bounded wait is over', async () => {
+    const quick = new Staging(join(dir.path, 'staging'), { sourceWaitMs: 300 });
+    const started = Date.now();
+    expect(await codeOf(quick.source('never'))).toBe(ErrorCode.NotFound);
+    expect(Date.now() - started).toBeGreaterThanOrEqual(300);
+    expect(Date.now() - started).toBeLessThan(1500);
+  });
+
+  it('checks containment again while it waits: a symlinked folder that appears meanwhile is refused', async () => {
+    await writeFile(join(outside, 'x'), 'secret');
+    const found = codeOf(staging.source('link/x'));
+    await new Promise((r) => setTimeout(r, 200));
+    await symlink(outside, join(dir.path, 'staging', 'link'));
+    expect(await found).toBe(ErrorCode.InvalidInput);
+  });
+
   it('gives a temp name that fits beside a dest whose name is near the 255-byte limit', async () => {
     const dest = await staging.resolve(`out/${'n'.repeat(250)}`);
     const tmp = await staging.tempBeside(dest);
@@ -72,31 +98,80 @@ describe('the staging area', () => {
 describe('sweeping the staging area', () => {
   let dir: Awaited<ReturnType<typeof tempDir>>;
   beforeEach(async () => { dir = await tempDir(); });
-  afterEach(() => dir.remove());
+  afterEach(async () => {
+    vi.useRealTimers();
+    await dir.remove();
+  });
+  /** Sweeps as if the clock read `ms` later: ages are ctimes, which no test can set back. */
+  const sweepLater = async (staging: Staging, ms: number, opts?: Parameters<Staging['sweep']>[0]) => {
+    vi.useFakeTimers({ toFake: ['Date'] });
+    vi.setSystemTime(Date.now() + ms);
+    try {
+      return await staging.sweep(opts);
+    } finally {
+      vi.useRealTimers();
+    }
+  };
 
   it('removes temp files and trees a killed worker left, once nothing in them changed for the age given', async () => {
     const root = join(dir.path, 'staging');
     const staging = new Staging(root);
-    const old = new Date(Date.now() - 2 * 60_000);
     const at = (...p: string[]) => join(root, ...p);
     await mkdir(at('jobs/a'), { recursive: true });
-    // Left by a killed fetch and a killed extraction, both old.
+    // Left by a killed fetch and a killed extraction.
     await writeFile(at('jobs/a', `${STAGING_TMP}out.bin-1`), 'partial');
     await mkdir(at('jobs', `${STAGING_TMP}tree.extract-1`, 'site'), { recursive: true });
     await writeFile(at('jobs', `${STAGING_TMP}tree.extract-1`, 'site', 'f'), 'x');
     // An extraction still running: its top folder is old, a file deep inside is fresh.
     await mkdir(at(`${STAGING_TMP}live.extract-2`, 'deep'), { recursive: true });
-    await writeFile(at(`${STAGING_TMP}live.extract-2`, 'deep', 'fresh'), 'x');
-    // A user's own file, old, and a fresh temp file.
+    // A user's own file.
     await writeFile(at('jobs/a/keep.bin'), 'mine');
+    const oldDone = Date.now();
+    await new Promise((r) => setTimeout(r, 100));
+    await writeFile(at(`${STAGING_TMP}live.extract-2`, 'deep', 'fresh'), 'x');
     await writeFile(at('jobs/a', `${STAGING_TMP}new.bin-3`), 'writing');
-    for (const p of [at('jobs/a', `${STAGING_TMP}out.bin-1`), at('jobs', `${STAGING_TMP}tree.extract-1`, 'site', 'f'), at('jobs', `${STAGING_TMP}tree.extract-1`, 'site'),
-      at('jobs', `${STAGING_TMP}tree.extract-1`), at(`${STAGING_TMP}live.extract-2`), at('jobs/a/keep.bin')]) await utimes(p, old, old);
 
-    expect(await staging.sweep(60_000)).toBe(2);
+    // The clock at 50 ms past the old entries' age: they are over it, the fresh ones are not.
+    expect(await sweepLater(staging, oldDone + 50 + 60_000 - Date.now(), 60_000)).toBe(2);
     expect((await readdir(root, { recursive: true })).sort()).toEqual([
       `${STAGING_TMP}live.extract-2`, `${STAGING_TMP}live.extract-2/deep`, `${STAGING_TMP}live.extract-2/deep/fresh`,
       'jobs', 'jobs/a', `jobs/a/${STAGING_TMP}new.bin-3`, 'jobs/a/keep.bin',
     ].sort());
+  });
+
+  it('judges age by ctime: a live tree whose mtimes are the archive\'s (1970) is not swept', async () => {
+    const root = join(dir.path, 'staging');
+    const staging = new Staging(root);
+    const tree = join(root, 'out', `${STAGING_TMP}site.extract-1`);
+    await mkdir(join(tree, 'app', 'lib'), { recursive: true });
+    await writeFile(join(tree, 'app', 'lib', 'index.js'), 'x');
+    await writeFile(join(root, 'out', `${STAGING_TMP}file.bin-2`), 'x');
+    const epoch = new Date(0);
+    for (const p of [join(tree, 'app', 'lib', 'index.js'), join(tree, 'app', 'lib'), join(tree, 'app'), tree, join(root, 'out', `${STAGING_TMP}file.bin-2`)]) await utimes(p, epoch, epoch);
+    expect(await staging.sweep()).toBe(0);
+    expect(await staging.sweep(60_000)).toBe(0);
+    expect((await readdir(join(root, 'out'))).sort()).toEqual([`${STAGING_TMP}file.bin-2`, `${STAGING_TMP}site.extract-1`]);
+  });
+
+  it("removes the CLI's staged copies under incoming/ only after the longer age (24 h), and nothing of the user's", async () => {
+    const root = join(dir.path, 'staging');
+    const staging = new Staging(root);
+    await mkdir(join(root, STAGING_INCOMING), { recursive: true });
+    await mkdir(join(root, 'mine', STAGING_INCOMING), { recursive: true });
+    await writeFile(join(root, STAGING_INCOMING, '5b2f-build.tar.gz'), 'queued');
+    await writeFile(join(root, STAGING_INCOMING, `${STAGING_TMP}copy-1`), 'half a copy');
+    await writeFile(join(root, 'mine', STAGING_INCOMING, 'own.bin'), 'user');
+    await writeFile(join(root, 'own.bin'), 'user');
+    // mtimes do not count here either.
+    await utimes(join(root, STAGING_INCOMING, '5b2f-build.tar.gz'), new Date(0), new Date(0));
+
+    // Two hours on: the half copy is a temp file (1 h); the queued copy may still be waiting for its job.
+    expect(await sweepLater(staging, 2 * 3600_000)).toBe(1);
+    expect(await readdir(join(root, STAGING_INCOMING))).toEqual(['5b2f-build.tar.gz']);
+    expect(await sweepLater(staging, 23 * 3600_000)).toBe(0);
+    expect(await sweepLater(staging, 25 * 3600_000, { incomingMaxAgeMs: 48 * 3600_000 })).toBe(0);
+    expect(await sweepLater(staging, 25 * 3600_000)).toBe(1);
+    expect(await readdir(join(root, STAGING_INCOMING))).toEqual([]);
+    expect((await readdir(root, { recursive: true })).sort()).toEqual([STAGING_INCOMING, 'mine', `mine/${STAGING_INCOMING}`, `mine/${STAGING_INCOMING}/own.bin`, 'own.bin']);
   });
 });

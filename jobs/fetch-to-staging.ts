@@ -17,6 +17,12 @@ export interface FetchResult {
   path: string;
   size: number;
   sha256: string;
+  /**
+   * True when the bytes were checked against the digest recorded when the object was written;
+   * false for an object without one (written by another tool, or its metadata lost), even when
+   * they matched the payload's `sha256`: only the recorded digest vouches for the stored object.
+   */
+  verified: boolean;
   entries?: number;
 }
 
@@ -34,15 +40,16 @@ export async function fetchToStaging(p: FetchPayload, d: JobDeps): Promise<Fetch
   // One pass checks both the digest recorded at write time and `sha256`, and gives the result's digest.
   const got = await d.bucket(p.backend).get(p.key, { signal: d.signal, sha256: p.sha256, progress: (n) => d.progress(n, total) });
   total = got.info.size;
-  if (got.info.sha256 === undefined && p.sha256 === undefined) {
-    d.log.warn({ key: p.key }, 'object has no recorded sha256 (written by another tool); fetched unverified');
+  const verified = got.info.sha256 !== undefined;
+  if (!verified) {
+    d.log.warn({ key: p.key, checkedAgainstPayload: p.sha256 !== undefined }, 'object has no recorded sha256 (written by another tool, or its metadata lost); fetched with verified: false');
   }
   if (tmp === undefined) {
     // extract: the archive is unpacked into a fresh temp directory of its own.
     const res = await extractArchive(got.stream, dest, { replace: true, signal: d.signal });
     const { sha256, size } = got.digest();
     d.log.info({ key: p.key, dest: p.dest, entries: res.entries }, 'fetched and extracted');
-    return { path: p.dest, size, sha256, entries: res.entries };
+    return { path: p.dest, size, sha256, verified, entries: res.entries };
   }
   try {
     // flush: fsync before close, so a rename after a crash never exposes an empty or partial file.
@@ -54,5 +61,5 @@ export async function fetchToStaging(p: FetchPayload, d: JobDeps): Promise<Fetch
   }
   const { sha256, size } = got.digest();
   d.log.info({ key: p.key, dest: p.dest, size }, 'fetched');
-  return { path: p.dest, size, sha256 };
+  return { path: p.dest, size, sha256, verified };
 }

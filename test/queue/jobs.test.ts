@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, readFile, readdir, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rename, stat, writeFile } from 'node:fs/promises';
 import { createGzip } from 'node:zlib';
 import tar from 'tar-stream';
 import { join } from 'node:path';
@@ -7,6 +7,7 @@ import { Queue, QueueEvents } from 'bullmq';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FsDriver } from '../../src/backends/fs.js';
+import type { Progress } from '../../src/queue/client.js';
 import { Bucket } from '../../src/storage/bucket.js';
 import type { Driver } from '../../src/storage/driver.js';
 import { versions } from '../../src/versions.js';
@@ -60,12 +61,15 @@ describe('jobs through Redis', () => {
     it('stores a staged file, fetches it back verified, and reports progress', async () => {
       const bytes = randomBytes(3 << 20);
       await writeFile(join(stagingDir, `in-${backend}.bin`), bytes);
-      const progress: number[] = [];
-      const stored = await w.client.run('store', { backend, key: `sites/web/artifacts/b1-${backend}.tar.gz`, source: { path: `in-${backend}.bin` } }, { onProgress: (p) => progress.push(p.bytes) });
+      const progress: Progress[] = [];
+      const stored = await w.client.run('store', { backend, key: `sites/web/artifacts/b1-${backend}.tar.gz`, source: { path: `in-${backend}.bin` } }, { onProgress: (p) => progress.push(p) });
       expect(stored).toEqual({ backend, key: `sites/web/artifacts/b1-${backend}.tar.gz`, size: bytes.length, sha256: sha(bytes) });
-      expect(progress.at(-1)).toBe(bytes.length);
+      // A store from a staged file knows its total from the start, as one from inline bytes does.
+      expect(progress.length).toBeGreaterThan(0);
+      for (const p of progress) expect(p.total).toBe(bytes.length);
+      expect(progress.at(-1)).toEqual({ bytes: bytes.length, total: bytes.length });
       const fetched = await w.client.run('fetch-to-staging', { backend, key: stored.key, dest: `out/${backend}/a.bin`, sha256: stored.sha256 });
-      expect(fetched).toEqual({ path: `out/${backend}/a.bin`, size: bytes.length, sha256: sha(bytes) });
+      expect(fetched).toEqual({ path: `out/${backend}/a.bin`, size: bytes.length, sha256: sha(bytes), verified: true });
       expect(sha(await readFile(join(stagingDir, 'out', backend, 'a.bin')))).toBe(sha(bytes));
     });
 
@@ -89,7 +93,7 @@ describe('jobs through Redis', () => {
     const archive = await readAll(pack.pipe(createGzip()));
     const stored = await w.client.run('store', { key: 'sites/web/artifacts/tgz.tar.gz', source: { base64: archive.toString('base64') } });
     const res = await w.client.run('fetch-to-staging', { key: stored.key, dest: 'unpacked/tgz', extract: true, sha256: stored.sha256 });
-    expect(res).toEqual({ path: 'unpacked/tgz', size: archive.length, sha256: sha(archive), entries: 3 });
+    expect(res).toEqual({ path: 'unpacked/tgz', size: archive.length, sha256: sha(archive), verified: true, entries: 3 });
     expect(await readFile(join(stagingDir, 'unpacked/tgz/app/index.js'), 'utf8')).toBe('console.log(1)\n');
     expect((await stat(join(stagingDir, 'unpacked/tgz/app/bin/run'))).mode & 0o777).toBe(0o755);
 
@@ -193,6 +197,35 @@ describe('jobs through Redis', () => {
     await writeFile(join(root, 'rot/obj'), 'evil bytes', { flag: 'r+' });
     await expect(w.client.run('fetch-to-staging', { key: 'rot/obj', dest: 'rot.bin' }, { attempts: 3 })).rejects.toMatchObject({ code: 'ChecksumMismatch' });
     await expect(stat(join(stagingDir, 'rot.bin'))).rejects.toMatchObject({ code: 'ENOENT' });
+  });
+
+  it('reports an object without a recorded digest (written by another tool) as not verified', async () => {
+    const root = (buckets.get('default')!.driver as FsDriver).root;
+    const bytes = Buffer.from('copied in by rsync, no sidecar');
+    await mkdir(join(root, 'foreign'), { recursive: true });
+    await writeFile(join(root, 'foreign', 'plain.bin'), bytes);
+    expect(await w.client.run('fetch-to-staging', { key: 'foreign/plain.bin', dest: 'foreign/a.bin' }))
+      .toEqual({ path: 'foreign/a.bin', size: bytes.length, sha256: sha(bytes), verified: false });
+    // The payload's digest matching does not vouch for the stored object: still not verified.
+    expect(await w.client.run('fetch-to-staging', { key: 'foreign/plain.bin', dest: 'foreign/b.bin', sha256: sha(bytes) }))
+      .toMatchObject({ sha256: sha(bytes), verified: false });
+    await expect(w.client.run('fetch-to-staging', { key: 'foreign/plain.bin', dest: 'foreign/c.bin', sha256: sha(Buffer.from('x')) }))
+      .rejects.toMatchObject({ code: 'ChecksumMismatch' });
+    expect((await readdir(join(stagingDir, 'foreign'))).sort()).toEqual(['a.bin', 'b.bin']);
+    // Stored by us, it carries its digest and is.
+    await w.client.run('store', { key: 'foreign/ours.bin', source: { base64: bytes.toString('base64') } });
+    expect(await w.client.run('fetch-to-staging', { key: 'foreign/ours.bin', dest: 'foreign/d.bin' })).toMatchObject({ verified: true });
+  });
+
+  it('stores a staged file that becomes visible only after the job started', async () => {
+    const bytes = randomBytes(4096);
+    const id = await w.client.store({ key: 'late/file.bin', source: { path: 'late/file.bin' } }, { attempts: 1 });
+    await new Promise((r) => setTimeout(r, 300));
+    await mkdir(join(stagingDir, 'late'), { recursive: true });
+    await writeFile(join(stagingDir, 'late.tmp'), bytes);
+    await rename(join(stagingDir, 'late.tmp'), join(stagingDir, 'late', 'file.bin'));
+    expect(await w.client.result<'store'>(id, { timeoutMs: 20_000 })).toMatchObject({ size: bytes.length, sha256: sha(bytes) });
+    expect((await w.client.getJob(id))?.attemptsMade).toBe(1);
   });
 
   it('runs the same ifAbsent store twice harmlessly', async () => {

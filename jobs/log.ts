@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { z } from 'zod';
 import { ErrorCode, StorageError } from '../src/errors.js';
 import { BackendName, SiteId, type JobDeps } from '../src/payload.js';
@@ -71,6 +72,7 @@ export async function log(p: LogPayload, d: JobDeps): Promise<LogResult> {
   }
   const bucket = d.bucket(p.backend);
   const jobId = jobIdMeta(d.jobId);
+  const digest = createHash('sha256').update(bytes).digest('hex');
   const write = (key: string) => bucket.put(key, bytes, { contentType: 'application/json', metadata: { [JOB_ID_META]: jobId }, ifAbsent: true, signal: d.signal });
   let key = base;
   for (let tries = 0; tries < MAX_KEY_TRIES; tries++) {
@@ -83,7 +85,9 @@ export async function log(p: LogPayload, d: JobDeps): Promise<LogResult> {
     }
     // Taken: by this job's own entry (return it), or by others (the next key after all of them).
     const taken = await entriesAt(bucket, p.site, timestamp, p.build);
-    const ours = taken.find((o) => o.metadata[JOB_ID_META] === jobId);
+    // An entry without a job id was written before job ids were recorded: the same bytes there are
+    // this job's own first run (the key already held its time, site and build), not another entry.
+    const ours = taken.find((o) => o.metadata[JOB_ID_META] === jobId || (o.metadata[JOB_ID_META] === undefined && o.sha256 === digest));
     if (ours) {
       d.log.info({ key: ours.key }, 'already logged by an earlier run of this job');
       return { key: ours.key, timestamp };

@@ -115,6 +115,17 @@ describe('log entries through Redis', () => {
       expect(Object.keys(await entry(bucket, first.key)).sort()).toEqual(['action', 'build_id', 'metadata', 'site_id', 'status', 'timestamp']);
     });
 
+    it('takes an entry written before job ids were recorded, with the same bytes, for this job\'s own first run', async () => {
+      const bucket = buckets.get(backend)!;
+      const data = { backend, site: 'legacy', build: 'b', action: 'a', status: 's', timestamp: '2026-12-02T07:00:00Z' };
+      const bytes = Buffer.from(`${JSON.stringify({ timestamp: '2026-12-02T07:00:00.000Z', build_id: 'b', site_id: 'legacy', action: 'a', status: 's', metadata: {} })}\n`);
+      await bucket.put('sites/legacy/logs/2026-12-02T07:00:00.000Z-b.json', bytes, { contentType: 'application/json' });
+      expect(await serial.client.run('log', data)).toMatchObject({ key: 'sites/legacy/logs/2026-12-02T07:00:00.000Z-b.json' });
+      // Other bytes at that key are another entry.
+      expect(await serial.client.run('log', { ...data, status: 'other' })).toMatchObject({ key: 'sites/legacy/logs/2026-12-02T07:00:00.000Z-b~1.json' });
+      expect((await keysUnder(bucket, 'sites/legacy/logs/')).length).toBe(2);
+    });
+
     it('writes one entry for a job id enqueued again after the first run completed', async () => {
       const data = { backend, site: 'idem', build: 'b', action: 'a', status: 's', timestamp: '2026-12-02T07:00:00Z' };
       const a = await serial.client.run('log', data, { jobId: `idem-${backend}` });

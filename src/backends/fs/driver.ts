@@ -78,7 +78,7 @@ export class FsDriver implements Driver {
       let sc: number | undefined;
       try {
         sidecar = sidecarPath(dir, name, (await fstatFd(fd)).ino);
-        sc = await openFd(sidecar, 'w', 0o644);
+        sc = await openSidecar(sidecar);
         const sidecarFd = sc;
         const entries = this.fsync ? syncDir(join(dir, META_DIR)) : Promise.resolve();
         entries.catch(() => {}); // awaited below; a failure must not be unhandled meanwhile
@@ -101,30 +101,31 @@ export class FsDriver implements Driver {
         // Both descriptors, whatever failed (the first fstat or the sidecar's open included).
         await Promise.allSettled([closeFd(fd), sc === undefined ? undefined : closeFd(sc)]);
       }
-      let old: BigIntStats | undefined;
-      if (opts.ifMatch !== undefined) {
-        const held = await claim('put', key, dir, name, opts.ifMatch);
-        if (!held) throw preconditionFailed('put', key, `object is gone (expected etag ${opts.ifMatch})`);
-        try {
+      // The replaced version is held (open, or linked by the claim) until its sidecar is removed:
+      // freed, its inode number could go to a new put's temp file, whose sidecar has that name.
+      let old: { st: BigIntStats; release(): Promise<void> } | undefined;
+      try {
+        if (opts.ifMatch !== undefined) {
+          old = await claim('put', key, dir, name, opts.ifMatch);
+          if (!old) throw preconditionFailed('put', key, `object is gone (expected etag ${opts.ifMatch})`);
           await rename(tmp, path);
-        } finally {
-          await held.release();
+        } else if (opts.ifAbsent) {
+          // link() fails with EEXIST when the key exists: an atomic create-if-absent, also on NFS.
+          await link(tmp, path).catch((err: NodeJS.ErrnoException) => {
+            if (err.code === 'EEXIST') throw new StorageError(ErrorCode.PreconditionFailed, 'object already exists', { op: 'put', key, cause: err });
+            throw err;
+          });
+          await unlink(tmp);
+        } else {
+          old = await holdObject(path);
+          await rename(tmp, path);
         }
-        old = held.st;
-      } else if (opts.ifAbsent) {
-        // link() fails with EEXIST when the key exists: an atomic create-if-absent, also on NFS.
-        await link(tmp, path).catch((err: NodeJS.ErrnoException) => {
-          if (err.code === 'EEXIST') throw new StorageError(ErrorCode.PreconditionFailed, 'object already exists', { op: 'put', key, cause: err });
-          throw err;
-        });
-        await unlink(tmp);
-      } else {
-        old = await lstat(path, { bigint: true }).catch(() => undefined);
-        await rename(tmp, path);
+        sidecar = undefined;
+        if (this.fsync) await syncDir(dir);
+        if (old && old.st.ino !== st.ino) await unlinkQuiet(sidecarPath(dir, name, old.st.ino));
+      } finally {
+        await old?.release();
       }
-      sidecar = undefined;
-      if (this.fsync) await syncDir(dir);
-      if (old && old.ino !== st.ino) await unlinkQuiet(sidecarPath(dir, name, old.ino));
       return toInfo(key, st, meta);
     } catch (err) {
       // The sidecar first: it must never be left without its temp file, by which readers of a
@@ -225,27 +226,23 @@ export class FsDriver implements Driver {
     if (!path) return;
     const dir = dirname(path);
     const name = keyName(key);
-    if (opts.ifMatch !== undefined) {
-      const held = await claim('delete', key, dir, name, opts.ifMatch);
-      if (!held) return;
-      try {
+    // Held (by the claim, or open) until its sidecar is removed, so its inode number is not reused meanwhile.
+    const held = opts.ifMatch !== undefined ? await claim('delete', key, dir, name, opts.ifMatch) : await holdObject(path);
+    // Nothing there, or not a regular file (a folder, a symlink planted at the key): no object, nothing to delete.
+    if (!held) return;
+    try {
+      if (opts.ifMatch !== undefined) {
         const now = await lstatOrGone(path);
         if (!now) return;
         // Replaced since the claim (by a put that asked for no condition): not the version asked for.
         if (now.ino !== held.st.ino) throw preconditionFailed('delete', key, `object changed (etag ${etagOf(now)}, expected ${opts.ifMatch})`);
-        await unlinkObject(path);
-        await unlinkQuiet(sidecarPath(dir, name, held.st.ino));
-      } finally {
-        await held.release();
       }
-      return;
+      await unlinkObject(path);
+      // The object is gone; a sidecar left by a failure here is the sweep's.
+      await unlinkQuiet(sidecarPath(dir, name, held.st.ino));
+    } finally {
+      await held.release();
     }
-    const st = await lstatOrGone(path);
-    // Not a regular file (a folder, a symlink planted at the key): no object, nothing to delete.
-    if (!st || !st.isFile()) return;
-    await unlinkObject(path);
-    // The object is gone; a sidecar left by a failure here is the sweep's.
-    await unlinkQuiet(sidecarPath(dir, name, st.ino));
   }
 
   async copy(src: string, dst: string, opts: { ifAbsent: boolean; ifMatch?: string | undefined }): Promise<ObjectInfo> {
@@ -307,6 +304,50 @@ async function checkEtag(key: string, path: string, etag: string): Promise<void>
   const st = await lstatOrGone(path);
   if (!st || !st.isFile()) throw preconditionFailed('put', key, `object is gone (expected etag ${etag})`);
   if (etagOf(st) !== etag) throw preconditionFailed('put', key, `object changed (etag ${etagOf(st)}, expected ${etag})`);
+}
+
+/**
+ * The object at `path` opened (never following a link, never blocking on a FIFO) so that its inode
+ * stays allocated while held; undefined when there is no regular file. Falls back to lstat when it
+ * cannot be opened (no read permission).
+ */
+async function holdObject(path: string): Promise<{ st: BigIntStats; release(): Promise<void> } | undefined> {
+  let fd: number;
+  try {
+    fd = await openFd(path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+  } catch (err) {
+    if (errno(err) !== 'EACCES' && errno(err) !== 'EPERM') {
+      if (errno(err) === 'ENOENT' || errno(err) === 'ENOTDIR' || errno(err) === 'ELOOP') return undefined;
+      throw err;
+    }
+    const st = await lstatOrGone(path);
+    return st?.isFile() ? { st, release: async () => {} } : undefined;
+  }
+  const release = () => closeFd(fd).catch(() => {});
+  try {
+    const st = await fstatFd(fd);
+    if (st.isFile()) return { st, release };
+  } catch (err) {
+    await release();
+    throw err;
+  }
+  await release();
+  return undefined;
+}
+
+/**
+ * Creates the sidecar of a new temp file's inode. One left under that name by an earlier holder
+ * of the inode number is unlinked, not truncated: it may be a hard link shared with a sidecar
+ * another object adopted (sidecar.ts), which must keep its content.
+ */
+async function openSidecar(path: string): Promise<number> {
+  try {
+    return await openFd(path, 'wx', 0o644);
+  } catch (err) {
+    if (errno(err) !== 'EEXIST') throw err;
+    await unlink(path).catch((e: unknown) => { if (errno(e) !== 'ENOENT') throw e; });
+    return openFd(path, 'wx', 0o644);
+  }
 }
 
 async function lstatOrGone(path: string): Promise<BigIntStats | undefined> {

@@ -142,11 +142,12 @@ export async function adopt(path: string, name: string, st: BigIntStats, cache?:
     const meta = await readParsed(join(dir, META_DIR, file));
     if (meta && matches(meta, name, st)) candidates.push({ file, meta });
   }
+  if (candidates.length === 0) return undefined;
   const chosen = choose(candidates, st.mtimeNs);
-  if (!chosen) return undefined;
   // After the choice, so that a writer who committed meanwhile (whose sidecar may be among the
-  // candidates) sends the reader back to read the new object.
+  // candidates, or make them disagree) sends the reader back to read the new object.
   if (!(await stillAt(path, st))) return 'raced';
+  if (!chosen) return undefined;
   const own = sidecarPath(dir, name, st.ino);
   try {
     await link(join(dir, META_DIR, chosen.file), own);
@@ -169,13 +170,17 @@ export function matches(meta: Sidecar, name: string, st: BigIntStats): boolean {
 
 /**
  * The candidate to trust: among those whose recorded mtime equals the object's to the nanosecond,
- * else to the second, else all, the one digest they agree on; none when they disagree.
+ * else (for an mtime a copy cut to whole seconds) to the second, else all, the one digest they
+ * agree on; none when they disagree.
  */
 export function choose<C extends { meta: Sidecar }>(candidates: C[], mtimeNs: bigint): C | undefined {
   const sec = mtimeNs / 1_000_000_000n;
   const recorded = (c: C) => (c.meta.mtimeNs === undefined ? undefined : BigInt(c.meta.mtimeNs));
   const exact = candidates.filter((c) => recorded(c) === mtimeNs);
-  const second = candidates.filter((c) => { const r = recorded(c); return r !== undefined && r / 1_000_000_000n === sec; });
+  // Only an mtime cut to the second (tar) is evidence at the second; an mtime the copy set anew
+  // (cp -r) has nanoseconds, and shares its second with puts racing right now.
+  const cut = mtimeNs % 1_000_000_000n === 0n;
+  const second = !cut ? [] : candidates.filter((c) => { const r = recorded(c); return r !== undefined && r / 1_000_000_000n === sec; });
   const tier = exact.length ? exact : second.length ? second : candidates;
   if (tier.length === 0 || new Set(tier.map((c) => c.meta.sha256)).size !== 1) return undefined;
   return tier[0];

@@ -48,7 +48,8 @@ async function sweepFolder(dir: string, cutoff: number): Promise<number> {
   for (const f of files) {
     const ino = sidecarIno(f);
     if (ino === undefined || !old(f) || writing.has(ino)) continue;
-    if (await unusable(dir, f, ino, cache)) await remove(f);
+    // Unless rewritten meanwhile: a new put's temp file that got this inode number made it its own.
+    if (await unusable(dir, f, ino, cache) && (await unchanged(join(meta, f), stats.get(f)!))) await remove(f);
   }
   for (const f of files) {
     const st = stats.get(f);
@@ -73,4 +74,9 @@ async function unusable(dir: string, file: string, ino: bigint, cache: FolderCac
   if (await lstat(sidecarPath(dir, name, st.ino)).then(() => true, () => false)) return true;
   // Still none of its own (candidates that disagree, or a read-only tree): keep any that could be its digest.
   return (await cache.folder(dir)).busy.has(ino) || !matches(meta, name, st);
+}
+
+async function unchanged(path: string, before: BigIntStats): Promise<boolean> {
+  const now = await lstat(path, { bigint: true }).catch(() => undefined);
+  return now !== undefined && now.ino === before.ino && now.mtimeNs === before.mtimeNs;
 }

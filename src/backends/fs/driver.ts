@@ -295,7 +295,6 @@ export class FsDriver implements Driver {
 export function fsDriverFromUrl(url: URL): FsDriver {
   const name = url.searchParams.keys().next();
   if (!name.done) throw new StorageError(ErrorCode.InvalidInput, `file: unknown parameter "${name.value}"`, { op: 'config' });
-  if (url.search === '?' || url.hash) throw new StorageError(ErrorCode.InvalidInput, 'file: a backend URL takes no query or fragment', { op: 'config' });
   return new FsDriver({ root: fileURLToPath(url) });
 }
 

@@ -192,27 +192,40 @@ describe('filesystem backend: ifMatch (decision 7), atomic', () => {
     expect(await filesUnder(dir.path)).toEqual([]);
   });
 
-  it('of conditional writers racing with one etag, exactly one wins, whole (puts and deletes)', async () => {
-    for (let round = 0; round < 10; round++) {
-      const base = await bucket.put('k', Buffer.from(`base ${round}`));
-      const writers = Array.from({ length: 6 }, (_, i) => Buffer.from(`writer ${round}.${i} `.repeat(2000 + i)));
-      const outcomes = await Promise.all([
-        ...writers.map((w) => bucket.put('k', w, { ifMatch: base.etag }).then(() => 'ok', (e: unknown) => bucket.codeOf(e))),
-        bucket.delete('k', { ifMatch: base.etag }).then(() => 'deleted', (e: unknown) => bucket.codeOf(e)),
-      ]);
-      const wins = outcomes.filter((o) => o === 'ok' || o === 'deleted');
-      expect(wins, `round ${round}: ${outcomes.join(',')}`).toHaveLength(1);
-      expect(outcomes.filter((o) => o !== 'ok' && o !== 'deleted').every((o) => o === ErrorCode.PreconditionFailed)).toBe(true);
-      if (wins[0] === 'deleted') {
-        expect(await collectKeys(bucket)).toEqual([]);
-      } else {
-        const winner = writers[outcomes.indexOf('ok')]!;
-        const got = await bucket.get('k');
-        expect(sha(await readAll(got.stream))).toBe(sha(winner));
-        expect(got.info.sha256).toBe(sha(winner));
+  // Small bodies of one size, and no fsync in one variant, so the writers reach their commit
+  // together: without the claim, several pass the check before the first rename.
+  for (const fsync of [true, false]) {
+    it(`of conditional writers racing with one etag, exactly one wins, whole (puts and deletes${fsync ? '' : ', no fsync'})`, async () => {
+      const b = new Bucket(new FsDriver({ root: join(dir.path, `race-${fsync}`), fsync }));
+      for (let round = 0; round < 25; round++) {
+        const base = await b.put('k', Buffer.from(`base ${round}`));
+        const writers = Array.from({ length: 8 }, (_, i) => Buffer.from(`writer ${round}.${i}`.padEnd(64, '.')));
+        // Every body ends at once, when the gate opens: the writers then commit together.
+        let open!: () => void;
+        const gate = new Promise<void>((r) => { open = r; });
+        const gated = (w: Buffer) => Readable.from((async function* () { await gate; yield w; })());
+        const racing = Promise.all([
+          ...writers.map((w) => b.put('k', gated(w), { ifMatch: base.etag }).then(() => 'ok', (e: unknown) => b.codeOf(e))),
+          // A conditional delete joins some rounds (it is quicker than any put, so it would win them all).
+          ...(round % 5 === 4 ? [gate.then(() => b.delete('k', { ifMatch: base.etag })).then(() => 'deleted', (e: unknown) => b.codeOf(e))] : []),
+        ]);
+        await new Promise((r) => setTimeout(r, 20));
+        open();
+        const outcomes = await racing;
+        const wins = outcomes.filter((o) => o === 'ok' || o === 'deleted');
+        expect(wins, `round ${round}: ${outcomes.join(',')}`).toHaveLength(1);
+        expect(outcomes.filter((o) => o !== 'ok' && o !== 'deleted').every((o) => o === ErrorCode.PreconditionFailed)).toBe(true);
+        if (wins[0] === 'deleted') {
+          expect(await collectKeys(b)).toEqual([]);
+        } else {
+          const winner = writers[outcomes.indexOf('ok')]!;
+          const got = await b.get('k');
+          expect(sha(await readAll(got.stream))).toBe(sha(winner));
+          expect(got.info.sha256).toBe(sha(winner));
+        }
       }
-    }
-  }, 60_000);
+    }, 60_000);
+  }
 });
 
 describe('filesystem backend: containment and URLs', () => {

@@ -2,7 +2,7 @@
 // made by the real cp, rsync and GNU tar.
 import { execFile } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { mkdir, readdir, readFile, utimes, writeFile } from 'node:fs/promises';
+import { link, mkdir, readdir, readFile, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -80,6 +80,23 @@ describe('a copied filesystem tree keeps its digests', () => {
       expect(await codeOf(fresh.get('a/one.bin').then((g) => readAll(g.stream)))).toBe(ErrorCode.ChecksumMismatch);
     }, 30_000);
   }
+
+  it('the sweep still removes what no object uses in a copied tree: a deleted object\'s sidecar, a stale ifMatch claim', async () => {
+    const dst = join(dir.path, 'dst');
+    await run('cp', ['-a', src, dst]);
+    const driver = new FsDriver({ root: dst });
+    const bucket = new Bucket(driver);
+    await bucket.delete('a/two.txt'); // its copied sidecar was never adopted
+    const claim = join(dst, META_DIR, `if-${'0'.repeat(32)}.12345`);
+    await link(join(dst, 'top'), claim); // as a writer killed between its claim and its commit leaves it
+    await new Promise((r) => setTimeout(r, 20));
+    expect(await driver.sweep(0)).toBeGreaterThanOrEqual(2);
+    const left = Object.keys(OBJECTS).filter((k) => k !== 'a/two.txt');
+    for (const k of left) expect((await bucket.stat(k)).sha256, k).toBe(sha(OBJECTS[k]!));
+    const files = await filesUnder(dst);
+    expect(files.filter((f) => f.includes(`${META_DIR}/`))).toHaveLength(left.length);
+    expect(files.filter((f) => !f.includes(`${META_DIR}/`)).sort()).toEqual([...left].sort());
+  });
 
   it('picks the sidecar whose recorded mtime matches among several of one name and size, and trusts none when they disagree and no mtime tells', async () => {
     const key = 'a/two.txt';

@@ -60,13 +60,23 @@ describe('filesystem backend on disk', () => {
 
   it('sweeps the sidecar of an object replaced or deleted behind its back', async () => {
     await bucket.put('a/k', Buffer.from('one'));
-    await writeFile(join(root, 'a/k.new'), 'two');
+    // Another size: the old sidecar cannot describe it (a same-size overwrite is the next test).
+    await writeFile(join(root, 'a/k.new'), 'three');
     await rename(join(root, 'a/k.new'), join(root, 'a/k')); // another tool replaced the file
     const sidecar = (await filesUnder(root)).find((f) => f.includes(META_DIR))!;
     const old = new Date(Date.now() - 2 * 60_000);
     await utimes(join(root, sidecar), old, old);
     expect(await driver.sweep(60_000)).toBe(1);
     expect(await filesUnder(root)).toEqual(['a/k']);
+  });
+
+  it('reads a same-size overwrite by another tool as a checksum mismatch, not as good', async () => {
+    await bucket.put('a/k', Buffer.from('one'));
+    await writeFile(join(root, 'a/k.new'), 'two');
+    await rename(join(root, 'a/k.new'), join(root, 'a/k')); // new inode, same name and size
+    const got = await bucket.get('a/k');
+    expect(got.info.sha256).toBe(sha(Buffer.from('one')));
+    expect(await codeOf(readAll(got.stream))).toBe(ErrorCode.ChecksumMismatch);
   });
 
   it('serves a file dropped in by another tool, without a digest', async () => {

@@ -29,3 +29,10 @@ export async function filesUnder(root: string): Promise<string[]> {
     .map((e) => join(e.parentPath, e.name).slice(root.length + 1))
     .sort();
 }
+
+/** Every entry under `root` (folders too, with a trailing `/`), relative: what a test checks nothing was created in. */
+export async function entriesUnder(root: string): Promise<string[]> {
+  return (await readdir(root, { recursive: true, withFileTypes: true }))
+    .map((e) => join(e.parentPath, e.name).slice(root.length + 1) + (e.isDirectory() ? '/' : ''))
+    .sort();
+}

@@ -1,0 +1,100 @@
+import { lstat, mkdir, realpath } from 'node:fs/promises';
+import { dirname, join, sep } from 'node:path';
+import { ErrorCode, StorageError } from '../../errors.js';
+import { mkdirDurable } from '../../storage/sync-dir.js';
+import { errno, folderTaken, keyName, META_DIR } from './layout.js';
+
+const INSIDE_TTL_MS = 1000;
+const INSIDE_MAX = 4096;
+
+/**
+ * Keeps every path the backend touches inside its root: keys naming the reserved folder are
+ * refused, and a symlinked folder inside the root never leads a read or a write outside it.
+ */
+export class Containment {
+  private realRoot: string | undefined;
+  /** Folders found inside the root, and when: a realpath walks every component, so it is cached briefly. */
+  private readonly inside = new Map<string, number>();
+
+  constructor(readonly root: string, private readonly fsync: boolean) {}
+
+  async pathOf(key: string): Promise<string> {
+    if (key.split('/').includes(META_DIR)) {
+      throw new StorageError(ErrorCode.InvalidInput, `invalid key: "${META_DIR}" is reserved by the filesystem backend`, { key });
+    }
+    const path = join(this.root, key);
+    await this.assertInside(dirname(path), key);
+    return path;
+  }
+
+  /**
+   * The folder a put writes into, checked to lie inside the root. An existing folder costs one
+   * realpath (the put makes its META_DIR when missing). For a new one, the nearest folder that
+   * exists is checked before anything is created (a symlink higher up would carry the mkdir out of
+   * the root, as staging's resolve() guards too), then the new folders and their META_DIR are made
+   * and the result checked again.
+   */
+  async prepareDir(key: string): Promise<{ dir: string; name: string }> {
+    const path = await this.pathOf(key).catch(async (err: unknown) => {
+      if (errno(err) !== 'ENOENT') throw err;
+      const p = join(this.root, key);
+      await this.assertInside(await this.nearestExisting(dirname(p)), key);
+      await this.makeMetaDir(dirname(p), key);
+      await this.assertInside(dirname(p), key);
+      return p;
+    });
+    return { dir: dirname(path), name: keyName(key) };
+  }
+
+  async makeMetaDir(dir: string, key: string): Promise<void> {
+    try {
+      // Each new folder is made durable in its parent. Not covered: a concurrent put that finds
+      // the folders already made returns without waiting for this one's fsyncs (a few ms).
+      const meta = join(dir, META_DIR);
+      if (this.fsync) await mkdirDurable(meta);
+      else await mkdir(meta, { recursive: true });
+    } catch (err) {
+      const code = errno(err);
+      if (code === 'ENOTDIR' || code === 'EEXIST') throw folderTaken(key, err);
+      throw err;
+    }
+  }
+
+  /**
+   * A symlinked folder inside the root must not lead a write or read outside it. A folder found
+   * inside is trusted for INSIDE_TTL_MS: like any realpath check this guards against links
+   * planted in the tree, not against someone racing the worker, and a link swapped in for a
+   * checked folder is caught within that time.
+   */
+  async assertInside(dir: string, key: string): Promise<void> {
+    const now = Date.now();
+    const seen = this.inside.get(dir);
+    if (seen !== undefined && now - seen < INSIDE_TTL_MS) return;
+    // Not cached until the root exists: a root under a symlinked path must resolve for real.
+    const realRoot = this.realRoot ?? (this.realRoot = await realpath(this.root).catch(() => undefined)) ?? this.root;
+    const real = await realpath(dir);
+    if (real !== realRoot && !real.startsWith(realRoot + sep)) {
+      this.inside.delete(dir);
+      throw new StorageError(ErrorCode.PermissionDenied, 'path leads outside the backend root through a symlink', { key });
+    }
+    if (this.inside.size >= INSIDE_MAX) this.inside.clear();
+    this.inside.set(dir, now);
+  }
+
+  /**
+   * The deepest of `dir` and its ancestors that exists, the root at the highest (created when
+   * missing: the root itself is the backend's own).
+   */
+  private async nearestExisting(dir: string): Promise<string> {
+    for (let d = dir; d.length > this.root.length; d = dirname(d)) {
+      const found = await lstat(d).then(() => true, (err: unknown) => {
+        if (errno(err) === 'ENOENT') return false;
+        throw err;
+      });
+      if (found) return d;
+    }
+    if (this.fsync) await mkdirDurable(this.root);
+    else await mkdir(this.root, { recursive: true });
+    return this.root;
+  }
+}

@@ -126,6 +126,8 @@ export function writeEntry(pack: Pack, header: TarHeader, data: Buffer | AsyncIt
       return void pack.entry(packHeader, bytes, done);
     }
     const sink = pack.entry(packHeader, done);
+    // Its errors reach us through `done`; destroyed with no listener it would throw.
+    sink.on('error', () => {});
     pump(sink, data, header, op).catch((err: unknown) => {
       reject(err);
       sink.destroy(err as Error);

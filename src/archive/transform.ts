@@ -105,6 +105,7 @@ export async function transformTar(
   const budget = new EntryBudget(limits, OP);
   const counts = { read: 0, kept: 0, dropped: 0, replaced: 0, added: 0 };
   const pack = tarPack();
+  pack.on('error', () => {}); // destroyed on failure, when nothing may be reading it any more
   const stop = new AbortController();
   const signal = opts.signal ? AbortSignal.any([opts.signal, stop.signal]) : stop.signal;
   let outputFailure: StorageError | undefined;

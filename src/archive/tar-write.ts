@@ -72,7 +72,8 @@ function numberOr(text: string | undefined, fallback: number): number {
  * as ustar prefix + name or PAX `path` / `linkpath`, and the ustar name of a PAX entry is
  * `PaxHeader`. What tar-stream would get wrong is fixed here: a PAX record that disagrees with
  * its header field (a replaced entry's new mtime or owner) is dropped, fields outside ustar's
- * octal range (uid/gid over 0o7777777, mtime before 1970 or after 2242) and names over 31 bytes
+ * range (uid/gid over 0o777777, mtime before 1970 or past 2038, which tar-stream would wrap) and
+ * owner names over 31 bytes
  * go to PAX records with a clamped ustar field, and mode 0 is kept (tar-stream turns a falsy mode
  * into 0644).
  */
@@ -89,7 +90,9 @@ export function toPackHeader(h: TarHeader): Parameters<Pack['entry']>[0] {
   const fits = (n: number, digits: number): boolean => n >= 0 && n <= octalMax(digits);
   if (!fits(h.uid, 6)) pax.uid ??= String(h.uid);
   if (!fits(h.gid, 6)) pax.gid ??= String(h.gid);
-  if (!fits(secs, 11)) pax.mtime ??= String(secs);
+  // tar-stream writes `(ms / 1000) | 0`, which wraps past 2038: later times go to PAX too.
+  const timeFits = secs >= 0 && secs <= 0x7fffffff;
+  if (!timeFits) pax.mtime ??= String(secs);
   const user = Buffer.byteLength(h.uname) > 31 ? ((pax.uname ??= h.uname), '') : h.uname;
   const group = Buffer.byteLength(h.gname) > 31 ? ((pax.gname ??= h.gname), '') : h.gname;
   const data = h.type === 'file' || h.type === 'contiguous-file';
@@ -103,7 +106,7 @@ export function toPackHeader(h: TarHeader): Parameters<Pack['entry']>[0] {
     gid: fits(h.gid, 6) ? h.gid : 0,
     uname: user,
     gname: group,
-    mtime: fits(secs, 11) ? h.mtime : new Date(secs < 0 ? 0 : octalMax(11) * 1000),
+    mtime: timeFits ? h.mtime : new Date(secs < 0 ? 0 : 0x7fffffff * 1000),
     ...(h.linkname !== undefined ? { linkname: h.linkname } : {}),
     ...(Object.keys(pax).length > 0 ? { pax } : {}),
   };

@@ -173,3 +173,42 @@ describe('transformTar: edits', () => {
     expect((await members(out, 'r|gz')).map((m) => [m.name, m.type, m.mode])).toEqual([['a', 'directory', 0o755], ['a/b.txt', 'file', 0o644]]);
   });
 });
+
+describe('transformTar: header fields ustar cannot hold', () => {
+  // Python writes these as PAX records (PAX_FORMAT) or base-256 numbers (GNU_FORMAT); the rewrite
+  // carries every value, through PAX records where its ustar header cannot.
+  const script = `
+import io, sys, tarfile
+fmt = tarfile.PAX_FORMAT if sys.argv[2] == 'PAX' else tarfile.GNU_FORMAT
+with tarfile.open(sys.argv[1], 'w:gz', format=fmt) as t:
+    def add(name, data=b'', **kw):
+        ti = tarfile.TarInfo(name)
+        ti.size = len(data)
+        for k, v in kw.items(): setattr(ti, k, v)
+        t.addfile(ti, io.BytesIO(data))
+    add('big-ids', b'x', uid=3000000, gid=4000000, uname='u' * 40, gname='g' * 32, mode=0o7777)
+    add('future', b'y', mtime=2 ** 34)
+    add('before-1970', b'z', mtime=-86400 * 365)
+    add('zero-mode', b'', mode=0, mtime=1)
+    if fmt == tarfile.PAX_FORMAT:
+        add('records', b'r', pax_headers={'comment': 'kept', 'SCHILY.xattr.user.k': 'v=w', 'mtime': '1700000000.25'}, mtime=1700000000)
+`;
+  it.each(['PAX', 'GNU'])('keeps big ids, long owner names, far mtimes and mode 0 of a Python %s archive', async (format) => {
+    const input = join(dir.path, `odd-${format}.tgz`);
+    const out = join(dir.path, `odd-${format}-out.tgz`);
+    await run('python3', ['-c', script, input, format]);
+    await transformFile(input, out);
+    const before = await members(input, 'r:gz');
+    const after = await members(out, 'r|gz');
+    // Compared field by field; PAX records the rewrite had to add are the only difference allowed.
+    // (Python's GNU format cuts the owner name to 32 bytes itself.)
+    const fields = (ms: Member[]) => ms.map(({ pax: _, ...m }) => m);
+    expect(fields(after)).toEqual(fields(before));
+    expect(after.find((m) => m.name === 'big-ids')).toMatchObject({ uid: 3000000, gid: 4000000, uname: 'u'.repeat(format === 'PAX' ? 40 : 32), gname: 'g'.repeat(32), mode: 0o7777 });
+    expect(after.find((m) => m.name === 'zero-mode')!.mode).toBe(0);
+    if (format === 'PAX') {
+      expect(after.find((m) => m.name === 'records')!.pax).toEqual({ comment: 'kept', 'SCHILY.xattr.user.k': 'v=w', mtime: '1700000000.25' });
+    }
+    expect((await run('tar', ['-tvzf', out])).stderr).toBe('');
+  });
+});

@@ -54,6 +54,9 @@ export interface ExtractResult {
 export async function extractArchive(source: Readable, destDir: string, opts: ExtractOptions = {}): Promise<ExtractResult> {
   const dest = resolve(destDir);
   let tmp: string | undefined;
+  // Listened to from the start: failing while the temp directory is made, the source would throw
+  // uncaught. readTar still sees that error, through `source.errored`.
+  source.on('error', () => {});
   try {
     const limits = resolveLimits(opts);
     throwIfAborted(opts.signal);

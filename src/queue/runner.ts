@@ -75,6 +75,9 @@ export function toBullError(err: unknown): Error {
   return new UnrecoverableError(message);
 }
 
+/** How long a job's end waits for its last progress update to reach Redis. */
+const FLUSH_WAIT_MS = 2_000;
+
 interface Throttled {
   update(done: number, total?: number): void;
   /** Sends the latest update if the throttle held it back; resolves once it reached Redis (or failed). */
@@ -112,7 +115,10 @@ export function throttledProgress(job: Pick<Job, 'updateProgress'>, intervalMs: 
     },
     async flush() {
       send();
-      await inFlight;
+      // Bounded: with Redis away the update would wait for it, and a cancelled job must not.
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([inFlight, new Promise<void>((r) => { timer = setTimeout(r, FLUSH_WAIT_MS); })]);
+      clearTimeout(timer);
     },
   };
 }

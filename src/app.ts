@@ -70,9 +70,10 @@ export function composeApp(config: Config, opts: AppOptions): App {
       return client;
     },
     async sweep() {
+      const opened = await app.buckets().catch(() => new Map<string, Bucket>());
       const sweeps: Array<[string, Promise<number>]> = [['staging', staging.sweep()]];
       // Only drivers that leave temp files behind have a sweep (the filesystem).
-      for (const [name, b] of await app.buckets().catch(() => new Map<string, Bucket>())) if (b.driver.sweep) sweeps.push([`backend ${name}`, b.driver.sweep()]);
+      for (const [name, b] of opened) if (b.driver.sweep) sweeps.push([`backend ${name}`, b.driver.sweep()]);
       await Promise.all(sweeps.map(([where, done]) => done.then(
         (n) => { if (n) opts.log.info({ where, removed: n }, 'swept stale temp files'); },
         (err: unknown) => opts.log.warn({ err, where }, 'sweep failed'),

@@ -2,6 +2,8 @@ import { availableParallelism, hostname } from 'node:os';
 import { resolve } from 'node:path';
 import { z } from 'zod';
 import { DEFAULT_BACKENDS } from './backends/open.js';
+import { CLUSTER_PREFIX_REASON, hasHashTag, parseClusterSeeds, type RedisTarget } from './queue/connection.js';
+import { DEFAULT_RETENTION } from './queue/retention.js';
 
 /**
  * Jobs mostly wait on disks and networks; hashing is the only CPU work. Four jobs per core keeps
@@ -12,8 +14,22 @@ export const defaultConcurrency = (): number => Math.min(16, Math.max(2, 4 * ava
 
 const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
 
+const Seeds = z.string().optional().transform((v, ctx) => {
+  if (!v?.trim()) return undefined;
+  try {
+    const seeds = parseClusterSeeds(v);
+    if (seeds.length) return seeds;
+    ctx.addIssue({ code: 'custom', message: 'must list at least one host:port' });
+  } catch (err) {
+    ctx.addIssue({ code: 'custom', message: `must be comma-separated host:port seeds: ${(err as Error).message}` });
+  }
+  return z.NEVER;
+});
+
 const Schema = z.object({
   redisUrl: z.string().regex(/^rediss?:\/\//, 'must be a redis:// or rediss:// URL'),
+  /** Seeds of a Redis Cluster; when set, used instead of redisUrl. */
+  redisClusterNodes: Seeds,
   queue: z.string().min(1).max(200),
   prefix: z.string().min(1).max(200),
   concurrency: int(1, 1024),
@@ -30,6 +46,14 @@ const Schema = z.object({
   /** Recorded on each job as `processedBy`. */
   workerName: z.string().min(1).max(200),
   logLevel: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']),
+  /** Finished jobs kept per queue for producers that set no removeOn* (see queue/retention.ts). */
+  keepCompleted: int(0, 100_000_000),
+  keepFailed: int(0, 100_000_000),
+}).superRefine((c, ctx) => {
+  // Checked at start: on a cluster BullMQ would otherwise retry CROSSSLOT errors forever.
+  if (c.redisClusterNodes && !hasHashTag(c.prefix)) {
+    ctx.addIssue({ code: 'custom', path: ['prefix'], message: `"${c.prefix}" has no hash tag, and REDIS_CLUSTER_NODES is set: ${CLUSTER_PREFIX_REASON}` });
+  }
 });
 
 export type Config = Readonly<z.infer<typeof Schema>>;
@@ -38,6 +62,7 @@ export type Config = Readonly<z.infer<typeof Schema>>;
 export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config {
   const raw = {
     redisUrl: env.REDIS_URL || 'redis://127.0.0.1:6379',
+    redisClusterNodes: env.REDIS_CLUSTER_NODES,
     queue: env.STEVEDORE_QUEUE || 'stevedore',
     prefix: env.STEVEDORE_PREFIX || 'bull',
     concurrency: env.STEVEDORE_CONCURRENCY || defaultConcurrency(),
@@ -49,17 +74,24 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
     stalledIntervalMs: env.STEVEDORE_STALLED_INTERVAL_MS || 30_000,
     workerName: env.STEVEDORE_WORKER_NAME || `${hostname()}-${process.pid}`,
     logLevel: env.LOG_LEVEL || 'info',
+    keepCompleted: env.STEVEDORE_KEEP_COMPLETED || DEFAULT_RETENTION.keepCompleted,
+    keepFailed: env.STEVEDORE_KEEP_FAILED || DEFAULT_RETENTION.keepFailed,
   };
   const parsed = Schema.safeParse(raw);
   if (!parsed.success) {
     const names: Record<string, string> = {
-      redisUrl: 'REDIS_URL', queue: 'STEVEDORE_QUEUE', prefix: 'STEVEDORE_PREFIX', concurrency: 'STEVEDORE_CONCURRENCY',
+      redisUrl: 'REDIS_URL', redisClusterNodes: 'REDIS_CLUSTER_NODES', queue: 'STEVEDORE_QUEUE', prefix: 'STEVEDORE_PREFIX', concurrency: 'STEVEDORE_CONCURRENCY',
       backends: 'STEVEDORE_BACKENDS', stagingDir: 'STEVEDORE_STAGING_DIR', maxInlineBytes: 'STEVEDORE_MAX_INLINE_BYTES',
       shutdownTimeoutMs: 'STEVEDORE_SHUTDOWN_TIMEOUT_MS', lockDurationMs: 'STEVEDORE_LOCK_DURATION_MS', stalledIntervalMs: 'STEVEDORE_STALLED_INTERVAL_MS',
-      workerName: 'STEVEDORE_WORKER_NAME', logLevel: 'LOG_LEVEL',
+      workerName: 'STEVEDORE_WORKER_NAME', logLevel: 'LOG_LEVEL', keepCompleted: 'STEVEDORE_KEEP_COMPLETED', keepFailed: 'STEVEDORE_KEEP_FAILED',
     };
     const lines = parsed.error.issues.map((i) => `  ${names[String(i.path[0])] ?? String(i.path[0])}: ${i.message}`);
     throw new Error(`invalid configuration:\n${lines.join('\n')}`);
   }
   return Object.freeze(parsed.data);
+}
+
+/** The Redis a process connects to: the cluster when REDIS_CLUSTER_NODES is set, else REDIS_URL. */
+export function redisTarget(c: Config): RedisTarget {
+  return c.redisClusterNodes ? { cluster: c.redisClusterNodes } : { url: c.redisUrl };
 }

@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FsDriver } from '../src/backends/fs.js';
 import { Bucket } from '../src/storage/bucket.js';
 import { sha } from './conformance/suite.js';
-import { tempDir } from './harness/process.js';
+import { freePort, tempDir } from './harness/process.js';
 import { startRedis, type TestRedis } from './harness/redis.js';
 import { inProcessWorker, type InProcessWorker } from './harness/worker.js';
 
@@ -95,5 +95,26 @@ describe('the stevedore command', () => {
     const usage = await cli('store', file);
     expect(usage.code).toBe(2);
     expect(usage.err).toMatch(/--key, or --site and --build/);
+  });
+
+  it('exits 1 naming the Redis it tried, password hidden, when no Redis answers, and keeps no staged copy', async () => {
+    const port = await freePort();
+    const down = { ...env, REDIS_URL: `redis://:hunter2@127.0.0.1:${port}` };
+    const file = join(tmp.path, 'unsent.tar.gz');
+    await writeFile(file, 'never enqueued');
+    const incoming = () => readdir(join(tmp.path, 'staging', 'incoming')).catch(() => [] as string[]);
+    const before = await incoming();
+    const started = Date.now();
+    const run = await cliIn(down, 'store', file, '--key', 'unsent/1', '--wait');
+    expect(run.code).toBe(1);
+    expect(run.err).toBe(`Transient: Redis at redis://:***@127.0.0.1:${port} is unreachable: no answer within 5000 ms (connect ECONNREFUSED 127.0.0.1:${port})\n`);
+    // Not a hang: the 5 s wait plus a (loaded) start of node and tsx.
+    expect(Date.now() - started).toBeLessThan(25_000);
+    // The job was never enqueued: nothing will ever read the staged copy.
+    expect(await incoming()).toEqual(before);
+    const plain = await cliIn(down, 'log', '--site', 'web', '--build', '44', '--action', 'a', '--status', 's');
+    expect(plain.code).toBe(1);
+    expect(plain.err).toMatch(/^Transient: Redis at redis:\/\/:\*\*\*@127\.0\.0\.1:\d+ is unreachable/);
+    expect(plain.out).toBe('');
   });
 });

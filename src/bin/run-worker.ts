@@ -1,12 +1,10 @@
 import { join } from 'node:path';
 import type { Worker } from 'bullmq';
-import { FsDriver } from '../backends/fs.js';
-import { openBackends } from '../backends/open.js';
+import { composeApp } from '../app.js';
 import type { Config } from '../config.js';
-import { createLogger, redactUrl } from '../logger.js';
-import { redisConnection } from '../queue/connection.js';
+import { createLogger } from '../logger.js';
+import { describeTarget } from '../queue/connection.js';
 import { startWorker, stopWorker } from '../queue/worker.js';
-import { Staging } from '../staging.js';
 import { redisAnswers, startPrivateRedis } from './redis.js';
 
 export interface RunWorkerOptions {
@@ -20,45 +18,36 @@ export interface RunWorkerOptions {
 /** How often a worker sweeps stale temp files (at start too). */
 const SWEEP_EVERY_MS = 10 * 60_000;
 
-/** Composition root of a worker process: config -> logger -> backends -> worker -> signals. */
+/** Composition root of a worker process: config -> logger -> app (backends, staging, Redis) -> worker -> signals. */
 export async function runWorker(config: Config, opts: RunWorkerOptions): Promise<Worker> {
   const log = createLogger(config.logLevel);
-  let redisUrl = config.redisUrl;
   let stopRedis: (() => Promise<void>) | undefined;
-  if (opts.embeddedRedis && isLoopback(redisUrl) && !(await redisAnswers(redisUrl))) {
-    const started = await startPrivateRedis(redisUrl, join(opts.cwd, 'data', 'redis'), log);
-    redisUrl = started.url;
+  let redis: { url: string } | undefined;
+  if (opts.embeddedRedis && !config.redisClusterNodes && isLoopback(config.redisUrl) && !(await redisAnswers(config.redisUrl))) {
+    const started = await startPrivateRedis(config.redisUrl, join(opts.cwd, 'data', 'redis'), log);
+    redis = { url: started.url };
     stopRedis = started.stop;
   }
+  const app = composeApp(config, { cwd: opts.cwd, env: opts.env, log, ...(redis ? { redis } : {}) });
   // A backend that cannot be opened ends the start; a private Redis must not outlive it.
-  const buckets = await openBackends(config.backends, { cwd: opts.cwd, AZURE_STORAGE_CONNECTION_STRING: opts.env.AZURE_STORAGE_CONNECTION_STRING })
-    .catch(async (err: unknown) => {
-      await stopRedis?.().catch(() => {});
-      throw err;
-    });
-  const staging = new Staging(config.stagingDir);
-  const connection = redisConnection(redisUrl, 'worker');
-  connection.on('error', (err) => log.warn({ err: { message: err.message } }, 'redis connection error'));
-  const worker = startWorker(connection, {
+  const buckets = await app.buckets().catch(async (err: unknown) => {
+    await stopRedis?.().catch(() => {});
+    throw err;
+  });
+  const worker = startWorker(app.connect('worker'), {
     queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, lockDurationMs: config.lockDurationMs,
-    stalledIntervalMs: config.stalledIntervalMs, name: config.workerName,
-  }, { buckets, staging, log, limits: { maxInlineBytes: config.maxInlineBytes } });
+    stalledIntervalMs: config.stalledIntervalMs, name: config.workerName, retention: app.retention,
+  }, { buckets, staging: app.staging, log, limits: { maxInlineBytes: config.maxInlineBytes } });
   log.info({
-    queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, redis: redactUrl(redisUrl),
+    queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, redis: describeTarget(app.redis),
     backends: [...buckets.entries()].map(([name, b]) => `${name}=${b.driver.kind}`), staging: config.stagingDir,
+    keepCompleted: app.retention.keepCompleted, keepFailed: app.retention.keepFailed,
   }, 'worker started');
 
-  // Leftovers of killed workers, in filesystem backends and in the staging area: an hour without a
-  // change means no live worker owns them. Swept at start and every SWEEP_EVERY_MS after.
-  const sweep = () => {
-    const sweeps: Array<[string, Promise<number>]> = [['staging', staging.sweep()]];
-    for (const [name, b] of buckets) if (b.driver instanceof FsDriver) sweeps.push([`backend ${name}`, b.driver.sweep()]);
-    for (const [where, done] of sweeps) {
-      done.then((n) => n && log.info({ where, removed: n }, 'swept stale temp files'), (err: unknown) => log.warn({ err, where }, 'sweep failed'));
-    }
-  };
-  sweep();
-  const sweeper = setInterval(sweep, SWEEP_EVERY_MS).unref();
+  // Leftovers of killed workers, in backends and in the staging area: an hour without a change
+  // means no live worker owns them. Swept at start and every SWEEP_EVERY_MS after.
+  void app.sweep();
+  const sweeper = setInterval(() => { void app.sweep(); }, SWEEP_EVERY_MS).unref();
 
   let stopping = false;
   const shutdown = async (signal: string) => {
@@ -67,12 +56,8 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
     clearInterval(sweeper);
     log.info({ signal, deadlineMs: config.shutdownTimeoutMs }, 'stopping: no new jobs, waiting for active ones');
     const outcome = await stopWorker(worker, config.shutdownTimeoutMs, log);
-    if (outcome === 'drained') {
-      await Promise.allSettled([...buckets.values()].map((b) => b.close()));
-      await connection.quit().catch(() => connection.disconnect());
-    } else {
-      connection.disconnect();
-    }
+    // A forced stop leaves handlers running: their connections are dropped, not waited for.
+    await app.close({ force: outcome !== 'drained' });
     await stopRedis?.();
     log.info({ outcome }, 'stopped');
     log.flush();

@@ -2,12 +2,12 @@ import { randomUUID } from 'node:crypto';
 import { copyFile, mkdir, open, rename, rm } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { Command, InvalidArgumentError } from 'commander';
-import { openBackends } from '../backends/open.js';
+import { composeApp, type App } from '../app.js';
 import { loadConfig, type Config } from '../config.js';
-import { StevedoreClient, type JobName, type Payloads, type Progress } from '../queue/client.js';
+import { createLogger } from '../logger.js';
+import type { JobName, Payloads, Progress } from '../queue/client.js';
 import { STAGING_TMP } from '../staging.js';
 import { versions } from '../versions.js';
-import { runWorker } from '../bin/run-worker.js';
 
 export interface CliIo {
   env: NodeJS.ProcessEnv;
@@ -17,20 +17,30 @@ export interface CliIo {
   isTTY: boolean;
 }
 
-/** Exit codes: 0 done, 1 the job failed, 2 bad usage or input. */
+/** What the commands that become long-running processes need from the composition root (bin/). */
+export interface CliProcesses {
+  /** `worker` and `start`: one worker process, its signals wired by the caller. */
+  runWorker(config: Config, opts: { embeddedRedis: boolean; env: NodeJS.ProcessEnv; cwd: string }): Promise<unknown>;
+}
+
+/** Exit codes: 0 done, 1 the job failed (or could not be submitted: Redis unreachable), 2 bad usage or input. */
 export const EXIT = { ok: 0, failed: 1, usage: 2 } as const;
 
+/** How long a command waits for Redis to answer before it gives up (exit 1). */
+const REDIS_WAIT_MS = 5_000;
+
 /** The `stevedore` command line, thin over the producer client. */
-export function buildProgram(io: CliIo, setExit: (code: number) => void): Command {
+export function buildProgram(io: CliIo, setExit: (code: number) => void, processes: CliProcesses): Command {
   const config = (): Config => loadConfig(io.env, io.cwd);
+  const compose = (cfg: Config): App => composeApp(cfg, { cwd: io.cwd, env: io.env, log: createLogger(cfg.logLevel) });
   const program = new Command('stevedore')
     .description('Queue-driven storage jobs: move build artifacts and sessions into durable storage and back.')
     .showHelpAfterError();
 
-  program.command('worker').description('run one worker process (STEVEDORE_* and REDIS_URL configure it)')
-    .action(async () => { await runWorker(config(), { embeddedRedis: false, env: io.env, cwd: io.cwd }); });
+  program.command('worker').description('run one worker process (STEVEDORE_* and REDIS_URL or REDIS_CLUSTER_NODES configure it)')
+    .action(async () => { await processes.runWorker(config(), { embeddedRedis: false, env: io.env, cwd: io.cwd }); });
   program.command('start').description('the worker on embedded defaults: starts a private redis-server if REDIS_URL is unset and none answers')
-    .action(async () => { await runWorker(config(), { embeddedRedis: true, env: io.env, cwd: io.cwd }); });
+    .action(async () => { await processes.runWorker(config(), { embeddedRedis: true, env: io.env, cwd: io.cwd }); });
 
   const withWait = (c: Command) => c
     .option('--backend <name>', 'configured backend name', 'default')
@@ -51,13 +61,13 @@ export function buildProgram(io: CliIo, setExit: (code: number) => void): Comman
       const staged = await stageFile(cfg.stagingDir, file);
       let finished = false;
       try {
-        finished = await submit(cfg, io, setExit, o, 'store', {
+        finished = await submit(compose(cfg), io, setExit, o, 'store', {
           backend: String(o.backend), key, source: { path: staged.rel },
           ...(o.sha256 ? { sha256: String(o.sha256) } : {}), ...(o.contentType ? { contentType: String(o.contentType) } : {}),
           ...(o.ifAbsent ? { ifAbsent: true } : {}),
         });
       } finally {
-        // Only once the job is over: a job still running after --timeout still reads it.
+        // Only once the job is over, or was never enqueued: a job still running after --timeout still reads it.
         if (finished) await rm(staged.abs, { force: true });
       }
     });
@@ -66,7 +76,7 @@ export function buildProgram(io: CliIo, setExit: (code: number) => void): Comman
     .option('--sha256 <hex>', 'expected SHA-256')
     .option('--extract', 'unpack the tar(.gz) into directory <dest>', false)
     .action(async (key: string, dest: string, o: Record<string, string | boolean | number | undefined>) => {
-      await submit(config(), io, setExit, o, 'fetch-to-staging', {
+      await submit(compose(config()), io, setExit, o, 'fetch-to-staging', {
         backend: String(o.backend), key, dest, ...(o.sha256 ? { sha256: String(o.sha256) } : {}), ...(o.extract ? { extract: true } : {}),
       });
     });
@@ -77,7 +87,7 @@ export function buildProgram(io: CliIo, setExit: (code: number) => void): Comman
     .option('--metadata <json>', 'a JSON object of extra fields', parseJsonObject)
     .option('--timestamp <iso>', 'entry time (default: when enqueued)')
     .action(async (o: Record<string, unknown>) => {
-      await submit(config(), io, setExit, o as Record<string, string>, 'log', {
+      await submit(compose(config()), io, setExit, o as Record<string, string>, 'log', {
         backend: String(o.backend), site: String(o.site), build: String(o.build), action: String(o.action), status: String(o.status),
         ...(o.metadata ? { metadata: o.metadata as Record<string, unknown> } : {}), ...(o.timestamp ? { timestamp: String(o.timestamp) } : {}),
       });
@@ -87,43 +97,68 @@ export function buildProgram(io: CliIo, setExit: (code: number) => void): Comman
     .option('--backend <name>', 'configured backend name', 'default')
     .option('--json', 'print JSON', false)
     .action(async (site: string, o: { backend: string; json: boolean }) => {
-      const cfg = config();
-      const buckets = await openBackends(cfg.backends, { cwd: io.cwd, AZURE_STORAGE_CONNECTION_STRING: io.env.AZURE_STORAGE_CONNECTION_STRING });
-      const bucket = buckets.get(o.backend);
-      if (!bucket) throw new InvalidArgumentError(`no backend named "${o.backend}"`);
+      const app = compose(config());
       try {
+        const bucket = (await app.buckets()).get(o.backend);
+        if (!bucket) throw new InvalidArgumentError(`no backend named "${o.backend}"`);
         const list = await versions(bucket, site);
         if (o.json) io.out(`${JSON.stringify(list, null, 2)}\n`);
         else for (const v of list) io.out(`${v.build}\t${v.updated}\t${v.artifact ? `${v.artifact.size} bytes` : 'no artifact'}\t${v.logs.length} log entries\n`);
       } finally {
-        await Promise.allSettled([...buckets.values()].map((b) => b.close()));
+        await app.close();
       }
     });
   return program;
 }
 
-/** Enqueues, and with --wait awaits the outcome; returns false while the job may still run. */
-async function submit<N extends JobName>(cfg: Config, io: CliIo, setExit: (c: number) => void, o: Record<string, unknown>, name: N, payload: Payloads[N]): Promise<boolean> {
-  const client = new StevedoreClient({ redisUrl: cfg.redisUrl, queue: cfg.queue, prefix: cfg.prefix });
+/**
+ * Enqueues, and with --wait awaits the outcome. Returns true once the job is over or was never
+ * enqueued (its staged input is no longer needed), false while it may still run.
+ */
+async function submit<N extends JobName>(app: App, io: CliIo, setExit: (c: number) => void, o: Record<string, unknown>, name: N, payload: Payloads[N]): Promise<boolean> {
+  const client = app.client();
   try {
+    try {
+      await client.ready(REDIS_WAIT_MS);
+    } catch (err) {
+      // Not bad usage: the same command succeeds once Redis is back.
+      io.err(`${(err as Error).message}\n`);
+      setExit(EXIT.failed);
+      return true;
+    }
     if (!o.wait) {
-      io.out(`${await client.add(name, payload)}\n`);
+      try {
+        io.out(`${await client.add(name, payload)}\n`);
+      } catch (err) {
+        // The reply was lost, not necessarily the job: it may have been enqueued.
+        io.err(`Transient: enqueueing at ${client.where} failed, the job may or may not have been enqueued: ${(err as Error).message}\n`);
+        setExit(EXIT.failed);
+      }
       return false;
     }
     const bar = io.isTTY ? (p: Progress) => io.err(`\r${progressBar(p)}`) : undefined;
+    let added = false;
     try {
-      const result = await client.run(name, payload, { timeoutMs: typeof o.timeout === 'number' ? o.timeout * 1000 : undefined, ...(bar ? { onProgress: bar } : {}) });
+      const result = await client.run(name, payload, {
+        timeoutMs: typeof o.timeout === 'number' ? o.timeout * 1000 : undefined, ...(bar ? { onProgress: bar } : {}), onAdded: () => { added = true; },
+      });
       if (bar) io.err('\n');
       io.out(`${JSON.stringify(result)}\n`);
       return true;
     } catch (err) {
       if (bar) io.err('\n');
+      if (!added) {
+        // As above: the add's reply was lost, and with it whether the job exists.
+        io.err(`Transient: enqueueing at ${client.where} failed, the job may or may not have been enqueued: ${(err as Error).message}\n`);
+        setExit(EXIT.failed);
+        return false;
+      }
       io.err(`${(err as Error).message}\n`);
       setExit((err as { code?: string }).code === 'InvalidInput' ? EXIT.usage : EXIT.failed);
       return (err as { pending?: boolean }).pending !== true;
     }
   } finally {
-    await client.close();
+    await app.close();
   }
 }
 

@@ -1,7 +1,7 @@
 import { Queue, QueueEvents, type Job, type JobsOptions } from 'bullmq';
-import type { Redis } from 'ioredis';
 import type { FetchPayload, FetchResult, LogPayload, LogResult, StorePayload, StoreResult } from '../../jobs/index.js';
-import { DEFAULT_QUEUE, redisConnection } from './connection.js';
+import { assertClusterPrefix, DEFAULT_QUEUE, describeTarget, duplicateConnection, redisConnection, waitForRedis, type RedisClient, type RedisTarget } from './connection.js';
+import { DEFAULT_RETENTION, jobRetention, type Retention } from './retention.js';
 
 /** What a producer sends for each job: the contract's payloads, before defaults are applied. */
 export interface Payloads {
@@ -19,26 +19,29 @@ export type JobName = keyof Payloads;
 export interface ClientOptions {
   /** @defaultValue 'redis://127.0.0.1:6379' */
   redisUrl?: string;
-  /** An existing connection instead of `redisUrl` (not closed by `close`). */
-  connection?: Redis;
+  /** One Redis or a Redis Cluster's seeds; wins over `redisUrl`. */
+  redis?: RedisTarget;
+  /** An existing connection instead of `redis`/`redisUrl` (not closed by `close`). */
+  connection?: RedisClient;
   /** @defaultValue 'stevedore' */
   queue?: string;
-  /** @defaultValue 'bull' */
+  /** @defaultValue 'bull'; on a Redis Cluster it must contain a hash tag, such as '{stevedore}'. */
   prefix?: string;
+  /** Counts of finished jobs kept (see retention.ts). @defaultValue DEFAULT_RETENTION */
+  retention?: Retention;
   /** Merged over the defaults below for every job this client adds. */
   defaultJobOptions?: JobsOptions;
 }
 
 /**
  * Several attempts with exponential backoff and jitter (2 s, 4 s, 8 s... each up to 50% shorter),
- * so replicas retrying a flaky store do not retry in step; finished jobs are kept for a while so
- * producers can read their results.
+ * so replicas retrying a flaky store do not retry in step; finished jobs are kept for a while (and
+ * up to the retention counts) so producers can read their results.
  */
 export const DEFAULT_JOB_OPTIONS: JobsOptions = {
   attempts: 5,
   backoff: { type: 'exponential', delay: 2_000, jitter: 0.5 },
-  removeOnComplete: { age: 24 * 3600, count: 10_000 },
-  removeOnFail: { age: 7 * 24 * 3600 },
+  ...jobRetention(DEFAULT_RETENTION),
 };
 
 export interface Progress {
@@ -54,20 +57,46 @@ export class StevedoreClient {
   readonly queue: Queue;
   private events: QueueEvents | undefined;
   private eventsReady: Promise<QueueEvents> | undefined;
-  private eventsConnection: Redis | undefined;
-  private readonly own: Redis | undefined;
+  private eventsConnection: RedisClient | undefined;
+  private readonly own: RedisClient | undefined;
   private readonly opts: ClientOptions;
+  private readonly target: RedisTarget;
 
   constructor(opts: ClientOptions = {}) {
     this.opts = opts;
-    this.own = opts.connection ? undefined : redisConnection(opts.redisUrl ?? 'redis://127.0.0.1:6379', 'producer');
+    this.target = opts.redis ?? { url: opts.redisUrl ?? 'redis://127.0.0.1:6379' };
+    const prefix = opts.prefix ?? 'bull';
+    const cluster = opts.connection ? opts.connection.isCluster : 'cluster' in this.target;
+    // Refused here, not by Redis: BullMQ would otherwise retry CROSSSLOT errors forever.
+    if (cluster) assertClusterPrefix(prefix);
+    this.own = opts.connection ? undefined : redisConnection(this.target, 'producer');
+    // The errors surface where they matter (add, ready); unheard, ioredis would print each retry.
+    this.own?.on('error', () => {});
+    const retention = opts.retention ? jobRetention(opts.retention) : {};
     this.queue = new Queue(opts.queue ?? DEFAULT_QUEUE, {
       connection: opts.connection ?? this.own!,
-      prefix: opts.prefix ?? 'bull',
-      defaultJobOptions: { ...DEFAULT_JOB_OPTIONS, ...opts.defaultJobOptions },
+      prefix,
+      defaultJobOptions: { ...DEFAULT_JOB_OPTIONS, ...retention, ...opts.defaultJobOptions },
     });
     // add() rejects while Redis is away; without a listener BullMQ would also print every error.
     this.queue.on('error', () => {});
+  }
+
+  /** Where this client connects, password hidden: for messages. */
+  get where(): string {
+    return this.opts.connection ? 'the given Redis connection' : describeTarget(this.target);
+  }
+
+  /**
+   * Resolves once Redis answers, or fails after `timeoutMs` with a `Transient` error naming where
+   * it tried: for one-shot callers (the CLI), which must not wait out an outage.
+   */
+  async ready(timeoutMs = 5_000): Promise<void> {
+    try {
+      await waitForRedis(this.opts.connection ?? this.own!, timeoutMs);
+    } catch (err) {
+      throw Object.assign(new Error(`Transient: Redis at ${this.where} is unreachable: ${(err as Error).message}`), { code: 'Transient' });
+    }
   }
 
   /** Enqueues one job; pass `jobId` to make enqueueing idempotent. Resolves to the job id. */
@@ -109,11 +138,12 @@ export class StevedoreClient {
   }
 
   /** Enqueue and await in one call. */
-  async run<N extends JobName>(name: N, payload: Payloads[N], opts: JobsOptions & { timeoutMs?: number; onProgress?: (p: Progress) => void } = {}): Promise<Results[N]> {
-    const { timeoutMs, onProgress, ...jobOpts } = opts;
+  async run<N extends JobName>(name: N, payload: Payloads[N], opts: JobsOptions & { timeoutMs?: number; onProgress?: (p: Progress) => void; onAdded?: (id: string) => void } = {}): Promise<Results[N]> {
+    const { timeoutMs, onProgress, onAdded, ...jobOpts } = opts;
     // Subscribe before adding, so a job that finishes at once is not missed.
     await this.queueEvents();
     const id = await this.add(name, payload, jobOpts);
+    onAdded?.(id);
     return this.result<N>(id, { timeoutMs, onProgress });
   }
 
@@ -122,6 +152,10 @@ export class StevedoreClient {
   }
 
   async close(): Promise<void> {
+    // A connection that never got through would keep reconnecting, and BullMQ's close waits for
+    // its connection to be ready first: drop it at once.
+    if (this.own && this.own.status !== 'ready') this.own.disconnect();
+    if (this.eventsConnection && this.eventsConnection.status !== 'ready') this.eventsConnection.disconnect();
     await this.events?.close();
     await this.eventsConnection?.quit().catch(() => {});
     await this.queue.close();
@@ -131,7 +165,8 @@ export class StevedoreClient {
   private queueEvents(): Promise<QueueEvents> {
     this.eventsReady ??= (async () => {
       // QueueEvents blocks on its connection, so it gets one of its own.
-      const connection = this.opts.connection?.duplicate() ?? redisConnection(this.opts.redisUrl ?? 'redis://127.0.0.1:6379', 'worker');
+      const connection = this.opts.connection ? duplicateConnection(this.opts.connection) : redisConnection(this.target, 'worker');
+      connection.on('error', () => {});
       this.eventsConnection = connection;
       // QueueEvents reads from '$' only once its first XREAD reaches Redis, after waitUntilReady()
       // has resolved; a job finishing in between would never be reported and result() would wait

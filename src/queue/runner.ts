@@ -24,6 +24,7 @@ export async function runJob(job: Job, deps: RunnerDeps, signal: AbortSignal): P
   const started = Date.now();
   const log = deps.log.child({ jobId: job.id, job: job.name, attempt: job.attemptsMade + 1 });
   let bytes = 0;
+  const progress = throttledProgress(job, deps.progressIntervalMs ?? 1000, (n) => { bytes = n; });
   try {
     const type = (JOBS as Record<string, (typeof JOBS)[JobName] | undefined>)[job.name];
     if (!type) throw new StorageError(ErrorCode.InvalidInput, `name: unknown job type "${job.name}" (expected one of ${Object.keys(JOBS).join(', ')})`);
@@ -38,14 +39,17 @@ export async function runJob(job: Job, deps: RunnerDeps, signal: AbortSignal): P
       staging: deps.staging,
       log,
       signal,
-      progress: throttledProgress(job, deps.progressIntervalMs ?? 1000, (n) => { bytes = n; }),
+      progress: progress.update,
       enqueuedAt: job.timestamp,
       jobId: String(job.id),
       limits: deps.limits,
     });
+    // Before the job completes, so its stored progress is final by the time `completed` is seen.
+    await progress.flush();
     log.info({ ms: Date.now() - started, bytes }, 'job completed');
     return result;
   } catch (err) {
+    await progress.flush();
     const mapped = toBullError(err);
     if (signal.aborted) {
       // Cancelled: by a forced stop (the worker hands it back, see stopWorker), or because its lock
@@ -71,14 +75,50 @@ export function toBullError(err: unknown): Error {
   return new UnrecoverableError(message);
 }
 
-function throttledProgress(job: Job, intervalMs: number, seen: (n: number) => void): (done: number, total?: number) => void {
-  let last = 0;
-  return (done, total) => {
-    seen(done);
-    const now = Date.now();
-    if (now - last < intervalMs && done !== total) return;
-    last = now;
-    // Progress is advisory: a failed update must never fail the transfer.
-    job.updateProgress({ bytes: done, ...(total === undefined ? {} : { total }) }).catch(() => {});
+/** How long a job's end waits for its last progress update to reach Redis. */
+const FLUSH_WAIT_MS = 2_000;
+
+interface Throttled {
+  update(done: number, total?: number): void;
+  /** Sends the latest update if the throttle held it back; resolves once it reached Redis (or failed). */
+  flush(): Promise<void>;
+}
+
+/**
+ * At most one update per `intervalMs` reaches Redis, and the latest one always does: an update
+ * held back is sent by a timer when the interval is over, or by `flush` when the job ends, so a
+ * job's stored progress is its last reported one.
+ */
+export function throttledProgress(job: Pick<Job, 'updateProgress'>, intervalMs: number, seen: (n: number) => void): Throttled {
+  let last = -Infinity;
+  let pending: { bytes: number; total?: number } | undefined;
+  let timer: NodeJS.Timeout | undefined;
+  let inFlight: Promise<void> = Promise.resolve();
+  const send = () => {
+    if (timer) clearTimeout(timer);
+    timer = undefined;
+    if (!pending) return;
+    const value = pending;
+    pending = undefined;
+    last = Date.now();
+    // Progress is advisory: a failed update must never fail the transfer. Updates go out one
+    // after the other on one connection, so Redis keeps the newest.
+    inFlight = job.updateProgress(value).catch(() => {});
+  };
+  return {
+    update(done, total) {
+      seen(done);
+      pending = { bytes: done, ...(total === undefined ? {} : { total }) };
+      const wait = last + intervalMs - Date.now();
+      if (wait <= 0 || done === total) send();
+      else timer ??= setTimeout(send, wait);
+    },
+    async flush() {
+      send();
+      // Bounded: with Redis away the update would wait for it, and a cancelled job must not.
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([inFlight, new Promise<void>((r) => { timer = setTimeout(r, FLUSH_WAIT_MS); })]);
+      clearTimeout(timer);
+    },
   };
 }

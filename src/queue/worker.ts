@@ -1,6 +1,7 @@
 import { WaitingError, Worker } from 'bullmq';
-import type { Redis } from 'ioredis';
 import type { Logger } from 'pino';
+import type { RedisClient } from './connection.js';
+import { DEFAULT_RETENTION, workerRetention, type Retention } from './retention.js';
 import { runJob, type RunnerDeps } from './runner.js';
 
 export interface WorkerOptions {
@@ -13,10 +14,12 @@ export interface WorkerOptions {
   stalledIntervalMs?: number;
   /** Recorded on each job as `processedBy`. */
   name?: string;
+  /** Finished jobs kept for producers that set no removeOn* of their own. @defaultValue DEFAULT_RETENTION */
+  retention?: Retention;
 }
 
 /** One BullMQ worker serving the stevedore queue. Close it with `stopWorker`. */
-export function startWorker(connection: Redis, opts: WorkerOptions, deps: RunnerDeps): Worker {
+export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: RunnerDeps): Worker {
   const worker: Worker = new Worker(opts.queue, async (job, token, signal) => {
     // Back to the front of the wait list, for another worker; WaitingError spends no attempt.
     const handBack = async (): Promise<never> => {
@@ -44,6 +47,7 @@ export function startWorker(connection: Redis, opts: WorkerOptions, deps: Runner
     stalledInterval: opts.stalledIntervalMs ?? 30_000,
     // A job that stalls (its worker died) is run again, up to this many times, before it fails.
     maxStalledCount: 3,
+    ...workerRetention(opts.retention ?? DEFAULT_RETENTION),
     ...(opts.name ? { name: opts.name } : {}),
     autorun: true,
   });

@@ -43,7 +43,7 @@ const live = new Set<WorkerProcess>();
 let counter = 0;
 
 /** Variables of the test runner's own environment that would otherwise leak into the worker's configuration. */
-const OWN = /^(STEVEDORE_|REDIS_URL$|AWS_|LOG_LEVEL$|AZURE_STORAGE_|GOOGLE_APPLICATION_CREDENTIALS$)/;
+const OWN = /^(STEVEDORE_|REDIS_URL$|REDIS_CLUSTER_NODES$|AWS_|LOG_LEVEL$|AZURE_STORAGE_|GOOGLE_APPLICATION_CREDENTIALS$)/;
 
 /**
  * Starts `stevedore worker` as a child process, configured only by `env` over test defaults:

@@ -1,8 +1,8 @@
 import { randomUUID } from 'node:crypto';
 import type { Worker } from 'bullmq';
-import type { Redis } from 'ioredis';
 import { pino } from 'pino';
-import { redisConnection } from '../../src/queue/connection.js';
+import { redisConnection, type RedisClient } from '../../src/queue/connection.js';
+import type { Retention } from '../../src/queue/retention.js';
 import { StevedoreClient } from '../../src/queue/client.js';
 import { startWorker } from '../../src/queue/worker.js';
 import type { Bucket } from '../../src/storage/bucket.js';
@@ -17,12 +17,12 @@ export interface InProcessWorker {
 }
 
 /** A worker and a client on a fresh queue name, in this process, against real Redis and real backends. */
-export async function inProcessWorker(redisUrl: string, buckets: Map<string, Bucket>, stagingDir: string, opts: { concurrency?: number; maxInlineBytes?: number; prefix?: string; lockDurationMs?: number } = {}): Promise<InProcessWorker> {
+export async function inProcessWorker(redisUrl: string, buckets: Map<string, Bucket>, stagingDir: string, opts: { concurrency?: number; maxInlineBytes?: number; prefix?: string; lockDurationMs?: number; retention?: Retention; progressIntervalMs?: number } = {}): Promise<InProcessWorker> {
   const queue = `test-${randomUUID().slice(0, 8)}`;
-  const connection: Redis = redisConnection(redisUrl, 'worker');
+  const connection: RedisClient = redisConnection(redisUrl, 'worker');
   const staging = new Staging(stagingDir);
-  const worker = startWorker(connection, { queue, prefix: opts.prefix ?? 'bull', concurrency: opts.concurrency ?? 4, stalledIntervalMs: 5_000, ...(opts.lockDurationMs ? { lockDurationMs: opts.lockDurationMs } : {}) }, {
-    buckets, staging, log: pino({ level: 'silent' }), limits: { maxInlineBytes: opts.maxInlineBytes ?? 1 << 20 }, progressIntervalMs: 0,
+  const worker = startWorker(connection, { queue, prefix: opts.prefix ?? 'bull', concurrency: opts.concurrency ?? 4, stalledIntervalMs: 5_000, ...(opts.lockDurationMs ? { lockDurationMs: opts.lockDurationMs } : {}), ...(opts.retention ? { retention: opts.retention } : {}) }, {
+    buckets, staging, log: pino({ level: 'silent' }), limits: { maxInlineBytes: opts.maxInlineBytes ?? 1 << 20 }, progressIntervalMs: opts.progressIntervalMs ?? 0,
   });
   await worker.waitUntilReady();
   const client = new StevedoreClient({ redisUrl, queue, prefix: opts.prefix ?? 'bull', defaultJobOptions: { backoff: { type: 'exponential', delay: 50, jitter: 0.5 } } });

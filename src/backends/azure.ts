@@ -8,7 +8,7 @@ import {
 import { ErrorCode, StorageError, codeForHttpStatus } from '../errors.js';
 import { backendUrl } from './url-params.js';
 import { SHA256_META } from '../storage/driver.js';
-import type { ByteRange, Driver, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
+import type { ByteRange, Driver, DriverDeleteOptions, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
 
 /** The environment the Azure driver reads, passed in by the composition root (never `process.env` here). */
 export interface AzureEnv {
@@ -66,7 +66,8 @@ export class AzureDriver implements Driver {
   readonly kind = 'azblob';
   readonly metadataAtEnd = true;
   readonly atomicIfAbsent = true;
-  readonly atomicIfMatch = false;
+  /** `If-Match` conditions on Put Blob, Put Block List, Delete Blob and the copy's destination. */
+  readonly atomicIfMatch = true;
   readonly listHasDigest = true;
   readonly container: ContainerClient;
   readonly blockSize: number;
@@ -108,7 +109,7 @@ export class AzureDriver implements Driver {
     const options = {
       metadata,
       blobHTTPHeaders: opts.contentType === undefined ? {} : { blobContentType: opts.contentType },
-      conditions: opts.ifAbsent ? { ifNoneMatch: '*' } : {},
+      conditions: conditions(opts.ifAbsent, opts.ifMatch),
       abortSignal: opts.signal,
     };
     // The SDK passes the signal to the commit only; ending the body stops the staging too.
@@ -197,15 +198,21 @@ export class AzureDriver implements Driver {
     };
   }
 
-  async delete(key: string): Promise<void> {
-    await this.blob(key).deleteIfExists({ deleteSnapshots: 'include' });
+  async delete(key: string, opts: DriverDeleteOptions = {}): Promise<void> {
+    try {
+      await this.blob(key).deleteIfExists({ deleteSnapshots: 'include', conditions: conditions(false, opts.ifMatch) });
+    } catch (err) {
+      // A conditional delete of a blob that is gone is a delete of a missing key: a success.
+      if (opts.ifMatch === undefined || this.classify(err) !== ErrorCode.PreconditionFailed) throw err;
+      if (await this.blob(key).exists()) throw err;
+    }
   }
 
-  async copy(src: string, dst: string, opts: { ifAbsent: boolean }): Promise<ObjectInfo> {
+  async copy(src: string, dst: string, opts: { ifAbsent: boolean; ifMatch?: string | undefined }): Promise<ObjectInfo> {
     // Within one account the destination's own credential authorises reading the source, so no
     // SAS is needed; with no metadata given, the service copies the source's (digest included).
     const poller = await this.blob(dst).beginCopyFromURL(this.blob(src).url, {
-      conditions: opts.ifAbsent ? { ifNoneMatch: '*' } : {},
+      conditions: conditions(opts.ifAbsent, opts.ifMatch),
       intervalInMs: this.copyPollIntervalInMs,
     });
     await poller.pollUntilDone();
@@ -259,6 +266,12 @@ export class AzureDriver implements Driver {
   private blob(key: string): BlockBlobClient {
     return this.container.getBlockBlobClient(key);
   }
+}
+
+/** The write conditions of `ifAbsent` and `ifMatch` (which exclude each other). */
+function conditions(ifAbsent: boolean, ifMatch: string | undefined): { ifNoneMatch?: string; ifMatch?: string } {
+  if (ifAbsent) return { ifNoneMatch: '*' };
+  return ifMatch === undefined ? {} : { ifMatch };
 }
 
 interface AzureProps {

@@ -165,7 +165,18 @@ export class AzureDriver implements Driver {
   async get(key: string, range: ByteRange | undefined, signal: AbortSignal | undefined): Promise<DriverGetResult> {
     const offset = range?.start ?? 0;
     const count = range?.end === undefined ? undefined : range.end - offset + 1;
-    const res = await this.blob(key).download(offset, count, { abortSignal: signal, maxRetryRequests: this.downloadRetries });
+    let res;
+    try {
+      res = await this.blob(key).download(offset, count, { abortSignal: signal, maxRetryRequests: this.downloadRetries });
+    } catch (err) {
+      // Azure refuses every range of an empty blob (416); from byte 0 that is the whole, empty blob.
+      if (range?.start === 0 && this.classify(err) === ErrorCode.InvalidInput) {
+        const whole = await this.get(key, undefined, signal);
+        if (whole.info.size === 0) return whole;
+        whole.stream.destroy();
+      }
+      throw err;
+    }
     if (!res.readableStreamBody) throw new Error('download returned no body');
     // A ranged read's Content-Length is the range's; the whole size is after the slash of Content-Range.
     const total = /\/(\d+)$/.exec(res.contentRange ?? '')?.[1];
@@ -186,14 +197,14 @@ export class AzureDriver implements Driver {
 
   async list(prefix: string, pageToken: string | undefined, pageSize: number): Promise<ListPage> {
     const pages = this.container
-      .listBlobsFlat({ prefix: prefix || undefined, includeMetadata: true })
+      .listBlobsFlat({ prefix: prefix ? escapeKey(prefix) : undefined, includeMetadata: true })
       .byPage({ continuationToken: pageToken, maxPageSize: Math.max(1, Math.min(pageSize, MAX_PAGE)) });
     const page = await pages.next();
     if (page.done) return { objects: [], next: undefined };
     const value = page.value;
     return {
       objects: value.segment.blobItems.map((b) =>
-        toInfo(b.name, b.properties.contentLength, { ...b.properties, metadata: b.metadata })),
+        toInfo(unescapeKey(b.name), b.properties.contentLength, { ...b.properties, metadata: b.metadata })),
       next: value.continuationToken || undefined,
     };
   }
@@ -264,7 +275,7 @@ export class AzureDriver implements Driver {
   }
 
   private blob(key: string): BlockBlobClient {
-    return this.container.getBlockBlobClient(key);
+    return this.container.getBlockBlobClient(escapeKey(key));
   }
 }
 
@@ -281,13 +292,28 @@ interface AzureProps {
   metadata?: Record<string, string> | undefined;
 }
 
+/**
+ * The service reads a backslash in a blob name as a slash (as go-cloud's azureblob driver found),
+ * so `a\b` and `a/b` would be one blob: a backslash is stored as `__0x5c__`, and the `__0x` of a
+ * key that already contains one as `__0x5f___0x`, so names map back one to one. A listing is in
+ * byte order of the stored names, which differs from the keys' order only around backslashes.
+ */
+export function escapeKey(key: string): string {
+  return key.replace(/\\|__0x/g, (m) => (m === '\\' ? '__0x5c__' : '__0x5f___0x'));
+}
+
+export function unescapeKey(name: string): string {
+  return name.replace(/__0x([0-9a-f]{2})__/g, (_m, hex: string) => String.fromCharCode(parseInt(hex, 16)));
+}
+
 function toInfo(key: string, size: number | undefined, p: AzureProps): ObjectInfo {
   const { [SHA256_META]: sha256, ...metadata } = p.metadata ?? {};
   return {
     key,
     size: size ?? 0,
     sha256,
-    etag: p.etag,
+    // Listings give the ETag bare, responses' headers quoted: one form, so etags compare equal.
+    etag: p.etag === undefined || p.etag.startsWith('"') ? p.etag : `"${p.etag}"`,
     contentType: p.contentType,
     metadata,
     modified: p.lastModified ?? new Date(0),

@@ -86,6 +86,12 @@ export class MemoryDriver implements Driver {
     this.objects.set(key, { bytes, info: { ...e.info, size: bytes.length } });
   }
 
+  /** Test hook: drops an object's recorded digest, like an object written by another tool. */
+  forgetDigest(key: string): void {
+    const e = this.entry(key, 'forget');
+    this.objects.set(key, { bytes: e.bytes, info: { ...e.info, sha256: undefined } });
+  }
+
   /** PreconditionFailed unless `key` holds the version `etag` (a missing key passes when `missingOk`). */
   private checkMatch(key: string, etag: string | undefined, op: string, missingOk: boolean): void {
     if (etag === undefined) return;

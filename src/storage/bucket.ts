@@ -233,22 +233,31 @@ export class Bucket {
   /**
    * Server-side copy within this bucket; the digest and metadata travel with the bytes. A copy of
    * a key onto itself changes nothing and returns the object as it is (decision 9: some stores
-   * refuse a self-copy that changes no metadata). For a copy between two Buckets, see copyObject.
+   * refuse a self-copy that changes no metadata). For a copy between any two Buckets, verified,
+   * see copyObject (copy.ts).
    */
   async copy(src: string, dst: string, opts: CopyOptions = {}): Promise<ObjectInfo> {
-    validateKey(src, 'copy');
+    return this.copyFrom(this, src, dst, opts);
+  }
+
+  /** Server-side copy of `srcKey` of `source`, a Bucket on this same driver (another prefix, perhaps), to `dst` here. */
+  async copyFrom(source: Bucket, srcKey: string, dst: string, opts: CopyOptions = {}): Promise<ObjectInfo> {
+    validateKey(srcKey, 'copy');
     validateKey(dst, 'copy');
+    if (source.driver !== this.driver) throw new Error('copyFrom needs a Bucket on the same driver; use copyObject');
     if (opts.ifAbsent && opts.ifMatch !== undefined) {
-      throw new StorageError(ErrorCode.InvalidInput, 'ifAbsent and ifMatch exclude each other', { op: 'copy', key: src });
+      throw new StorageError(ErrorCode.InvalidInput, 'ifAbsent and ifMatch exclude each other', { op: 'copy', key: srcKey });
     }
-    return this.guard('copy', src, async () => {
-      const dstKey = this.prefix + dst;
-      if (opts.ifAbsent && (src === dst || !this.driver.atomicIfAbsent) && (await this.exists(dstKey))) {
-        throw new StorageError(ErrorCode.PreconditionFailed, `destination ${JSON.stringify(dst)} already exists`, { op: 'copy', key: src });
+    const from = source.prefix + srcKey;
+    const to = this.prefix + dst;
+    return this.guard('copy', srcKey, async () => {
+      const self = from === to;
+      if (opts.ifAbsent && (self || !this.driver.atomicIfAbsent) && (await this.exists(to))) {
+        throw new StorageError(ErrorCode.PreconditionFailed, `destination ${JSON.stringify(dst)} already exists`, { op: 'copy', key: srcKey });
       }
-      if (opts.ifMatch !== undefined && (src === dst || !this.driver.atomicIfMatch)) await this.assertEtag('copy', dst, opts.ifMatch, false);
-      if (src === dst) return withType(this.outside(await this.driver.stat(dstKey)));
-      return this.outside(await this.driver.copy(this.prefix + src, dstKey, { ifAbsent: opts.ifAbsent ?? false, ifMatch: opts.ifMatch }));
+      if (opts.ifMatch !== undefined && (self || !this.driver.atomicIfMatch)) await this.assertEtag('copy', dst, opts.ifMatch, false);
+      if (self) return withType(this.outside(await this.driver.stat(to)));
+      return this.outside(await this.driver.copy(from, to, { ifAbsent: opts.ifAbsent ?? false, ifMatch: opts.ifMatch }));
     });
   }
 

@@ -145,10 +145,12 @@ export class GcsDriver implements Driver {
     try {
       const signal = opts.signal ? [{ signal: opts.signal }] : [];
       if (resumable) {
-        // With a size announced, the session completes as soon as that many bytes arrived, which
-        // can be before the body's end and its digest check: the last chunk is held back until the
-        // body ended cleanly, so bytes that failed the check never complete it.
-        await pipeline(body.stream, holdLast(), ws, ...signal);
+        // With a size announced, the session completes as soon as that many bytes arrived (the SDK
+        // sends them as the final range once it sees anything after them), which can be before
+        // the body's end and its digest check. So the last chunk is held back until the body
+        // ended cleanly, and a body that runs past its size fails before the excess is passed on:
+        // bytes that failed the check never complete the session.
+        await pipeline(body.stream, holdLast(key, body.size), ws, ...signal);
       } else {
         // A single-request upload is held until the body ended cleanly: the SDK's multipart body
         // never aborts when its source errors, so a failed digest check would otherwise leave the
@@ -308,11 +310,20 @@ function asGeneration(etag: string, op: string, key: string): number {
   return Number(etag);
 }
 
-/** Passes chunks on one behind, and the last only once its input ended cleanly (see put). */
-function holdLast(): Transform {
+/**
+ * Passes chunks on one behind, and the last only once its input ended cleanly (see put); with a
+ * known size, fails as soon as the input runs past it.
+ */
+function holdLast(key: string, size: number | undefined): Transform {
   let held: Buffer | undefined;
+  let seen = 0;
   return new Transform({
     transform(chunk: Buffer, _enc, cb) {
+      seen += chunk.length;
+      if (size !== undefined && seen > size) {
+        cb(new StorageError(ErrorCode.ChecksumMismatch, `the body ran past its announced size of ${size} bytes`, { op: 'put', key }));
+        return;
+      }
       const out = held;
       held = chunk;
       cb(null, out);

@@ -185,3 +185,25 @@ async function assertNoMore(f: OpenFile): Promise<void> {
   const { bytesRead } = await f.file.read(Buffer.alloc(1), 0, 1, f.size);
   if (bytesRead > 0) throw new StorageError(ErrorCode.ChecksumMismatch, `${f.path} grew past its size of ${f.size} bytes while it was read`, { op: 'put' });
 }
+
+/** SHA-256 and size of a file, pulled through one reused buffer. */
+export async function hashFile(path: string): Promise<Digest> {
+  const open = await openFile(path);
+  try {
+    return await hashOpen(open);
+  } finally {
+    await open.file.close();
+  }
+}
+
+/** SHA-256 of exactly the `size` bytes of an open file (ChecksumMismatch if it grew or shrank). */
+export async function hashOpen(open: OpenFile): Promise<Digest> {
+  const body = new SourceBody({ open }, undefined, open.size, { size: open.size, op: 'hash', key: open.path });
+  try {
+    const buf = Buffer.allocUnsafeSlow(Math.min(CHUNK, Math.max(1, open.size)));
+    while ((await body.read(buf)) > 0) { /* hashed as it is read */ }
+    return body.digest();
+  } finally {
+    await body.close();
+  }
+}

@@ -6,7 +6,10 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createHash, randomUUID } from 'node:crypto';
 import { ErrorCode, StorageError, classifyCommon } from '../errors.js';
-import { SourceBody, openFile, type BodySource, type OpenFile } from './body.js';
+import { SourceBody, hashOpen, openFile, type BodySource } from './body.js';
+
+// Jobs hash staged files with the same code a put uses.
+export { hashFile } from './body.js';
 import type { ByteRange, Driver, ObjectInfo } from './driver.js';
 import { SHA256_META } from './driver.js';
 import { CHUNK, HashingStream, type Digest } from './hashing.js';
@@ -385,26 +388,4 @@ interface Prepared {
   size: number | undefined;
   source: BodySource;
   cleanup(): Promise<void>;
-}
-
-/** SHA-256 and size of a file, pulled through one reused buffer. */
-export async function hashFile(path: string): Promise<Digest> {
-  const open = await openFile(path);
-  try {
-    return await hashOpen(open);
-  } finally {
-    await open.file.close();
-  }
-}
-
-/** SHA-256 of exactly the `size` bytes of an open file (ChecksumMismatch if it grew or shrank). */
-async function hashOpen(open: OpenFile): Promise<Digest> {
-  const body = new SourceBody({ open }, undefined, open.size, { size: open.size, op: 'hash', key: open.path });
-  try {
-    const buf = Buffer.allocUnsafeSlow(Math.min(CHUNK, Math.max(1, open.size)));
-    while ((await body.read(buf)) > 0) { /* hashed as it is read */ }
-    return body.digest();
-  } finally {
-    await body.close();
-  }
 }

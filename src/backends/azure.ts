@@ -8,7 +8,7 @@ import {
 import { ErrorCode, StorageError, codeForHttpStatus } from '../errors.js';
 import { backendUrl } from './url-params.js';
 import { SHA256_META } from '../storage/driver.js';
-import type { ByteRange, Driver, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
+import type { ByteRange, Driver, DriverDeleteOptions, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
 
 /** The environment the Azure driver reads, passed in by the composition root (never `process.env` here). */
 export interface AzureEnv {
@@ -66,7 +66,8 @@ export class AzureDriver implements Driver {
   readonly kind = 'azblob';
   readonly metadataAtEnd = true;
   readonly atomicIfAbsent = true;
-  readonly atomicIfMatch = false;
+  /** `If-Match` conditions on Put Blob, Put Block List, Delete Blob and the copy's destination. */
+  readonly atomicIfMatch = true;
   readonly listHasDigest = true;
   readonly container: ContainerClient;
   readonly blockSize: number;
@@ -108,7 +109,7 @@ export class AzureDriver implements Driver {
     const options = {
       metadata,
       blobHTTPHeaders: opts.contentType === undefined ? {} : { blobContentType: opts.contentType },
-      conditions: opts.ifAbsent ? { ifNoneMatch: '*' } : {},
+      conditions: conditions(opts.ifAbsent, opts.ifMatch),
       abortSignal: opts.signal,
     };
     // The SDK passes the signal to the commit only; ending the body stops the staging too.
@@ -164,7 +165,18 @@ export class AzureDriver implements Driver {
   async get(key: string, range: ByteRange | undefined, signal: AbortSignal | undefined): Promise<DriverGetResult> {
     const offset = range?.start ?? 0;
     const count = range?.end === undefined ? undefined : range.end - offset + 1;
-    const res = await this.blob(key).download(offset, count, { abortSignal: signal, maxRetryRequests: this.downloadRetries });
+    let res;
+    try {
+      res = await this.blob(key).download(offset, count, { abortSignal: signal, maxRetryRequests: this.downloadRetries });
+    } catch (err) {
+      // Azure refuses every range of an empty blob (416); from byte 0 that is the whole, empty blob.
+      if (range?.start === 0 && this.classify(err) === ErrorCode.InvalidInput) {
+        const whole = await this.get(key, undefined, signal);
+        if (whole.info.size === 0) return whole;
+        whole.stream.destroy();
+      }
+      throw err;
+    }
     if (!res.readableStreamBody) throw new Error('download returned no body');
     // A ranged read's Content-Length is the range's; the whole size is after the slash of Content-Range.
     const total = /\/(\d+)$/.exec(res.contentRange ?? '')?.[1];
@@ -185,27 +197,33 @@ export class AzureDriver implements Driver {
 
   async list(prefix: string, pageToken: string | undefined, pageSize: number): Promise<ListPage> {
     const pages = this.container
-      .listBlobsFlat({ prefix: prefix || undefined, includeMetadata: true })
+      .listBlobsFlat({ prefix: prefix ? escapeKey(prefix) : undefined, includeMetadata: true })
       .byPage({ continuationToken: pageToken, maxPageSize: Math.max(1, Math.min(pageSize, MAX_PAGE)) });
     const page = await pages.next();
     if (page.done) return { objects: [], next: undefined };
     const value = page.value;
     return {
       objects: value.segment.blobItems.map((b) =>
-        toInfo(b.name, b.properties.contentLength, { ...b.properties, metadata: b.metadata })),
+        toInfo(unescapeKey(b.name), b.properties.contentLength, { ...b.properties, metadata: b.metadata })),
       next: value.continuationToken || undefined,
     };
   }
 
-  async delete(key: string): Promise<void> {
-    await this.blob(key).deleteIfExists({ deleteSnapshots: 'include' });
+  async delete(key: string, opts: DriverDeleteOptions = {}): Promise<void> {
+    try {
+      await this.blob(key).deleteIfExists({ deleteSnapshots: 'include', conditions: conditions(false, opts.ifMatch) });
+    } catch (err) {
+      // A conditional delete of a blob that is gone is a delete of a missing key: a success.
+      if (opts.ifMatch === undefined || this.classify(err) !== ErrorCode.PreconditionFailed) throw err;
+      if (await this.blob(key).exists()) throw err;
+    }
   }
 
-  async copy(src: string, dst: string, opts: { ifAbsent: boolean }): Promise<ObjectInfo> {
+  async copy(src: string, dst: string, opts: { ifAbsent: boolean; ifMatch?: string | undefined }): Promise<ObjectInfo> {
     // Within one account the destination's own credential authorises reading the source, so no
     // SAS is needed; with no metadata given, the service copies the source's (digest included).
     const poller = await this.blob(dst).beginCopyFromURL(this.blob(src).url, {
-      conditions: opts.ifAbsent ? { ifNoneMatch: '*' } : {},
+      conditions: conditions(opts.ifAbsent, opts.ifMatch),
       intervalInMs: this.copyPollIntervalInMs,
     });
     await poller.pollUntilDone();
@@ -257,8 +275,14 @@ export class AzureDriver implements Driver {
   }
 
   private blob(key: string): BlockBlobClient {
-    return this.container.getBlockBlobClient(key);
+    return this.container.getBlockBlobClient(escapeKey(key));
   }
+}
+
+/** The write conditions of `ifAbsent` and `ifMatch` (which exclude each other). */
+function conditions(ifAbsent: boolean, ifMatch: string | undefined): { ifNoneMatch?: string; ifMatch?: string } {
+  if (ifAbsent) return { ifNoneMatch: '*' };
+  return ifMatch === undefined ? {} : { ifMatch };
 }
 
 interface AzureProps {
@@ -268,13 +292,28 @@ interface AzureProps {
   metadata?: Record<string, string> | undefined;
 }
 
+/**
+ * The service reads a backslash in a blob name as a slash (as go-cloud's azureblob driver found),
+ * so `a\b` and `a/b` would be one blob: a backslash is stored as `__0x5c__`, and the `__0x` of a
+ * key that already contains one as `__0x5f___0x`, so names map back one to one. A listing is in
+ * byte order of the stored names, which differs from the keys' order only around backslashes.
+ */
+export function escapeKey(key: string): string {
+  return key.replace(/\\|__0x/g, (m) => (m === '\\' ? '__0x5c__' : '__0x5f___0x'));
+}
+
+export function unescapeKey(name: string): string {
+  return name.replace(/__0x([0-9a-f]{2})__/g, (_m, hex: string) => String.fromCharCode(parseInt(hex, 16)));
+}
+
 function toInfo(key: string, size: number | undefined, p: AzureProps): ObjectInfo {
   const { [SHA256_META]: sha256, ...metadata } = p.metadata ?? {};
   return {
     key,
     size: size ?? 0,
     sha256,
-    etag: p.etag,
+    // Listings give the ETag bare, responses' headers quoted: one form, so etags compare equal.
+    etag: p.etag === undefined || p.etag.startsWith('"') ? p.etag : `"${p.etag}"`,
     contentType: p.contentType,
     metadata,
     modified: p.lastModified ?? new Date(0),

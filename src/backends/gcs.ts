@@ -1,9 +1,9 @@
-import { addAbortSignal, Readable, Writable } from 'node:stream';
+import { addAbortSignal, Readable, Transform, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { IdempotencyStrategy, Storage, type FileMetadata, type Bucket as GcsBucket } from '@google-cloud/storage';
 import { backendUrl } from './url-params.js';
 import { ErrorCode, StorageError, codeForHttpStatus } from '../errors.js';
-import type { ByteRange, Driver, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
+import type { ByteRange, Driver, DriverDeleteOptions, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
 import { SHA256_META } from '../storage/driver.js';
 
 const KiB = 1024;
@@ -82,7 +82,8 @@ export class GcsDriver implements Driver {
   readonly metadataAtEnd = false;
   /** `ifGenerationMatch: 0` makes GCS refuse the write when the name is taken. */
   readonly atomicIfAbsent = true;
-  readonly atomicIfMatch = false;
+  /** `ifGenerationMatch: <generation>` (the etag here) makes GCS refuse a write or delete of another version. */
+  readonly atomicIfMatch = true;
   readonly listHasDigest = true;
   readonly bucketName: string;
   readonly resumableThreshold: number;
@@ -139,12 +140,17 @@ export class GcsDriver implements Driver {
       metadata,
       validation: this.validation,
       timeout: this.timeoutMs,
-      ...(opts.ifAbsent ? { preconditionOpts: { ifGenerationMatch: 0 } } : {}),
+      ...preconditions(opts.ifAbsent, opts.ifMatch),
     });
     try {
       const signal = opts.signal ? [{ signal: opts.signal }] : [];
       if (resumable) {
-        await pipeline(body.stream, ws, ...signal);
+        // With a size announced, the session completes as soon as that many bytes arrived (the SDK
+        // sends them as the final range once it sees anything after them), which can be before
+        // the body's end and its digest check. So the last chunk is held back until the body
+        // ended cleanly, and a body that runs past its size fails before the excess is passed on:
+        // bytes that failed the check never complete the session.
+        await pipeline(body.stream, holdLast(key, body.size), ws, ...signal);
       } else {
         // A single-request upload is held until the body ended cleanly: the SDK's multipart body
         // never aborts when its source errors, so a failed digest check would otherwise leave the
@@ -204,13 +210,14 @@ export class GcsDriver implements Driver {
     };
   }
 
-  async delete(key: string): Promise<void> {
-    await this.bucket.file(key).delete({ ignoreNotFound: true });
+  async delete(key: string, opts: DriverDeleteOptions = {}): Promise<void> {
+    const generation = opts.ifMatch === undefined ? undefined : asGeneration(opts.ifMatch, 'delete', key);
+    await this.bucket.file(key).delete({ ignoreNotFound: true, ...(generation === undefined ? {} : { ifGenerationMatch: generation }) });
   }
 
-  /** A rewrite: metadata, content type and the digest travel with the bytes. */
-  async copy(src: string, dst: string, opts: { ifAbsent: boolean }): Promise<ObjectInfo> {
-    const [, resp] = await this.bucket.file(src).copy(this.bucket.file(dst), opts.ifAbsent ? { preconditionOpts: { ifGenerationMatch: 0 } } : {});
+  /** A rewrite: metadata, content type and the digest travel with the bytes; preconditions apply to the destination. */
+  async copy(src: string, dst: string, opts: { ifAbsent: boolean; ifMatch?: string | undefined }): Promise<ObjectInfo> {
+    const [, resp] = await this.bucket.file(src).copy(this.bucket.file(dst), preconditions(opts.ifAbsent, opts.ifMatch, dst));
     const resource = (resp as { resource?: FileMetadata } | undefined)?.resource;
     return resource ? this.info(dst, resource) : this.stat(dst);
   }
@@ -288,4 +295,41 @@ function asError(err: unknown): unknown {
   if (err instanceof Error || typeof err !== 'object' || err === null) return err;
   const e = err as { code?: unknown; message?: unknown };
   return Object.assign(new Error(typeof e.message === 'string' ? e.message : JSON.stringify(err)), err);
+}
+
+/** `ifAbsent` is generation 0 (no live object); `ifMatch` is the generation our etag reports. */
+function preconditions(ifAbsent: boolean, ifMatch: string | undefined, key = ''): { preconditionOpts?: { ifGenerationMatch: number } } {
+  if (ifAbsent) return { preconditionOpts: { ifGenerationMatch: 0 } };
+  if (ifMatch !== undefined) return { preconditionOpts: { ifGenerationMatch: asGeneration(ifMatch, 'put', key) } };
+  return {};
+}
+
+/** An etag that is no generation (from another backend, or made up) can match no version here. */
+function asGeneration(etag: string, op: string, key: string): number {
+  if (!/^[1-9]\d{0,18}$/.test(etag)) throw new StorageError(ErrorCode.PreconditionFailed, `etag ${JSON.stringify(etag)} is no generation of this object`, { op, key });
+  return Number(etag);
+}
+
+/**
+ * Passes chunks on one behind, and the last only once its input ended cleanly (see put); with a
+ * known size, fails as soon as the input runs past it.
+ */
+function holdLast(key: string, size: number | undefined): Transform {
+  let held: Buffer | undefined;
+  let seen = 0;
+  return new Transform({
+    transform(chunk: Buffer, _enc, cb) {
+      seen += chunk.length;
+      if (size !== undefined && seen > size) {
+        cb(new StorageError(ErrorCode.ChecksumMismatch, `the body ran past its announced size of ${size} bytes`, { op: 'put', key }));
+        return;
+      }
+      const out = held;
+      held = chunk;
+      cb(null, out);
+    },
+    flush(cb) {
+      cb(null, held);
+    },
+  });
 }

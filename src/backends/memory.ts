@@ -1,6 +1,6 @@
 import { Readable } from 'node:stream';
 import { ErrorCode, StorageError } from '../errors.js';
-import type { ByteRange, Driver, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
+import type { ByteRange, Driver, DriverDeleteOptions, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
 
 interface Entry {
   bytes: Buffer;
@@ -12,7 +12,8 @@ export class MemoryDriver implements Driver {
   readonly kind = 'memory';
   readonly metadataAtEnd = true;
   readonly atomicIfAbsent = true;
-  readonly atomicIfMatch = false;
+  /** Checks and commits run with no await between them: atomic in one process. */
+  readonly atomicIfMatch = true;
   readonly listHasDigest = true;
   private readonly objects = new Map<string, Entry>();
   private version = 0;
@@ -22,6 +23,7 @@ export class MemoryDriver implements Driver {
     for await (const chunk of body.stream) chunks.push(chunk as Buffer);
     // Checked after the bytes arrived and before the commit, which is synchronous: atomic here.
     if (opts.ifAbsent && this.objects.has(key)) throw notFoundOr(ErrorCode.PreconditionFailed, 'put', key);
+    this.checkMatch(key, opts.ifMatch, 'put', false);
     const { sha256, size } = body.digest();
     const info: ObjectInfo = {
       key, size, sha256, etag: String(++this.version), contentType: opts.contentType,
@@ -35,7 +37,7 @@ export class MemoryDriver implements Driver {
     const e = this.entry(key, 'get');
     let bytes = e.bytes;
     if (range) {
-      if (range.start >= e.bytes.length && e.bytes.length > 0) throw notFoundOr(ErrorCode.InvalidInput, 'get', key, 'range starts past the end');
+      if (range.start > 0 && range.start >= e.bytes.length) throw notFoundOr(ErrorCode.InvalidInput, 'get', key, 'range starts past the end');
       bytes = e.bytes.subarray(range.start, range.end === undefined ? undefined : range.end + 1);
     }
     return { stream: Readable.from([bytes]), info: { ...e.info } };
@@ -56,13 +58,15 @@ export class MemoryDriver implements Driver {
     };
   }
 
-  async delete(key: string): Promise<void> {
+  async delete(key: string, opts: DriverDeleteOptions = {}): Promise<void> {
+    this.checkMatch(key, opts.ifMatch, 'delete', true);
     this.objects.delete(key);
   }
 
-  async copy(src: string, dst: string, opts: { ifAbsent: boolean }): Promise<ObjectInfo> {
+  async copy(src: string, dst: string, opts: { ifAbsent: boolean; ifMatch?: string | undefined }): Promise<ObjectInfo> {
     const e = this.entry(src, 'copy');
     if (opts.ifAbsent && this.objects.has(dst)) throw notFoundOr(ErrorCode.PreconditionFailed, 'copy', dst);
+    this.checkMatch(dst, opts.ifMatch, 'copy', false);
     const info = { ...e.info, key: dst, etag: String(++this.version), modified: new Date() };
     this.objects.set(dst, { bytes: e.bytes, info });
     return { ...info };
@@ -80,6 +84,21 @@ export class MemoryDriver implements Driver {
   corrupt(key: string, bytes: Buffer): void {
     const e = this.entry(key, 'corrupt');
     this.objects.set(key, { bytes, info: { ...e.info, size: bytes.length } });
+  }
+
+  /** Test hook: drops an object's recorded digest, like an object written by another tool. */
+  forgetDigest(key: string): void {
+    const e = this.entry(key, 'forget');
+    this.objects.set(key, { bytes: e.bytes, info: { ...e.info, sha256: undefined } });
+  }
+
+  /** PreconditionFailed unless `key` holds the version `etag` (a missing key passes when `missingOk`). */
+  private checkMatch(key: string, etag: string | undefined, op: string, missingOk: boolean): void {
+    if (etag === undefined) return;
+    const e = this.objects.get(key);
+    if (!e ? !missingOk : e.info.etag !== etag) {
+      throw new StorageError(ErrorCode.PreconditionFailed, e ? `etag is ${e.info.etag ?? 'none'}, not ${etag}` : 'no such object', { op, key });
+    }
   }
 
   private entry(key: string, op: string): Entry {

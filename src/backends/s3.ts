@@ -1,21 +1,15 @@
 import { Readable } from 'node:stream';
 import {
-  AbortMultipartUploadCommand, CompleteMultipartUploadCommand, CopyObjectCommand, CreateMultipartUploadCommand, DeleteObjectCommand,
-  GetObjectCommand, HeadBucketCommand, HeadObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client, UploadPartCommand, UploadPartCopyCommand,
-  type S3ClientConfig,
+  DeleteObjectCommand, GetObjectCommand, HeadBucketCommand, HeadObjectCommand, ListObjectsV2Command, S3Client, type S3ClientConfig,
 } from '@aws-sdk/client-s3';
 import { ErrorCode, StorageError, codeForHttpStatus } from '../errors.js';
 import { backendUrl } from './url-params.js';
-import type { ByteRange, Driver, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
+import type { ByteRange, Driver, DriverDeleteOptions, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
 import { SHA256_META } from '../storage/driver.js';
-import { Lanes } from '../storage/lanes.js';
+import { MAX_COPY_OBJECT, copyObject } from './s3-copy.js';
+import { MIN_PART_SIZE, uploadObject } from './s3-upload.js';
 
 const MiB = 1024 * 1024;
-/** S3 refuses parts below 5 MiB (except the last) and uploads of more than 10,000 parts. */
-const MIN_PART_SIZE = 5 * MiB;
-const MAX_PARTS = 10_000;
-/** The largest source CopyObject takes; bigger objects are copied part by part (UploadPartCopy). */
-const MAX_COPY_OBJECT = 5 * 1024 * MiB;
 
 export interface S3DriverOptions {
   bucket: string;
@@ -35,8 +29,9 @@ export interface S3DriverOptions {
    */
   checksums?: 'when_supported' | 'when_required' | undefined;
   /**
-   * Send `If-None-Match: *` for `ifAbsent` writes, so the store refuses to overwrite atomically
-   * (AWS S3, MinIO, R2). Turn off for stores that ignore the header; the Bucket then checks first.
+   * Send `If-None-Match: *` for `ifAbsent` writes and `If-Match` for `ifMatch` puts, copies and
+   * deletes, so the store enforces them atomically (AWS S3, MinIO, R2). Turn off for stores that
+   * ignore the headers (s3rver); the Bucket then checks with a stat first, which is not race-free.
    * @defaultValue true
    */
   conditionalWrites?: boolean | undefined;
@@ -104,18 +99,22 @@ export class S3Driver implements Driver {
   /** Object metadata is fixed when the upload starts, so the Bucket must know the digest first. */
   readonly metadataAtEnd = false;
   readonly atomicIfAbsent: boolean;
-  readonly atomicIfMatch = false;
+  readonly atomicIfMatch: boolean;
+  /** ListObjectsV2 carries no user metadata: a digest costs a HEAD per object. */
   readonly listHasDigest = false;
   readonly bucket: string;
   readonly partSize: number;
   readonly client: S3Client;
-  private readonly queueSize: number;
-  private readonly maxCopyObject: number;
-  private readonly copyPartSize: number;
+  readonly conditionalWrites: boolean;
+  readonly queueSize: number;
+  readonly maxCopyObject: number;
+  readonly copyPartSize: number;
 
   constructor(opts: S3DriverOptions) {
     this.bucket = opts.bucket;
-    this.atomicIfAbsent = opts.conditionalWrites ?? true;
+    this.conditionalWrites = opts.conditionalWrites ?? true;
+    this.atomicIfAbsent = this.conditionalWrites;
+    this.atomicIfMatch = this.conditionalWrites;
     this.partSize = opts.partSize ?? 8 * MiB;
     if (this.partSize < MIN_PART_SIZE) throw new StorageError(ErrorCode.InvalidInput, `partSize must be at least ${MIN_PART_SIZE}`, { op: 'config' });
     this.queueSize = opts.queueSize ?? 4;
@@ -136,84 +135,9 @@ export class S3Driver implements Driver {
     });
   }
 
-  /**
-   * One PutObject for a body that fits in a part, else a multipart upload. The bytes are pulled
-   * into at most `queueSize + 1` part buffers, reused from part to part: one filling (and hashing)
-   * while up to `queueSize` upload. lib-storage's Upload copies every part into a fresh buffer
-   * (Buffer.concat), 4 GiB of allocation for a 2 GiB object, and its memory grew with the size.
-   * The object becomes visible only after the body has ended and passed its digest check.
-   */
+  /** See uploadObject: part buffers reused, nothing visible before the body passed its digest check. */
   async put(key: string, body: PutBody, opts: DriverPutOptions): Promise<ObjectInfo> {
-    if (body.sha256 === undefined) throw new Error('S3Driver.put needs the digest before the upload (metadataAtEnd is false)');
-    const signal = opts.signal;
-    // A known size may need bigger parts to stay within S3's part count.
-    const partSize = body.size === undefined ? this.partSize : Math.max(this.partSize, Math.ceil(body.size / MAX_PARTS));
-    const target = {
-      Bucket: this.bucket, Key: key, ContentType: opts.contentType,
-      Metadata: { ...opts.metadata, [SHA256_META]: body.sha256 },
-    };
-    // Sent on PutObject and CompleteMultipartUpload: the object appears only if the key is free.
-    const ifNoneMatch = opts.ifAbsent && this.atomicIfAbsent ? '*' : undefined;
-    const free: Buffer[] = [];
-    // A body of known size up to a part gets a buffer one byte longer, so one read sees its end.
-    const take = () => free.pop() ?? Buffer.allocUnsafeSlow(body.size !== undefined && body.size <= partSize ? body.size + 1 : partSize);
-
-    const first = take();
-    const firstLength = await fillPart(body, first, signal);
-    const second = firstLength === first.length ? take() : undefined;
-    const secondLength = second ? await fillPart(body, second, signal) : 0;
-    let etag: string | undefined;
-    if (secondLength === 0) {
-      etag = (await this.client.send(new PutObjectCommand({
-        ...target, Body: first.subarray(0, firstLength), ContentLength: firstLength, IfNoneMatch: ifNoneMatch,
-      }), { abortSignal: signal })).ETag;
-    } else {
-      const { UploadId } = await this.client.send(new CreateMultipartUploadCommand(target), { abortSignal: signal });
-      try {
-        const etags: string[] = [];
-        const filled = [{ buf: first, n: firstLength }, { buf: second!, n: secondLength }];
-        let part = 0;
-        await inLanes(this.queueSize, async () => {
-          let next = filled.shift();
-          if (!next) {
-            const buf = take();
-            next = { buf, n: await fillPart(body, buf, signal) };
-            if (next.n === 0) return undefined;
-          }
-          const { buf, n } = next;
-          const number = ++part;
-          return async () => {
-            try {
-              const res = await this.client.send(new UploadPartCommand({
-                Bucket: this.bucket, Key: key, UploadId, PartNumber: number, Body: buf.subarray(0, n), ContentLength: n,
-              }), { abortSignal: signal });
-              etags[number - 1] = res.ETag ?? '';
-            } finally {
-              // Settled, retries included: the SDK holds the buffer no longer.
-              free.push(buf);
-            }
-          };
-        });
-        etag = (await this.client.send(new CompleteMultipartUploadCommand({
-          Bucket: this.bucket, Key: key, UploadId, IfNoneMatch: ifNoneMatch,
-          MultipartUpload: { Parts: etags.map((ETag, i) => ({ ETag, PartNumber: i + 1 })) },
-        }), { abortSignal: signal })).ETag;
-      } catch (err) {
-        // Best effort: parts left behind are invisible, and a bucket lifecycle rule
-        // (AbortIncompleteMultipartUpload) reaps those a crash or a failed abort leaves.
-        const aborting = this.client.send(new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: key, UploadId }), { abortSignal: AbortSignal.timeout(10_000) }).catch(() => {});
-        // A cancelled put (a worker stopping) must not wait on a store that may not answer.
-        if (!signal?.aborted) await aborting;
-        throw err;
-      }
-    }
-    return {
-      key, size: body.digest().size, sha256: body.sha256, etag, contentType: opts.contentType,
-      metadata: { ...opts.metadata },
-      // Neither PutObject nor CompleteMultipartUpload report LastModified; a HEAD would cost a
-      // request and could see a later writer's object.
-      modified: new Date(),
-    };
+    return uploadObject(this, key, body, opts);
   }
 
   async get(key: string, range: ByteRange | undefined, signal: AbortSignal | undefined): Promise<DriverGetResult> {
@@ -267,63 +191,22 @@ export class S3Driver implements Driver {
     };
   }
 
-  async delete(key: string): Promise<void> {
-    await this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key: key }));
-  }
-
-  /**
-   * Server-side: CopyObject keeps metadata and content type (MetadataDirective COPY). A source over
-   * 5 GiB, which CopyObject refuses, is copied as a multipart upload of UploadPartCopy ranges.
-   */
-  async copy(src: string, dst: string, opts: { ifAbsent: boolean }): Promise<ObjectInfo> {
-    const head = await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: src }));
-    const copySource = `${this.bucket}/${src.split('/').map(encodeURIComponent).join('/')}`;
-    const ifNoneMatch = opts.ifAbsent && this.atomicIfAbsent ? '*' : undefined;
-    if ((head.ContentLength ?? 0) <= this.maxCopyObject) {
-      await this.client.send(new CopyObjectCommand({
-        Bucket: this.bucket, Key: dst, CopySource: copySource, MetadataDirective: 'COPY', IfNoneMatch: ifNoneMatch,
-      }));
-    } else {
-      await this.copyInParts(head, copySource, dst, ifNoneMatch);
-    }
-    return this.stat(dst);
-  }
-
-  /**
-   * Every part is copied only if the source still has the ETag read before the first one
-   * (x-amz-copy-source-if-match): a source replaced mid-copy fails the copy instead of leaving a
-   * mix of two versions. Metadata, with the digest, is the source's, set when the upload starts.
-   */
-  private async copyInParts(head: { ContentLength?: number | undefined; ETag?: string | undefined; ContentType?: string | undefined; Metadata?: Record<string, string> | undefined }, copySource: string, dst: string, ifNoneMatch: string | undefined): Promise<void> {
-    const size = head.ContentLength ?? 0;
-    const partSize = Math.max(this.copyPartSize, Math.ceil(size / MAX_PARTS));
-    const { UploadId } = await this.client.send(new CreateMultipartUploadCommand({
-      Bucket: this.bucket, Key: dst, ContentType: head.ContentType, Metadata: head.Metadata,
-    }));
+  /** DeleteObject with If-Match where the store honours it (conditionalWrites). */
+  async delete(key: string, opts: DriverDeleteOptions = {}): Promise<void> {
+    const ifMatch = this.conditionalWrites ? opts.ifMatch : undefined;
     try {
-      const count = Math.ceil(size / partSize);
-      const etags: string[] = [];
-      let next = 0;
-      await inLanes(this.queueSize, async () => {
-        if (next === count) return undefined;
-        const i = next++;
-        return async () => {
-          const start = i * partSize;
-          const res = await this.client.send(new UploadPartCopyCommand({
-            Bucket: this.bucket, Key: dst, UploadId, PartNumber: i + 1, CopySource: copySource,
-            CopySourceRange: `bytes=${start}-${Math.min(size, start + partSize) - 1}`, CopySourceIfMatch: head.ETag,
-          }));
-          etags[i] = res.CopyPartResult?.ETag ?? '';
-        };
-      });
-      await this.client.send(new CompleteMultipartUploadCommand({
-        Bucket: this.bucket, Key: dst, UploadId, IfNoneMatch: ifNoneMatch,
-        MultipartUpload: { Parts: etags.map((ETag, i) => ({ ETag, PartNumber: i + 1 })) },
-      }));
+      await this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key: key, IfMatch: ifMatch }));
     } catch (err) {
-      await this.client.send(new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: dst, UploadId })).catch(() => {});
+      // S3 answers a conditional delete of a missing key 404 (an unconditional one 204): still a success.
+      if (ifMatch !== undefined && this.classify(err) === ErrorCode.NotFound) return;
       throw err;
     }
+  }
+
+  /** Server-side, metadata and digest included (see copyObject). */
+  async copy(src: string, dst: string, opts: { ifAbsent: boolean; ifMatch?: string | undefined }): Promise<ObjectInfo> {
+    await copyObject(this, src, dst, opts);
+    return this.stat(dst);
   }
 
   async health(): Promise<void> {
@@ -361,34 +244,6 @@ export class S3Driver implements Driver {
       modified: r.LastModified ?? new Date(0),
     };
   }
-}
-
-/**
- * Runs the tasks `next` hands out, up to `lanes` at once, and returns when all have finished.
- * `next` prepares its task (a part buffer is filled) while the lanes are busy, so preparing and
- * running overlap; it returns undefined when there is no more. The first failure, of a task or of
- * `next`, stops new tasks and is thrown once the running ones have settled.
- */
-async function inLanes(size: number, next: () => Promise<(() => Promise<void>) | undefined>): Promise<void> {
-  const lanes = new Lanes(size);
-  try {
-    for (let task = await next(); task; task = await next()) await lanes.start(task);
-  } finally {
-    await lanes.settle();
-  }
-  await lanes.finish();
-}
-
-/** Reads the body into `buf` until it is full or the body ends (its digest then checked); returns the bytes read. */
-async function fillPart(body: PutBody, buf: Buffer, signal: AbortSignal | undefined): Promise<number> {
-  let n = 0;
-  while (n < buf.length) {
-    signal?.throwIfAborted();
-    const got = await body.read(buf.subarray(n));
-    if (got === 0) break;
-    n += got;
-  }
-  return n;
 }
 
 /** S3 error codes whose meaning the HTTP status alone gets wrong or too coarse. */

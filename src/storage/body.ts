@@ -2,6 +2,7 @@ import { constants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { Readable } from 'node:stream';
 import type { PutBody } from './driver.js';
+import { ErrorCode, StorageError } from '../errors.js';
 import { CHUNK, Hasher, HashingStream, type Digest, type Expectation } from './hashing.js';
 
 /**
@@ -11,8 +12,33 @@ import { CHUNK, Hasher, HashingStream, type Digest, type Expectation } from './h
  */
 const READ_NOFOLLOW = constants.O_RDONLY | constants.O_NOFOLLOW;
 
+/**
+ * An open file and its size, measured on this descriptor (fstat) when it was opened: a body reads
+ * exactly `size` bytes from it, by position, so the size a driver announces (GCS's resumable
+ * session, S3's ContentLength) and the bytes that flow are of one file even if its name is
+ * replaced meanwhile; a file that grows past `size` fails (ChecksumMismatch) instead of sending
+ * more. The opener closes it; a body never does.
+ */
+export interface OpenFile {
+  file: FileHandle;
+  size: number;
+  /** For messages. */
+  path: string;
+}
+
 /** Where a put's bytes come from once the Bucket has prepared them. */
-export type BodySource = { bytes: Buffer } | { path: string } | { stream: Readable };
+export type BodySource = { bytes: Buffer } | { path: string } | { stream: Readable } | { open: OpenFile };
+
+/** Opens a file source without following a symlink and measures it on the same descriptor. */
+export async function openFile(path: string): Promise<OpenFile> {
+  const file = await open(path, READ_NOFOLLOW);
+  try {
+    return { file, size: (await file.stat()).size, path };
+  } catch (err) {
+    await file.close().catch(() => {});
+    throw err;
+  }
+}
 
 /**
  * The bytes of one put as a driver receives them, hashed and checked on the way. A driver takes
@@ -45,7 +71,9 @@ export class SourceBody implements PutBody {
     if (this.piped) return this.piped;
     this.claim('stream');
     const s = this.source;
-    const src = 'bytes' in s ? Readable.from([s.bytes]) : 'path' in s ? Readable.from(fileChunks(s.path), { objectMode: false }) : s.stream;
+    const src = 'bytes' in s ? Readable.from([s.bytes])
+      : 'path' in s ? Readable.from(fileChunks(s.path), { objectMode: false })
+        : 'open' in s ? Readable.from(sizedChunks(s.open), { objectMode: false }) : s.stream;
     const hashing = new HashingStream(this.hasher);
     // A source error must reach the driver as an error of the body, never as a clean end.
     src.on('error', (err: Error) => hashing.destroy(err));
@@ -105,6 +133,17 @@ export class SourceBody implements PutBody {
       this.fh ??= await open(s.path, READ_NOFOLLOW);
       return (await this.fh.read(buf, 0, buf.length, null)).bytesRead;
     }
+    if ('open' in s) {
+      const want = Math.min(buf.length, s.open.size - this.offset);
+      if (want === 0) {
+        await assertNoMore(s.open);
+        return 0;
+      }
+      const n = (await s.open.file.read(buf, 0, want, this.offset)).bytesRead;
+      // Shorter than measured: the hasher's size check fails it at the end.
+      this.offset += n;
+      return n;
+    }
     if (!this.rest?.length) {
       this.iterator ??= s.stream[Symbol.asyncIterator]();
       const next = await this.iterator.next();
@@ -125,5 +164,46 @@ async function* fileChunks(path: string): AsyncGenerator<Buffer> {
     for await (const chunk of fh.createReadStream({ highWaterMark: CHUNK, autoClose: false })) yield chunk as Buffer;
   } finally {
     await fh.close();
+  }
+}
+
+/** Exactly `size` bytes of an open file, by position, in CHUNK-sized pieces; then checks it did not grow. */
+async function* sizedChunks(f: OpenFile): AsyncGenerator<Buffer> {
+  for (let at = 0; at < f.size;) {
+    const buf = Buffer.allocUnsafe(Math.min(CHUNK, f.size - at));
+    const { bytesRead } = await f.file.read(buf, 0, buf.length, at);
+    // Shrunk: the hasher's size check fails the body at its end.
+    if (bytesRead === 0) return;
+    at += bytesRead;
+    yield bytesRead === buf.length ? buf : buf.subarray(0, bytesRead);
+  }
+  await assertNoMore(f);
+}
+
+/** A file that grew past the size announced for it is being written still: its bytes are not the ones measured. */
+async function assertNoMore(f: OpenFile): Promise<void> {
+  const { bytesRead } = await f.file.read(Buffer.alloc(1), 0, 1, f.size);
+  if (bytesRead > 0) throw new StorageError(ErrorCode.ChecksumMismatch, `${f.path} grew past its size of ${f.size} bytes while it was read`, { op: 'put' });
+}
+
+/** SHA-256 and size of a file, pulled through one reused buffer. */
+export async function hashFile(path: string): Promise<Digest> {
+  const open = await openFile(path);
+  try {
+    return await hashOpen(open);
+  } finally {
+    await open.file.close();
+  }
+}
+
+/** SHA-256 of exactly the `size` bytes of an open file (ChecksumMismatch if it grew or shrank). */
+export async function hashOpen(open: OpenFile): Promise<Digest> {
+  const body = new SourceBody({ open }, undefined, open.size, { size: open.size, op: 'hash', key: open.path });
+  try {
+    const buf = Buffer.allocUnsafeSlow(Math.min(CHUNK, Math.max(1, open.size)));
+    while ((await body.read(buf)) > 0) { /* hashed as it is read */ }
+    return body.digest();
+  } finally {
+    await body.close();
   }
 }

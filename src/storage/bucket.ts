@@ -1,16 +1,22 @@
 import { createWriteStream } from 'node:fs';
-import { lstat, mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createHash, randomUUID } from 'node:crypto';
 import { ErrorCode, StorageError, classifyCommon } from '../errors.js';
-import { SourceBody, type BodySource } from './body.js';
+import { SourceBody, hashOpen, openFile, type BodySource } from './body.js';
+
+// Jobs hash staged files with the same code a put uses.
+export { hashFile } from './body.js';
 import type { ByteRange, Driver, ObjectInfo } from './driver.js';
 import { SHA256_META } from './driver.js';
 import { CHUNK, HashingStream, type Digest } from './hashing.js';
 import { validateContentType, validateKey, validateMetadata, validatePrefix, validateSha256 } from './keys.js';
+
+/** What every backend reports for an object stored without a content type (decision 4). */
+export const DEFAULT_CONTENT_TYPE = 'application/octet-stream';
 
 /** Concurrent stats when a listing must be completed with digests (S3 listings carry none). */
 const LIST_STAT_LANES = 16;
@@ -37,6 +43,13 @@ export interface PutOptions {
 
 export interface DeleteOptions {
   /** Delete only the version whose `etag` is this: PreconditionFailed when it moved on. A missing key still succeeds. */
+  ifMatch?: string | undefined;
+}
+
+export interface CopyOptions {
+  /** Fail with PreconditionFailed when the destination already exists. */
+  ifAbsent?: boolean | undefined;
+  /** Replace only the destination version whose `etag` is this (as put's `ifMatch`). */
   ifMatch?: string | undefined;
 }
 
@@ -102,7 +115,8 @@ export class Bucket {
   async put(key: string, source: PutSource, opts: PutOptions = {}): Promise<ObjectInfo> {
     validateKey(key, 'put');
     const metadata = validateMetadata(opts.metadata, SHA256_META);
-    const contentType = validateContentType(opts.contentType);
+    // Stored explicitly, so no store guesses one from the key's extension or answers its own default.
+    const contentType = validateContentType(opts.contentType) ?? DEFAULT_CONTENT_TYPE;
     const expected = validateSha256(opts.sha256);
     const storeKey = this.prefix + key;
     if (opts.ifAbsent && opts.ifMatch !== undefined) {
@@ -138,6 +152,12 @@ export class Bucket {
       throw new StorageError(ErrorCode.InvalidInput, 'sha256 is the whole object\'s digest and cannot check a range', { op: 'get', key });
     }
     const { stream, info } = await this.guard('get', key, () => this.driver.get(this.prefix + key, range, opts.signal));
+    // One rule for every store (decision 2): `{start: 0}` of an empty object is its zero bytes, a
+    // start past the last byte is refused (some stores answer 416, some an empty 206).
+    if (range && range.start > 0 && range.start >= info.size) {
+      stream.destroy();
+      throw new StorageError(ErrorCode.InvalidInput, `range starts at ${range.start}, past the end (size ${info.size})`, { op: 'get', key });
+    }
     if (expected !== undefined && info.sha256 !== undefined && expected !== info.sha256) {
       stream.destroy();
       throw new StorageError(ErrorCode.ChecksumMismatch, `stored sha256 ${info.sha256} is not the expected ${expected}`, { op: 'get', key });
@@ -157,12 +177,12 @@ export class Bucket {
     out.on('error', () => {});
     out.on('close', () => { if (!stream.destroyed) stream.destroy(); });
     stream.pipe(out);
-    return { stream: out, info: this.outside(info), digest: () => out.digest() };
+    return { stream: out, info: withType(this.outside(info)), digest: () => out.digest() };
   }
 
   async stat(key: string): Promise<ObjectInfo> {
     validateKey(key, 'stat');
-    return this.outside(await this.guard('stat', key, () => this.driver.stat(this.prefix + key)));
+    return withType(this.outside(await this.guard('stat', key, () => this.driver.stat(this.prefix + key))));
   }
 
   async exists(storeKey: string): Promise<boolean> {
@@ -213,15 +233,34 @@ export class Bucket {
     });
   }
 
-  /** Server-side copy within this bucket; the digest and metadata travel with the bytes. */
-  async copy(src: string, dst: string, opts: { ifAbsent?: boolean } = {}): Promise<ObjectInfo> {
-    validateKey(src, 'copy');
+  /**
+   * Server-side copy within this bucket; the digest and metadata travel with the bytes. A copy of
+   * a key onto itself changes nothing and returns the object as it is (decision 9: some stores
+   * refuse a self-copy that changes no metadata). For a copy between any two Buckets, verified,
+   * see copyObject (copy.ts).
+   */
+  async copy(src: string, dst: string, opts: CopyOptions = {}): Promise<ObjectInfo> {
+    return this.copyFrom(this, src, dst, opts);
+  }
+
+  /** Server-side copy of `srcKey` of `source`, a Bucket on this same driver (another prefix, perhaps), to `dst` here. */
+  async copyFrom(source: Bucket, srcKey: string, dst: string, opts: CopyOptions = {}): Promise<ObjectInfo> {
+    validateKey(srcKey, 'copy');
     validateKey(dst, 'copy');
-    return this.guard('copy', src, async () => {
-      if (opts.ifAbsent && !this.driver.atomicIfAbsent && (await this.exists(this.prefix + dst))) {
-        throw new StorageError(ErrorCode.PreconditionFailed, `destination ${JSON.stringify(dst)} already exists`, { op: 'copy', key: src });
+    if (source.driver !== this.driver) throw new Error('copyFrom needs a Bucket on the same driver; use copyObject');
+    if (opts.ifAbsent && opts.ifMatch !== undefined) {
+      throw new StorageError(ErrorCode.InvalidInput, 'ifAbsent and ifMatch exclude each other', { op: 'copy', key: srcKey });
+    }
+    const from = source.prefix + srcKey;
+    const to = this.prefix + dst;
+    return this.guard('copy', srcKey, async () => {
+      const self = from === to;
+      if (opts.ifAbsent && (self || !this.driver.atomicIfAbsent) && (await this.exists(to))) {
+        throw new StorageError(ErrorCode.PreconditionFailed, `destination ${JSON.stringify(dst)} already exists`, { op: 'copy', key: srcKey });
       }
-      return this.outside(await this.driver.copy(this.prefix + src, this.prefix + dst, { ifAbsent: opts.ifAbsent ?? false }));
+      if (opts.ifMatch !== undefined && (self || !this.driver.atomicIfMatch)) await this.assertEtag('copy', dst, opts.ifMatch, false);
+      if (self) return withType(this.outside(await this.driver.stat(to)));
+      return this.outside(await this.driver.copy(from, to, { ifAbsent: opts.ifAbsent ?? false, ifMatch: opts.ifMatch }));
     });
   }
 
@@ -307,11 +346,19 @@ export class Bucket {
       return { sha256, size: bytes.length, source: { bytes }, cleanup: none };
     }
     if (!(source instanceof Readable)) {
-      // Digest and size of one pass, so they describe the same bytes even if the file changes
-      // (the upload then fails its check instead of sending a stale length).
-      const known = expected === undefined && !this.driver.metadataAtEnd ? await hashFile(source.path) : undefined;
-      const size = known?.size ?? (await lstat(source.path)).size;
-      return { sha256: expected ?? known?.sha256, size, source: { path: source.path }, cleanup: none };
+      // Size measured on the descriptor the bytes are read from, and the digest (where the driver
+      // needs it first) from a pass over that same descriptor: what a driver announces describes
+      // the bytes it sends, even if the file is replaced, grows or shrinks meanwhile (the body then
+      // fails its check before the driver can commit).
+      const open = await openFile(source.path);
+      const close = () => open.file.close().catch(() => {});
+      try {
+        const known = expected === undefined && !this.driver.metadataAtEnd ? await hashOpen(open) : undefined;
+        return { sha256: expected ?? known?.sha256, size: open.size, source: { open }, cleanup: close };
+      } catch (err) {
+        await close();
+        throw err;
+      }
     }
     if (expected !== undefined || this.driver.metadataAtEnd) {
       return { sha256: expected, size: undefined, source: { stream: source }, cleanup: none };
@@ -331,21 +378,14 @@ export class Bucket {
   }
 }
 
+/** Stat and get report the default type for an object stored without one (written by another tool). */
+function withType(info: ObjectInfo): ObjectInfo {
+  return info.contentType ? info : { ...info, contentType: DEFAULT_CONTENT_TYPE };
+}
+
 interface Prepared {
   sha256: string | undefined;
   size: number | undefined;
   source: BodySource;
   cleanup(): Promise<void>;
-}
-
-/** SHA-256 and size of a file, pulled through one reused buffer. */
-export async function hashFile(path: string): Promise<Digest> {
-  const body = new SourceBody({ path }, undefined, undefined, { op: 'hash', key: path });
-  try {
-    const buf = Buffer.allocUnsafeSlow(CHUNK);
-    while ((await body.read(buf)) > 0) { /* hashed as it is read */ }
-    return body.digest();
-  } finally {
-    await body.close();
-  }
 }

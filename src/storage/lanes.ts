@@ -30,3 +30,19 @@ export class Lanes {
     if (this.failure) throw this.failure.err;
   }
 }
+
+/**
+ * Runs the tasks `next` hands out, up to `lanes` at once, and returns when all have finished.
+ * `next` prepares its task (a part buffer is filled) while the lanes are busy, so preparing and
+ * running overlap; it returns undefined when there is no more. The first failure, of a task or of
+ * `next`, stops new tasks and is thrown once the running ones have settled.
+ */
+export async function inLanes(size: number, next: () => Promise<(() => Promise<void>) | undefined>): Promise<void> {
+  const lanes = new Lanes(size);
+  try {
+    for (let task = await next(); task; task = await next()) await lanes.start(task);
+  } finally {
+    await lanes.settle();
+  }
+  await lanes.finish();
+}

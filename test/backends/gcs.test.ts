@@ -32,6 +32,11 @@ async function codeOf(d: GcsDriver, p: Promise<unknown>): Promise<ErrorCode | 'r
   }
 }
 
+/** The code of a StorageError the promise rejects with (the body's own check), else the driver's mapping. */
+async function failure(p: Promise<unknown>): Promise<string> {
+  return p.then(() => 'resolved', (err: unknown) => (err instanceof StorageError ? err.code : `not a StorageError: ${String(err)}`));
+}
+
 describe('gcs driver specifics', () => {
   const target = gcsConformanceTarget({ resumableThreshold: 1024 * 1024, chunkSize: 512 * 1024 });
   let server: FakeGcs;
@@ -57,6 +62,42 @@ describe('gcs driver specifics', () => {
   });
 
   describe('uploads', () => {
+    /** A body that announces `size`, yields `extra` bytes more, then waits and fails its digest check. */
+    function overrun(bytes: Buffer, extra: number): PutBody {
+      const stream = Readable.from((async function* () {
+        for (let at = 0; at < bytes.length; at += 256 * 1024) yield bytes.subarray(at, at + 256 * 1024);
+        yield randomBytes(extra);
+        await new Promise((r) => setTimeout(r, 1500));
+        throw new StorageError(ErrorCode.ChecksumMismatch, 'digest check failed');
+      })());
+      return new SourceBody({ stream }, sha(bytes), bytes.length, { op: 'put', key: 'k' });
+    }
+
+    it('never completes a session whose body runs past its announced size, keeping the good object', async () => {
+      const good = randomBytes(600_000);
+      await d.put('over', body(good), PUT);
+      const bytes = randomBytes(3 * 512 * 1024);
+      expect(await failure(d.put('over', overrun(bytes, 300_000), PUT))).toBe(ErrorCode.ChecksumMismatch);
+      expect(sha(await readAll((await d.get('over', undefined, undefined)).stream))).toBe(sha(good));
+      server.requests.length = 0;
+    });
+
+    it('holds the last chunk until the body ended cleanly', async () => {
+      const good = randomBytes(600_000);
+      await d.put('tail', body(good), PUT);
+      const bytes = randomBytes(3 * 512 * 1024);
+      // Exactly the announced size, then a digest check that fails late.
+      const late = new SourceBody({ stream: Readable.from((async function* () {
+        for (let at = 0; at < bytes.length; at += 256 * 1024) yield bytes.subarray(at, at + 256 * 1024);
+        await new Promise((r) => setTimeout(r, 1500));
+        throw new StorageError(ErrorCode.ChecksumMismatch, 'digest check failed');
+      })()) }, sha(bytes), bytes.length, { op: 'put', key: 'k' });
+      expect(await failure(d.put('tail', late, PUT))).toBe(ErrorCode.ChecksumMismatch);
+      expect(sha(await readAll((await d.get('tail', undefined, undefined)).stream))).toBe(sha(good));
+      // The tests below count the requests of their own uploads.
+      server.requests.length = 0;
+    });
+
     it('sends a small object in one multipart request, with the digest in its metadata', async () => {
       const bytes = randomBytes(50_000);
       const info = await d.put('small', body(bytes), { ...PUT, contentType: 'text/plain', metadata: { build: '1' } });

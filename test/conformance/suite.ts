@@ -1,4 +1,4 @@
-import { createHash, randomBytes, randomUUID } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -8,26 +8,10 @@ import { Bucket } from '../../src/storage/bucket.js';
 import type { Driver } from '../../src/storage/driver.js';
 import { tempDir } from '../harness/process.js';
 import type { ConformanceTarget } from './target.js';
+import { codeOf, collectKeys, readAll, sha } from './util.js';
+import { decisionCases } from './decisions.js';
 
-export const sha = (b: Uint8Array): string => createHash('sha256').update(b).digest('hex');
-
-export async function readAll(stream: Readable): Promise<Buffer> {
-  const chunks: Buffer[] = [];
-  for await (const c of stream) chunks.push(c as Buffer);
-  return Buffer.concat(chunks);
-}
-
-export async function codeOf(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-  } catch (err) {
-    expect(err).toBeInstanceOf(StorageError);
-    const e = err as StorageError;
-    expect(e.message.startsWith(`${e.code}: `)).toBe(true);
-    return e.code;
-  }
-  return 'resolved';
-}
+export { codeOf, collectKeys, readAll, sha } from './util.js';
 
 /** A stream that yields `bytes` in uneven chunks, the way sockets and pipes do. */
 function chunked(bytes: Buffer, failAfter?: number): Readable {
@@ -72,6 +56,8 @@ export function runConformance(target: ConformanceTarget): void {
       await tmp?.remove();
       await target.teardown();
     });
+
+    decisionCases({ target, driver: () => driver, fresh });
 
     it('reports healthy', async () => {
       await expect(fresh().health()).resolves.toBeUndefined();
@@ -345,10 +331,4 @@ export function runConformance(target: ConformanceTarget): void {
       });
     });
   });
-}
-
-export async function collectKeys(b: Bucket, prefix = '', pageSize?: number): Promise<string[]> {
-  const keys: string[] = [];
-  for await (const o of b.list(prefix, pageSize ? { pageSize } : {})) keys.push(o.key);
-  return keys;
 }

@@ -16,6 +16,12 @@ export interface ConformanceTarget {
   corrupt(storeKey: string, bytes: Buffer): Promise<void>;
   /** Size above which the driver uploads in several parts/blocks/chunks; the suite writes one bigger than this. */
   multipartThreshold: number;
+  /**
+   * Longest key segment (bytes) the emulator behind the target can store, when it is below the
+   * contract's 255 (s3rver keeps each object in a file named after its last segment plus a suffix).
+   * Only an emulator's limit belongs here, never a driver's; real stores take the suite's keys.
+   */
+  emulatorSegmentLimit?: number;
   /** Stops servers and removes temp dirs. */
   teardown(): Promise<void>;
 }

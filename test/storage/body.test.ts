@@ -1,14 +1,14 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtemp, rm, symlink, writeFile } from 'node:fs/promises';
+import { appendFile, mkdtemp, rename, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FsDriver } from '../../src/backends/fs.js';
 import { MemoryDriver } from '../../src/backends/memory.js';
-import { ErrorCode } from '../../src/errors.js';
+import { ErrorCode, type StorageError } from '../../src/errors.js';
 import { Bucket } from '../../src/storage/bucket.js';
-import { SourceBody, type BodySource } from '../../src/storage/body.js';
+import { SourceBody, openFile, type BodySource } from '../../src/storage/body.js';
 import { readAll } from '../conformance/suite.js';
 
 const sha = (b: Uint8Array) => createHash('sha256').update(b).digest('hex');
@@ -117,5 +117,48 @@ describe('a file source that is a symlink', () => {
     const err = await new Bucket(upfront).put('k', { path: link }).catch((e: unknown) => e);
     expect((err as { code?: string }).code).toBe(ErrorCode.InvalidInput);
     expect((err as Error).message).toMatch(/ELOOP|symbolic link|symlink/i);
+  });
+});
+
+describe('a body over an opened file', () => {
+  it.each([['stream'], ['read']] as const)('reads exactly the size measured on its descriptor, by %s, even after the name is replaced', async (mode) => {
+    const path = join(dir, `open-${mode}`);
+    const first = randomBytes(3 * 1024 * 1024 + 7);
+    await writeFile(path, first);
+    const open = await openFile(path);
+    try {
+      expect(open.size).toBe(first.length);
+      // Replaced under its name after the open (a second upload over the staged file): the body
+      // still reads the bytes it measured.
+      await writeFile(`${path}.new`, randomBytes(100));
+      await rename(`${path}.new`, path);
+      const body = new SourceBody({ open }, undefined, open.size, { sha256: sha(first), size: open.size, op: 'put', key: 'k' });
+      const got = mode === 'stream' ? await readAll(body.stream) : await pullAll(body, 1024 * 1024 + 1);
+      expect(sha(got)).toBe(sha(first));
+      await body.close();
+    } finally {
+      await open.file.close();
+    }
+  });
+
+  it.each([['stream'], ['read']] as const)('fails ChecksumMismatch, by %s, when the file grows past that size, never yielding the excess', async (mode) => {
+    const path = join(dir, `grow-${mode}`);
+    const first = randomBytes(2 * 1024 * 1024);
+    await writeFile(path, first);
+    const open = await openFile(path);
+    try {
+      await appendFile(path, randomBytes(1000));
+      const body = new SourceBody({ open }, undefined, open.size, { op: 'put', key: 'k' });
+      let yielded = 0;
+      const run = mode === 'stream'
+        ? (async () => { for await (const c of body.stream) yielded += (c as Buffer).length; })()
+        : (async () => { const buf = Buffer.alloc(1 << 20); for (let n; (n = await body.read(buf)) > 0;) yielded += n; })();
+      const err = await run.then(() => undefined, (e: unknown) => e as StorageError);
+      expect(err?.code).toBe(ErrorCode.ChecksumMismatch);
+      expect(yielded).toBeLessThanOrEqual(first.length);
+      await body.close();
+    } finally {
+      await open.file.close();
+    }
   });
 });

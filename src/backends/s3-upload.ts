@@ -1,0 +1,121 @@
+import {
+  AbortMultipartUploadCommand, CompleteMultipartUploadCommand, CreateMultipartUploadCommand, PutObjectCommand, UploadPartCommand,
+  type S3Client,
+} from '@aws-sdk/client-s3';
+import type { DriverPutOptions, ObjectInfo, PutBody } from '../storage/driver.js';
+import { SHA256_META } from '../storage/driver.js';
+import { inLanes } from '../storage/lanes.js';
+
+/** S3 refuses parts below 5 MiB (except the last) and uploads of more than 10,000 parts. */
+export const MIN_PART_SIZE = 5 * 1024 * 1024;
+export const MAX_PARTS = 10_000;
+
+export interface UploadTarget {
+  client: S3Client;
+  bucket: string;
+  partSize: number;
+  /** Parts uploaded at once. */
+  queueSize: number;
+  /** Send If-None-Match / If-Match; false for stores that ignore them (the Bucket then checks first). */
+  conditionalWrites: boolean;
+}
+
+/**
+ * One PutObject for a body that fits in a part, else a multipart upload. The bytes are pulled
+ * into at most `queueSize + 1` part buffers, reused from part to part: one filling (and hashing)
+ * while up to `queueSize` upload. lib-storage's Upload copies every part into a fresh buffer
+ * (Buffer.concat), 4 GiB of allocation for a 2 GiB object, and its memory grew with the size.
+ * The object becomes visible only after the body has ended and passed its digest check: the
+ * single PutObject is sent once a read saw the end (its buffer is one byte longer than the known
+ * size), and CompleteMultipartUpload once the last part's read did. A file that grows or changes
+ * while it is read fails that check, so no request ever commits bytes other than the digest's.
+ */
+export async function uploadObject(t: UploadTarget, key: string, body: PutBody, opts: DriverPutOptions): Promise<ObjectInfo> {
+  if (body.sha256 === undefined) throw new Error('S3Driver.put needs the digest before the upload (metadataAtEnd is false)');
+  const { client, bucket } = t;
+  const signal = opts.signal;
+  // A known size may need bigger parts to stay within S3's part count.
+  const partSize = body.size === undefined ? t.partSize : Math.max(t.partSize, Math.ceil(body.size / MAX_PARTS));
+  const target = {
+    Bucket: bucket, Key: key, ContentType: opts.contentType,
+    Metadata: { ...opts.metadata, [SHA256_META]: body.sha256 },
+  };
+  // Sent on PutObject and CompleteMultipartUpload: the object appears only if the key is free
+  // (If-None-Match) or still holds the version the caller read (If-Match).
+  const conditions = {
+    IfNoneMatch: opts.ifAbsent && t.conditionalWrites ? '*' : undefined,
+    IfMatch: t.conditionalWrites ? opts.ifMatch : undefined,
+  };
+  const free: Buffer[] = [];
+  // A body of known size up to a part gets a buffer one byte longer, so one read sees its end.
+  const take = () => free.pop() ?? Buffer.allocUnsafeSlow(body.size !== undefined && body.size <= partSize ? body.size + 1 : partSize);
+
+  const first = take();
+  const firstLength = await fillPart(body, first, signal);
+  const second = firstLength === first.length ? take() : undefined;
+  const secondLength = second ? await fillPart(body, second, signal) : 0;
+  let etag: string | undefined;
+  if (secondLength === 0) {
+    etag = (await client.send(new PutObjectCommand({
+      ...target, ...conditions, Body: first.subarray(0, firstLength), ContentLength: firstLength,
+    }), { abortSignal: signal })).ETag;
+  } else {
+    const { UploadId } = await client.send(new CreateMultipartUploadCommand(target), { abortSignal: signal });
+    try {
+      const etags: string[] = [];
+      const filled = [{ buf: first, n: firstLength }, { buf: second!, n: secondLength }];
+      let part = 0;
+      await inLanes(t.queueSize, async () => {
+        let next = filled.shift();
+        if (!next) {
+          const buf = take();
+          next = { buf, n: await fillPart(body, buf, signal) };
+          if (next.n === 0) return undefined;
+        }
+        const { buf, n } = next;
+        const number = ++part;
+        return async () => {
+          try {
+            const res = await client.send(new UploadPartCommand({
+              Bucket: bucket, Key: key, UploadId, PartNumber: number, Body: buf.subarray(0, n), ContentLength: n,
+            }), { abortSignal: signal });
+            etags[number - 1] = res.ETag ?? '';
+          } finally {
+            // Settled, retries included: the SDK holds the buffer no longer.
+            free.push(buf);
+          }
+        };
+      });
+      etag = (await client.send(new CompleteMultipartUploadCommand({
+        Bucket: bucket, Key: key, UploadId, ...conditions,
+        MultipartUpload: { Parts: etags.map((ETag, i) => ({ ETag, PartNumber: i + 1 })) },
+      }), { abortSignal: signal })).ETag;
+    } catch (err) {
+      // Best effort: parts left behind are invisible, and a bucket lifecycle rule
+      // (AbortIncompleteMultipartUpload) reaps those a crash or a failed abort leaves.
+      const aborting = client.send(new AbortMultipartUploadCommand({ Bucket: bucket, Key: key, UploadId }), { abortSignal: AbortSignal.timeout(10_000) }).catch(() => {});
+      // A cancelled put (a worker stopping) must not wait on a store that may not answer.
+      if (!signal?.aborted) await aborting;
+      throw err;
+    }
+  }
+  return {
+    key, size: body.digest().size, sha256: body.sha256, etag, contentType: opts.contentType,
+    metadata: { ...opts.metadata },
+    // Neither PutObject nor CompleteMultipartUpload report LastModified; a HEAD would cost a
+    // request and could see a later writer's object.
+    modified: new Date(),
+  };
+}
+
+/** Reads the body into `buf` until it is full or the body ends (its digest then checked); returns the bytes read. */
+async function fillPart(body: PutBody, buf: Buffer, signal: AbortSignal | undefined): Promise<number> {
+  let n = 0;
+  while (n < buf.length) {
+    signal?.throwIfAborted();
+    const got = await body.read(buf.subarray(n));
+    if (got === 0) break;
+    n += got;
+  }
+  return n;
+}

@@ -71,9 +71,9 @@ export function composeApp(config: Config, opts: AppOptions): App {
     },
     async sweep() {
       const opened = await app.buckets().catch(() => new Map<string, Bucket>());
-      const sweeps: Array<[string, Promise<number>]> = [['staging', staging.sweep()]];
+      const sweeps: Array<[string, Promise<number>]> = [['staging', staging.sweep({ maxAgeMs: config.sweepAfterMs })]];
       // Only drivers that leave temp files behind have a sweep (the filesystem).
-      for (const [name, b] of opened) if (b.driver.sweep) sweeps.push([`backend ${name}`, b.driver.sweep()]);
+      for (const [name, b] of opened) if (b.driver.sweep) sweeps.push([`backend ${name}`, b.driver.sweep(config.sweepAfterMs)]);
       await Promise.all(sweeps.map(([where, done]) => done.then(
         (n) => { if (n) opts.log.info({ where, removed: n }, 'swept stale temp files'); },
         (err: unknown) => opts.log.warn({ err, where }, 'sweep failed'),

@@ -43,6 +43,8 @@ const Schema = z.object({
   lockDurationMs: int(1_000, 3_600_000),
   /** How often a worker looks for jobs whose worker died (their lock expired). */
   stalledIntervalMs: int(1_000, 3_600_000),
+  /** How long a temp file or tree must stay unchanged before a sweep counts it as a killed writer's leftover. */
+  sweepAfterMs: int(1_000, 30 * 86_400_000),
   /** Recorded on each job as `processedBy`. */
   workerName: z.string().min(1).max(200),
   logLevel: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']),
@@ -72,6 +74,7 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
     shutdownTimeoutMs: env.STEVEDORE_SHUTDOWN_TIMEOUT_MS || 30_000,
     lockDurationMs: env.STEVEDORE_LOCK_DURATION_MS || 30_000,
     stalledIntervalMs: env.STEVEDORE_STALLED_INTERVAL_MS || 30_000,
+    sweepAfterMs: env.STEVEDORE_SWEEP_AFTER_MS || 3_600_000,
     workerName: env.STEVEDORE_WORKER_NAME || `${hostname()}-${process.pid}`,
     logLevel: env.LOG_LEVEL || 'info',
     keepCompleted: env.STEVEDORE_KEEP_COMPLETED || DEFAULT_RETENTION.keepCompleted,
@@ -82,7 +85,7 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
     const names: Record<string, string> = {
       redisUrl: 'REDIS_URL', redisClusterNodes: 'REDIS_CLUSTER_NODES', queue: 'STEVEDORE_QUEUE', prefix: 'STEVEDORE_PREFIX', concurrency: 'STEVEDORE_CONCURRENCY',
       backends: 'STEVEDORE_BACKENDS', stagingDir: 'STEVEDORE_STAGING_DIR', maxInlineBytes: 'STEVEDORE_MAX_INLINE_BYTES',
-      shutdownTimeoutMs: 'STEVEDORE_SHUTDOWN_TIMEOUT_MS', lockDurationMs: 'STEVEDORE_LOCK_DURATION_MS', stalledIntervalMs: 'STEVEDORE_STALLED_INTERVAL_MS',
+      shutdownTimeoutMs: 'STEVEDORE_SHUTDOWN_TIMEOUT_MS', lockDurationMs: 'STEVEDORE_LOCK_DURATION_MS', stalledIntervalMs: 'STEVEDORE_STALLED_INTERVAL_MS', sweepAfterMs: 'STEVEDORE_SWEEP_AFTER_MS',
       workerName: 'STEVEDORE_WORKER_NAME', logLevel: 'LOG_LEVEL', keepCompleted: 'STEVEDORE_KEEP_COMPLETED', keepFailed: 'STEVEDORE_KEEP_FAILED',
     };
     const lines = parsed.error.issues.map((i) => `  ${names[String(i.path[0])] ?? String(i.path[0])}: ${i.message}`);

@@ -184,14 +184,15 @@ describe('worker processes under faults', () => {
       expect(await state(client, id)).toBe('active');
 
       // Age what the dead writer left so the next worker's start-up sweep counts it as stale; and
-      // plant what a worker killed mid-fetch leaves in staging, aged as well.
+      // plant what a worker killed mid-fetch leaves in staging. The staging sweep judges age by
+      // ctime, which utimes cannot set back: the next worker sweeps what is unchanged for 1.5 s.
       const old = new Date(Date.now() - 2 * 3600_000);
       for (const f of await readdir(meta)) await utimes(join(meta, f), old, old);
       const fetchLeftover = join(stagingDir, `${STAGING_TMP}fetched.bin-dead`);
       await writeFile(fetchLeftover, 'partial');
-      await utimes(fetchLeftover, old, old);
+      await new Promise((r) => setTimeout(r, 2_000));
 
-      const b = await worker(workerEnv(queue));
+      const b = await worker(workerEnv(queue, { STEVEDORE_SWEEP_AFTER_MS: '1500' }));
       const result = await client.result<'store'>(id, { timeoutMs: 60_000 });
       expect(result).toEqual({ backend: 'default', key, size: big.size, sha256: big.sha256 });
       expect(await digestFile(join(root, key))).toEqual(big);

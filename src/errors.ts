@@ -10,6 +10,8 @@ export const ErrorCode = {
   PermissionDenied: 'PermissionDenied',
   Transient: 'Transient',
   Unknown: 'Unknown',
+  /** Stopped on a producer's request (`DELETE /jobs/<id>`): never retried. A worker's own stop or a lost lock is not this: such a job is handed back or retried. */
+  Cancelled: 'Cancelled',
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 

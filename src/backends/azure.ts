@@ -6,6 +6,7 @@ import {
   type StoragePipelineOptions,
 } from '@azure/storage-blob';
 import { ErrorCode, StorageError, codeForHttpStatus } from '../errors.js';
+import { emptyObjectRange } from './empty-range.js';
 import { backendUrl } from './url-params.js';
 import { SHA256_META } from '../storage/driver.js';
 import type { ByteRange, Driver, DriverDeleteOptions, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
@@ -169,13 +170,7 @@ export class AzureDriver implements Driver {
     try {
       res = await this.blob(key).download(offset, count, { abortSignal: signal, maxRetryRequests: this.downloadRetries });
     } catch (err) {
-      // Azure refuses every range of an empty blob (416); from byte 0 that is the whole, empty blob.
-      if (range?.start === 0 && this.classify(err) === ErrorCode.InvalidInput) {
-        const whole = await this.get(key, undefined, signal);
-        if (whole.info.size === 0) return whole;
-        whole.stream.destroy();
-      }
-      throw err;
+      return emptyObjectRange(this, key, range, signal, err);
     }
     if (!res.readableStreamBody) throw new Error('download returned no body');
     // A ranged read's Content-Length is the range's; the whole size is after the slash of Content-Range.

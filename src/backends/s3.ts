@@ -3,6 +3,7 @@ import {
   DeleteObjectCommand, GetObjectCommand, HeadBucketCommand, HeadObjectCommand, ListObjectsV2Command, S3Client, type S3ClientConfig,
 } from '@aws-sdk/client-s3';
 import { ErrorCode, StorageError, codeForHttpStatus } from '../errors.js';
+import { emptyObjectRange } from './empty-range.js';
 import { backendUrl } from './url-params.js';
 import type { ByteRange, Driver, DriverDeleteOptions, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
 import { SHA256_META } from '../storage/driver.js';
@@ -146,13 +147,7 @@ export class S3Driver implements Driver {
     try {
       res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: key, Range: asked }), { abortSignal: signal });
     } catch (err) {
-      // S3 refuses every range of an empty object; read from byte 0, that is the whole (empty) object.
-      if (range?.start === 0 && this.classify(err) === ErrorCode.InvalidInput) {
-        const whole = await this.get(key, undefined, signal);
-        if (whole.info.size === 0) return whole;
-        whole.stream.destroy();
-      }
-      throw err;
+      return emptyObjectRange(this, key, range, signal, err);
     }
     // In Node the SDK's body is the response stream itself (or a checksum-checking Readable over it).
     if (!(res.Body instanceof Readable)) throw new Error('S3 GetObject returned no Node stream');

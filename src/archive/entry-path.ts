@@ -16,16 +16,11 @@ import { limitError } from './limits.js';
  * Returns the segments, or `null` for the root directory entry. Over `maxDepth` segments is a
  * limit violation.
  */
-export function entrySegments(name: string, isDirectory: boolean, maxDepth: number): string[] | null {
+export function entrySegments(name: string, isDirectory: boolean, maxDepth: number, op = 'extract', key = name): string[] | null {
   const bad = (why: string): never => {
-    throw new StorageError(ErrorCode.InvalidInput, `unsafe entry name: ${why}`, { op: 'extract', key: name });
+    throw new StorageError(ErrorCode.InvalidInput, `unsafe entry name: ${why}`, { op, key });
   };
-  if (name.length === 0) return bad('empty');
-  if (/[\u0000-\u001f\u007f-\u009f]/.test(name)) return bad('contains a NUL or control character');
-  if (name.includes('\ufffd')) return bad('not valid UTF-8');
-  if (name.includes('\\')) return bad('contains a backslash');
-  if (name.startsWith('/')) return bad('absolute path');
-  if (/^[A-Za-z]:/.test(name)) return bad('Windows drive prefix');
+  refuseSpelling(name, bad);
   const segments: string[] = [];
   for (const seg of name.split('/')) {
     if (seg === '' || seg === '.') continue;
@@ -34,9 +29,33 @@ export function entrySegments(name: string, isDirectory: boolean, maxDepth: numb
   }
   if (segments.length === 0) return isDirectory ? null : bad('empty after removing "." segments');
   if (segments.length > maxDepth) {
-    throw limitError(`path depth ${segments.length} is over the limit of ${maxDepth}`, name);
+    throw limitError(`path depth ${segments.length} is over the limit of ${maxDepth}`, key, op);
   }
   return segments;
+}
+
+/**
+ * A symlink's target, checked with the same spelling rules as names (an absolute target, a drive
+ * prefix or a backslash is refused outright), split into segments with `..` kept: whether it
+ * stays inside the tree depends on where the link is and on the links before it, which
+ * entry-check.ts resolves.
+ */
+export function linkTargetSegments(target: string, name: string, maxDepth: number, op: string): string[] {
+  refuseSpelling(target, (why) => {
+    throw new StorageError(ErrorCode.InvalidInput, `unsafe symlink target ${JSON.stringify(target)}: ${why}`, { op, key: name });
+  });
+  const segments = target.split('/').filter((seg) => seg !== '' && seg !== '.');
+  if (segments.length > maxDepth) throw limitError(`symlink target depth ${segments.length} is over the limit of ${maxDepth}`, name, op);
+  return segments;
+}
+
+function refuseSpelling(name: string, bad: (why: string) => never): void {
+  if (name.length === 0) bad('empty');
+  if (/[\u0000-\u001f\u007f-\u009f]/.test(name)) bad('contains a NUL or control character');
+  if (name.includes('\ufffd')) bad('not valid UTF-8');
+  if (name.includes('\\')) bad('contains a backslash');
+  if (name.startsWith('/')) bad('absolute path');
+  if (/^[A-Za-z]:/.test(name)) bad('Windows drive prefix');
 }
 
 /**

@@ -43,6 +43,9 @@ export interface ExtractLimits {
   maxRatio?: number;
 }
 
+/** The same limits, for any consumer of a tar stream (extraction, transforms). */
+export type ArchiveLimits = ExtractLimits;
+
 export type Limits = Required<ExtractLimits>;
 
 /** Output below which the ratio is not checked: tiny archives have meaningless ratios. */
@@ -57,29 +60,52 @@ const LIVE_SLACK_BYTES = 256 * 1024;
 /** Large input chunks are cut to this before tar-stream sees them, so the live check stays tight. */
 const SLICE_BYTES = 64 * 1024;
 
-export function resolveLimits(opts: ExtractLimits = {}): Limits {
-  const maxTotalBytes = positive(opts.maxTotalBytes, 10 * GiB, 'maxTotalBytes');
+export function resolveLimits(opts: ExtractLimits = {}, op = 'extract'): Limits {
+  const maxTotalBytes = positive(opts.maxTotalBytes, 10 * GiB, 'maxTotalBytes', op);
   return {
     maxTotalBytes,
-    maxEntries: positive(opts.maxEntries, 100_000, 'maxEntries'),
-    maxEntryBytes: positive(opts.maxEntryBytes, maxTotalBytes, 'maxEntryBytes'),
-    maxPathDepth: positive(opts.maxPathDepth, 1024, 'maxPathDepth'),
-    maxHeaderBytes: positive(opts.maxHeaderBytes, MiB, 'maxHeaderBytes'),
-    maxRatio: positive(opts.maxRatio, 1000, 'maxRatio'),
+    maxEntries: positive(opts.maxEntries, 100_000, 'maxEntries', op),
+    maxEntryBytes: positive(opts.maxEntryBytes, maxTotalBytes, 'maxEntryBytes', op),
+    maxPathDepth: positive(opts.maxPathDepth, 1024, 'maxPathDepth', op),
+    maxHeaderBytes: positive(opts.maxHeaderBytes, MiB, 'maxHeaderBytes', op),
+    maxRatio: positive(opts.maxRatio, 1000, 'maxRatio', op),
   };
 }
 
-function positive(value: number | undefined, fallback: number, field: string): number {
+function positive(value: number | undefined, fallback: number, field: string, op: string): number {
   if (value === undefined) return fallback;
   if (typeof value !== 'number' || !(value > 0)) {
-    throw new StorageError(ErrorCode.InvalidInput, `${field} must be a positive number`, { op: 'extract' });
+    throw new StorageError(ErrorCode.InvalidInput, `${field} must be a positive number`, { op });
   }
   return value;
 }
 
 /** The one shape of a limit violation; callers and tests look for the word "limit". */
-export function limitError(detail: string, key?: string): StorageError {
-  return new StorageError(ErrorCode.InvalidInput, `archive over a limit: ${detail}`, { op: 'extract', key });
+export function limitError(detail: string, key?: string, op = 'extract'): StorageError {
+  return new StorageError(ErrorCode.InvalidInput, `archive over a limit: ${detail}`, { op, key });
+}
+
+/**
+ * The per-entry limits: entry count, one entry's data bytes (from its header, before any data is
+ * read) and the total. One per stream: the archive read, and a transform's output.
+ */
+export class EntryBudget {
+  entries = 0;
+  bytes = 0;
+
+  constructor(private readonly limits: Limits, private readonly op = 'extract') {}
+
+  /** Counts one entry; call it as soon as the entry is announced. */
+  count(name: string): void {
+    if (++this.entries > this.limits.maxEntries) throw limitError(`more than ${this.limits.maxEntries} entries (maxEntries)`, name, this.op);
+  }
+
+  /** Adds an entry's declared data bytes. */
+  data(name: string, size: number): void {
+    if (size > this.limits.maxEntryBytes) throw limitError(`entry of ${size} bytes over maxEntryBytes ${this.limits.maxEntryBytes}`, name, this.op);
+    if (this.bytes + size > this.limits.maxTotalBytes) throw limitError(`more than ${this.limits.maxTotalBytes} bytes in total (maxTotalBytes)`, name, this.op);
+    this.bytes += size;
+  }
 }
 
 /**
@@ -100,6 +126,7 @@ export class ArchiveMeter {
     private readonly limits: Limits,
     /** The decompressor, when the input is gzip: its `bytesWritten` is the compressed bytes consumed. */
     private readonly gunzip?: Gunzip,
+    private readonly op = 'extract',
   ) {}
 
   /** A pipeline stage between the (decompressed) source and tar-stream. */
@@ -118,11 +145,11 @@ export class ArchiveMeter {
   private checkLive(): void {
     const ahead = this.raw - this.frontier;
     if (ahead > this.limits.maxHeaderBytes + LIVE_SLACK_BYTES) {
-      throw limitError(`more than ${this.limits.maxHeaderBytes} header bytes before the next entry (maxHeaderBytes)`);
+      throw limitError(`more than ${this.limits.maxHeaderBytes} header bytes before the next entry (maxHeaderBytes)`, undefined, this.op);
     }
     const compressed = this.gunzip?.bytesWritten;
     if (compressed !== undefined && this.raw > RATIO_GRACE_BYTES && this.raw > this.limits.maxRatio * compressed) {
-      throw limitError(`compression ratio over ${this.limits.maxRatio} (maxRatio): ${this.raw} bytes from ${compressed}`);
+      throw limitError(`compression ratio over ${this.limits.maxRatio} (maxRatio): ${this.raw} bytes from ${compressed}`, undefined, this.op);
     }
   }
 
@@ -133,7 +160,7 @@ export class ArchiveMeter {
   entry(name: string, offset: number, dataBytes: number): void {
     const headerBytes = offset - this.frontier;
     if (headerBytes > this.limits.maxHeaderBytes) {
-      throw limitError(`${headerBytes} header bytes before this entry, over maxHeaderBytes ${this.limits.maxHeaderBytes}`, name);
+      throw limitError(`${headerBytes} header bytes before this entry, over maxHeaderBytes ${this.limits.maxHeaderBytes}`, name, this.op);
     }
     this.frontier = offset + 512 + dataBytes + ((512 - (dataBytes % 512)) % 512);
   }
@@ -141,7 +168,7 @@ export class ArchiveMeter {
   /** After the last entry: what follows it (end-of-archive blocks, padding) is bounded the same way. */
   finish(): void {
     if (this.raw - this.frontier > this.limits.maxHeaderBytes) {
-      throw limitError(`${this.raw - this.frontier} bytes after the last entry, over maxHeaderBytes ${this.limits.maxHeaderBytes}`);
+      throw limitError(`${this.raw - this.frontier} bytes after the last entry, over maxHeaderBytes ${this.limits.maxHeaderBytes}`, undefined, this.op);
     }
   }
 }

@@ -2,8 +2,7 @@ import { constants, mkdir, open, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { classifyCommon, ErrorCode, StorageError } from '../errors.js';
 import { Lanes } from '../storage/lanes.js';
-import { collisionKey } from './entry-path.js';
-import { limitError } from './limits.js';
+import type { EntryChecker, Inspected } from './entry-check.js';
 
 const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW, O_RDONLY, O_DIRECTORY } = constants;
 
@@ -15,20 +14,6 @@ export const fileMode = (mode: number | undefined): number => (mode ?? 0o644) & 
 /** As for files, plus owner rwx always, so the worker can fill and later remove every directory. */
 export const dirMode = (mode: number | undefined): number => ((mode ?? 0o755) & 0o755) | 0o700;
 
-/**
- * One path this tree created. Kept as a trie of segments rather than a map of whole paths, so
- * memory grows with the segments created (each at most NAME_MAX bytes), not with path length
- * times entry count.
- */
-interface PathNode {
-  /** The spelling that created it; another spelling with the same collision key is refused. */
-  segment: string;
-  /** Children by collision key; undefined for a file. */
-  children?: Map<string, PathNode>;
-  /** A directory entry's mode and mtime, applied last: a 0o555 directory must not block its children. */
-  meta?: EntryMeta;
-}
-
 export interface EntryMeta {
   mode?: number;
   mtime?: Date;
@@ -36,49 +21,44 @@ export interface EntryMeta {
 
 /**
  * The tree being extracted, rooted at a fresh directory this process created (so nothing in it
- * predates the extraction). Only directories and regular files are ever made, every path component
- * is created here and remembered, files are created with O_EXCL | O_NOFOLLOW and their metadata is
- * set through the open handle, so no write can be redirected by a symlink, planted or otherwise.
- * Every file and directory is fsynced before `finish` returns, so the tree the caller then renames
- * into place survives a power cut whole, as a fetched file does.
+ * predates the extraction). The entry rules (collisions, a path through a file, links) are the
+ * EntryChecker's, shared with every other consumer of a tar stream; this class only does the
+ * filesystem side. Only directories and regular files are ever made, every path component is
+ * created here (the checker remembers which), files are created with O_EXCL | O_NOFOLLOW and
+ * their metadata is set through the open handle, so no write can be redirected by a symlink,
+ * planted or otherwise. Every file and directory is fsynced before `finish` returns, so the tree
+ * the caller then renames into place survives a power cut whole, as a fetched file does.
  */
 export class ExtractTree {
-  private readonly top: PathNode = { segment: '', children: new Map(), meta: {} };
-  private paths = 0;
   /** fsyncs (then closes) of written files, run while later entries are extracted. */
   private readonly syncs = new Lanes(SYNC_LANES);
-  files = 0;
-  dirs = 0;
 
   constructor(
     private readonly root: string,
-    /** Cap on paths created (files and directories, implied ones included). */
-    private readonly maxPaths: number,
-  ) {}
+    /** Its policy refuses links; a directory's mode and mtime ride on its node, applied last. */
+    private readonly checker: EntryChecker<EntryMeta>,
+  ) {
+    checker.top.meta = {};
+  }
 
-  /** A directory entry; `segments` empty is the root itself (`./`). */
-  async directory(name: string, segments: string[], meta: EntryMeta): Promise<void> {
-    const node = await this.ensureDirs(name, segments, segments.length);
-    node.meta = meta;
+  get files(): number { return this.checker.files; }
+  get dirs(): number { return this.checker.dirs; }
+
+  /** A directory entry; no segments is the root itself (`./`). */
+  async directory(e: Inspected, meta: EntryMeta): Promise<void> {
+    const placed = this.checker.place(e);
+    await this.makeDirs(e, placed.createdFrom, e.segments.length);
+    placed.node.meta = meta;
   }
 
   /** A regular file entry; returns the bytes written. An exact duplicate name replaces the earlier file, as tar does. */
-  async file(name: string, segments: string[], size: number, meta: EntryMeta, data: AsyncIterable<Uint8Array>): Promise<number> {
-    const parent = await this.ensureDirs(name, segments, segments.length - 1);
-    const rel = segments.join('/');
-    const abs = join(this.root, rel);
-    const last = segments[segments.length - 1]!;
-    const key = collisionKey(last);
-    const node = parent.children!.get(key);
-    if (node) {
-      sameSpelling(node, last, segments, segments.length - 1, name);
-      if (node.children) throw refuse(name, `"${rel}" is already a directory`);
-      // unlink(2) removes a name, never what it points to; the O_EXCL open below then makes a new file.
-      await fsCall(unlink(abs), name);
-    } else {
-      this.add(parent, key, { segment: last }, name);
-      this.files++;
-    }
+  async file(e: Inspected, meta: EntryMeta, data: AsyncIterable<Uint8Array>): Promise<number> {
+    const { name, segments, size } = e;
+    const placed = this.checker.place(e);
+    await this.makeDirs(e, placed.createdFrom, segments.length - 1);
+    const abs = join(this.root, ...segments);
+    // unlink(2) removes a name, never what it points to; the O_EXCL open below then makes a new file.
+    if (placed.replaces) await fsCall(unlink(abs), name);
     const fh = await fsCall(open(abs, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600), name);
     let written = 0;
     try {
@@ -119,12 +99,7 @@ export class ExtractTree {
    */
   async finish(): Promise<void> {
     await this.syncs.finish();
-    const stack: Array<[PathNode, string]> = [[this.top, '']];
-    for (let item = stack.pop(); item !== undefined; item = stack.pop()) {
-      const [node, rel] = item;
-      for (const child of node.children?.values() ?? []) {
-        if (child.children) stack.push([child, rel === '' ? child.segment : `${rel}/${child.segment}`]);
-      }
+    for (const [node, rel] of this.checker.directories()) {
       const fh = await fsCall(open(join(this.root, rel), O_RDONLY | O_DIRECTORY | O_NOFOLLOW), rel);
       try {
         if (node.meta !== undefined) {
@@ -138,42 +113,15 @@ export class ExtractTree {
     }
   }
 
-  /** Makes the first `count` segments exist as directories created by this tree; returns the last. */
-  private async ensureDirs(name: string, segments: string[], count: number): Promise<PathNode> {
-    let node = this.top;
-    for (let i = 0; i < count; i++) {
-      const segment = segments[i]!;
-      const key = collisionKey(segment);
-      const child = node.children!.get(key);
-      if (child) {
-        sameSpelling(child, segment, segments, i, name);
-        if (!child.children) throw refuse(name, `"${segments.slice(0, i + 1).join('/')}" is a file, not a directory`);
-        node = child;
-        continue;
-      }
-      const made = this.add(node, key, { segment, children: new Map() }, name);
-      // Not recursive: each component is made here, so EEXIST means something this tree did not
-      // make (a case-insensitive filesystem folding two names) and is refused, never followed.
-      await fsCall(mkdir(join(this.root, ...segments.slice(0, i + 1)), 0o755), name);
-      this.dirs++;
-      node = made;
+  /**
+   * Makes the directories the checker says this entry creates, segments[from..to). Not recursive:
+   * each component is made here, so EEXIST means something this tree did not make (a
+   * case-insensitive filesystem folding two names) and is refused, never followed.
+   */
+  private async makeDirs(e: Inspected, from: number, to: number): Promise<void> {
+    for (let i = from; i < to; i++) {
+      await fsCall(mkdir(join(this.root, ...e.segments.slice(0, i + 1)), 0o755), e.name);
     }
-    return node;
-  }
-
-  private add(parent: PathNode, key: string, node: PathNode, name: string): PathNode {
-    if (this.paths >= this.maxPaths) throw limitError(`more than ${this.maxPaths} paths (maxEntries)`, name);
-    this.paths++;
-    parent.children!.set(key, node);
-    return node;
-  }
-}
-
-function sameSpelling(node: PathNode, segment: string, segments: string[], i: number, name: string): void {
-  if (node.segment !== segment) {
-    const at = segments.slice(0, i).concat(segment).join('/');
-    const other = segments.slice(0, i).concat(node.segment).join('/');
-    throw refuse(name, `"${at}" collides with "${other}" (same name after Unicode NFC and case folding)`);
   }
 }
 

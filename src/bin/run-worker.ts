@@ -5,6 +5,7 @@ import { openBackends } from '../backends/open.js';
 import type { Config } from '../config.js';
 import { createLogger, redactUrl } from '../logger.js';
 import { redisConnection } from '../queue/connection.js';
+import { RedisLocks } from '../queue/lock.js';
 import { startWorker, stopWorker } from '../queue/worker.js';
 import { Staging } from '../staging.js';
 import { redisAnswers, startPrivateRedis } from './redis.js';
@@ -42,7 +43,10 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
   const worker = startWorker(connection, {
     queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, lockDurationMs: config.lockDurationMs,
     stalledIntervalMs: config.stalledIntervalMs, name: config.workerName,
-  }, { buckets, staging, log, limits: { maxInlineBytes: config.maxInlineBytes } });
+  }, {
+    buckets, staging, log, limits: { maxInlineBytes: config.maxInlineBytes },
+    locks: new RedisLocks(connection, { prefix: config.prefix, queue: config.queue, ttlMs: config.lockDurationMs }),
+  });
   log.info({
     queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, redis: redactUrl(redisUrl),
     backends: [...buckets.entries()].map(([name, b]) => `${name}=${b.driver.kind}`), staging: config.stagingDir,

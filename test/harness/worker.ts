@@ -3,6 +3,7 @@ import type { Worker } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { pino } from 'pino';
 import { redisConnection } from '../../src/queue/connection.js';
+import { RedisLocks } from '../../src/queue/lock.js';
 import { StevedoreClient } from '../../src/queue/client.js';
 import { startWorker } from '../../src/queue/worker.js';
 import type { Bucket } from '../../src/storage/bucket.js';
@@ -23,6 +24,7 @@ export async function inProcessWorker(redisUrl: string, buckets: Map<string, Buc
   const staging = new Staging(stagingDir);
   const worker = startWorker(connection, { queue, prefix: opts.prefix ?? 'bull', concurrency: opts.concurrency ?? 4, stalledIntervalMs: 5_000, ...(opts.lockDurationMs ? { lockDurationMs: opts.lockDurationMs } : {}) }, {
     buckets, staging, log: pino({ level: 'silent' }), limits: { maxInlineBytes: opts.maxInlineBytes ?? 1 << 20 }, progressIntervalMs: 0,
+    locks: new RedisLocks(connection, { prefix: opts.prefix ?? 'bull', queue, ...(opts.lockDurationMs ? { ttlMs: opts.lockDurationMs } : {}) }),
   });
   await worker.waitUntilReady();
   const client = new StevedoreClient({ redisUrl, queue, prefix: opts.prefix ?? 'bull', defaultJobOptions: { backoff: { type: 'exponential', delay: 50, jitter: 0.5 } } });

@@ -8,6 +8,7 @@ import { StevedoreClient, type JobName, type Payloads, type Progress } from '../
 import { STAGING_TMP } from '../staging.js';
 import { versions } from '../versions.js';
 import { runWorker } from '../bin/run-worker.js';
+import { registerSessionCommands } from './session.js';
 
 export interface CliIo {
   env: NodeJS.ProcessEnv;
@@ -99,6 +100,7 @@ export function buildProgram(io: CliIo, setExit: (code: number) => void): Comman
         await Promise.allSettled([...buckets.values()].map((b) => b.close()));
       }
     });
+  registerSessionCommands(program, { io, setExit, config });
   return program;
 }
 

@@ -59,7 +59,7 @@ export class RedisLocks implements Locks {
     for (let delay = 20; ; delay = Math.min(delay * 2, 500)) {
       if (signal.aborted) throw new StorageError(ErrorCode.Transient, `waiting for lock ${name} aborted`, { op: 'lock', cause: signal.reason });
       const got = await this.call(this.redis.set(key, token, 'PX', this.ttlMs, 'NX')).catch(() => null);
-      if (got === 'OK') return this.lease(key, token);
+      if (got === 'OK') return this.lease(name, key, token);
       const left = deadline - Date.now();
       if (left <= 0) throw new StorageError(ErrorCode.Transient, `lock ${name} still busy after ${this.waitMs} ms`, { op: 'lock' });
       // Full jitter, so waiters do not retry in step.
@@ -67,13 +67,13 @@ export class RedisLocks implements Locks {
     }
   }
 
-  private lease(key: string, token: string): Lease {
+  private lease(name: string, key: string, token: string): Lease {
     const lost = new AbortController();
     let lastOk = Date.now();
     let released = false;
     const lose = (why: string): void => {
       clearInterval(timer);
-      if (!lost.signal.aborted) lost.abort(new StorageError(ErrorCode.Transient, `lock lost: ${why}`, { op: 'lock' }));
+      if (!lost.signal.aborted) lost.abort(new StorageError(ErrorCode.Transient, `lock ${JSON.stringify(name)} lost: ${why}`));
     };
     const every = Math.max(50, Math.floor(this.ttlMs / 3));
     let inFlight = false;

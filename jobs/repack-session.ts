@@ -3,7 +3,7 @@ import { z } from 'zod';
 import { ErrorCode, StorageError } from '../src/errors.js';
 import { BackendName, Sha256, StagingPath, type JobDeps, type Lease } from '../src/payload.js';
 import { CONTENT_TYPE, readArchive, rewriteArchive } from '../src/session/archive.js';
-import { OpPath, SessionId, sessionKey } from '../src/session/ids.js';
+import { OpPath, SessionId, sessionKey, sessionLockName } from '../src/session/ids.js';
 import { EditPlan, SpoolNeeded, type Body, type PlanOp } from '../src/session/plan.js';
 import type { Bucket, PutOptions } from '../src/storage/bucket.js';
 import type { ObjectInfo } from '../src/storage/driver.js';
@@ -64,7 +64,7 @@ export async function repackSession(p: RepackPayload, d: JobDeps): Promise<Repac
   const ops = await planOps(p, d);
   const plan = new EditPlan(ops, new Date(d.enqueuedAt));
   const jobMark = APPLIED_ID.test(`${d.jobId}@${d.enqueuedAt}`) ? `${d.jobId}@${d.enqueuedAt}` : undefined;
-  const lease = await d.locks.acquire(`session:${p.session}`, d.signal);
+  const lease = await d.locks.acquire(sessionLockName(p.session), d.signal);
   try {
     const spool = new Set<string>();
     for (let tries = 1, reruns = 0; ;) {

@@ -47,6 +47,14 @@ export function parseSessionId(session: unknown, field = 'session'): SessionPart
   return parts;
 }
 
+/**
+ * The lock every write of a whole session takes (repack-session; the HTTP upload and delete
+ * should take the same), so none races another.
+ */
+export function sessionLockName(session: string): string {
+  return `session:${session}`;
+}
+
 /** Where a session's archive lives (the contract's convention). */
 export function sessionKey(session: string): string {
   return `sessions/${session}/session.tar.gz`;

@@ -8,7 +8,9 @@ import { buildProgram, type CliIo } from '../../src/cli/program.js';
 import { StorageError } from '../../src/errors.js';
 import { FsDriver } from '../../src/backends/fs.js';
 import { Bucket } from '../../src/storage/bucket.js';
+import { SessionClient } from '../../src/session/client.js';
 import { sessionKey } from '../../src/session/ids.js';
+import { Redis } from 'ioredis';
 import { makeTree, run } from '../archive/corpus.js';
 import { tempDir } from '../harness/process.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
@@ -143,5 +145,37 @@ describe('stevedore session ls|cat|put|rm', () => {
     expect(queued.code).toBe(0);
     expect(queued.out.toString()).toMatch(/^\d+\n$/);
     await w.client.result(queued.out.toString().trim(), { timeoutMs: 20_000 });
+  });
+
+  it('the producer session client reads and edits the same way', async () => {
+    const sc = new SessionClient(w.client, new Map([['default', bucket]]));
+    const s = 'octo__repo__client';
+    const result = await sc.put(s, 'a/b.txt', { text: 'b' }, { wait: true, timeoutMs: 20_000 });
+    expect(result).toMatchObject({ key: sessionKey(s), entries: 2, missing: [] });
+    const listing = await sc.ls(s, { digests: true });
+    expect(listing.entries.map((e) => [e.path, e.type, e.sha256])).toEqual([['a', 'directory', undefined], ['a/b.txt', 'file', sha('b')]]);
+    const chunks: Buffer[] = [];
+    await sc.cat(s, 'a/b.txt', new Writable({ write(c: Buffer, _e, cb) { chunks.push(Buffer.from(c)); cb(); } }));
+    expect(Buffer.concat(chunks).toString()).toBe('b');
+    await expect(sc.rm(s, 'a/b.txt', { wait: true, ifSha256: sha('not b'), timeoutMs: 20_000 })).rejects.toMatchObject({ code: 'PreconditionFailed' });
+    expect(await sc.rm(s, 'a', { wait: true, timeoutMs: 20_000 })).toMatchObject({ entries: 0, missing: [] });
+  });
+
+  it('fails a job with a malicious path or session id InvalidInput before any I/O: no lock taken, nothing written', async () => {
+    const redisClient = new Redis(redis.url);
+    try {
+      for (const payload of [
+        { session: 'octo__repo__evil', ops: [{ op: 'put', path: '../../etc/x', text: 'x' }] },
+        { session: 'octo__repo__evil', ops: [{ op: 'delete', path: '/etc' }] },
+        { session: 'octo/../repo__x__y', ops: [] },
+        { session: 'octo__repo__evil', ops: [{ op: 'put', path: 'a', source: { path: '../outside' } }] },
+      ]) {
+        await expect(w.client.run('repack-session', payload as never, { timeoutMs: 20_000 })).rejects.toMatchObject({ code: 'InvalidInput' });
+      }
+      expect(await redisClient.keys('*:lock:*')).toEqual([]);
+      await expect(bucket.stat(sessionKey('octo__repo__evil'))).rejects.toMatchObject({ code: 'NotFound' });
+    } finally {
+      await redisClient.quit();
+    }
   });
 });

@@ -18,6 +18,8 @@ const MAX_SPOOL_RERUNS = 16;
 /** Object metadata listing the jobs whose edits the archive holds: a redelivered job finds its own. */
 export const APPLIED_META = 'applied_jobs';
 const APPLIED_KEEP = 16;
+/** Metadata is 2 KB in all on every backend: the list stays well under it whatever the ids' lengths. */
+const APPLIED_MAX_CHARS = 1000;
 const APPLIED_ID = /^[\u0021-\u007e]{1,100}$/;
 
 const Mode = z.number().int().min(0).max(0o7777);
@@ -138,7 +140,7 @@ async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: Reado
   const stopRewrite = new AbortController();
   const opts: PutOptions = {
     contentType: CONTENT_TYPE,
-    metadata: jobMark ? { [APPLIED_META]: [...applied.filter((m) => m !== jobMark), jobMark].slice(-APPLIED_KEEP).join(' ') } : {},
+    metadata: jobMark ? { [APPLIED_META]: appliedList(applied, jobMark) } : {},
     signal,
     ...(current ? (current.info.etag !== undefined ? { ifMatch: current.info.etag } : {}) : { ifAbsent: true }),
   };
@@ -166,6 +168,13 @@ async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: Reado
     if (!out.destroyed) out.destroy();
     await run.close();
   }
+}
+
+/** The newest job marks, this job's last, bounded in count and length. */
+function appliedList(applied: string[], mark: string): string {
+  const marks = [...applied.filter((m) => m !== mark && APPLIED_ID.test(m)), mark].slice(-APPLIED_KEEP);
+  while (marks.join(' ').length > APPLIED_MAX_CHARS) marks.shift();
+  return marks.join(' ');
 }
 
 /** A redelivered job whose edits the archive already holds: its result, without writing again. */

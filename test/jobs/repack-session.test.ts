@@ -7,7 +7,8 @@ import { RepackPayload, repackSession, type RepackResult } from '../../jobs/repa
 import { FsDriver } from '../../src/backends/fs.js';
 import { parsePayload } from '../../src/payload.js';
 import { redisConnection } from '../../src/queue/connection.js';
-import { Bucket } from '../../src/storage/bucket.js';
+import { Bucket, type PutOptions, type PutSource } from '../../src/storage/bucket.js';
+import type { ObjectInfo } from '../../src/storage/driver.js';
 import { sessionKey } from '../../src/session/ids.js';
 import { LONG_FILE, makeTree, members, run } from '../archive/corpus.js';
 import { tempDir } from '../harness/process.js';
@@ -236,5 +237,35 @@ describe('repack-session', () => {
     expect(bad('o__r__b', 'dir/file name ünïcode.txt')).toBe('ok');
     expect(() => parsePayload(RepackPayload, { session: 'o__r__b', ops: [{ op: 'put', path: 'a', text: 'x', base64: 'eA==' }] })).toThrow(/exactly one of/);
     expect(() => parsePayload(RepackPayload, { session: 'o__r__b', ops: [{ op: 'put', path: 'a', text: 'x', mode: 0o10000 }] })).toThrow(/ops\.0\.mode/);
+  });
+
+  it('re-reads and re-applies when a writer without the lock replaced the archive before the commit, and gives up Transient after a few', async () => {
+    /** The filesystem bucket, with another writer (no lock) replacing the archive just before each conditional commit. */
+    class Interfering extends Bucket {
+      interferences = 0;
+      constructor(private readonly times: number) { super(new FsDriver({ root })); }
+      override async put(key: string, source: PutSource, opts: PutOptions = {}): Promise<ObjectInfo> {
+        if (opts.ifMatch !== undefined && this.interferences < this.times) {
+          this.interferences++;
+          const mine = `${this.interferences}`;
+          // Whole-session replacement by someone else: the same archive plus a file of its own.
+          const other = jobDeps(bucket, conn, staging, { queue: `other-${mine}-${++n}`, jobId: `other-${n}` });
+          await repackSession(parsePayload(RepackPayload, { session: key.split('/')[1]!, ops: [{ op: 'put', path: `other-${mine}.txt`, text: mine }] }), other);
+        }
+        return super.put(key, source, opts);
+      }
+    }
+    const s = await session(corpus.gnu);
+    const twice = new Interfering(2);
+    const result = await repackSession(parsePayload(RepackPayload, { session: s, ops: [{ op: 'put', path: 'mine.txt', text: 'mine' }] }), jobDeps(twice, conn, staging, { jobId: 'racer' }));
+    expect(twice.interferences).toBe(2);
+    const names = (await members(stored(s), 'r:gz')).map((m) => plain(m.name));
+    // Neither the other writer's edits nor ours is lost.
+    expect(names).toEqual(expect.arrayContaining(['other-1.txt', 'other-2.txt', 'mine.txt', 'README.md']));
+    expect(result.sha256).toBe(sha(await readFile(stored(s))));
+    const always = new Interfering(100);
+    await expect(repackSession(parsePayload(RepackPayload, { session: s, ops: [{ op: 'put', path: 'late.txt', text: 'x' }] }), jobDeps(always, conn, staging, { jobId: 'loser' })))
+      .rejects.toMatchObject({ code: 'Transient', message: expect.stringMatching(/replaced by other writers 4 times/) });
+    expect((await members(stored(s), 'r:gz')).map((m) => plain(m.name))).not.toContain('late.txt');
   });
 });

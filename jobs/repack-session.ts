@@ -1,4 +1,4 @@
-import { PassThrough, type Readable } from 'node:stream';
+import { Transform, type Readable } from 'node:stream';
 import { z } from 'zod';
 import { ErrorCode, StorageError } from '../src/errors.js';
 import { BackendName, Sha256, StagingPath, type JobDeps, type Lease } from '../src/payload.js';
@@ -136,7 +136,16 @@ async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: Reado
   if (current && jobMark && applied.includes(jobMark)) return alreadyApplied(key, current.stream, current.info, signal);
   if (current && current.info.sha256 === undefined) d.log.warn({ key }, 'session archive has no recorded digest: read unverified (gzip CRC only)');
   const run = plan.start(spool);
-  const out = new PassThrough({ highWaterMark: 1 << 20 });
+  // The new archive's bytes on their way to the store, counted for the job's progress.
+  let written = 0;
+  const out = new Transform({
+    highWaterMark: 1 << 20,
+    transform(chunk: Buffer, _enc, cb) {
+      written += chunk.length;
+      d.progress(written);
+      cb(null, chunk);
+    },
+  });
   const stopRewrite = new AbortController();
   const opts: PutOptions = {
     contentType: CONTENT_TYPE,
@@ -156,12 +165,12 @@ async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: Reado
     throw err;
   });
   try {
-    const [written, info] = await Promise.allSettled([rewriting, putting]);
+    const [rewrote, info] = await Promise.allSettled([rewriting, putting]);
     if (run.conditionFailed) throw run.conditionFailed;
-    if (written.status === 'fulfilled' && info.status === 'fulfilled') {
-      return { key, size: info.value.size, sha256: info.value.sha256!, entries: written.value.entries, missing: run.missing() };
+    if (rewrote.status === 'fulfilled' && info.status === 'fulfilled') {
+      return { key, size: info.value.size, sha256: info.value.sha256!, entries: rewrote.value.entries, missing: run.missing() };
     }
-    const err = first === 'put' && info.status === 'rejected' ? info.reason : written.status === 'rejected' ? written.reason : (info as PromiseRejectedResult).reason;
+    const err = first === 'put' && info.status === 'rejected' ? info.reason : rewrote.status === 'rejected' ? rewrote.reason : (info as PromiseRejectedResult).reason;
     if (first === 'put' && err instanceof StorageError && err.code === ErrorCode.PreconditionFailed) return 'conflict';
     throw err;
   } finally {

@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -10,6 +10,7 @@ import { redisConnection } from '../../src/queue/connection.js';
 import { Bucket, type PutOptions, type PutSource } from '../../src/storage/bucket.js';
 import type { ObjectInfo } from '../../src/storage/driver.js';
 import { sessionKey } from '../../src/session/ids.js';
+import { listSession } from '../../src/session/read.js';
 import { LONG_FILE, makeTree, members, run } from '../archive/corpus.js';
 import { tempDir } from '../harness/process.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
@@ -267,5 +268,38 @@ describe('repack-session', () => {
     await expect(repackSession(parsePayload(RepackPayload, { session: s, ops: [{ op: 'put', path: 'late.txt', text: 'x' }] }), jobDeps(always, conn, staging, { jobId: 'loser' })))
       .rejects.toMatchObject({ code: 'Transient', message: expect.stringMatching(/replaced by other writers 4 times/) });
     expect((await members(stored(s), 'r:gz')).map((m) => plain(m.name))).not.toContain('late.txt');
+  });
+
+  it('points every later hard link to a deleted file at the first, which becomes the file', async () => {
+    const src = join(tmp.path, 'links');
+    await mkdir(join(src, 'd'), { recursive: true });
+    await writeFile(join(src, 'd/a.txt'), 'shared bytes\n');
+    await run('ln', [join(src, 'd/a.txt'), join(src, 'b.txt')]);
+    await run('ln', [join(src, 'd/a.txt'), join(src, 'c.txt')]);
+    const archive = join(tmp.path, 'links.tgz');
+    // Listed in this order, so d/a.txt is the file and both others link to it.
+    await run('tar', ['-czf', archive, '-C', src, 'd/a.txt', 'b.txt', 'c.txt']);
+    const s = await session(archive);
+    await repack(s, [{ op: 'delete', path: 'd' }]);
+    const ms = await members(stored(s), 'r|gz');
+    expect(ms.map((m) => [m.name, m.type, m.linkname, m.sha256])).toEqual([
+      ['b.txt', 'file', '', sha('shared bytes\n')],
+      ['c.txt', 'link', 'b.txt', undefined],
+    ]);
+    const { tree } = await readEveryWay(stored(s), join(tmp.path, `x-${s}`));
+    expect(Object.keys(tree)).toEqual(['b.txt', 'c.txt']);
+    expect(tree['c.txt']).toBe(tree['b.txt']);
+  });
+
+  it('reads an archive written by another tool (no recorded digest) as unverified, and the repack records one', async () => {
+    const s = await session(corpus.gnu);
+    // Another tool's copy: the bytes without our sidecar.
+    await rm(join(root, 'sessions', s, '.stevedore'), { recursive: true, force: true });
+    const before = await listSession(bucket, s);
+    expect([before.verified, before.sha256]).toEqual([false, undefined]);
+    const result = await repack(s, [{ op: 'put', path: 'x', text: 'x' }]);
+    const after = await listSession(bucket, s);
+    expect([after.verified, after.sha256]).toEqual([true, result.sha256]);
+    expect(after.entries.length).toBe(before.entries.length + 1);
   });
 });

@@ -2,6 +2,7 @@ import type { z } from 'zod';
 import type { JobDeps } from '../src/payload.js';
 import { FetchPayload, fetchToStaging } from './fetch-to-staging.js';
 import { LogPayload, log } from './log.js';
+import { RepackPayload, repackSession } from './repack-session.js';
 import { StorePayload, store } from './store.js';
 
 export interface JobType<S extends z.ZodType = z.ZodType, R = unknown> {
@@ -16,6 +17,7 @@ export const JOBS = {
   store: job(StorePayload, store),
   'fetch-to-staging': job(FetchPayload, fetchToStaging),
   log: job(LogPayload, log),
+  'repack-session': job(RepackPayload, repackSession),
 } as const;
 
 export type JobName = keyof typeof JOBS;
@@ -24,3 +26,4 @@ export const JOB_NAMES = Object.keys(JOBS) as JobName[];
 export type { StorePayload, StoreResult } from './store.js';
 export type { FetchPayload, FetchResult } from './fetch-to-staging.js';
 export type { LogPayload, LogResult } from './log.js';
+export type { RepackPayload, RepackResult } from './repack-session.js';

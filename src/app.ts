@@ -3,6 +3,8 @@ import { openBackends } from './backends/open.js';
 import { redisTarget, type Config } from './config.js';
 import { StevedoreClient } from './queue/client.js';
 import { describeTarget, redisConnection, type RedisClient, type RedisRole, type RedisTarget } from './queue/connection.js';
+import { RedisLocks } from './queue/lock.js';
+import type { Locks } from './payload.js';
 import type { Retention } from './queue/retention.js';
 import { Staging } from './staging.js';
 import type { Bucket } from './storage/bucket.js';
@@ -36,6 +38,11 @@ export interface App {
   connect(role: RedisRole): RedisClient;
   /** The one producer client of this process, closed by `close`. */
   client(): StevedoreClient;
+  /**
+   * Named Redis locks with fencing tokens (per-session serialisation of repacks and whole-session
+   * writes), on a connection of their own, under the queue's prefix (so in its cluster slot).
+   */
+  locks(): Locks;
   /** Sweeps what killed writers left (the staging area, every backend that has a sweep); logs, never rejects. */
   sweep(): Promise<void>;
   /**
@@ -52,6 +59,7 @@ export function composeApp(config: Config, opts: AppOptions): App {
   const connections: RedisClient[] = [];
   let buckets: Promise<Map<string, Bucket>> | undefined;
   let client: StevedoreClient | undefined;
+  let locks: Locks | undefined;
 
   const app: App = {
     config, log: opts.log, redis, retention, staging,
@@ -68,6 +76,10 @@ export function composeApp(config: Config, opts: AppOptions): App {
     client() {
       client ??= new StevedoreClient({ redis, queue: config.queue, prefix: config.prefix, retention });
       return client;
+    },
+    locks() {
+      locks ??= new RedisLocks(app.connect('worker'), { prefix: config.prefix, queue: config.queue, ttlMs: config.lockDurationMs });
+      return locks;
     },
     async sweep() {
       const opened = await app.buckets().catch(() => new Map<string, Bucket>());

@@ -19,6 +19,18 @@ export interface JobDeps {
   /** The BullMQ job id: the same on every attempt and every redelivery of one job. */
   jobId: string;
   limits: { maxInlineBytes: number };
+  /** Named locks shared by every worker process (Redis); repack-session serialises a session with them. */
+  locks?: Locks;
+}
+
+/** A held lock. `signal` aborts when the lock is lost (not renewed in time, or taken over): stop before committing. */
+export interface Lease {
+  readonly signal: AbortSignal;
+  release(): Promise<void>;
+}
+export interface Locks {
+  /** Waits (bounded) for the lock; Transient when it stays busy, or when `signal` aborts the wait. */
+  acquire(name: string, signal: AbortSignal): Promise<Lease>;
 }
 
 const storageRule = (check: (v: string) => unknown) => (v: string, ctx: z.RefinementCtx) => {

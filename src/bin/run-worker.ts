@@ -37,7 +37,7 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
   const worker = startWorker(app.connect('worker'), {
     queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, lockDurationMs: config.lockDurationMs,
     stalledIntervalMs: config.stalledIntervalMs, name: config.workerName, retention: app.retention,
-  }, { buckets, staging: app.staging, log, limits: { maxInlineBytes: config.maxInlineBytes } });
+  }, { buckets, staging: app.staging, log, limits: { maxInlineBytes: config.maxInlineBytes }, locks: app.locks() });
   log.info({
     queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, redis: describeTarget(app.redis),
     backends: [...buckets.entries()].map(([name, b]) => `${name}=${b.driver.kind}`), staging: config.stagingDir,

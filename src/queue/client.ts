@@ -1,5 +1,5 @@
 import { Queue, QueueEvents, type Job, type JobsOptions } from 'bullmq';
-import type { FetchPayload, FetchResult, LogPayload, LogResult, StorePayload, StoreResult } from '../../jobs/index.js';
+import type { FetchPayload, FetchResult, LogPayload, LogResult, RepackPayload, RepackResult, StorePayload, StoreResult } from '../../jobs/index.js';
 import { assertClusterPrefix, DEFAULT_QUEUE, describeTarget, duplicateConnection, redisConnection, waitForRedis, type RedisClient, type RedisTarget } from './connection.js';
 import { DEFAULT_RETENTION, jobRetention, type Retention } from './retention.js';
 
@@ -8,11 +8,13 @@ export interface Payloads {
   store: Omit<StorePayload, 'backend'> & { backend?: string };
   'fetch-to-staging': Omit<FetchPayload, 'backend'> & { backend?: string };
   log: Omit<LogPayload, 'backend'> & { backend?: string };
+  'repack-session': Omit<RepackPayload, 'backend'> & { backend?: string };
 }
 export interface Results {
   store: StoreResult;
   'fetch-to-staging': FetchResult;
   log: LogResult;
+  'repack-session': RepackResult;
 }
 export type JobName = keyof Payloads;
 
@@ -108,6 +110,7 @@ export class StevedoreClient {
   store(p: Payloads['store'], opts?: JobsOptions): Promise<string> { return this.add('store', p, opts); }
   fetchToStaging(p: Payloads['fetch-to-staging'], opts?: JobsOptions): Promise<string> { return this.add('fetch-to-staging', p, opts); }
   log(p: Payloads['log'], opts?: JobsOptions): Promise<string> { return this.add('log', p, opts); }
+  repackSession(p: Payloads['repack-session'], opts?: JobsOptions): Promise<string> { return this.add('repack-session', p, opts); }
 
   /**
    * Resolves with the job's result, or rejects with an Error whose message is the failed reason

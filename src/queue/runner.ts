@@ -4,13 +4,15 @@ import { JOBS, type JobName } from '../../jobs/index.js';
 import { ErrorCode, StorageError, classifyCommon, isRetryable } from '../errors.js';
 import type { Bucket } from '../storage/bucket.js';
 import type { Staging } from '../staging.js';
-import { parsePayload, type JobDeps } from '../payload.js';
+import { parsePayload, type JobDeps, type Locks } from '../payload.js';
 
 export interface RunnerDeps {
   buckets: ReadonlyMap<string, Bucket>;
   staging: Staging;
   log: Logger;
   limits: { maxInlineBytes: number };
+  /** Named locks across worker processes (src/queue/lock.ts); jobs that need one fail without it. */
+  locks?: Locks;
   /** Least time between two progress updates sent to Redis. @defaultValue 1000 */
   progressIntervalMs?: number;
 }
@@ -43,6 +45,7 @@ export async function runJob(job: Job, deps: RunnerDeps, signal: AbortSignal): P
       enqueuedAt: job.timestamp,
       jobId: String(job.id),
       limits: deps.limits,
+      ...(deps.locks ? { locks: deps.locks } : {}),
     });
     // Before the job completes, so its stored progress is final by the time `completed` is seen.
     await progress.flush();

@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import type { Worker } from 'bullmq';
 import { pino } from 'pino';
 import { redisConnection, type RedisClient } from '../../src/queue/connection.js';
+import { RedisLocks } from '../../src/queue/lock.js';
 import type { Retention } from '../../src/queue/retention.js';
 import { StevedoreClient } from '../../src/queue/client.js';
 import { startWorker } from '../../src/queue/worker.js';
@@ -23,6 +24,7 @@ export async function inProcessWorker(redisUrl: string, buckets: Map<string, Buc
   const staging = new Staging(stagingDir);
   const worker = startWorker(connection, { queue, prefix: opts.prefix ?? 'bull', concurrency: opts.concurrency ?? 4, stalledIntervalMs: 5_000, ...(opts.lockDurationMs ? { lockDurationMs: opts.lockDurationMs } : {}), ...(opts.retention ? { retention: opts.retention } : {}) }, {
     buckets, staging, log: pino({ level: 'silent' }), limits: { maxInlineBytes: opts.maxInlineBytes ?? 1 << 20 }, progressIntervalMs: opts.progressIntervalMs ?? 0,
+    locks: new RedisLocks(connection, { prefix: opts.prefix ?? 'bull', queue, ...(opts.lockDurationMs ? { ttlMs: opts.lockDurationMs } : {}) }),
   });
   await worker.waitUntilReady();
   const client = new StevedoreClient({ redisUrl, queue, prefix: opts.prefix ?? 'bull', defaultJobOptions: { backoff: { type: 'exponential', delay: 50, jitter: 0.5 } } });

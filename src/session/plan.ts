@@ -1,0 +1,278 @@
+import { createHash } from 'node:crypto';
+import { constants, createReadStream, createWriteStream } from 'node:fs';
+import { mkdtemp, open, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import { ErrorCode, StorageError } from '../errors.js';
+import { hashFile } from '../storage/bucket.js';
+import type { Edit, NewEntry, TarEntry, TreeView } from '../archive/transform.js';
+
+/** A put's new content: bytes carried by the payload, or a staged file streamed in. */
+export type Body = { bytes: Buffer } | { file: string; size: number };
+
+export type PlanOp =
+  | { op: 'put'; path: string; body: Body; mode?: number | undefined; ifSha256?: string | undefined }
+  | { op: 'delete'; path: string; ifSha256?: string | undefined };
+
+const NEW_FILE_MODE = 0o644;
+const NEW_DIR_MODE = 0o755;
+
+/**
+ * Asked of the job when a hard link that stays names a file an op removed: the run is repeated
+ * with that file's bytes kept aside (spooled), so the link can become the file. Rare, so the
+ * common run spools nothing.
+ */
+export class SpoolNeeded extends StorageError {
+  constructor(readonly target: string) {
+    super(ErrorCode.Unknown, `a hard link needs the removed file ${JSON.stringify(target)}: run again with it spooled`, { op: 'repack' });
+  }
+}
+
+/** `a/b` covers `a/b` and everything under it, never `a/bc`. */
+const covers = (p: string, q: string): boolean => q === p || (q.length > p.length && q.startsWith(p) && q[p.length] === '/');
+
+/** `a/b/c` -> `a`, `a/b`, `a/b/c`. */
+function prefixes(path: string): string[] {
+  const out: string[] = [];
+  for (let i = path.indexOf('/'); i >= 0; i = path.indexOf('/', i + 1)) out.push(path.slice(0, i));
+  out.push(path);
+  return out;
+}
+
+/**
+ * The ordered ops of one repack job, worked out once from the ops alone: which put is the last
+ * word on each path, the mode each put gets, which conditions and deletes depend on the archive.
+ * Each pass over an archive is a `PlanRun` (a job may make several: a commit conflict or a spool
+ * rerun). Ops apply in order, as if one after the other on the tree: a delete removes a path and
+ * its subtree, a put (re)creates a file, a condition (`ifSha256`) sees the tree as the earlier
+ * ops of the job left it.
+ */
+export class EditPlan {
+  private readonly putsAt = new Map<string, number[]>();
+  private readonly deletesAt = new Map<string, number[]>();
+  /** Path -> the put that decides its content (no delete covers it later). */
+  readonly finalPut = new Map<string, number>();
+  /** Per put: its mode, or 'inherit' (the archive's file, when it is there when the put runs). */
+  private readonly modes = new Map<number, number | 'inherit'>();
+  /** Deletes that find something without looking at the archive (an earlier put of this job). */
+  private readonly hitByPut = new Set<number>();
+  /** Paths whose archive content a condition needs. */
+  readonly needOriginal = new Set<string>();
+
+  constructor(readonly ops: readonly PlanOp[], readonly mtime: Date) {
+    ops.forEach((o, k) => {
+      const at = o.op === 'put' ? this.putsAt : this.deletesAt;
+      const list = at.get(o.path) ?? [];
+      list.push(k);
+      at.set(o.path, list);
+    });
+    for (const [path, puts] of this.putsAt) {
+      const last = puts[puts.length - 1]!;
+      if (!this.coveredBetween(path, last, ops.length)) this.finalPut.set(path, last);
+      for (const k of puts) this.modes.set(k, this.modeOf(k));
+    }
+    ops.forEach((o, k) => {
+      if (o.op === 'delete') {
+        for (const [path, puts] of this.putsAt) {
+          if (covers(o.path, path) && puts.some((j) => j < k && !this.coveredBetween(path, j, k))) this.hitByPut.add(k);
+        }
+      }
+      if (o.ifSha256 !== undefined && this.previousPut(o.path, k) === undefined && !this.coveredBetween(o.path, -1, k)) this.needOriginal.add(o.path);
+    });
+  }
+
+  /** Delete ops covering `path` (at it or at a parent), in op order. */
+  coveringDeletes(path: string): number[] {
+    if (this.deletesAt.size === 0) return [];
+    const out: number[] = [];
+    for (const p of prefixes(path)) out.push(...(this.deletesAt.get(p) ?? []));
+    return out.sort((a, b) => a - b);
+  }
+
+  /** Is some delete strictly between ops `lo` and `hi` covering `path`? */
+  coveredBetween(path: string, lo: number, hi: number): boolean {
+    return this.coveringDeletes(path).some((d) => d > lo && d < hi);
+  }
+
+  /** The put at `path` before op `k` that is still the file's content when `k` runs. */
+  previousPut(path: string, k: number): number | undefined {
+    const j = (this.putsAt.get(path) ?? []).filter((i) => i < k).pop();
+    return j !== undefined && !this.coveredBetween(path, j, k) ? j : undefined;
+  }
+
+  private modeOf(k: number): number | 'inherit' {
+    const o = this.ops[k] as Extract<PlanOp, { op: 'put' }>;
+    if (o.mode !== undefined) return o.mode;
+    const j = this.previousPut(o.path, k);
+    if (j !== undefined) return this.modes.get(j) ?? this.modeOf(j);
+    return this.coveredBetween(o.path, -1, k) ? NEW_FILE_MODE : 'inherit';
+  }
+
+  mode(k: number): number | 'inherit' {
+    return this.modes.get(k)!;
+  }
+
+  deleteHitByPut(k: number): boolean {
+    return this.hitByPut.has(k);
+  }
+
+  start(spool: ReadonlySet<string> = new Set()): PlanRun {
+    return new PlanRun(this, spool);
+  }
+}
+
+/** One pass of a plan over an archive: the edit and append callbacks of a tar-to-tar transform. */
+export class PlanRun {
+  /** Deletes that found something in the archive. */
+  private readonly hit = new Set<number>();
+  /** Digest of the archive's regular file at a path a condition needs. */
+  private readonly original = new Map<string, string>();
+  /** Paths whose archive entry the final put replaced where it stood. */
+  private readonly replaced = new Set<string>();
+  /** Regular files dropped by a delete, with their spooled bytes when asked for. */
+  private readonly dropped = new Map<string, { file: string; size: number } | undefined>();
+  /** Removed file -> the name of the hard link that became it, for later links to the same file. */
+  private readonly materialized = new Map<string, string>();
+  private spoolDir: string | undefined;
+  /** Set when a condition failed: the job fails with it whatever else the transform reports. */
+  conditionFailed: StorageError | undefined;
+
+  constructor(private readonly plan: EditPlan, private readonly spool: ReadonlySet<string>) {}
+
+  async edit(e: TarEntry): Promise<Edit> {
+    const p = e.path;
+    if (p === '') return 'keep';
+    const plan = this.plan;
+    const type = e.header.type;
+    const isFile = type === 'file' || type === 'contiguous-file';
+    const deletes = plan.coveringDeletes(p);
+    if (deletes.length > 0) this.hit.add(deletes[0]!);
+    const fp = plan.finalPut.get(p);
+    if (fp !== undefined && deletes.length === 0) {
+      if (type === 'directory') {
+        throw new StorageError(ErrorCode.InvalidInput, `ops.${fp}: "${p}" is a directory in the archive; delete it first to put a file there`, { op: 'repack' });
+      }
+      // A second entry of the same path (tar's "the later one wins") goes: the new content stands once.
+      if (this.replaced.has(p)) return 'drop';
+      if (plan.needOriginal.has(p) && isFile) this.original.set(p, await digestOf(e.data));
+      this.replaced.add(p);
+      const inherited = isFile || type === 'link' ? e.header.mode : NEW_FILE_MODE;
+      const { uid, gid, uname, gname } = e.header;
+      return { replace: this.newFile(fp, e.header.name, inherited, { uid, gid, uname, gname }) };
+    }
+    if (deletes.length > 0) {
+      if (isFile) {
+        if (this.spool.has(p)) {
+          const spooled = await this.spoolData(e.data, plan.needOriginal.has(p));
+          if (spooled.sha256) this.original.set(p, spooled.sha256);
+          this.dropped.set(p, { file: spooled.file, size: spooled.size });
+        } else {
+          if (plan.needOriginal.has(p)) this.original.set(p, await digestOf(e.data));
+          this.dropped.set(p, undefined);
+        }
+      }
+      return 'drop';
+    }
+    if (type === 'link' && e.header.linkname !== undefined) {
+      const target = e.header.linkname.split('/').filter((s) => s !== '' && s !== '.').join('/');
+      if (!this.dropped.has(target)) return 'keep';
+      const became = this.materialized.get(target);
+      if (became !== undefined) return { replace: { header: { ...e.header, linkname: became } } };
+      const spooled = this.dropped.get(target);
+      if (!spooled) throw new SpoolNeeded(target);
+      this.materialized.set(target, e.header.name);
+      const { linkname: _, ...header } = e.header;
+      return { replace: { header: { ...header, type: 'file', size: spooled.size }, data: createReadStream(spooled.file) } };
+    }
+    return 'keep';
+  }
+
+  /** The entries after the archive's last: the conditions are checked first, then new files and their parents. */
+  async *append(tree: TreeView): AsyncGenerator<NewEntry> {
+    await this.checkConditions();
+    const plan = this.plan;
+    const news = [...plan.finalPut.entries()].filter(([path]) => !this.replaced.has(path)).sort((a, b) => a[1] - b[1]);
+    for (const [path, k] of news) {
+      const parents = prefixes(path).slice(0, -1);
+      for (const dir of parents) {
+        if (tree.kind(dir) === undefined) yield { header: { name: dir, type: 'directory', mode: NEW_DIR_MODE, mtime: plan.mtime } };
+      }
+      yield this.newFile(k, path, NEW_FILE_MODE, {});
+    }
+  }
+
+  /** Paths of deletes that found nothing, in op order. */
+  missing(): string[] {
+    const out: string[] = [];
+    this.plan.ops.forEach((o, k) => {
+      if (o.op === 'delete' && !this.hit.has(k) && !this.plan.deleteHitByPut(k) && !out.includes(o.path)) out.push(o.path);
+    });
+    return out;
+  }
+
+  async close(): Promise<void> {
+    if (this.spoolDir) await rm(this.spoolDir, { recursive: true, force: true });
+  }
+
+  private newFile(k: number, name: string, inherited: number, owner: { uid?: number; gid?: number; uname?: string; gname?: string }): NewEntry {
+    const o = this.plan.ops[k] as Extract<PlanOp, { op: 'put' }>;
+    const m = this.plan.mode(k);
+    const header = { ...owner, name, type: 'file' as const, mode: m === 'inherit' ? inherited : m, mtime: this.plan.mtime };
+    if ('bytes' in o.body) return { header, data: o.body.bytes };
+    // O_NOFOLLOW: a staged file swapped for a symlink after its check is refused, never read.
+    return { header: { ...header, size: o.body.size }, data: readStaged(o.body.file) };
+  }
+
+  private async checkConditions(): Promise<void> {
+    const plan = this.plan;
+    for (const [k, o] of plan.ops.entries()) {
+      if (o.ifSha256 === undefined) continue;
+      const j = plan.previousPut(o.path, k);
+      let current: string | undefined;
+      if (j !== undefined) current = await bodyDigest((plan.ops[j] as Extract<PlanOp, { op: 'put' }>).body);
+      else if (!plan.coveredBetween(o.path, -1, k)) current = this.original.get(o.path);
+      if (current !== o.ifSha256) {
+        this.conditionFailed = new StorageError(ErrorCode.PreconditionFailed,
+          `ops.${k}: "${o.path}" ${current === undefined ? 'is not a regular file in the session' : `has sha256 ${current}`}, not ifSha256 ${o.ifSha256}; nothing applied`, { op: 'repack' });
+        throw this.conditionFailed;
+      }
+    }
+  }
+
+  private async spoolData(data: AsyncIterable<Buffer>, hash: boolean): Promise<{ file: string; size: number; sha256?: string }> {
+    this.spoolDir ??= await mkdtemp(join(tmpdir(), 'stevedore-repack-'));
+    const file = join(this.spoolDir, String(this.dropped.size));
+    const h = createHash('sha256');
+    let size = 0;
+    await pipeline(data, async function* (src: AsyncIterable<Buffer>) {
+      for await (const chunk of src) {
+        size += chunk.length;
+        if (hash) h.update(chunk);
+        yield chunk;
+      }
+    }, createWriteStream(file));
+    return { file, size, ...(hash ? { sha256: h.digest('hex') } : {}) };
+  }
+}
+
+/** A staged file's bytes, opened only when the transform reaches it (a run that fails earlier opens nothing). */
+async function* readStaged(file: string): AsyncGenerator<Buffer> {
+  const fh = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW);
+  try {
+    for await (const chunk of fh.createReadStream({ autoClose: false, highWaterMark: 1 << 20 })) yield chunk as Buffer;
+  } finally {
+    await fh.close();
+  }
+}
+
+async function digestOf(data: AsyncIterable<Buffer>): Promise<string> {
+  const h = createHash('sha256');
+  for await (const chunk of data) h.update(chunk);
+  return h.digest('hex');
+}
+
+async function bodyDigest(body: Body): Promise<string> {
+  if ('bytes' in body) return createHash('sha256').update(body.bytes).digest('hex');
+  return (await hashFile(body.file)).sha256;
+}

@@ -1,0 +1,188 @@
+import { createHash } from 'node:crypto';
+import { createReadStream, createWriteStream } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { Writable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { ErrorCode, StorageError } from '../errors.js';
+import type { Bucket, GetResult } from '../storage/bucket.js';
+import { readArchive, type ArchiveEntry } from './archive.js';
+import { parseSessionId, sessionKey, validateOpPath } from './ids.js';
+
+/**
+ * File-level reads of a session archive, without a job: the CLI's `session ls` and `session cat`,
+ * and the HTTP routes on top of them. Each reads the whole stored archive once (the plain tar.gz
+ * of this slice; the seekable format will read a few ranges) and trusts nothing before the
+ * archive's recorded digest has been checked at its end.
+ */
+
+export type SessionEntryType = 'file' | 'directory' | 'symlink' | 'link';
+
+export interface SessionEntryInfo {
+  path: string;
+  type: SessionEntryType;
+  /** Data bytes (files only; 0 otherwise). */
+  size: number;
+  mode: number;
+  /** ISO 8601. */
+  mtime: string;
+  /** A symlink's target, or a hard link's target path. */
+  linkname?: string;
+  /** Regular files, when digests are asked for: the value an op's `ifSha256` compares with. */
+  sha256?: string;
+}
+
+export interface SessionListing {
+  key: string;
+  /** The archive's size, digest and time as stored. */
+  size: number;
+  sha256: string | undefined;
+  modified: string;
+  /** False when the archive has no recorded digest (written by another tool): read unverified. */
+  verified: boolean;
+  /** One per path, in archive order; an archive holding a path twice lists the later entry (as extraction keeps it). */
+  entries: SessionEntryInfo[];
+}
+
+export interface ReadOptions {
+  signal?: AbortSignal | undefined;
+}
+
+/** Lists a session's entries; with `digests`, the sha256 of each regular file. NotFound when there is no such session. */
+export async function listSession(bucket: Bucket, session: string, opts: ReadOptions & { digests?: boolean } = {}): Promise<SessionListing> {
+  parseSessionId(session);
+  const key = sessionKey(session);
+  const got = await openSession(bucket, key, opts.signal);
+  const byPath = new Map<string, SessionEntryInfo>();
+  await readArchive(got.stream, async (e) => {
+    const info = entryInfo(e);
+    if (opts.digests && info.type === 'file') {
+      const h = createHash('sha256');
+      for await (const chunk of e.data) h.update(chunk);
+      info.sha256 = h.digest('hex');
+    }
+    byPath.delete(e.path);
+    byPath.set(e.path, info);
+  }, { signal: opts.signal });
+  return {
+    key, size: got.info.size, sha256: got.info.sha256, modified: got.info.modified.toISOString(), verified: got.info.sha256 !== undefined,
+    entries: [...byPath.values()],
+  };
+}
+
+/** Link hops `cat` follows inside the archive before giving up. */
+const MAX_HOPS = 8;
+
+export interface CatResult {
+  /** The path whose bytes were written (the target, after links). */
+  path: string;
+  size: number;
+  sha256: string;
+  /** As in the listing: false for an archive without a recorded digest. */
+  verified: boolean;
+}
+
+/**
+ * Writes one regular file's bytes to `out` (not ended), only once the whole archive has passed its
+ * digest check: the file is spooled to a temp file while the archive streams. Symlinks and hard
+ * links inside the archive are followed. NotFound when the session or the path is missing;
+ * InvalidInput for a directory, a link leading out of the archive, or a corrupt archive;
+ * ChecksumMismatch when the stored archive fails its digest.
+ */
+export async function catSession(bucket: Bucket, session: string, path: string, out: Writable, opts: ReadOptions = {}): Promise<CatResult> {
+  parseSessionId(session);
+  validateOpPath(path);
+  const key = sessionKey(session);
+  const dir = await mkdtemp(join(tmpdir(), 'stevedore-cat-'));
+  try {
+    let want = path;
+    for (let hop = 0; hop <= MAX_HOPS; hop++) {
+      const got = await openSession(bucket, key, opts.signal);
+      const spool = join(dir, String(hop));
+      let found: { kind: 'file'; size: number; sha256: string } | { kind: 'link'; to: string } | { kind: 'directory' } | undefined;
+      await readArchive(got.stream, async (e) => {
+        if (e.path !== want) return;
+        const t = e.header.type;
+        if (t === 'file' || t === 'contiguous-file') {
+          const h = createHash('sha256');
+          let size = 0;
+          await pipeline(e.data, async function* (src: AsyncIterable<Buffer>) {
+            for await (const chunk of src) {
+              h.update(chunk);
+              size += chunk.length;
+              yield chunk;
+            }
+          }, createWriteStream(spool));
+          found = { kind: 'file', size, sha256: h.digest('hex') };
+        } else if (t === 'directory') {
+          found = { kind: 'directory' };
+        } else {
+          const target = t === 'link' ? normalise(e.header.linkname ?? '') : resolveSymlink(want, e.header.linkname ?? '');
+          if (target === undefined) throw new StorageError(ErrorCode.InvalidInput, `"${want}" is a symlink leading out of the session`, { op: 'cat', key });
+          found = { kind: 'link', to: target };
+        }
+      }, { signal: opts.signal });
+      // The archive passed its digest check: only now may its bytes be believed.
+      if (found === undefined) throw new StorageError(ErrorCode.NotFound, `no file "${want}" in the session`, { op: 'cat', key });
+      const f = found as NonNullable<typeof found>;
+      if (f.kind === 'directory') throw new StorageError(ErrorCode.InvalidInput, `"${want}" is a directory`, { op: 'cat', key });
+      if (f.kind === 'link') {
+        want = f.to;
+        continue;
+      }
+      await copyTo(spool, out);
+      return { path: want, size: f.size, sha256: f.sha256, verified: got.info.sha256 !== undefined };
+    }
+    throw new StorageError(ErrorCode.InvalidInput, `"${path}": more than ${MAX_HOPS} links to follow`, { op: 'cat', key });
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+async function openSession(bucket: Bucket, key: string, signal: AbortSignal | undefined): Promise<GetResult> {
+  return bucket.get(key, { signal }).catch((err: unknown) => {
+    if (err instanceof StorageError && err.code === ErrorCode.NotFound) throw new StorageError(ErrorCode.NotFound, 'no such session', { op: 'session', key, cause: err });
+    throw err;
+  });
+}
+
+function entryInfo(e: ArchiveEntry): SessionEntryInfo {
+  const h = e.header;
+  const type: SessionEntryType = h.type === 'contiguous-file' ? 'file' : h.type;
+  return {
+    path: e.path, type, size: type === 'file' ? h.size : 0, mode: h.mode, mtime: h.mtime.toISOString(),
+    ...(h.linkname !== undefined && (type === 'symlink' || type === 'link') ? { linkname: h.linkname } : {}),
+  };
+}
+
+const normalise = (p: string): string => p.split('/').filter((s) => s !== '' && s !== '.').join('/');
+
+/** A symlink's target as a path in the archive, or undefined when it leads out of it. */
+function resolveSymlink(link: string, target: string): string | undefined {
+  if (target.startsWith('/')) return undefined;
+  const at = link.split('/').slice(0, -1);
+  for (const seg of target.split('/')) {
+    if (seg === '' || seg === '.') continue;
+    if (seg === '..') {
+      if (at.length === 0) return undefined;
+      at.pop();
+    } else {
+      at.push(seg);
+    }
+  }
+  return at.join('/');
+}
+
+/** Copies a file to a writable that is not ended (stdout, a response), with back-pressure. */
+async function copyTo(file: string, out: Writable): Promise<void> {
+  for await (const chunk of createReadStream(file)) {
+    if (!out.write(chunk)) {
+      await new Promise<void>((resolve, reject) => {
+        const onDrain = (): void => { out.off('error', onError); resolve(); };
+        const onError = (err: Error): void => { out.off('drain', onDrain); reject(err); };
+        out.once('drain', onDrain).once('error', onError);
+      });
+    }
+  }
+}

@@ -46,8 +46,11 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
 
   // Leftovers of killed workers, in backends and in the staging area: an hour without a change
   // means no live worker owns them. Swept at start and every SWEEP_EVERY_MS after.
-  void app.sweep();
-  const sweeper = setInterval(() => { void app.sweep(); }, SWEEP_EVERY_MS).unref();
+  // A tick while a sweep still walks a large (NFS) tree is skipped rather than piled on top.
+  let sweeping: Promise<void> | undefined;
+  const sweep = () => { sweeping ??= app.sweep().finally(() => { sweeping = undefined; }); };
+  sweep();
+  const sweeper = setInterval(sweep, SWEEP_EVERY_MS).unref();
 
   let stopping = false;
   const shutdown = async (signal: string) => {

@@ -143,5 +143,6 @@ export async function waitForRedis(conn: RedisClient, timeoutMs: number): Promis
 
 /** A second connection like `conn` (BullMQ's blocking readers need one of their own). */
 export function duplicateConnection(conn: RedisClient): RedisClient {
+  // The same call on both sides: TypeScript cannot call `duplicate` on the union, whose signatures differ.
   return conn instanceof Cluster ? conn.duplicate() : conn.duplicate();
 }

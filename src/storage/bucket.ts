@@ -18,6 +18,10 @@ import { validateContentType, validateKey, validateMetadata, validatePrefix, val
 /** What every backend reports for an object stored without a content type (decision 4). */
 export const DEFAULT_CONTENT_TYPE = 'application/octet-stream';
 
+function isFileSource(source: PutSource): source is { path: string } {
+  return !(source instanceof Readable) && !(source instanceof Uint8Array);
+}
+
 /** Concurrent stats when a listing must be completed with digests (S3 listings carry none). */
 const LIST_STAT_LANES = 16;
 
@@ -131,7 +135,15 @@ export class Bucket {
       const prepared = await this.prepare(key, source, expected);
       const body = new SourceBody(prepared.source, prepared.sha256, prepared.size, { sha256: prepared.sha256, size: prepared.size, op: 'put', key, onBytes: opts.progress });
       try {
-        const info = await this.driver.put(storeKey, body, driverOpts);
+        const info = await this.driver.put(storeKey, body, driverOpts).catch((err: unknown) => {
+          // Without a caller's digest, a file whose bytes no longer match our own first pass (or
+          // its measured size) was changed while we read it: nothing was stored, and a new
+          // attempt reads it as it is then. Not the producer's wrong digest, so not permanent.
+          if (expected === undefined && isFileSource(source) && this.codeOf(err) === ErrorCode.ChecksumMismatch) {
+            throw new StorageError(ErrorCode.Transient, 'the source file changed while it was being stored', { op: 'put', key, cause: err });
+          }
+          throw err;
+        });
         const digest = body.digest();
         return { ...this.outside(info), sha256: digest.sha256, size: digest.size };
       } finally {

@@ -58,7 +58,8 @@ export async function copyObject(src: Bucket, srcKey: string, dst: Bucket, dstKe
     ifAbsent: opts.ifAbsent, ifMatch: opts.ifMatch, signal: opts.signal, progress: opts.progress,
   });
   if (out.sha256 === undefined) throw new StorageError(ErrorCode.Unknown, 'the destination reported no digest', { op: 'copy', key: dstKey });
-  return { ...out, sha256: out.sha256, verified: expected !== undefined };
+  // Verified means checked against a digest the source recorded: a caller's sha256 alone is not that.
+  return { ...out, sha256: out.sha256, verified: got.info.sha256 !== undefined };
 }
 
 /** Reads the whole object, checked against its recorded digest (and `sha256`), and returns that digest. */

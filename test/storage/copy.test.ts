@@ -148,6 +148,9 @@ describe.each([
     expect((await b.stat('arrived')).sha256).toBe(sha(bytes));
     expect(sha(await readAll((await b.get('arrived')).stream))).toBe(sha(bytes));
     expect(progress.at(-1)).toBe(size);
+    // A caller's matching sha256 checks the bytes, but the source still recorded none: not verified.
+    const given = await copyObject(a, 'foreign', b, 'arrived-2', { sha256: sha(bytes) });
+    expect(given).toMatchObject({ sha256: sha(bytes), verified: false });
   });
 });
 

@@ -31,6 +31,13 @@ export interface CheckPolicy {
    * and hard links to a regular file earlier in the archive are allowed (tar-to-tar transforms).
    */
   links: 'refuse' | 'inside';
+  /**
+   * `fold`: two spellings equal after NFC and case folding are one name, and the second is refused
+   * (extraction: a case-insensitive filesystem would write one through the other). `exact`: names
+   * are their bytes (tar-to-tar transforms write no filesystem, and a Linux repository may hold
+   * both `Makefile` and `makefile`). @defaultValue 'fold'
+   */
+  collisions?: 'fold' | 'exact';
   maxPathDepth: number;
   /** Cap on paths remembered (entries, directories implied by their paths, and paths links resolve through). */
   maxPaths: number;
@@ -89,6 +96,11 @@ export class EntryChecker<M = unknown> {
 
   constructor(private readonly policy: CheckPolicy) {}
 
+  /** The name under which a segment is one path: folded, or its own spelling (policy.collisions). */
+  private keyOf(segment: string): string {
+    return this.policy.collisions === 'exact' ? segment : collisionKey(segment);
+  }
+
   inspect(h: CheckedHeader): Inspected {
     const { op } = this.policy;
     const type = h.type ?? undefined;
@@ -124,7 +136,7 @@ export class EntryChecker<M = unknown> {
     }
     const { node: parent, createdFrom } = this.ensureDirs(e.name, segments, segments.length - 1);
     const last = segments[segments.length - 1]!;
-    const key = collisionKey(last);
+    const key = this.keyOf(last);
     let resolved: string[] | undefined;
     if (e.type === 'symlink') resolved = this.resolveLink(e, segments.slice(0, -1));
     if (e.type === 'link') this.checkHardLink(e);
@@ -159,7 +171,7 @@ export class EntryChecker<M = unknown> {
   kind(path: string): 'file' | 'directory' | 'implied-directory' | 'symlink' | undefined {
     let node: PathNode<M> | undefined = this.top;
     for (const seg of path.split('/').filter((s) => s !== '' && s !== '.')) {
-      node = node.children?.get(collisionKey(seg));
+      node = node.children?.get(this.keyOf(seg));
       if (!node) return undefined;
     }
     if (node.kind === 'none') return undefined;
@@ -185,7 +197,7 @@ export class EntryChecker<M = unknown> {
     let createdFrom = count;
     for (let i = 0; i < count; i++) {
       const segment = segments[i]!;
-      const key = collisionKey(segment);
+      const key = this.keyOf(segment);
       const child = node.children!.get(key);
       if (child && child.kind !== 'none') {
         this.sameSpelling(child, segment, segments, i, name);
@@ -235,7 +247,7 @@ export class EntryChecker<M = unknown> {
   private walk(path: string[], name: string): PathNode<M> {
     let node = this.top;
     for (const seg of path) {
-      const key = collisionKey(seg);
+      const key = this.keyOf(seg);
       let child = node.children?.get(key);
       if (!child) {
         // Under a file there is nothing to walk into: resolving fails there (ENOTDIR), harmlessly.
@@ -251,7 +263,7 @@ export class EntryChecker<M = unknown> {
   /** A hard link must name a regular file already in the tree (tar links to an earlier member). */
   private checkHardLink(e: Inspected): void {
     let node: PathNode<M> | undefined = this.top;
-    for (const seg of e.target!) node = node?.children?.get(collisionKey(seg));
+    for (const seg of e.target!) node = node?.children?.get(this.keyOf(seg));
     if (node?.kind !== 'file') throw refuse(this.policy.op, e.name, `hard link target ${JSON.stringify(e.target!.join('/'))} is not a regular file earlier in the archive`);
     if (e.target!.join('/') === e.segments.join('/')) throw refuse(this.policy.op, e.name, 'hard link to itself');
   }

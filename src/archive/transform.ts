@@ -101,7 +101,7 @@ export async function transformTar(
   opts: TransformOptions = {},
 ): Promise<TransformResult> {
   const limits = resolveLimits(opts.limits, OP);
-  const checker = new EntryChecker({ links: 'inside', maxPathDepth: limits.maxPathDepth, maxPaths: limits.maxEntries, op: OP });
+  const checker = new EntryChecker({ links: 'inside', collisions: 'exact', maxPathDepth: limits.maxPathDepth, maxPaths: limits.maxEntries, op: OP });
   const budget = new EntryBudget(limits, OP);
   const counts = { read: 0, kept: 0, dropped: 0, replaced: 0, added: 0 };
   const pack = tarPack();

@@ -110,6 +110,19 @@ describe('repack-session', () => {
     expect(tree.hard).toBe(tree['README.md']);
   });
 
+  it('edits a session whose names differ only by case (a Linux repository), keeping both', async () => {
+    const src = join(tmp.path, 'case-src');
+    await mkdir(src, { recursive: true });
+    await writeFile(join(src, 'Makefile'), 'upper\n');
+    await writeFile(join(src, 'makefile'), 'lower\n');
+    const archive = join(tmp.path, 'case.tgz');
+    await run('tar', ['-czf', archive, '-C', src, 'Makefile', 'makefile']);
+    const s = await session(archive);
+    await repack(s, [{ op: 'put', path: 'makefile', text: 'edited\n' }]);
+    const ms = await members(stored(s), 'r:gz');
+    expect(ms.map((m) => [plain(m.name), m.sha256])).toEqual([['Makefile', sha('upper\n')], ['makefile', sha('edited\n')]]);
+  });
+
   it('creates a missing session, with the parents of a new path', async () => {
     const s = await session();
     const result = await repack(s, [{ op: 'put', path: 'a/b/c.txt', text: 'c' }, { op: 'delete', path: 'gone' }]);

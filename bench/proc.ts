@@ -73,6 +73,22 @@ export async function dd(src: string, dst: string): Promise<number> {
   return (await run('dd', [`if=${src}`, `of=${dst}`, 'bs=1M', 'conv=fsync', 'status=none'])).ms;
 }
 
+/**
+ * The best standard-tool pipeline doing a put's work: one read of the file feeds both `openssl dgst
+ * -sha256` (through tee's process substitution) and a durable copy (`dd bs=1M conv=fsync`). bash
+ * does not wait for a process substitution, so openssl writes its digest to the pipe this process
+ * reads (fd 3, the script's own stdout: inside `tee >(...)` stdout is already the pipe to dd). The
+ * child's 'close' comes only once every holder of that pipe, openssl included, has exited: the
+ * time covers openssl finishing, and the digest it printed proves it hashed every byte.
+ */
+export async function teePipeline(src: string, dst: string): Promise<{ ms: number; sha256: string }> {
+  const script = 'set -o pipefail; exec 3>&1; tee >(openssl dgst -sha256 >&3) < "$1" | dd of="$2" bs=1M conv=fsync status=none';
+  const { stdout, ms } = await run('bash', ['-c', script, 'bash', src, dst]);
+  const sha256 = /=\s*([0-9a-f]{64})\s*$/.exec(stdout)?.[1];
+  if (!sha256) throw new Error(`unexpected pipeline output: ${stdout}`);
+  return { ms, sha256 };
+}
+
 /** Flushes every dirty page (the previous run's writes, deletes), so no run pays for another's writeback. */
 export async function settle(): Promise<void> {
   await run('sync', []);

@@ -1,67 +1,114 @@
 import type { PutBody } from '../../storage/driver.js';
 import { fdatasyncFd, writeFully } from '../../storage/fd.js';
-import { CHUNK } from '../../storage/hashing.js';
 
-// The put's write loop, moved here verbatim from fs.ts (only `export` added to writeAll).
+// The put's write loop: a reader and a writer side by side over reused buffers.
 
 /** Bytes written between the fdatasync calls that start the disk early (see writeAll). */
 const FLUSH_EVERY = 64 * 1024 * 1024;
 
+/**
+ * A put's chunks: 256 KiB, so a chunk is still in the CPU cache when it is hashed and then
+ * copied into the page cache (measured on a 1 GiB put: 1 MiB chunks took 1.3x the time and CPU,
+ * 4 MiB chunks 1.8x), and 32 of them, so reading and hashing can run up to 8 MiB ahead of the
+ * writes instead of waiting on each one.
+ */
+const PUT_CHUNK = 256 * 1024;
+const PUT_BUFFERS = 32;
+
 /** Chunk buffers kept between puts: reusing them spares an allocation, and its page faults, per chunk. */
 const spare: Buffer[] = [];
-const SPARE_MAX = 12;
+const SPARE_MAX = 48;
 
-/**
- * Three buffers: while one is being written, the next is read and hashed, and the last written
- * one waits for the write before it to finish. A body smaller than a chunk gets buffers its size.
- */
+/** A body known to be small gets two buffers its size: one for its bytes, one for the read that finds the end. */
 function takeBuffers(size: number | undefined): Buffer[] {
-  if (size !== undefined && size < CHUNK) return [0, 1, 2].map(() => Buffer.allocUnsafe(Math.max(1, size)));
-  return [0, 1, 2].map(() => spare.pop() ?? Buffer.allocUnsafeSlow(CHUNK));
+  if (size !== undefined && size < PUT_CHUNK) return [0, 1].map(() => Buffer.allocUnsafe(Math.max(1, size)));
+  const count = size === undefined ? PUT_BUFFERS : Math.min(PUT_BUFFERS, Math.ceil(size / PUT_CHUNK) + 1);
+  return Array.from({ length: count }, () => spare.pop() ?? Buffer.allocUnsafeSlow(PUT_CHUNK));
 }
 
 function giveBuffers(bufs: Buffer[]): void {
-  for (const b of bufs) if (b.length === CHUNK && spare.length < SPARE_MAX) spare.push(b);
+  for (const b of bufs) if (b.length === PUT_CHUNK && spare.length < SPARE_MAX) spare.push(b);
 }
 
 /**
- * Pulls the body through three reused buffers and writes each chunk at the handle's position; the
- * handle stays open for the fsync that follows. Reading (and hashing) the next chunk overlaps the
- * write of this one, so the disk and the hash work at once. With `flush`, an fdatasync starts every
- * FLUSH_EVERY bytes: the pages go to disk while we hash, not all at the final fsync (the kernel's
- * own writeback waits for 10% of RAM to be dirty, more than most objects).
+ * Pulls the body through reused buffers and writes each chunk, in order, at the handle's position;
+ * the handle stays open for the fsync that follows. A reader (body.read: read and hash) and a
+ * writer run side by side, handing buffers to each other, so neither waits for the other's every
+ * chunk: on a 1 GiB put the write chain (the copy into fresh page-cache pages) and the read-and-hash
+ * chain each take about as long as the whole put may, and run in lockstep they added up. With
+ * `flush`, an fdatasync starts every FLUSH_EVERY bytes: the pages go to disk while we hash, not all
+ * at the final fsync (the kernel's own writeback waits for 10% of RAM to be dirty, more than most
+ * objects).
  */
 export async function writeAll(fd: number, body: PutBody, signal: AbortSignal | undefined, flush: boolean): Promise<void> {
   const bufs = takeBuffers(body.size);
-  let reading: Promise<number> = Promise.resolve(0);
-  let writing: Promise<unknown> = Promise.resolve();
-  let flushing: Promise<unknown> = Promise.resolve();
-  let unflushed = 0;
-  // A failure surfaces at the next await of the promise; until then it must not count as unhandled.
-  const track = <T>(p: Promise<T>) => { p.catch(() => {}); return p; };
-  try {
-    reading = track(body.read(bufs[0]!));
-    for (let i = 0; ; i++) {
-      const n = await reading;
-      if (n === 0) break;
-      signal?.throwIfAborted();
-      // Buffer i+1 is free: its last write (chunk i-2) finished before chunk i-1's write began.
-      reading = track(body.read(bufs[(i + 1) % 3]!));
-      await writing;
-      writing = track(writeFully(fd, bufs[i % 3]!, n));
-      unflushed += n;
-      if (flush && unflushed >= FLUSH_EVERY) {
-        await writing;
-        await flushing;
-        flushing = track(fdatasyncFd(fd));
-        unflushed = 0;
+  const free = [...bufs];
+  const full: { buf: Buffer; n: number }[] = [];
+  let ended = false;
+  let failed: { err: unknown } | undefined;
+  // Each side waits on at most one thing at a time: a free buffer (reader), a full one (writer).
+  let wakeReader: (() => void) | undefined;
+  let wakeWriter: (() => void) | undefined;
+  const poke = (which: 'reader' | 'writer') => {
+    const w = which === 'reader' ? wakeReader : wakeWriter;
+    if (which === 'reader') wakeReader = undefined;
+    else wakeWriter = undefined;
+    w?.();
+  };
+  const reader = async () => {
+    try {
+      for (;;) {
+        while (!free.length && !failed) await new Promise<void>((r) => { wakeReader = r; });
+        if (failed) return;
+        const buf = free.pop()!;
+        const n = await body.read(buf);
+        if (n === 0) return;
+        signal?.throwIfAborted();
+        full.push({ buf, n });
+        poke('writer');
       }
+    } catch (err) {
+      failed ??= { err };
+    } finally {
+      ended = true;
+      poke('writer');
     }
-    await writing;
-    await flushing;
+  };
+  const writer = async () => {
+    let flushing: Promise<unknown> = Promise.resolve();
+    let unflushed = 0;
+    try {
+      for (;;) {
+        while (!full.length && !ended && !failed) await new Promise<void>((r) => { wakeWriter = r; });
+        if (failed) return;
+        const item = full.shift();
+        if (!item) break;
+        await writeFully(fd, item.buf, item.n);
+        free.push(item.buf);
+        poke('reader');
+        unflushed += item.n;
+        if (flush && unflushed >= FLUSH_EVERY) {
+          await flushing;
+          flushing = fdatasyncFd(fd);
+          // A failure surfaces at the next await of it; until then it must not count as unhandled.
+          flushing.catch(() => {});
+          unflushed = 0;
+        }
+      }
+      await flushing;
+    } catch (err) {
+      failed ??= { err };
+      poke('reader');
+    } finally {
+      // Never leave a flush running on a handle about to be closed.
+      await flushing.catch(() => {});
+    }
+  };
+  try {
+    // Each side ends only once its own read or write is over: no buffer or handle is still in use.
+    await Promise.all([reader(), writer()]);
   } finally {
-    // Never leave a read, write or flush running on a buffer or handle about to be reused or closed.
-    await Promise.allSettled([reading, writing, flushing]);
     giveBuffers(bufs);
   }
+  if (failed) throw failed.err;
 }

@@ -1,7 +1,7 @@
 // The lead's conformance decisions (README, common brief) as the filesystem backend meets them,
 // with ifMatch (decision 7), corrupt sidecars (decision 12), file: URL parameters, and what a
 // symlink out of the root may never cause (nothing created outside, not even a folder).
-import { mkdir, readdir, readFile, symlink, writeFile } from 'node:fs/promises';
+import { lstat, mkdir, readdir, readFile, rm, symlink, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -249,6 +249,51 @@ describe('filesystem backend: containment and URLs', () => {
     }
     expect(await entriesUnder(outside)).toEqual(before);
     expect(await readFile(join(outside, 'was-here'), 'utf8')).toBe('x');
+  });
+
+  it(`refuses a folder whose ${META_DIR} is a planted symlink: nothing is written, read or removed outside`, async () => {
+    dir = await tempDir('stevedore-fsmeta-');
+    const root = join(dir.path, 'root');
+    const outside = join(dir.path, 'outside');
+    await mkdir(outside);
+    const info = await new Bucket(new FsDriver({ root })).put('a/x', Buffer.from('x'));
+    // What the worker would read as a's metadata or sweep as a's leftovers, were it to follow the link.
+    const ino = (await lstat(join(root, 'a/x'), { bigint: true })).ino;
+    const own = (await readdir(join(root, 'a', META_DIR)))[0]!;
+    await writeFile(join(outside, own), JSON.stringify({ key: 'a/x', sha256: sha(Buffer.from('forged')), size: 1, metadata: {} }));
+    await writeFile(join(outside, own.replace(`.${ino}.`, '.1.')), JSON.stringify({ key: 'a/x', sha256: sha(Buffer.from('forged')), size: 1, metadata: {} }));
+    await writeFile(join(outside, 'tmp-old'), 'x');
+    await utimes(join(outside, 'tmp-old'), 0, 0);
+    await rm(join(root, 'a', META_DIR), { recursive: true });
+    await symlink(outside, join(root, 'a', META_DIR));
+    // A folder another tool made, with a file and the link but never a META_DIR of ours.
+    await mkdir(join(root, 'b'));
+    await writeFile(join(root, 'b/y'), 'y');
+    await symlink(outside, join(root, 'b', META_DIR));
+    const before = await entriesUnder(outside);
+    // A worker that has not seen these folders within the second it trusts a check.
+    const driver = new FsDriver({ root });
+    const bucket = new Bucket(driver);
+    for (const key of ['a/x', 'a/new', 'b/y', 'b/new']) {
+      expect(await codeOf(bucket.put(key, Buffer.from('z'))), key).toBe(ErrorCode.PermissionDenied);
+      expect(await codeOf(bucket.put(key, Buffer.from('z'), { ifAbsent: true })), key).toBe(ErrorCode.PermissionDenied);
+      expect(await codeOf(bucket.copy('a/x', key)), key).toBe(ErrorCode.PermissionDenied);
+    }
+    expect(await codeOf(bucket.put('a/x', Buffer.from('z'), { ifMatch: info.etag }))).toBe(ErrorCode.PermissionDenied);
+    for (const key of ['a/x', 'b/y']) {
+      expect(await codeOf(bucket.stat(key)), key).toBe(ErrorCode.PermissionDenied);
+      expect(await codeOf(bucket.get(key)), key).toBe(ErrorCode.PermissionDenied);
+      expect(await codeOf(bucket.delete(key)), key).toBe(ErrorCode.PermissionDenied);
+    }
+    expect(await codeOf(collectKeys(bucket, ''))).toBe(ErrorCode.PermissionDenied);
+    await driver.sweep(0);
+    expect(await entriesUnder(outside)).toEqual(before);
+    expect(await readFile(join(root, 'a/x'), 'utf8')).toBe('x');
+    expect(await readFile(join(root, 'b/y'), 'utf8')).toBe('y');
+    // A real META_DIR again: the folder works (the refusal was not cached).
+    await rm(join(root, 'a', META_DIR));
+    await bucket.put('a/x', Buffer.from('z'));
+    expect((await bucket.stat('a/x')).sha256).toBe(sha(Buffer.from('z')));
   });
 
   it('refuses unknown query parameters in file: URLs', () => {

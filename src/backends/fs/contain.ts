@@ -47,6 +47,9 @@ export class Containment {
   }
 
   async makeMetaDir(dir: string, key: string): Promise<void> {
+    // A link planted as META_DIR would carry the put's temp file, sidecar and claims out of the
+    // root (mkdir -p follows it without a word), so what is there is looked at first and after.
+    if ((await this.metaDirState(dir, key)) === 'dir') return;
     try {
       // Each new folder is made durable in its parent. Not covered: a concurrent put that finds
       // the folders already made returns without waiting for this one's fsyncs (a few ms).
@@ -58,13 +61,34 @@ export class Containment {
       if (code === 'ENOTDIR' || code === 'EEXIST') throw folderTaken(key, err);
       throw err;
     }
+    await this.metaDirState(dir, key);
   }
 
   /**
-   * A symlinked folder inside the root must not lead a write or read outside it. A folder found
-   * inside is trusted for INSIDE_TTL_MS: like any realpath check this guards against links
-   * planted in the tree, not against someone racing the worker, and a link swapped in for a
-   * checked folder is caught within that time.
+   * A folder's META_DIR must be a real directory, never a symlink (nor another file): the put's
+   * temp files, sidecars, claims and adoption links go there, and reads take sidecars from it.
+   * Absent is fine (made on a first put). One lstat, no realpath: a real directory of a folder
+   * checked to be inside the root is inside too.
+   */
+  private async metaDirState(dir: string, key: string): Promise<'dir' | 'absent'> {
+    const st = await lstat(join(dir, META_DIR)).catch((err: unknown) => {
+      // ENOTDIR: a file where a folder should be, which the mkdir then reports as such.
+      if (errno(err) === 'ENOENT' || errno(err) === 'ENOTDIR') return undefined;
+      throw err;
+    });
+    if (!st) return 'absent';
+    if (st.isDirectory()) return 'dir';
+    this.inside.delete(dir);
+    throw new StorageError(ErrorCode.PermissionDenied, `"${META_DIR}" in this folder is ${st.isSymbolicLink() ? 'a symlink' : 'not a directory'}: it could lead outside the backend root`, { key });
+  }
+
+  /**
+   * A symlinked folder inside the root must not lead a write or read outside it, nor a planted
+   * META_DIR link (metaDirState). A folder found inside, with a real META_DIR, is trusted for
+   * INSIDE_TTL_MS: like any realpath check this guards against links planted in the tree, not
+   * against someone racing the worker, and a link swapped in for a checked folder is caught
+   * within that time. A folder without META_DIR is not cached: the first put makes it
+   * (makeMetaDir checks what it made).
    */
   async assertInside(dir: string, key: string): Promise<void> {
     const now = Date.now();
@@ -77,6 +101,7 @@ export class Containment {
       this.inside.delete(dir);
       throw new StorageError(ErrorCode.PermissionDenied, 'path leads outside the backend root through a symlink', { key });
     }
+    if ((await this.metaDirState(dir, key)) === 'absent') return;
     if (this.inside.size >= INSIDE_MAX) this.inside.clear();
     this.inside.set(dir, now);
   }

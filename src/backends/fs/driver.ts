@@ -108,17 +108,18 @@ export class FsDriver implements Driver {
         if (opts.ifMatch !== undefined) {
           old = await claim('put', key, dir, name, opts.ifMatch);
           if (!old) throw preconditionFailed('put', key, `object is gone (expected etag ${opts.ifMatch})`);
-          await rename(tmp, path);
+          await rename(tmp, path).catch(swept(key));
         } else if (opts.ifAbsent) {
           // link() fails with EEXIST when the key exists: an atomic create-if-absent, also on NFS.
           await link(tmp, path).catch((err: NodeJS.ErrnoException) => {
             if (err.code === 'EEXIST') throw new StorageError(ErrorCode.PreconditionFailed, 'object already exists', { op: 'put', key, cause: err });
-            throw err;
+            return swept(key)(err);
           });
-          await unlink(tmp);
+          // Committed: a temp file the sweep removed first (or one left behind) is no failure.
+          await unlinkQuiet(tmp);
         } else {
           old = await holdObject(path);
-          await rename(tmp, path);
+          await rename(tmp, path).catch(swept(key));
         }
         sidecar = undefined;
         if (this.fsync) await syncDir(dir);
@@ -347,6 +348,17 @@ async function openSidecar(path: string): Promise<number> {
     await unlink(path).catch((e: unknown) => { if (errno(e) !== 'ENOENT') throw e; });
     return openFd(path, 'wx', 0o644);
   }
+}
+
+/**
+ * The commit found no temp file: the put stalled past the sweep's age and the sweep removed it
+ * (sweep.ts: that unlink and this rename decide which of them wins). Nothing was committed.
+ */
+function swept(key: string): (err: unknown) => never {
+  return (err) => {
+    if (errno(err) === 'ENOENT') throw new StorageError(ErrorCode.Transient, 'the temp file was swept before the put could commit (the put stalled past the sweep age)', { op: 'put', key, cause: err });
+    throw err;
+  };
 }
 
 async function lstatOrGone(path: string): Promise<BigIntStats | undefined> {

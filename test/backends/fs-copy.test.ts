@@ -2,7 +2,7 @@
 // made by the real cp, rsync and GNU tar.
 import { execFile } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { link, mkdir, readdir, readFile, utimes, writeFile } from 'node:fs/promises';
+import { link, lstat, mkdir, readdir, readFile, truncate, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -118,6 +118,31 @@ describe('a copied filesystem tree keeps its digests', () => {
       else expect(info.sha256, tool).toBe(sha(OBJECTS[key]!));
     }
   }, 30_000);
+
+  it('a restore whose object got an inode that already has another version\'s sidecar takes the copied one that matches; without one, a full read fails', async () => {
+    const dst = join(dir.path, 'dst');
+    await run('cp', ['-a', src, dst]);
+    const key = 'a/two.txt';
+    const meta = join(dst, 'a', META_DIR);
+    const copied = (await readdir(meta)).find((f) => f.endsWith('.json') && (JSON.parse(readFileSync(join(meta, f), 'utf8')) as { key: string }).key === key)!;
+    const ino = (await lstat(join(dst, key), { bigint: true })).ino;
+    // What the inode number's earlier holder left under it: the same name, another size and digest.
+    const other = { key, sha256: sha(Buffer.from('another version')), size: 15, metadata: {} };
+    const under = `${copied.split('.')[0]}.${ino}.json`;
+    await writeFile(join(meta, under), JSON.stringify(other));
+    const bucket = new Bucket(new FsDriver({ root: dst }));
+    expect((await bucket.stat(key)).sha256).toBe(sha(OBJECTS[key]!));
+    const got = await bucket.get(key);
+    expect(await readAll(got.stream)).toEqual(OBJECTS[key]);
+    expect(got.info.sha256).toBe(sha(OBJECTS[key]!));
+    // Adopted in its place: the next read takes the fast path to the right digest.
+    expect((JSON.parse(await readFile(join(meta, under), 'utf8')) as { size: number }).size).toBe(OBJECTS[key]!.length);
+    // A sidecar of the object's own inode that no longer matches, and nothing copied to take
+    // instead (a truncation in place): the full read fails, it never passes unverified.
+    expect((await bucket.stat('b/c/deep')).sha256).toBe(sha(OBJECTS['b/c/deep']!)); // adopted: its own inode's now
+    await truncate(join(dst, 'b/c/deep'), 4);
+    expect(await codeOf(bucket.get('b/c/deep').then((g) => readAll(g.stream)))).toBe(ErrorCode.ChecksumMismatch);
+  });
 
   it('never gives a reader of a copied object another version\'s digest while writers replace it (racing puts, same size)', async () => {
     const key = 'race/k';

@@ -1,5 +1,5 @@
 import type { BigIntStats } from 'node:fs';
-import { link, lstat, readdir, readFile } from 'node:fs/promises';
+import { link, lstat, readdir, readFile, unlink } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { errno, keyName, META_DIR, nameHash, sidecarIno, sidecarPath, TMP_PREFIX, type Sidecar } from './layout.js';
 
@@ -122,7 +122,15 @@ export async function findSidecar(path: string, name: string, st: BigIntStats, c
     if (!(await stillAt(path, st))) return 'raced';
     return adopt(path, name, st, cache);
   }
-  return parseSidecar(text);
+  const meta = parseSidecar(text);
+  if (!meta || matches(meta, name, st)) return meta;
+  // Another version's: a restore onto the same filesystem can give the object an inode number
+  // whose sidecar (copied along, or left by an earlier holder) records another size. A copied
+  // sidecar of the name that matches wins and is adopted in its place. Without one it stays: it is
+  // also what a truncated object finds (same inode, new size), whose full read must fail
+  // ChecksumMismatch, never pass unverified.
+  const found = await adopt(path, name, st, cache, true);
+  return found === undefined ? meta : found;
 }
 
 async function stillAt(path: string, st: BigIntStats): Promise<boolean> {
@@ -130,8 +138,11 @@ async function stillAt(path: string, st: BigIntStats): Promise<boolean> {
   return now !== undefined && now.ino === st.ino;
 }
 
-/** The fallback (see the top of this file): a sidecar of the same name that matches, adopted. */
-export async function adopt(path: string, name: string, st: BigIntStats, cache?: FolderCache): Promise<Lookup> {
+/**
+ * The fallback (see the top of this file): a sidecar of the same name that matches, adopted.
+ * `replace`: the object's inode already has a sidecar, another version's, which the adopted one replaces.
+ */
+export async function adopt(path: string, name: string, st: BigIntStats, cache?: FolderCache, replace = false): Promise<Lookup> {
   const dir = dirname(path);
   const folder = await (cache ?? new FolderCache()).folder(dir);
   const files = folder.sidecars.get(nameHash(name)) ?? [];
@@ -150,6 +161,8 @@ export async function adopt(path: string, name: string, st: BigIntStats, cache?:
   if (!chosen) return undefined;
   const own = sidecarPath(dir, name, st.ino);
   try {
+    // Unlinked, not overwritten: it may be a hard link shared with a sidecar another object adopted.
+    if (replace) await unlink(own).catch((err: unknown) => { if (errno(err) !== 'ENOENT') throw err; });
     await link(join(dir, META_DIR, chosen.file), own);
   } catch (err) {
     // Another reader adopted first (read what it linked), or a read-only copy: serve without adopting.

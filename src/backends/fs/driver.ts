@@ -148,10 +148,7 @@ export class FsDriver implements Driver {
         const meta = await findSidecar(path, keyName(key), st);
         if (meta === 'raced' && attempt < RACED_RETRIES) { await fh.close(); continue; }
         const info = toInfo(key, st, meta === 'raced' ? undefined : meta);
-        // Decision 2: {start: 0} of an empty object is zero bytes; any other start at or past the end is refused.
-        if (range && range.start > 0 && range.start >= info.size) {
-          throw new StorageError(ErrorCode.InvalidInput, `range starts at ${range.start}, past the end (${info.size} bytes)`, { op: 'get', key });
-        }
+        // A start past the end (decision 2) is the Bucket's to refuse, for every backend.
         const stream = fh.createReadStream({
           start: range?.start ?? 0, highWaterMark: CHUNK, signal,
           ...(range?.end === undefined ? {} : { end: range.end }),

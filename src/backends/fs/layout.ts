@@ -3,6 +3,8 @@ import type { BigIntStats } from 'node:fs';
 import { unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ErrorCode, StorageError } from '../../errors.js';
+// Decision 4's content type, the Bucket's own (a value, no cycle: bucket.ts imports no backend).
+import { DEFAULT_CONTENT_TYPE } from '../../storage/bucket.js';
 import type { ObjectInfo } from '../../storage/driver.js';
 
 /**
@@ -13,8 +15,6 @@ export const META_DIR = '.stevedore';
 export const TMP_PREFIX = 'tmp-';
 /** `if-<hash(name)>.<inode>`: a conditional put or delete is replacing that version (see claim.ts). */
 export const CLAIM_PREFIX = 'if-';
-/** Decision 4: what an object put without a content type reports, on every backend. */
-export const DEFAULT_CONTENT_TYPE = 'application/octet-stream';
 
 /**
  * The sidecar, `<hash(name)>.<inode>.json`: the metadata of one version of one object. `mtimeNs`

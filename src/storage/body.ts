@@ -57,8 +57,6 @@ export class SourceBody implements PutBody {
   private iterator: AsyncIterator<unknown> | undefined;
   private rest: Buffer | undefined;
   private end: { error: unknown } | 'ok' | undefined;
-  /** The bytes the last `read` returned, hashed while the next read fills its buffer. */
-  private unhashed: Buffer | undefined;
 
   constructor(
     private readonly source: BodySource,
@@ -93,21 +91,9 @@ export class SourceBody implements PutBody {
     if (this.end === 'ok') return 0;
     if (this.end) throw this.end.error;
     try {
-      // The previous chunk is hashed while this one is read (the file read runs on libuv's pool),
-      // not before: on a 1 GiB put that overlap is a quarter of the time. Where the caller reads
-      // into the very bytes still to be hashed, they are hashed first.
-      if (this.unhashed && overlaps(this.unhashed, buf)) this.hashPending();
-      const filling = this.fill(buf);
-      try {
-        this.hashPending();
-      } catch (err) {
-        // (a throwing progress callback) the fill must be over before the caller reuses buf.
-        await filling.catch(() => {});
-        throw err;
-      }
-      const n = await filling;
+      const n = await this.fill(buf);
       if (n > 0) {
-        this.unhashed = buf.subarray(0, n);
+        this.hasher.update(buf.subarray(0, n));
         return n;
       }
       this.hasher.finish();
@@ -121,12 +107,6 @@ export class SourceBody implements PutBody {
 
   digest(): Digest {
     return this.hasher.digest();
-  }
-
-  private hashPending(): void {
-    if (!this.unhashed) return;
-    this.hasher.update(this.unhashed);
-    this.unhashed = undefined;
   }
 
   /** Releases the source: a driver that failed early (precondition, auth) may have left it unread. */
@@ -226,8 +206,4 @@ export async function hashOpen(open: OpenFile): Promise<Digest> {
   } finally {
     await body.close();
   }
-}
-
-function overlaps(a: Buffer, b: Buffer): boolean {
-  return a.buffer === b.buffer && a.byteOffset < b.byteOffset + b.length && b.byteOffset < a.byteOffset + a.length;
 }

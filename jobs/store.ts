@@ -7,7 +7,7 @@ import { BackendName, Key, Metadata, Sha256, StagingPath, type JobDeps } from '.
 import { STORED_AT_META, storedAt } from '../src/versions.js';
 
 const BASE64 = /^[A-Za-z0-9+/]*={0,2}$/;
-/** Conditional puts tried when other writers keep replacing the key between our stat and our put. */
+/** Puts tried before a re-store stops guarding an earlier first-store time and puts unconditionally. */
 const MAX_PUT_TRIES = 5;
 
 export const StorePayload = z.strictObject({
@@ -75,28 +75,61 @@ export async function store(p: StorePayload, d: JobDeps): Promise<StoreResult> {
 }
 
 /**
- * A plain put that keeps the replaced object's first-store time. New key: a plain put (two new
- * writers racing on one key both carry a first-store time from within the race). Existing key:
- * a put conditional on the version whose time we read, retried when another writer replaced it
- * meanwhile, so a re-store never records a later time than the one it replaces.
+ * A plain put that keeps the key's first-store time, without ever failing because another writer
+ * won: a plain overwrite race has no loser (RELIABILITY #17, #18). `stored_at` only ever moves
+ * earlier, so when the object there records a time no later than ours, a plain put carrying that
+ * time is correct and is the only put (the common re-store: one stream of the file). Only a writer
+ * whose time is earlier than the object's replaces it conditionally (ifMatch), so as not to undo a
+ * still earlier time written meanwhile, retried a few times and then done unconditionally with the
+ * earliest time seen. After our bytes are in, one stat checks that no writer that read an older
+ * state left a later time behind; if one did, we put again, conditionally, carrying the earlier
+ * time. Residual: a writer that read the object before our earlier time landed and writes after that
+ * check puts back the time it read, which is never later than the object's time before the race.
  */
 async function replaceKeepingStoredAt(bucket: Bucket, key: string, source: PutSource, enqueued: string, withStoredAt: (at: string) => PutOptions): Promise<ObjectInfo> {
+  let earliest = enqueued;
+  // After our first put the digest is known: later puts pass it, so a store that needs the digest
+  // before the upload (S3, GCS) does not read the whole file an extra time to hash it again.
+  let known: string | undefined;
+  const put = async (opts: PutOptions): Promise<ObjectInfo> => {
+    const ownDigest = opts.sha256 === undefined && known !== undefined;
+    try {
+      const info = await bucket.put(key, source, ownDigest ? { ...opts, sha256: known } : opts);
+      known ??= info.sha256;
+      return info;
+    } catch (err) {
+      // Our digest, not the producer's: bytes that no longer match it mean the file changed.
+      if (ownDigest && err instanceof StorageError && err.code === ErrorCode.ChecksumMismatch) {
+        throw new StorageError(ErrorCode.Transient, 'the source file changed while it was being stored', { op: 'store', key, cause: err });
+      }
+      throw err;
+    }
+  };
+  // Our own put's result, once our bytes were stored (possibly replaced by a later writer since).
+  let ours: ObjectInfo | undefined;
   for (let tries = 1; ; tries++) {
-    const existing = await bucket.stat(key).catch((err: unknown) => {
+    const current = await bucket.stat(key).catch((err: unknown) => {
       if (err instanceof StorageError && err.code === ErrorCode.NotFound) return undefined;
       throw err;
     });
-    if (!existing) return bucket.put(key, source, withStoredAt(enqueued));
     // An object stored before stored_at existed (or by another tool): its modified time is the
     // best known first-store time, as `versions` would have used it.
-    const before = storedAt(existing.metadata) ?? existing.modified.toISOString();
-    const at = before < enqueued ? before : enqueued;
+    const at = current && (storedAt(current.metadata) ?? current.modified.toISOString());
+    const later = at !== undefined && at > earliest;
+    if (at !== undefined && !later) earliest = at;
+    if (!later) {
+      // Gone, or no later than ours: our bytes (if stored) stand as one whole version, any later
+      // writer's are a legitimate overwrite, and the time there is right.
+      if (ours) return ours;
+      ours = await put(withStoredAt(earliest));
+      continue; // check the time left behind
+    }
+    if (tries >= MAX_PUT_TRIES || current!.etag === undefined) return put(withStoredAt(earliest));
     try {
-      return await bucket.put(key, source, existing.etag === undefined ? withStoredAt(at) : { ...withStoredAt(at), ifMatch: existing.etag });
+      ours = await put({ ...withStoredAt(earliest), ifMatch: current!.etag });
     } catch (err) {
+      // Another writer replaced it between our stat and our put: look again.
       if (!(err instanceof StorageError && err.code === ErrorCode.PreconditionFailed)) throw err;
-      // A plain store never fails for a precondition of its own making: the job retries later.
-      if (tries >= MAX_PUT_TRIES) throw new StorageError(ErrorCode.Transient, `replaced by other writers ${tries} times while storing`, { op: 'store', key, cause: err });
     }
   }
 }

@@ -4,7 +4,7 @@ import { ErrorCode, StorageError } from '../src/errors.js';
 import { BackendName, SiteId, type JobDeps } from '../src/payload.js';
 import type { Bucket } from '../src/storage/bucket.js';
 import type { ObjectInfo } from '../src/storage/driver.js';
-import { JOB_ID_META, jobIdMeta, logKey, parseLogKey } from '../src/versions.js';
+import { JOB_ID_META, isCounterJobId, jobIdMeta, jobIdentity, logKey, parseLogKey } from '../src/versions.js';
 
 const Word = z.string().min(1).max(128).regex(/^[\u0020-\u007e]+$/, 'must be printable ASCII');
 
@@ -53,14 +53,26 @@ export interface LogEntry {
 const MAX_ENTRY_BYTES = 256 * 1024;
 /** Keys tried for one entry before the job gives up for now (Transient: a retry tries again). */
 const MAX_KEY_TRIES = 100;
+/**
+ * Suffixes of entries on stores without an atomic ifAbsent: 16 digits (so `~` x 16, sorting after
+ * every counted suffix below 10^15), the rest a 48-bit digest of the job's identity.
+ */
+const OWN_SEQ_BASE = 10 ** 15;
 
 /**
  * Writes one log entry as a single atomic object. Keys start with a fixed-width UTC ISO timestamp,
- * so they sort chronologically in every backend's listing order. Every write is `ifAbsent`: a key
- * already taken by another job's entry sends this one to the next free suffix (`~1`, `~2`, ...,
- * `~~10`, which all sort after the first key), and a key taken by this very job's entry (a
- * redelivery, or two runs at once after a lost lock) is this job's result. The job id lives in
- * the object's user metadata, so the entry's JSON keeps the seed format.
+ * so they sort chronologically in every backend's listing order. The job's identity
+ * (`jobIdentity`) lives in the object's user metadata, so the entry's JSON keeps the seed format,
+ * and a key holding this job's own entry (a redelivery, or two runs at once after a lost lock) is
+ * this job's result.
+ *
+ * Where ifAbsent is atomic, every write is `ifAbsent`: a key already taken by another job's entry
+ * sends this one to the next free suffix (`~1`, `~2`, ..., `~~10`, which all sort after the first
+ * key). Where it is not (S3 without conditional writes: the Bucket checks with a stat, so two
+ * racing writers both pass), no key is shared between jobs: the entry goes to a suffix derived
+ * from the job's identity (`~~~~~~~~~~~~~~~~1<15 digits>`), which only this job writes, so no
+ * entry can overwrite another's; entries of one site, build and millisecond then sort by that
+ * digest rather than in job order.
  */
 export async function log(p: LogPayload, d: JobDeps): Promise<LogResult> {
   const timestamp = normalizeTimestamp(p.timestamp ?? d.enqueuedAt);
@@ -71,31 +83,59 @@ export async function log(p: LogPayload, d: JobDeps): Promise<LogResult> {
     throw new StorageError(ErrorCode.InvalidInput, `metadata: entry of ${bytes.length} bytes is over ${MAX_ENTRY_BYTES}`, { op: 'log', key: base });
   }
   const bucket = d.bucket(p.backend);
-  const jobId = jobIdMeta(d.jobId);
+  const identity = jobIdentity(d.jobId, d.enqueuedAt);
   const digest = createHash('sha256').update(bytes).digest('hex');
-  const write = (key: string) => bucket.put(key, bytes, { contentType: 'application/json', metadata: { [JOB_ID_META]: jobId }, ifAbsent: true, signal: d.signal });
+  // Entries from before identities were recorded carry no job id, or a counter id alone (which
+  // another job may share): the same bytes there are this job's own earlier run (the key already
+  // held its time, site and build), anything else another entry.
+  const plain = isCounterJobId(d.jobId) ? jobIdMeta(d.jobId) : undefined;
+  const isOurs = (o: ObjectInfo) => {
+    const recorded = o.metadata[JOB_ID_META];
+    return recorded === identity || ((recorded === undefined || recorded === plain) && o.sha256 === digest);
+  };
+  const put = (key: string, ifAbsent: boolean) => bucket.put(key, bytes, { contentType: 'application/json', metadata: { [JOB_ID_META]: identity }, ifAbsent, signal: d.signal });
+  const done = (key: string, again: boolean) => {
+    d.log.info({ key }, again ? 'already logged by an earlier run of this job' : 'logged');
+    return { key, timestamp };
+  };
+
+  if (!bucket.atomicIfAbsent) {
+    const taken = await entriesAt(bucket, p.site, timestamp, p.build);
+    const ours = taken.find(isOurs);
+    if (ours) return done(ours.key, true);
+    const used = new Set(taken.map((o) => o.key));
+    // A digest shared with another job's entry is next to impossible; it only moves us on.
+    for (let n = 0; ; n++) {
+      const key = logKey(p.site, timestamp, p.build, ownSeq(identity, n));
+      if (used.has(key)) continue;
+      // Only this job writes this key: two runs of it at once write the same bytes.
+      await put(key, false);
+      return done(key, false);
+    }
+  }
+
   let key = base;
   for (let tries = 0; tries < MAX_KEY_TRIES; tries++) {
     try {
-      await write(key);
-      d.log.info({ key }, 'logged');
-      return { key, timestamp };
+      await put(key, true);
+      return done(key, false);
     } catch (err) {
       if (!(err instanceof StorageError && err.code === ErrorCode.PreconditionFailed)) throw err;
     }
     // Taken: by this job's own entry (return it), or by others (the next key after all of them).
     const taken = await entriesAt(bucket, p.site, timestamp, p.build);
-    // An entry without a job id was written before job ids were recorded: the same bytes there are
-    // this job's own first run (the key already held its time, site and build), not another entry.
-    const ours = taken.find((o) => o.metadata[JOB_ID_META] === jobId || (o.metadata[JOB_ID_META] === undefined && o.sha256 === digest));
-    if (ours) {
-      d.log.info({ key: ours.key }, 'already logged by an earlier run of this job');
-      return { key: ours.key, timestamp };
-    }
-    const last = Math.max(0, ...taken.map((o) => parseLogKey(o.key)?.seq ?? 0));
+    const ours = taken.find(isOurs);
+    if (ours) return done(ours.key, true);
+    // Counted suffixes only: one derived from an identity (written where ifAbsent was not atomic) is no count.
+    const last = Math.max(0, ...taken.map((o) => parseLogKey(o.key)?.seq ?? 0).filter((seq) => seq < OWN_SEQ_BASE));
     key = logKey(p.site, timestamp, p.build, last + 1);
   }
   throw new StorageError(ErrorCode.Transient, `${MAX_KEY_TRIES} keys for this site, build and millisecond were taken while trying`, { op: 'log', key: base });
+}
+
+/** The suffix only this job writes, on stores without an atomic ifAbsent (`n` > 0 after a digest collision). */
+function ownSeq(identity: string, n: number): number {
+  return OWN_SEQ_BASE + Number.parseInt(createHash('sha256').update(n === 0 ? identity : `${identity}#${n}`).digest('hex').slice(0, 12), 16);
 }
 
 /** The entries of one site, build and millisecond, with their user metadata (a stat each where listings carry none). */

@@ -27,7 +27,10 @@ export interface BuildVersion {
  * build in `versions`.
  */
 export const STORED_AT_META = 'stored_at';
-/** User metadata on a log entry: the job that wrote it, so a second run of that job finds its own entry. */
+/**
+ * User metadata on a log entry: the job that wrote it (`jobIdentity`), so a second run of that job
+ * finds its own entry. Entries written before identities were recorded carry the plain job id.
+ */
 export const JOB_ID_META = 'job_id';
 
 const SITE = /^[A-Za-z0-9._-]{1,128}$/;
@@ -58,6 +61,22 @@ export function parseLogKey(key: string): { site: string; timestamp: string; bui
 /** A job id as a metadata value (printable ASCII without spaces, short); others by their digest. */
 export function jobIdMeta(jobId: string): string {
   return /^[\u0021-\u007e]{1,200}$/.test(jobId) ? jobId : `sha256:${createHash('sha256').update(jobId).digest('hex')}`;
+}
+
+/** True for an id from BullMQ's per-Redis counter (BullMQ refuses integer custom ids). */
+export function isCounterJobId(jobId: string): boolean {
+  return `${Number.parseInt(jobId, 10)}` === jobId;
+}
+
+/**
+ * What a log entry records to know its job again: the same on every attempt and redelivery of one
+ * job, different between jobs. A counter id restarts after a Redis flush and repeats in a second
+ * deployment on the same backend, so it is qualified with the job's enqueue time (`17@<ms>`); a
+ * custom id is the producer's idempotency key (the same job however often it is enqueued) and
+ * stands alone. As a metadata value (see `jobIdMeta`).
+ */
+export function jobIdentity(jobId: string, enqueuedAt: number): string {
+  return jobIdMeta(isCounterJobId(jobId) ? `${jobId}@${enqueuedAt}` : jobId);
 }
 
 /** A recorded `stored_at`, if it is one (our own fixed-width form, a real instant). */

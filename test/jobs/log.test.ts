@@ -10,6 +10,7 @@ import { Bucket } from '../../src/storage/bucket.js';
 import { logKey, parseLogKey, versions } from '../../src/versions.js';
 import { readAll } from '../conformance/suite.js';
 import { tempDir } from '../harness/process.js';
+import { s3ConformanceTarget } from '../harness/s3.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
 import { inProcessWorker, type InProcessWorker } from '../harness/worker.js';
 
@@ -31,12 +32,15 @@ describe('log entries through Redis', () => {
   let serial: InProcessWorker;
   let parallel: InProcessWorker;
   const buckets = new Map<string, Bucket>();
+  const s3 = s3ConformanceTarget();
 
   beforeAll(async () => {
     redis = await startRedis();
     tmp = await tempDir();
     buckets.set('fs', new Bucket(new FsDriver({ root: join(tmp.path, 'objects') }), { name: 'fs' }));
     buckets.set('memory', new Bucket(new MemoryDriver(), { name: 'memory' }));
+    // s3rver ignores If-None-Match: ifAbsent is a stat first there, which two racing writers both pass.
+    buckets.set('s3', new Bucket(await s3.newDriver({ conditionalWrites: false }), { name: 's3' }));
     // One job at a time takes keys in the queue's order; eight at a time race for them.
     serial = await inProcessWorker(redis.url, buckets, join(tmp.path, 'staging'), { concurrency: 1 });
     parallel = await inProcessWorker(redis.url, buckets, join(tmp.path, 'staging'), { concurrency: 8 });
@@ -44,6 +48,7 @@ describe('log entries through Redis', () => {
   afterAll(async () => {
     await serial?.close();
     await parallel?.close();
+    await s3.teardown();
     await redis?.stop();
     await tmp?.remove();
   });
@@ -77,44 +82,6 @@ describe('log entries through Redis', () => {
       expect(list[0]!.first).toBe('2026-12-02T07:00:00.000Z');
     });
 
-    it('loses no entry when many jobs race for one key', async () => {
-      const n = 24;
-      const jobs = await parallel.client.queue.addBulk(Array.from({ length: n }, (_, i) => ({
-        name: 'log', data: { backend, site: 'race', build: 'b', action: 'a', status: String(i), timestamp: '2026-12-02T07:00:00.123Z' },
-      })));
-      const results = [];
-      for (const j of jobs) results.push(await parallel.client.result<'log'>(j.id!, { timeoutMs: 20_000 }));
-      expect(new Set(results.map((r) => r.key)).size).toBe(n);
-      const bucket = buckets.get(backend)!;
-      const keys = await keysUnder(bucket, 'sites/race/logs/');
-      expect(keys.length).toBe(n);
-      const statuses = await Promise.all(keys.map(async (k) => (await entry(bucket, k)).status as string));
-      expect(statuses.map(Number).sort((a, b) => a - b)).toEqual(Array.from({ length: n }, (_, i) => i));
-    });
-
-    it('writes one entry when one job runs twice, in turn or at once', async () => {
-      const bucket = buckets.get(backend)!;
-      const staging = new Staging(join(tmp.path, 'staging'));
-      const deps = (jobId: string): JobDeps => ({
-        bucket: () => bucket, staging, log: pino({ level: 'silent' }), signal: new AbortController().signal,
-        progress: () => {}, enqueuedAt: Date.parse('2026-12-02T09:00:00.000Z'), jobId, limits: { maxInlineBytes: 1024 },
-      });
-      const payload = { backend, site: 'again', build: 'b', action: 'deploy', status: 'ok' };
-      // Another job's entry already holds the plain key: the redelivered job must find its own at `~1`.
-      const other = await log(payload, deps('other'));
-      const first = await log(payload, deps('42'));
-      const second = await log(payload, deps('42'));
-      const [third, fourth] = await Promise.all([log(payload, deps('43')), log(payload, deps('43'))]);
-      expect(other.key).toBe('sites/again/logs/2026-12-02T09:00:00.000Z-b.json');
-      expect(first.key).toBe('sites/again/logs/2026-12-02T09:00:00.000Z-b~1.json');
-      expect(second).toEqual(first);
-      expect(fourth).toEqual(third);
-      expect(await keysUnder(bucket, 'sites/again/logs/')).toEqual([other.key, first.key, third.key]);
-      // The job id is in the object's metadata, not in the entry (the seed format stays as it was).
-      expect((await bucket.stat(first.key)).metadata).toEqual({ job_id: '42' });
-      expect(Object.keys(await entry(bucket, first.key)).sort()).toEqual(['action', 'build_id', 'metadata', 'site_id', 'status', 'timestamp']);
-    });
-
     it('takes an entry written before job ids were recorded, with the same bytes, for this job\'s own first run', async () => {
       const bucket = buckets.get(backend)!;
       const data = { backend, site: 'legacy', build: 'b', action: 'a', status: 's', timestamp: '2026-12-02T07:00:00Z' };
@@ -133,6 +100,84 @@ describe('log entries through Redis', () => {
       const b = await serial.client.run('log', data, { jobId: `idem-${backend}` });
       expect(b).toEqual(a);
       expect(await keysUnder(buckets.get(backend)!, 'sites/idem/logs/')).toEqual([a.key]);
+    });
+  });
+
+  /** JobDeps for a direct call of the log job, as the runner builds them. */
+  const ENQUEUED = Date.parse('2026-12-02T09:00:00.000Z');
+  const deps = (bucket: Bucket, jobId: string, enqueuedAt = ENQUEUED): JobDeps => ({
+    bucket: () => bucket, staging: new Staging(join(tmp.path, 'staging')), log: pino({ level: 'silent' }), signal: new AbortController().signal,
+    progress: () => {}, enqueuedAt, jobId, limits: { maxInlineBytes: 1024 },
+  });
+
+  describe.each(['fs', 'memory', 's3'])('on the %s backend, atomic ifAbsent or not', (backend) => {
+    it('loses no entry when many jobs race for one key', async () => {
+      const n = 24;
+      const jobs = await parallel.client.queue.addBulk(Array.from({ length: n }, (_, i) => ({
+        name: 'log', data: { backend, site: 'race', build: 'b', action: 'a', status: String(i), timestamp: '2026-12-02T07:00:00.123Z' },
+      })));
+      const results = [];
+      for (const j of jobs) results.push(await parallel.client.result<'log'>(j.id!, { timeoutMs: 20_000 }));
+      expect(new Set(results.map((r) => r.key)).size).toBe(n);
+      const bucket = buckets.get(backend)!;
+      const keys = await keysUnder(bucket, 'sites/race/logs/');
+      expect(keys.length).toBe(n);
+      // Every key is this site, build and millisecond's, sorting from the plain key on.
+      const plain = logKey('race', '2026-12-02T07:00:00.123Z', 'b');
+      for (const k of keys) expect(parseLogKey(k)).toMatchObject({ site: 'race', timestamp: '2026-12-02T07:00:00.123Z', build: 'b' });
+      for (const k of keys) expect(byteOrder(k, plain)).toBeGreaterThanOrEqual(0);
+      expect((await versions(bucket, 'race'))[0]!.logs).toEqual(keys);
+      const statuses = await Promise.all(keys.map(async (k) => (await entry(bucket, k)).status as string));
+      expect(statuses.map(Number).sort((a, b) => a - b)).toEqual(Array.from({ length: n }, (_, i) => i));
+    });
+
+    it('writes one entry when one job runs twice, in turn or at once', async () => {
+      const bucket = buckets.get(backend)!;
+      const payload = { backend, site: 'again', build: 'b', action: 'deploy', status: 'ok' };
+      // Another job's entry is already there: the redelivered job must find its own, not take that one.
+      const other = await log(payload, deps(bucket, 'other'));
+      const first = await log(payload, deps(bucket, '42'));
+      const second = await log(payload, deps(bucket, '42'));
+      const [third, fourth] = await Promise.all([log(payload, deps(bucket, '43')), log(payload, deps(bucket, '43'))]);
+      expect(second).toEqual(first);
+      expect(fourth).toEqual(third);
+      expect(new Set([other.key, first.key, third.key]).size).toBe(3);
+      expect(await keysUnder(bucket, 'sites/again/logs/')).toEqual([other.key, first.key, third.key].sort(byteOrder));
+      if (bucket.atomicIfAbsent) {
+        expect([other.key, first.key, third.key]).toEqual(['', '~1', '~2'].map((s) => `sites/again/logs/2026-12-02T09:00:00.000Z-b${s}.json`));
+      } else {
+        // No key is shared between jobs here: each entry's suffix is its job's own, after the plain key.
+        for (const k of [other.key, first.key, third.key]) expect(parseLogKey(k)!.seq).toBeGreaterThanOrEqual(10 ** 15);
+      }
+      // The job's identity is in the object's metadata, not in the entry (the seed format stays as it
+      // was): a counter id with its enqueue time, a custom id alone.
+      expect((await bucket.stat(first.key)).metadata).toEqual({ job_id: `42@${ENQUEUED}` });
+      expect((await bucket.stat(other.key)).metadata).toEqual({ job_id: 'other' });
+      expect(Object.keys(await entry(bucket, first.key)).sort()).toEqual(['action', 'build_id', 'metadata', 'site_id', 'status', 'timestamp']);
+    });
+
+    it('writes an entry for each of two jobs with one counter id but different enqueue times (a Redis flush, a second deployment)', async () => {
+      const bucket = buckets.get(backend)!;
+      const payload = { backend, site: 'flush', build: 'b', action: 'deploy', status: 'ok', timestamp: '2026-12-02T07:00:00Z' };
+      // Job 17 before the flush, job 17 after it, and a redelivery of each: two entries.
+      const before = await log(payload, deps(bucket, '17', ENQUEUED));
+      const after = await log(payload, deps(bucket, '17', ENQUEUED + 3_600_000));
+      expect(await log(payload, deps(bucket, '17', ENQUEUED))).toEqual(before);
+      expect(await log(payload, deps(bucket, '17', ENQUEUED + 3_600_000))).toEqual(after);
+      expect(after.key).not.toBe(before.key);
+      expect(await keysUnder(bucket, 'sites/flush/logs/')).toEqual([before.key, after.key].sort(byteOrder));
+    });
+
+    it('takes an entry an earlier version wrote with the plain counter id for this job\'s own only when it holds the same bytes', async () => {
+      const bucket = buckets.get(backend)!;
+      const data = { backend, site: 'upgrade', build: 'b', action: 'a', status: 's', timestamp: '2026-12-02T07:00:00Z' };
+      const bytes = Buffer.from(`${JSON.stringify({ timestamp: '2026-12-02T07:00:00.000Z', build_id: 'b', site_id: 'upgrade', action: 'a', status: 's', metadata: {} })}\n`);
+      const old = 'sites/upgrade/logs/2026-12-02T07:00:00.000Z-b.json';
+      await bucket.put(old, bytes, { contentType: 'application/json', metadata: { job_id: '7' } });
+      expect(await log(data, deps(bucket, '7'))).toMatchObject({ key: old });
+      // The same counter id with other bytes is another job (ids restarted): its own entry.
+      expect((await log({ ...data, status: 'other' }, deps(bucket, '7'))).key).not.toBe(old);
+      expect((await keysUnder(bucket, 'sites/upgrade/logs/')).length).toBe(2);
     });
   });
 

@@ -15,6 +15,7 @@ import { readAll } from '../conformance/suite.js';
 import { gcsConformanceTarget } from '../harness/gcs.js';
 import { tempDir } from '../harness/process.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
+import { overrideDriver } from '../fixtures/override-driver.js';
 import { inProcessWorker, type InProcessWorker } from '../harness/worker.js';
 
 const sha = (b: Uint8Array) => createHash('sha256').update(b).digest('hex');
@@ -22,13 +23,9 @@ const sha = (b: Uint8Array) => createHash('sha256').update(b).digest('hex');
 /** Fails the first `n` puts with ENOSPC, as a full disk would: the job must retry and then succeed. */
 function failingPuts(driver: Driver, n: number): Driver {
   let left = n;
-  return new Proxy(driver, {
-    get(t, prop, r) {
-      if (prop === 'put' && left > 0) return async () => { left--; throw Object.assign(new Error('no space left on device'), { code: 'ENOSPC' }); };
-      const v = Reflect.get(t, prop, r) as unknown;
-      return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(t) : v;
-    },
-  });
+  return overrideDriver(driver, {
+    put: async () => { left--; throw Object.assign(new Error('no space left on device'), { code: 'ENOSPC' }); },
+  }, () => left > 0);
 }
 
 describe('jobs through Redis', () => {

@@ -5,6 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MemoryDriver } from '../../src/backends/memory.js';
 import type { Driver, DriverPutOptions } from '../../src/storage/driver.js';
 import { Bucket } from '../../src/storage/bucket.js';
+import { overrideDriver } from '../fixtures/override-driver.js';
 import { tempDir } from '../harness/process.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
 import { inProcessWorker, type InProcessWorker } from '../harness/worker.js';
@@ -16,18 +17,12 @@ function hangingPuts(driver: Driver) {
   const putStarted = new Promise<void>((r) => { started = r; });
   let aborted!: (reason: unknown) => void;
   const putAborted = new Promise<unknown>((r) => { aborted = r; });
-  const proxy = new Proxy(driver, {
-    get(t, prop, r) {
-      if (prop === 'put') {
-        return (_key: string, _body: unknown, opts: DriverPutOptions) => new Promise((_resolve, reject) => {
-          events.push('put');
-          started();
-          opts.signal?.addEventListener('abort', () => { aborted(opts.signal?.reason); reject(opts.signal?.reason); }, { once: true });
-        });
-      }
-      const v = Reflect.get(t, prop, r) as unknown;
-      return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(t) : v;
-    },
+  const proxy = overrideDriver(driver, {
+    put: (_key: string, _body: unknown, opts: DriverPutOptions) => new Promise((_resolve, reject) => {
+      events.push('put');
+      started();
+      opts.signal?.addEventListener('abort', () => { aborted(opts.signal?.reason); reject(opts.signal?.reason); }, { once: true });
+    }),
   });
   return { proxy, events, putStarted, putAborted };
 }

@@ -6,6 +6,7 @@ import { ErrorCode, StorageError } from '../../src/errors.js';
 import { Bucket } from '../../src/storage/bucket.js';
 import type { Driver, PutBody } from '../../src/storage/driver.js';
 import { writeRandomFile } from '../fixtures/big-file.js';
+import { overrideDriver } from '../fixtures/override-driver.js';
 import { tempDir } from '../harness/process.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
 import { inProcessWorker, type InProcessWorker } from '../harness/worker.js';
@@ -18,19 +19,12 @@ const bytesOf = (job: Job | undefined): number | undefined => (job?.progress as 
  * PermissionDenied: a transfer that ends before its total, whatever the job knows of the total.
  */
 function failingAfter(chunks: number, release?: Promise<void>): Driver {
-  const inner = new MemoryDriver();
-  return new Proxy(inner, {
-    get(t, prop, r) {
-      if (prop === 'put') {
-        return async (key: string, body: PutBody) => {
-          const buf = Buffer.alloc(MiB);
-          for (let i = 0; i < chunks; i++) await body.read(buf);
-          await release;
-          throw new StorageError(ErrorCode.PermissionDenied, 'refused by the test driver', { op: 'put', key });
-        };
-      }
-      const v = Reflect.get(t, prop, r) as unknown;
-      return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(t) : v;
+  return overrideDriver(new MemoryDriver(), {
+    async put(key: string, body: PutBody) {
+      const buf = Buffer.alloc(MiB);
+      for (let i = 0; i < chunks; i++) await body.read(buf);
+      await release;
+      throw new StorageError(ErrorCode.PermissionDenied, 'refused by the test driver', { op: 'put', key });
     },
   });
 }

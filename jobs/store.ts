@@ -121,6 +121,16 @@ async function replaceKeepingStoredAt(bucket: Bucket, key: string, source: PutSo
       // Gone, or no later than ours: our bytes (if stored) stand as one whole version, any later
       // writer's are a legitimate overwrite, and the time there is right.
       if (ours) return ours;
+      if (current === undefined && bucket.atomicIfAbsent && tries === 1) {
+        // A new key (the common case): created atomically, ours is the first store and its time
+        // stands without a second look; a racer that created it first sends us round again.
+        try {
+          return await put({ ...withStoredAt(earliest), ifAbsent: true });
+        } catch (err) {
+          if (!(err instanceof StorageError && err.code === ErrorCode.PreconditionFailed)) throw err;
+          continue;
+        }
+      }
       ours = await put(withStoredAt(earliest));
       continue; // check the time left behind
     }

@@ -23,6 +23,7 @@ export interface WorkerOptions {
 export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: RunnerDeps): Worker {
   // The jobs running here, with their parents: a cancel request names either (src/queue/cancel.ts).
   const running = new Map<string, string | undefined>();
+  let cancels: CancelListener; // set below, once the worker exists
   const worker: Worker = new Worker(opts.queue, async (job, token, signal) => {
     // Back to the front of the wait list, for another worker; WaitingError spends no attempt.
     const handBack = async (): Promise<never> => {
@@ -35,10 +36,16 @@ export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: 
     if (worker.closing) return handBack();
     const cancel = signal ?? new AbortController().signal;
     const id = String(job.id);
+    await cancels.ready;
     running.set(id, job.parent?.id);
     try {
-      // Checked once it is in `running`: a request from here on reaches it by message instead.
-      if (await cancelRequested(connection, worker, job)) throw new UnrecoverableError(CANCEL_REASON);
+      // Checked once it is in `running`: a request from here on reaches it by message. One that
+      // came before is in `heard` (its message arrived between the fetch and now), or, for a job
+      // this process could not have heard of (a chunk whose parent was cancelled while it waited,
+      // a job run again after a stall or a retry), in Redis: a first run of a job without a parent
+      // was waiting until just now, and a request for a waiting job removes it instead.
+      const again = (job.attemptsStarted ?? 1) > 1 || job.parent !== undefined;
+      if (cancels.heard(id) || (again && await cancelRequested(connection, worker, job))) throw new UnrecoverableError(CANCEL_REASON);
       return await runJob(job, deps, cancel);
     } catch (err) {
       // Cancelled by a forced stop (stopWorker): handed back at once instead of waiting for the
@@ -72,21 +79,36 @@ export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: 
       if (worker.cancelJob(id, 'lock lost: another worker may be running this job')) deps.log.warn({ jobId: id }, 'job lock lost; job cancelled');
     }
   });
-  listenForCancels(worker, connection, running, deps.log);
+  cancels = listenForCancels(worker, connection, running, deps.log);
   return worker;
 }
 
+interface CancelListener {
+  /** Settles once the subscription is in place (or failed: then jobs are checked in Redis alone). */
+  ready: Promise<void>;
+  /** Whether a cancel request for this id was heard lately (before its job reached this worker). */
+  heard(jobId: string): boolean;
+}
+
+/** How long a heard cancel request is remembered for a job not running here (yet). */
+const HEARD_MS = 60_000;
+
 /** Aborts the jobs (and the children of jobs) that a cancel request names, on a subscriber connection of its own. */
-function listenForCancels(worker: Worker, connection: RedisClient, running: Map<string, string | undefined>, log: Logger): void {
+function listenForCancels(worker: Worker, connection: RedisClient, running: Map<string, string | undefined>, log: Logger): CancelListener {
+  const heard = new Map<string, number>();
   const sub = duplicateConnection(connection);
   sub.on('error', (err: Error) => log.warn({ err: { message: err.message } }, 'cancel listener connection error'));
   sub.on('message', (_channel: string, jobId: string) => {
+    const now = Date.now();
+    for (const [id, at] of heard) if (now - at > HEARD_MS) heard.delete(id);
+    heard.set(jobId, now);
     for (const [id, parent] of running) {
       if ((id === jobId || parent === jobId) && worker.cancelJob(id, CANCEL_REASON)) log.warn({ jobId: id, requested: jobId }, 'job cancelled by request');
     }
   });
-  sub.subscribe(cancelChannel(worker)).catch((err: unknown) => log.error({ err }, 'cannot listen for cancel requests'));
+  const ready = sub.subscribe(cancelChannel(worker)).then(() => {}, (err: unknown) => log.error({ err }, 'cannot listen for cancel requests'));
   worker.on('closed', () => { sub.quit().catch(() => sub.disconnect()); });
+  return { ready, heard: (id) => heard.has(id) };
 }
 
 /** How long a forced stop waits for cancelled jobs to hand themselves back. */

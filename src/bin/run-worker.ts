@@ -5,6 +5,8 @@ import type { Config } from '../config.js';
 import { createLogger } from '../logger.js';
 import { describeTarget } from '../queue/connection.js';
 import { startWorker, stopWorker } from '../queue/worker.js';
+import { describeEndpoint } from '../webhooks/delivery.js';
+import { startWebhooks } from '../webhooks/start.js';
 import { redisAnswers, startPrivateRedis } from './redis.js';
 
 export interface RunWorkerOptions {
@@ -34,14 +36,17 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
     await stopRedis?.().catch(() => {});
     throw err;
   });
+  const webhooks = startWebhooks(app, log);
   const worker = startWorker(app.connect('worker'), {
     queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, lockDurationMs: config.lockDurationMs,
     stalledIntervalMs: config.stalledIntervalMs, name: config.workerName, retention: app.retention,
+    hooks: [...(webhooks ? [webhooks.hooks] : [])],
   }, { buckets, staging: app.staging, log, limits: { maxInlineBytes: config.maxInlineBytes }, locks: app.locks() });
   log.info({
     queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, redis: describeTarget(app.redis),
     backends: [...buckets.entries()].map(([name, b]) => `${name}=${b.driver.kind}`), staging: config.stagingDir,
     keepCompleted: app.retention.keepCompleted, keepFailed: app.retention.keepFailed,
+    ...(config.webhookUrl ? { webhooks: describeEndpoint(config.webhookUrl) } : {}),
   }, 'worker started');
 
   // Leftovers of killed workers, in backends and in the staging area: an hour without a change
@@ -59,6 +64,8 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
     clearInterval(sweeper);
     log.info({ signal, deadlineMs: config.shutdownTimeoutMs }, 'stopping: no new jobs, waiting for active ones');
     const outcome = await stopWorker(worker, config.shutdownTimeoutMs, log);
+    // After the jobs: the last ones' deliveries are queued before the publisher closes.
+    await webhooks?.close().catch((err: unknown) => log.warn({ err }, 'webhooks close failed'));
     // A forced stop leaves handlers running: their connections are dropped, not waited for.
     await app.close({ force: outcome !== 'drained' });
     await stopRedis?.();

@@ -21,12 +21,15 @@ export interface DeliveryOptions {
   concurrency?: number;
   retention: Retention;
   log: Logger;
+  /** BullMQ's per-minute completed/failed counts for the webhook queue; off when unset. */
+  metricsDataPoints?: number;
 }
 
 export type DeliveryResult = { status: number } | { status: 410; disabled: true } | { skipped: 'endpoint disabled' };
 
 /** Where a 410 is remembered, per endpoint (its URL's hash, so the URL itself is not stored). */
-export const disabledKey = (prefix: string, queue: string): string => `${prefix}:${webhookQueueName(queue)}:disabled`;
+/** After the queue's name and a `:`, which no BullMQ job id may contain, so no job's key can be this one. */
+export const disabledKey = (prefix: string, queue: string): string => `${prefix}:${webhookQueueName(queue)}:endpoints:disabled`;
 export const endpointHash = (url: string): string => createHash('sha256').update(url).digest('hex');
 
 /** Carries a receiver's `retry-after` from the failed attempt to the backoff strategy. */
@@ -84,6 +87,7 @@ export function startWebhookWorker(connection: RedisClient, o: DeliveryOptions):
     prefix: o.prefix,
     concurrency: o.concurrency ?? 8,
     ...workerRetention(o.retention),
+    ...(o.metricsDataPoints ? { metrics: { maxDataPoints: o.metricsDataPoints } } : {}),
     settings: {
       backoffStrategy: (attemptsMade: number, _type?: string, err?: Error) => nextDelay(o.scheduleMs, attemptsMade, err instanceof DeliveryError ? err.retryAfterMs : undefined),
     },

@@ -1,9 +1,8 @@
-import { Queue } from 'bullmq';
 import type { FastifyPluginAsync } from 'fastify';
 import { metricsKey } from '../metrics/catalog.js';
 import { renderQueues, renderTotals } from '../metrics/render.js';
-import { waitForRedis, type RedisClient } from '../queue/connection.js';
-import { webhookQueueName } from '../webhooks/publisher.js';
+import type { RedisClient } from '../queue/connection.js';
+import { openQueueHandles } from './queue-handles.js';
 
 export interface MetricsPluginOptions {
   /** The public queue's name (STEVEDORE_QUEUE). */
@@ -22,24 +21,13 @@ export interface MetricsPluginOptions {
  * the number of jobs: no KEYS, no SCAN.
  */
 export const metricsPlugin: FastifyPluginAsync<MetricsPluginOptions> = async (app, opts) => {
-  const redis = opts.connect();
-  redis.on('error', () => {});
-  const queues = [opts.queue, webhookQueueName(opts.queue)].map((name) => {
-    const q = new Queue(name, { connection: redis, prefix: opts.keyPrefix });
-    q.on('error', () => {});
-    return q;
-  });
+  const h = openQueueHandles(opts.connect, opts.queue, opts.keyPrefix);
   const key = metricsKey(opts.keyPrefix, opts.queue);
-  app.addHook('onClose', async () => {
-    await Promise.all(queues.map((q) => q.close()));
-    await redis.quit().catch(() => redis.disconnect());
-  });
+  app.addHook('onClose', () => h.close());
 
   app.get('/metrics', async (_req, reply) => {
-    // A producer connection has no offline queue: a scrape right after start (or while Redis is
-    // away) waits a little for it rather than failing at once, and never hangs.
-    if (redis.status !== 'ready') await waitForRedis(redis, 2_000);
-    const [totals, depth] = await Promise.all([redis.hgetall(key).then(renderTotals), renderQueues(queues)]);
+    await h.ready();
+    const [totals, depth] = await Promise.all([h.redis.hgetall(key).then(renderTotals), renderQueues(h.queues)]);
     return reply.type('text/plain; version=0.0.4; charset=utf-8').send(`${totals.endsWith('\n') ? totals : `${totals}\n`}${depth}`);
   });
 };

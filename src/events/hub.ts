@@ -53,6 +53,8 @@ export class EventHub {
       this.cursor = info?.lastGenerated ?? '0-0';
       this.loop = this.read();
     })();
+    // A start that failed (Redis away) is tried again by the next client, not remembered.
+    this.started.catch(() => { this.started = undefined; });
     return this.started;
   }
 

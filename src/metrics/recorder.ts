@@ -1,4 +1,5 @@
 import type { Job } from 'bullmq';
+import { JOBS } from '../../jobs/index.js';
 import type { Logger } from 'pino';
 import type { RedisClient } from '../queue/connection.js';
 import type { JobHooks } from '../queue/job-hooks.js';
@@ -20,6 +21,13 @@ export interface RecorderOptions {
  * workers or jobs. Totals survive worker restarts, so counters never go backwards. A flush that
  * fails keeps its counts for the next one.
  */
+/**
+ * The `type` label: a job type, or `other` for any other name a producer used (such jobs fail
+ * InvalidInput at once), so a producer's typos cannot grow the totals without bound.
+ */
+const KNOWN_TYPES: ReadonlySet<string> = new Set(Object.keys(JOBS));
+const typeLabel = (name: string): string => (KNOWN_TYPES.has(name) ? name : 'other');
+
 export class MetricsRecorder implements JobHooks {
   private pending = new Map<string, number>();
   private readonly timer: NodeJS.Timeout;
@@ -47,16 +55,16 @@ export class MetricsRecorder implements JobHooks {
     this.finished(job, 'completed');
     for (const b of bytesMoved(job.name, job.data, result)) this.inc('stevedore_bytes_total', { backend: b.backend, direction: b.direction }, b.bytes);
     const mismatched = job.name === 'verify' ? Number((result as { mismatched?: unknown } | null)?.mismatched) : 0;
-    if (mismatched > 0) this.inc('stevedore_checksum_mismatches_total', { type: job.name }, mismatched);
+    if (mismatched > 0) this.inc('stevedore_checksum_mismatches_total', { type: typeLabel(job.name) }, mismatched);
   }
 
   failed(job: Job, err: Error): void {
     this.finished(job, 'failed');
-    if ((job.failedReason ?? err.message).startsWith('ChecksumMismatch')) this.inc('stevedore_checksum_mismatches_total', { type: job.name });
+    if ((job.failedReason ?? err.message).startsWith('ChecksumMismatch')) this.inc('stevedore_checksum_mismatches_total', { type: typeLabel(job.name) });
   }
 
   retried(job: Job): void {
-    this.inc('stevedore_job_retries_total', { type: job.name });
+    this.inc('stevedore_job_retries_total', { type: typeLabel(job.name) });
   }
 
   lockLost(): void {
@@ -91,8 +99,9 @@ export class MetricsRecorder implements JobHooks {
   }
 
   private finished(job: Job, outcome: 'completed' | 'failed'): void {
-    this.inc('stevedore_jobs_total', { type: job.name, outcome });
-    if (job.processedOn && job.finishedOn) this.observe('stevedore_job_duration_seconds', { type: job.name, outcome }, Math.max(0, job.finishedOn - job.processedOn) / 1000);
+    const type = typeLabel(job.name);
+    this.inc('stevedore_jobs_total', { type, outcome });
+    if (job.processedOn && job.finishedOn) this.observe('stevedore_job_duration_seconds', { type, outcome }, Math.max(0, job.finishedOn - job.processedOn) / 1000);
   }
 
   private add(f: string, by: number): void {

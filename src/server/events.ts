@@ -107,14 +107,16 @@ export const eventsPlugin: FastifyPluginAsync<EventsPluginOptions> = async (app,
     await commands.quit().catch(() => commands.disconnect());
   });
 
-  app.get<{ Querystring: { type?: string; lastEventId?: string } }>('/events', { sse: { kind: 'only' } }, async (req, reply) => {
-    const wanted = req.query.type ? req.query.type.split(',').map((s) => s.trim()).filter(Boolean) : undefined;
+  app.get<{ Querystring: { type?: string | string[]; lastEventId?: string | string[] } }>('/events', { sse: { kind: 'only' } }, async (req, reply) => {
+    // `?type=a,b` and `?type=a&type=b` alike.
+    const types = [req.query.type ?? []].flat().flatMap((t) => t.split(',')).map((t) => t.trim()).filter(Boolean);
+    const wanted = types.length ? types : undefined;
     const unknown = known && wanted?.find((t) => !known.has(t));
     if (unknown !== undefined) {
       return reply.code(400).header('content-type', 'application/json').send({ error: 'InvalidInput', message: `type: unknown job type "${unknown.slice(0, 64)}" (expected one of ${[...known!].join(', ')})` });
     }
     const header = req.headers['last-event-id'];
-    const lastId = (Array.isArray(header) ? header[0] : header) ?? req.query.lastEventId;
+    const lastId = (Array.isArray(header) ? header[0] : header) ?? [req.query.lastEventId ?? []].flat()[0];
     await hub.ready();
     const client = new Client(reply, wanted ? new Set(wanted) : undefined, hub.position, opts.maxQueuedPerClient ?? 10_000);
     // Subscribed before the replay starts, so nothing between the replay's end and live is missed.

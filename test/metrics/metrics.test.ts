@@ -83,8 +83,12 @@ describe('GET /metrics', () => {
     await w.client.run('fetch-to-staging', { key: 'm/a', dest: 'out/a' });
     await w.client.run('store', { key: 'm/d', source: { base64: b64('x') }, sha256: 'a'.repeat(64) }).catch(() => {});
     await w.client.run('log', { site: 's', build: '../b', action: 'a', status: 'ok' }).catch(() => {});
+    // A name no job has: counted under `other`, so producers' typos add no series.
+    await w.client.add('no-such-type-1' as never, {} as never, { attempts: 1 });
+    await w.client.add('no-such-type-2' as never, {} as never, { attempts: 1 });
     // The last job's hook runs after its completion reaches the client: flush once it has.
     await expect.poll(async () => { await recorder.flush(); return valueOf(await scrape(), 'stevedore_jobs_total', { type: 'log', outcome: 'failed' }); }).toBe(1);
+    await expect.poll(async () => { await recorder.flush(); return valueOf(await scrape(), 'stevedore_jobs_total', { type: 'other', outcome: 'failed' }); }).toBe(2);
     const fams = await scrape();
     expect(valueOf(fams, 'stevedore_jobs_total', { type: 'store', outcome: 'completed' })).toBe(3);
     expect(valueOf(fams, 'stevedore_jobs_total', { type: 'store', outcome: 'failed' })).toBe(1);
@@ -98,10 +102,10 @@ describe('GET /metrics', () => {
     expect(valueOf(fams, 'stevedore_checksum_mismatches_total', { type: 'store' })).toBe(1);
     expect(valueOf(fams, 'stevedore_job_retries_total', { type: 'store' })).toBe(1);
     expect(valueOf(fams, 'bullmq_job_count', { queue: w.queue, state: 'completed' })).toBe(4);
-    expect(valueOf(fams, 'bullmq_job_count', { queue: w.queue, state: 'failed' })).toBe(2);
+    expect(valueOf(fams, 'bullmq_job_count', { queue: w.queue, state: 'failed' })).toBe(4);
     // BullMQ's own counters need the worker's `metrics` option, which the worker sets.
     expect(valueOf(fams, 'bullmq_job_completed_total', { queue: w.queue })).toBe(4);
-    expect(valueOf(fams, 'bullmq_job_failed_total', { queue: w.queue })).toBe(2);
+    expect(valueOf(fams, 'bullmq_job_failed_total', { queue: w.queue })).toBe(4);
   });
 
   it('reaches /metrics from a worker process through Redis', async () => {

@@ -121,7 +121,7 @@ describe('GET /events', () => {
 
   it('filters by ?type and refuses an unknown type', async () => {
     const { app, url } = await server();
-    const c = await openSse(`${url}?type=store`);
+    const c = await openSse(`${url}?type=store&type=fetch-to-staging`);
     const a = await log('f1');
     const s = await w.client.store({ key: 'f/one', source: { base64: Buffer.from('hello').toString('base64') } });
     await c.until((es) => ids(es).includes(s));

@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { DeleteObjectCommand } from '@aws-sdk/client-s3';
 import { startS3rver, type S3rver } from '../test/harness/s3.js';
 import { compileCases, dd, openssl, progress, randomFile, settle, teePipeline, warm, type Child } from './proc.js';
+import { metricsBench } from './metrics.js';
 import { largeStoreBench, queueBench } from './queue.js';
 import { GiB, MiB, mb, mbRange, mbps, ratio, secs, size, stats, table, verdict, type Stats } from './table.js';
 
@@ -276,7 +277,10 @@ async function main(only?: 'fs' | 's3'): Promise<void> {
   }
 }
 
-if (process.argv.includes('--queue')) {
+if (process.argv.includes('--metrics')) {
+  // `npm run bench -- --metrics`: only GET /metrics against a queue of 100,000 jobs.
+  process.stdout.write(`${await metricsBench()}\n`);
+} else if (process.argv.includes('--queue')) {
   // `npm run bench -- --queue`: only the queue section, a few minutes shorter.
   process.stdout.write(`${await queueBench()}\n`);
 } else {

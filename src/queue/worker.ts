@@ -2,6 +2,7 @@ import { UnrecoverableError, WaitingError, Worker } from 'bullmq';
 import type { Logger } from 'pino';
 import { CANCEL_REASON, cancelChannel, cancelRequested } from './cancel.js';
 import { duplicateConnection, type RedisClient } from './connection.js';
+import type { JobHooks } from './job-hooks.js';
 import { DEFAULT_RETENTION, workerRetention, type Retention } from './retention.js';
 import { runJob, type RunnerDeps } from './runner.js';
 
@@ -17,6 +18,10 @@ export interface WorkerOptions {
   name?: string;
   /** Finished jobs kept for producers that set no removeOn* of their own. @defaultValue DEFAULT_RETENTION */
   retention?: Retention;
+  /** Told of every job's end (webhooks, metrics); never awaited by the job. */
+  hooks?: readonly JobHooks[];
+  /** BullMQ's per-minute completed/failed counts (`exportPrometheusMetrics`' counters); off when unset. */
+  metricsDataPoints?: number;
 }
 
 /** One BullMQ worker serving the stevedore queue. Close it with `stopWorker`. */
@@ -67,6 +72,7 @@ export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: 
     maxStalledCount: 3,
     ...workerRetention(opts.retention ?? DEFAULT_RETENTION),
     ...(opts.name ? { name: opts.name } : {}),
+    ...(opts.metricsDataPoints ? { metrics: { maxDataPoints: opts.metricsDataPoints } } : {}),
     autorun: true,
   });
   // Without an 'error' listener a Redis hiccup would be an unhandled error event and kill the process.
@@ -77,8 +83,18 @@ export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: 
   worker.on('lockRenewalFailed', (jobIds: string[]) => {
     for (const id of jobIds) {
       if (worker.cancelJob(id, 'lock lost: another worker may be running this job')) deps.log.warn({ jobId: id }, 'job lock lost; job cancelled');
+      for (const h of opts.hooks ?? []) callHook(() => h.lockLost?.(id), deps.log);
     }
   });
+  if (opts.hooks?.length) {
+    const hooks = opts.hooks;
+    worker.on('completed', (job, result) => { for (const h of hooks) callHook(() => h.completed?.(job, result), deps.log); });
+    // BullMQ emits 'failed' for every failed attempt; only a job that is now in the failed set has finishedOn.
+    worker.on('failed', (job, err) => {
+      if (!job) return;
+      for (const h of hooks) callHook(() => (job.finishedOn ? h.failed?.(job, err) : h.retried?.(job, err)), deps.log);
+    });
+  }
   cancels = listenForCancels(worker, connection, running, deps.log);
   return worker;
 }
@@ -109,6 +125,15 @@ function listenForCancels(worker: Worker, connection: RedisClient, running: Map<
   const ready = sub.subscribe(cancelChannel(worker)).then(() => {}, (err: unknown) => log.error({ err }, 'cannot listen for cancel requests'));
   worker.on('closed', () => { sub.quit().catch(() => sub.disconnect()); });
   return { ready, heard: (id) => heard.has(id) };
+}
+
+function callHook(call: () => void | Promise<void>, log: Logger): void {
+  try {
+    const p = call();
+    if (p) p.catch((err: unknown) => log.warn({ err }, 'job hook failed'));
+  } catch (err) {
+    log.warn({ err }, 'job hook failed');
+  }
 }
 
 /** How long a forced stop waits for cancelled jobs to hand themselves back. */

@@ -1,0 +1,102 @@
+import { mkdir, writeFile } from 'node:fs/promises';
+import type { AddressInfo } from 'node:net';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import Fastify, { type FastifyInstance } from 'fastify';
+import { chromium, type Browser } from 'playwright-core';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { FsDriver } from '../../src/backends/fs.js';
+import { redisConnection } from '../../src/queue/connection.js';
+import { dashboardPlugin, redactJobData } from '../../src/server/dashboard.js';
+import { Bucket } from '../../src/storage/bucket.js';
+import { tempDir } from '../harness/process.js';
+import { startRedis, type TestRedis } from '../harness/redis.js';
+import { inProcessWorker, type InProcessWorker } from '../harness/worker.js';
+
+/** Screenshots land here (ignored by git), for a look after the run. */
+const ARTIFACTS = fileURLToPath(new URL('../artifacts/', import.meta.url));
+/** Debian's chromium; `.ci/run` installs it when missing. */
+const CHROMIUM = '/usr/bin/chromium';
+const LOOPBACK = /^(https?|wss?):\/\/(127\.0\.0\.1|localhost|\[::1\])(:\d+)?\//;
+
+describe('dashboard', () => {
+  let redis: TestRedis;
+  let tmp: Awaited<ReturnType<typeof tempDir>>;
+  let w: InProcessWorker;
+  let app: FastifyInstance;
+  let base: string;
+  let browser: Browser | undefined;
+
+  beforeAll(async () => {
+    redis = await startRedis();
+    tmp = await tempDir();
+    const buckets = new Map([['default', new Bucket(new FsDriver({ root: join(tmp.path, 'objects') }), { name: 'default' })]]);
+    w = await inProcessWorker(redis.url, buckets, join(tmp.path, 'staging'));
+    await mkdir(join(tmp.path, 'staging'), { recursive: true });
+    app = Fastify();
+    await app.register(dashboardPlugin, { queue: w.queue, keyPrefix: 'bull', connect: () => redisConnection(redis.url, 'producer') });
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    base = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`;
+  });
+  afterAll(async () => {
+    await browser?.close();
+    await app?.close();
+    await w?.close();
+    await redis?.stop();
+    await tmp?.remove();
+  });
+
+  it('redacts secret-named fields and inline content from job data', () => {
+    expect(redactJobData({ key: 'k', source: { base64: 'A'.repeat(1000) }, metadata: { 'x-api-token': 't', owner: 'me' }, nested: [{ password: 'p' }] }))
+      .toEqual({ key: 'k', source: { base64: '[1000 characters]' }, metadata: { 'x-api-token': '[redacted]', owner: 'me' }, nested: [{ password: '[redacted]' }] });
+  });
+
+  it('lists both queues and serves job data without secrets through its API', async () => {
+    const id = await w.client.store({ key: 'secret/one', source: { path: 'nope.bin' }, metadata: { 'x-api-token': 'TOKEN-never-shown' } }, { attempts: 1 });
+    await w.client.result(id).catch(() => {});
+    const res = await app.inject({ url: `/admin/queues/api/queues?activeQueue=${w.queue}&status=failed&page=1` });
+    expect(res.statusCode).toBe(200);
+    const body = res.body;
+    expect(body).not.toContain('TOKEN-never-shown');
+    expect(body).toContain('[redacted]');
+    const names = (res.json() as { queues: Array<{ name: string }> }).queues.map((q) => q.name);
+    expect(names).toEqual(expect.arrayContaining([w.queue, `${w.queue}-webhooks`]));
+  });
+
+  it('in a real browser: shows the board, retries a failed job from the UI, and the job completes', async () => {
+    const id = await w.client.store({ key: 'ui/retry', source: { path: 'later.bin' } }, { attempts: 1 });
+    await expect(w.client.result(id)).rejects.toThrow(/^NotFound/);
+    // What was missing is there now: a retry can succeed.
+    await writeFile(join(tmp.path, 'staging', 'later.bin'), 'arrived');
+
+    browser = await chromium.launch({ executablePath: CHROMIUM, args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'] });
+    const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+    // Nothing leaves the machine (the board asks for web fonts elsewhere): refused, and it still works.
+    await page.route('**/*', (route) => {
+      const url = route.request().url();
+      return LOOPBACK.test(url) || url.startsWith('data:') ? route.continue() : route.abort();
+    });
+    await page.goto(`${base}/admin/queues`);
+    await expect.poll(() => page.title()).toMatch(/Stevedore/);
+    await page.getByText(w.queue, { exact: true }).first().waitFor();
+    await page.getByText(`${w.queue}-webhooks`).first().waitFor();
+    await page.goto(`${base}/admin/queues/queue/${encodeURIComponent(w.queue)}?status=failed`);
+    // The failed job's card, found by its link, and the retry button among its actions.
+    const card = page.locator('[class*="card-"]').filter({ has: page.locator(`a[href*="/${id}?status=failed"]`) }).first();
+    await card.waitFor();
+    await card.getByText('Error', { exact: true }).click();
+    await card.getByText(/NotFound: /).first().waitFor();
+    await mkdir(ARTIFACTS, { recursive: true });
+    await page.screenshot({ path: join(ARTIFACTS, 'dashboard-failed.png'), fullPage: true });
+    await card.locator('button:has(svg.lucide-refresh-cw)').first().click();
+    // Bull Board may ask to confirm.
+    const confirm = page.getByRole('button', { name: /^(retry|confirm|yes)$/i });
+    if (await confirm.first().isVisible().catch(() => false)) await confirm.first().click();
+    const job = await w.client.getJob(id);
+    await expect.poll(async () => job!.getState(), { timeout: 20_000 }).toBe('completed');
+    expect((await w.client.getJob(id))!.returnvalue).toMatchObject({ key: 'ui/retry', size: 7 });
+    await page.goto(`${base}/admin/queues/queue/${encodeURIComponent(w.queue)}?status=completed`);
+    await page.locator(`a[href*="/${id}?status=completed"]`).first().waitFor();
+    await page.screenshot({ path: join(ARTIFACTS, 'dashboard-completed.png'), fullPage: true });
+  }, 60_000);
+});

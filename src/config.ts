@@ -51,6 +51,13 @@ const Schema = z.object({
   /** Finished jobs kept per queue for producers that set no removeOn* (see queue/retention.ts). */
   keepCompleted: int(0, 100_000_000),
   keepFailed: int(0, 100_000_000),
+  /** The HTTP server (`stevedore server`, `npm start`). */
+  httpHost: z.string().min(1),
+  httpPort: int(0, 65535),
+  /** Bearer token every route but GET /health requires; unset, the server listens on loopback only. */
+  apiToken: z.string().min(16, 'must be at least 16 characters').optional(),
+  /** Largest upload body (artifacts, session archives and files): 413 past it. */
+  maxUploadBytes: int(1, Number.MAX_SAFE_INTEGER),
 }).superRefine((c, ctx) => {
   // Checked at start: on a cluster BullMQ would otherwise retry CROSSSLOT errors forever.
   if (c.redisClusterNodes && !hasHashTag(c.prefix)) {
@@ -79,6 +86,10 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
     logLevel: env.LOG_LEVEL || 'info',
     keepCompleted: env.STEVEDORE_KEEP_COMPLETED || DEFAULT_RETENTION.keepCompleted,
     keepFailed: env.STEVEDORE_KEEP_FAILED || DEFAULT_RETENTION.keepFailed,
+    httpHost: env.STEVEDORE_HTTP_HOST || '127.0.0.1',
+    httpPort: env.STEVEDORE_HTTP_PORT || 8080,
+    apiToken: env.STEVEDORE_API_TOKEN || undefined,
+    maxUploadBytes: env.STEVEDORE_MAX_UPLOAD_BYTES || 10 * 1024 ** 3,
   };
   const parsed = Schema.safeParse(raw);
   if (!parsed.success) {
@@ -87,6 +98,7 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
       backends: 'STEVEDORE_BACKENDS', stagingDir: 'STEVEDORE_STAGING_DIR', maxInlineBytes: 'STEVEDORE_MAX_INLINE_BYTES',
       shutdownTimeoutMs: 'STEVEDORE_SHUTDOWN_TIMEOUT_MS', lockDurationMs: 'STEVEDORE_LOCK_DURATION_MS', stalledIntervalMs: 'STEVEDORE_STALLED_INTERVAL_MS', sweepAfterMs: 'STEVEDORE_SWEEP_AFTER_MS',
       workerName: 'STEVEDORE_WORKER_NAME', logLevel: 'LOG_LEVEL', keepCompleted: 'STEVEDORE_KEEP_COMPLETED', keepFailed: 'STEVEDORE_KEEP_FAILED',
+      httpHost: 'STEVEDORE_HTTP_HOST', httpPort: 'STEVEDORE_HTTP_PORT', apiToken: 'STEVEDORE_API_TOKEN', maxUploadBytes: 'STEVEDORE_MAX_UPLOAD_BYTES',
     };
     const lines = parsed.error.issues.map((i) => `  ${names[String(i.path[0])] ?? String(i.path[0])}: ${i.message}`);
     throw new Error(`invalid configuration:\n${lines.join('\n')}`);

@@ -6,6 +6,7 @@ import { createLogger } from '../logger.js';
 import { describeTarget } from '../queue/connection.js';
 import { startWorker, stopWorker } from '../queue/worker.js';
 import { redisAnswers, startPrivateRedis } from './redis.js';
+import { startHttp } from './run-server.js';
 
 export interface RunWorkerOptions {
   /** `npm start`: start a private redis-server when nothing answers at a loopback REDIS_URL. */
@@ -13,6 +14,8 @@ export interface RunWorkerOptions {
   /** Environment the SDKs' credentials come from (AZURE_STORAGE_CONNECTION_STRING...). */
   env: NodeJS.ProcessEnv;
   cwd: string;
+  /** `npm start`: the HTTP server too, in this process, on the same app (and private Redis). */
+  withServer?: boolean;
 }
 
 /** How often a worker sweeps stale temp files (at start too). */
@@ -52,13 +55,23 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
   sweep();
   const sweeper = setInterval(sweep, SWEEP_EVERY_MS).unref();
 
+  const http = opts.withServer ? await startHttp(app).catch(async (err: unknown) => {
+    await worker.close(true).catch(() => {});
+    await app.close({ force: true });
+    await stopRedis?.().catch(() => {});
+    throw err;
+  }) : undefined;
+
   let stopping = false;
   const shutdown = async (signal: string) => {
     if (stopping) return;
     stopping = true;
     clearInterval(sweeper);
+    // No new requests while the worker drains; requests in flight finish (or end with the process).
+    const httpClosed = http?.close().catch((err: unknown) => log.warn({ err }, 'closing the http server failed'));
     log.info({ signal, deadlineMs: config.shutdownTimeoutMs }, 'stopping: no new jobs, waiting for active ones');
     const outcome = await stopWorker(worker, config.shutdownTimeoutMs, log);
+    await httpClosed;
     // A forced stop leaves handlers running: their connections are dropped, not waited for.
     await app.close({ force: outcome !== 'drained' });
     await stopRedis?.();

@@ -40,7 +40,6 @@ export async function buildServer(deps: ServerDeps): Promise<FastifyInstance> {
     connectionTimeout: 0,
     keepAliveTimeout: 30_000,
     routerOptions: { maxParamLength: 8192 },
-    disableRequestLogging: (req) => req.url === '/health',
   });
   server.setErrorHandler(errorHandler);
   server.setNotFoundHandler(notFoundHandler);

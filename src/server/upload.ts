@@ -1,4 +1,5 @@
 import { createHash, randomUUID } from 'node:crypto';
+import { createWriteStream } from 'node:fs';
 import { mkdir, open, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Transform, type Readable, type TransformCallback } from 'node:stream';
@@ -66,10 +67,11 @@ export async function receiveToStaging(body: Readable, staging: Staging, opts: R
   const rel = join(STAGING_INCOMING, `http-${id}`);
   const abs = join(staging.root, rel);
   const meter = new Meter(opts.limit, codes.tooLarge);
-  const fh = await open(tmp, 'wx');
   try {
+    await pipeline(body, meter, createWriteStream(tmp, { flags: 'wx', highWaterMark: 1 << 20 }));
+    // On disk before it is visible: a crash must not leave a short file for a job to store.
+    const fh = await open(tmp, 'r+');
     try {
-      await pipeline(body, meter, fh.createWriteStream({ autoClose: false, highWaterMark: 1 << 20 }));
       await fh.sync();
     } finally {
       await fh.close();

@@ -1,29 +1,16 @@
 import { createHash } from 'node:crypto';
-import { readdir, writeFile, lstat } from 'node:fs/promises';
+import { writeFile, lstat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startRedis, type TestRedis } from '../harness/redis.js';
 import { startS3rver, S3RVER_CREDENTIALS, type S3rver } from '../harness/s3.js';
 import { fetchDigest, randomBody, send } from './http.js';
-import { testServer, TOKEN, type TestServer } from './harness.js';
+import { eventually, stagedFiles, testServer, TOKEN, type TestServer } from './harness.js';
 
 const SOAK = process.env.STEVEDORE_SOAK === '1';
 /** The PageWright artifact: 200 MiB under soak, enough by default for memory to show whether it is held. */
 const BIG = SOAK ? 200 << 20 : 96 << 20;
 const sha = (b: Buffer | string) => createHash('sha256').update(b).digest('hex');
-
-/** Files left in the staging area (temp files included). */
-async function stagedFiles(dir: string): Promise<string[]> {
-  return (await readdir(dir, { recursive: true, withFileTypes: true })).filter((e) => e.isFile()).map((e) => join(e.parentPath, e.name));
-}
-
-async function eventually(check: () => Promise<boolean>, what: string, ms = 10_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`still not true after ${ms} ms: ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 describe('artifact routes (the build service)', () => {
   let redis: TestRedis;

@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { mkdir } from 'node:fs/promises';
+import { mkdir, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import type { Worker } from 'bullmq';
@@ -74,4 +74,18 @@ export async function testServer(redisUrl: string, opts: { backends?: string; en
     },
   };
   return t;
+}
+
+/** Files left in the staging area (temp files included). */
+export async function stagedFiles(dir: string): Promise<string[]> {
+  return (await readdir(dir, { recursive: true, withFileTypes: true })).filter((e) => e.isFile()).map((e) => join(e.parentPath, e.name));
+}
+
+/** Polls `check` until it holds (state that settles in the background), failing after `ms`. */
+export async function eventually(check: () => Promise<boolean>, what: string, ms = 10_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`still not true after ${ms} ms: ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
 }

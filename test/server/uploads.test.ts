@@ -1,24 +1,10 @@
 import { connect } from 'node:net';
-import { readdir } from 'node:fs/promises';
-import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startRedis, type TestRedis } from '../harness/redis.js';
 import { randomBody, send } from './http.js';
-import { testServer, type TestServer } from './harness.js';
+import { eventually, stagedFiles, testServer, type TestServer } from './harness.js';
 
 const LIMIT = 2 << 20;
-
-async function stagedFiles(dir: string): Promise<string[]> {
-  return (await readdir(dir, { recursive: true, withFileTypes: true })).filter((e) => e.isFile()).map((e) => join(e.parentPath, e.name));
-}
-
-async function eventually(check: () => Promise<boolean>, what: string, ms = 10_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`still not true after ${ms} ms: ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 describe('uploads: limits and broken clients (RELIABILITY #26, #27)', () => {
   let redis: TestRedis;

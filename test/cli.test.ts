@@ -77,6 +77,16 @@ describe('the stevedore command', () => {
     expect(await readFile(join(tmp.path, 'staging', 'incoming', added[0]!), 'utf8')).toBe('waiting bytes');
   });
 
+  it('cancels a waiting job from another process, and exits 1 for one that does not exist', async () => {
+    const unserved = { ...env, STEVEDORE_QUEUE: `${w.queue}-cancel` };
+    const queued = await cliIn(unserved, 'log', '--site', 'web', '--build', '44', '--action', 'a', '--status', 's');
+    const id = queued.out.trim();
+    const cancelled = await cliIn(unserved, 'cancel', id);
+    expect(cancelled).toMatchObject({ code: 0, out: `${id}\tremoved\n` });
+    const again = await cliIn(unserved, 'cancel', id);
+    expect(again).toMatchObject({ code: 1, out: `${id}\tnot-found\n` });
+  });
+
   it('prints the job id without --wait', async () => {
     const run = await cli('log', '--site', 'web', '--build', '43', '--action', 'a', '--status', 's');
     expect(run.code).toBe(0);

@@ -102,6 +102,18 @@ export function buildProgram(io: CliIo, setExit: (code: number) => void, process
         await app.close();
       }
     });
+  program.command('cancel <id>').description('cancel a job: a waiting one is removed, a running one stops and fails Cancelled')
+    .action(async (id: string) => {
+      const app = compose(config());
+      try {
+        await app.client().ready();
+        const outcome = await app.client().cancel(id);
+        io.out(`${id}\t${outcome}\n`);
+        if (outcome === 'not-found' || outcome === 'finished') setExit(EXIT.failed);
+      } finally {
+        await app.close();
+      }
+    });
   registerSessionCommands(program, { io, setExit, config, compose });
   return program;
 }

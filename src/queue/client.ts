@@ -1,5 +1,6 @@
 import { Queue, QueueEvents, type Job, type JobsOptions } from 'bullmq';
 import type { FetchPayload, FetchResult, LogPayload, LogResult, RepackPayload, RepackResult, StorePayload, StoreResult } from '../../jobs/index.js';
+import { cancelJob, type CancelOutcome } from './cancel.js';
 import { assertClusterPrefix, DEFAULT_QUEUE, describeTarget, duplicateConnection, redisConnection, waitForRedis, type RedisClient, type RedisTarget } from './connection.js';
 import { DEFAULT_RETENTION, jobRetention, type Retention } from './retention.js';
 
@@ -148,6 +149,15 @@ export class StevedoreClient {
     const id = await this.add(name, payload, jobOpts);
     onAdded?.(id);
     return this.result<N>(id, { timeoutMs, onProgress });
+  }
+
+  /**
+   * Cancels a job wherever it is: a waiting (or delayed) one is removed, a running one is stopped
+   * by its worker (its signal aborts; it fails `Cancelled`, never retried; nothing half-written
+   * becomes visible) and a migration's chunks stop with it.
+   */
+  cancel(jobId: string): Promise<CancelOutcome> {
+    return cancelJob(this.queue, this.opts.connection ?? this.own!, jobId);
   }
 
   getJob(jobId: string): Promise<Job | undefined> {

@@ -1,6 +1,7 @@
-import { WaitingError, Worker } from 'bullmq';
+import { UnrecoverableError, WaitingError, Worker } from 'bullmq';
 import type { Logger } from 'pino';
-import type { RedisClient } from './connection.js';
+import { CANCEL_REASON, cancelChannel, cancelRequested } from './cancel.js';
+import { duplicateConnection, type RedisClient } from './connection.js';
 import { DEFAULT_RETENTION, workerRetention, type Retention } from './retention.js';
 import { runJob, type RunnerDeps } from './runner.js';
 
@@ -20,6 +21,9 @@ export interface WorkerOptions {
 
 /** One BullMQ worker serving the stevedore queue. Close it with `stopWorker`. */
 export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: RunnerDeps): Worker {
+  // The jobs running here, with their parents: a cancel request names either (src/queue/cancel.ts).
+  const running = new Map<string, string | undefined>();
+  let cancels: CancelListener; // set below, once the worker exists
   const worker: Worker = new Worker(opts.queue, async (job, token, signal) => {
     // Back to the front of the wait list, for another worker; WaitingError spends no attempt.
     const handBack = async (): Promise<never> => {
@@ -31,13 +35,27 @@ export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: 
     // job straight back instead of starting it.
     if (worker.closing) return handBack();
     const cancel = signal ?? new AbortController().signal;
+    const id = String(job.id);
+    await cancels.ready;
+    running.set(id, job.parent?.id);
     try {
+      // Checked once it is in `running`: a request from here on reaches it by message. One that
+      // came before is in `heard` (its message arrived between the fetch and now), or, for a job
+      // this process could not have heard of (a chunk whose parent was cancelled while it waited,
+      // a job run again after a stall or a retry), in Redis: a first run of a job without a parent
+      // was waiting until just now, and a request for a waiting job removes it instead.
+      const again = (job.attemptsStarted ?? 1) > 1 || job.parent !== undefined;
+      if (cancels.heard(id) || (again && await cancelRequested(connection, worker, job))) throw new UnrecoverableError(CANCEL_REASON);
       return await runJob(job, deps, cancel);
     } catch (err) {
       // Cancelled by a forced stop (stopWorker): handed back at once instead of waiting for the
       // lock to lapse.
       if (cancel.aborted && worker.closing && token) return handBack();
+      // Cancelled by a request: whatever the handler made of its abort, the job fails Cancelled, for good.
+      if (cancel.aborted && cancel.reason === CANCEL_REASON) throw new UnrecoverableError(CANCEL_REASON);
       throw err;
+    } finally {
+      running.delete(id);
     }
   }, {
     connection,
@@ -61,7 +79,36 @@ export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: 
       if (worker.cancelJob(id, 'lock lost: another worker may be running this job')) deps.log.warn({ jobId: id }, 'job lock lost; job cancelled');
     }
   });
+  cancels = listenForCancels(worker, connection, running, deps.log);
   return worker;
+}
+
+interface CancelListener {
+  /** Settles once the subscription is in place (or failed: then jobs are checked in Redis alone). */
+  ready: Promise<void>;
+  /** Whether a cancel request for this id was heard lately (before its job reached this worker). */
+  heard(jobId: string): boolean;
+}
+
+/** How long a heard cancel request is remembered for a job not running here (yet). */
+const HEARD_MS = 60_000;
+
+/** Aborts the jobs (and the children of jobs) that a cancel request names, on a subscriber connection of its own. */
+function listenForCancels(worker: Worker, connection: RedisClient, running: Map<string, string | undefined>, log: Logger): CancelListener {
+  const heard = new Map<string, number>();
+  const sub = duplicateConnection(connection);
+  sub.on('error', (err: Error) => log.warn({ err: { message: err.message } }, 'cancel listener connection error'));
+  sub.on('message', (_channel: string, jobId: string) => {
+    const now = Date.now();
+    for (const [id, at] of heard) if (now - at > HEARD_MS) heard.delete(id);
+    heard.set(jobId, now);
+    for (const [id, parent] of running) {
+      if ((id === jobId || parent === jobId) && worker.cancelJob(id, CANCEL_REASON)) log.warn({ jobId: id, requested: jobId }, 'job cancelled by request');
+    }
+  });
+  const ready = sub.subscribe(cancelChannel(worker)).then(() => {}, (err: unknown) => log.error({ err }, 'cannot listen for cancel requests'));
+  worker.on('closed', () => { sub.quit().catch(() => sub.disconnect()); });
+  return { ready, heard: (id) => heard.has(id) };
 }
 
 /** How long a forced stop waits for cancelled jobs to hand themselves back. */

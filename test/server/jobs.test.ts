@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startRedis, type TestRedis } from '../harness/redis.js';
-import { testServer, TOKEN, type TestServer } from './harness.js';
+import { sessionLockName } from '../../src/session/ids.js';
+import { eventually, testServer, TOKEN, type TestServer } from './harness.js';
 
 describe('HTTP jobs API', () => {
   let redis: TestRedis;
@@ -113,5 +114,69 @@ describe('HTTP jobs API', () => {
     const health = await t.server.inject({ method: 'GET', url: '/health' });
     expect(health.json()).toMatchObject({ status: 'ok', redis: 'ok', backends: { default: 'ok' } });
     expect(health.statusCode).toBe(200);
+  });
+});
+
+describe('DELETE /jobs/<id> (cancel)', () => {
+  let redis: TestRedis;
+  let t: TestServer;
+  beforeAll(async () => {
+    redis = await startRedis();
+    t = await testServer(redis.url);
+  });
+  afterAll(async () => {
+    await t?.close();
+    await redis?.stop();
+  });
+
+  it('removes a waiting job', async () => {
+    await t.app.client().queue.pause();
+    try {
+      const { id } = (await t.server.inject({ method: 'POST', url: '/jobs/log', headers: t.auth, payload: { site: 's', build: 'b', action: 'a', status: 'ok' } })).json() as { id: string };
+      const del = await t.server.inject({ method: 'DELETE', url: `/jobs/${id}`, headers: t.auth });
+      expect(del.statusCode).toBe(200);
+      expect(del.json()).toEqual({ id, outcome: 'removed' });
+      expect((await t.server.inject({ method: 'GET', url: `/jobs/${id}`, headers: t.auth })).statusCode).toBe(404);
+    } finally {
+      await t.app.client().queue.resume();
+    }
+  });
+
+  it('stops a running job, which fails Cancelled (410 to a waiting caller) and is never retried', async () => {
+    // A repack that waits for a session lock held here: running, and stoppable only by its signal.
+    const lease = await t.app.locks().acquire(sessionLockName('o__r__cancel'), new AbortController().signal);
+    try {
+      const waiting = t.server.inject({ method: 'POST', url: '/jobs/repack-session?wait=30', headers: t.auth, payload: { session: 'o__r__cancel', ops: [{ op: 'put', path: 'f', text: 'x' }] } });
+      let id: string | undefined;
+      await eventually(async () => {
+        const [job] = await t.app.client().queue.getJobs(['active']);
+        id = job?.id;
+        return id !== undefined;
+      }, 'the repack is running');
+      const del = await t.server.inject({ method: 'DELETE', url: `/jobs/${id!}`, headers: t.auth });
+      expect(del.statusCode).toBe(202);
+      expect(del.json()).toEqual({ id, outcome: 'cancelling' });
+      const answer = await waiting;
+      expect(answer.statusCode).toBe(410);
+      expect(answer.json()).toMatchObject({ error: 'Cancelled' });
+      const state = (await t.server.inject({ method: 'GET', url: `/jobs/${id!}`, headers: t.auth })).json() as { state: string; attemptsMade: number; failedReason: string };
+      expect(state).toMatchObject({ state: 'failed', attemptsMade: 1 });
+      expect(state.failedReason).toMatch(/^Cancelled:/);
+      expect((await t.server.inject({ method: 'DELETE', url: `/jobs/${id!}`, headers: t.auth })).json()).toEqual({ id, outcome: 'cancelled' });
+    } finally {
+      await lease.release();
+    }
+    // Nothing of it was applied.
+    expect((await t.server.inject({ method: 'HEAD', url: '/api/storage-worker/sessions/o__r__cancel', headers: t.auth })).statusCode).toBe(404);
+  });
+
+  it('a finished job is 409, an unknown one 404', async () => {
+    const done = (await t.server.inject({ method: 'POST', url: '/jobs/log?wait=30', headers: t.auth, payload: { site: 's', build: 'b', action: 'a', status: 'ok' } }));
+    expect(done.statusCode).toBe(200);
+    const [job] = await t.app.client().queue.getJobs(['completed']);
+    const del = await t.server.inject({ method: 'DELETE', url: `/jobs/${job!.id!}`, headers: t.auth });
+    expect(del.statusCode).toBe(409);
+    expect(del.json()).toMatchObject({ error: 'PreconditionFailed' });
+    expect((await t.server.inject({ method: 'DELETE', url: '/jobs/nope', headers: t.auth })).statusCode).toBe(404);
   });
 });

@@ -90,6 +90,19 @@ export function jobRoutes(ctx: RouteContext) {
       return { results };
     });
 
+    server.delete('/jobs/:id', async (req, reply) => {
+      const id = (req.params as { id: string }).id;
+      const outcome = await ctx.client.cancel(id);
+      if (outcome === 'not-found') throw new HttpError(404, ErrorCode.NotFound, `NotFound: job ${JSON.stringify(id)} does not exist (or was removed)`);
+      // Removed before it ran: done. Running: its worker stops it and it fails Cancelled (GET /jobs/<id> shows when).
+      if (outcome === 'removed') return reply.code(200).send({ id, outcome });
+      if (outcome === 'cancelling') return reply.code(202).send({ id, outcome });
+      const job = await ctx.client.getJob(id);
+      // A second DELETE of a job that a first one cancelled is no conflict.
+      if (job?.failedReason?.startsWith(`${ErrorCode.Cancelled}:`)) return reply.code(200).send({ id, outcome: 'cancelled' });
+      throw new HttpError(409, ErrorCode.PreconditionFailed, `PreconditionFailed: job ${JSON.stringify(id)} already ${job ? await job.getState() : 'finished'}; nothing to cancel`);
+    });
+
     server.get('/jobs/:id', async (req) => {
       const id = (req.params as { id: string }).id;
       const job = await ctx.client.getJob(id);

@@ -1,6 +1,6 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { createWriteStream } from 'node:fs';
-import { mkdir, open, rm } from 'node:fs/promises';
+import { mkdir, open, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Transform, type Readable, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -25,6 +25,14 @@ export interface ReceiveOptions {
   declared?: number | undefined;
   /** Expected SHA-256 (`X-Content-SHA256`): a mismatch is 422 and nothing is kept. */
   sha256?: string | undefined;
+  /**
+   * fsync the staged file (and its folder) before it is visible: when a job is enqueued and
+   * answered 202, the file must outlive a crash. A caller that answers only once the job is over
+   * (?wait, session writes) skips it: the job is given the received digest, so a file torn by a
+   * crash fails its check rather than being stored, and the object's own fsync is the durable one.
+   * @defaultValue true
+   */
+  durable?: boolean;
   /** What the 413 and 422 answers are called under the session routes. */
   codes?: { tooLarge: string; mismatch: string };
 }
@@ -69,18 +77,22 @@ export async function receiveToStaging(body: Readable, staging: Staging, opts: R
   const meter = new Meter(opts.limit, codes.tooLarge);
   try {
     await pipeline(body, meter, createWriteStream(tmp, { flags: 'wx', highWaterMark: 1 << 20 }));
-    // On disk before it is visible: a crash must not leave a short file for a job to store.
-    const fh = await open(tmp, 'r+');
-    try {
-      await fh.sync();
-    } finally {
-      await fh.close();
+    const durable = opts.durable ?? true;
+    if (durable) {
+      // On disk before it is visible: a crash must not leave a short file for a job to store.
+      const fh = await open(tmp, 'r+');
+      try {
+        await fh.sync();
+      } finally {
+        await fh.close();
+      }
     }
     const sha256 = meter.digest();
     if (opts.sha256 !== undefined && opts.sha256.toLowerCase() !== sha256) {
       throw new HttpError(422, codes.mismatch, `ChecksumMismatch: the body's sha256 is ${sha256}, X-Content-SHA256 said ${opts.sha256}; nothing was stored`);
     }
-    await staging.commitFile(tmp, abs);
+    if (durable) await staging.commitFile(tmp, abs);
+    else await rename(tmp, abs);
     return { rel, abs, size: meter.size, sha256, remove: () => rm(abs, { force: true }) };
   } catch (err) {
     await rm(tmp, { force: true });

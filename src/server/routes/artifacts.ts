@@ -2,6 +2,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Readable } from 'node:stream';
 import { ErrorCode, StorageError } from '../../errors.js';
 import { SiteId } from '../../payload.js';
+import type { ObjectInfo } from '../../storage/driver.js';
 import { validateSha256 } from '../../storage/keys.js';
 import { queryParam, type RouteContext } from '../context.js';
 import { enqueue, parseWait } from '../enqueue.js';
@@ -38,7 +39,7 @@ export function artifactRoutes(ctx: RouteContext) {
       const header = req.headers['x-content-sha256'];
       const sha256 = typeof header === 'string' ? checkSha(header) : undefined;
       const declared = req.headers['content-length'] === undefined ? undefined : Number(req.headers['content-length']);
-      const staged = await receiveToStaging(bodyOf(req), ctx.staging, { limit: ctx.maxUploadBytes, declared, sha256 });
+      const staged = await receiveToStaging(bodyOf(req), ctx.staging, { limit: ctx.maxUploadBytes, declared, sha256, durable: waitSeconds === undefined });
       const contentType = req.headers['content-type'];
       const out = await enqueue(ctx.client, 'store', {
         backend, key: artifactKey(site, build!), source: { path: staged.rel }, sha256: staged.sha256,
@@ -51,19 +52,25 @@ export function artifactRoutes(ctx: RouteContext) {
       const { site, build } = siteAndBuild(req.params);
       const bucket = ctx.bucket(queryParam(req.query, 'backend'));
       const key = artifactKey(site, build!);
-      const info = await bucket.stat(key);
-      const rep = { size: info.size, etag: info.sha256 ?? info.etag, contentType: info.contentType ?? 'application/octet-stream', modified: info.modified };
-      if (notModified(req, rep.etag)) return reply.code(304).header('etag', `"${rep.etag}"`).send();
-      const range = parseRange(req.headers.range, info.size);
+      const describe = (info: ObjectInfo) => ({ size: info.size, etag: info.sha256 ?? info.etag, contentType: info.contentType ?? 'application/octet-stream', modified: info.modified });
+      // A range needs the size first; a whole read learns everything from the open itself.
+      const wanted = req.headers.range;
+      const known = head || wanted !== undefined ? await bucket.stat(key) : undefined;
+      const range = known ? parseRange(wanted, known.size) : undefined;
+      if (known && notModified(req, describe(known).etag)) return reply.code(304).header('etag', `"${describe(known).etag}"`).send();
       if (head) {
-        setHeaders(reply, rep, range);
+        setHeaders(reply, describe(known!), range);
         return reply.send();
       }
       const got = await bucket.get(key, range ? { range } : {});
-      // The object may have been replaced since the stat: the headers describe what is read.
-      const now = { ...rep, size: got.info.size, etag: got.info.sha256 ?? got.info.etag };
-      const ranged = range ? parseRange(req.headers.range, got.info.size) : undefined;
-      setHeaders(reply, now, ranged);
+      const rep = describe(got.info);
+      if (!known && notModified(req, rep.etag)) {
+        got.stream.destroy();
+        return reply.code(304).header('etag', `"${rep.etag}"`).send();
+      }
+      // The object may have been replaced since the stat: the range is checked against what is read.
+      const ranged = range ? parseRange(wanted, got.info.size) : undefined;
+      setHeaders(reply, rep, ranged);
       if (got.info.size === 0) {
         // Nothing to hold back: an empty object is checked before its headers go out.
         for await (const _ of got.stream) { /* drain */ }

@@ -149,7 +149,8 @@ export function sessionRoutes(ctx: RouteContext) {
       const s = session(req.params);
       const bucket = ctx.bucket(queryParam(req.query, 'backend'));
       const declared = req.headers['content-length'] === undefined ? undefined : Number(req.headers['content-length']);
-      const staged = await receiveToStaging(bodyOf(req), ctx.staging, { limit: ctx.maxUploadBytes, declared, codes: SESSION_CODES });
+      // Stored here, with the received digest, before the answer: no fsync of the staged copy needed.
+      const staged = await receiveToStaging(bodyOf(req), ctx.staging, { limit: ctx.maxUploadBytes, declared, codes: SESSION_CODES, durable: false });
       try {
         // Refused whole before it can replace a good session: read by the same rules as a repack.
         await readArchive(createReadStream(staged.abs), async (e) => { for await (const _ of e.data) { /* drain */ } }).catch((err: unknown) => {
@@ -210,6 +211,7 @@ export function sessionRoutes(ctx: RouteContext) {
       const backend = queryParam(req.query, 'backend') ?? 'default';
       ctx.bucket(backend);
       const declared = req.headers['content-length'] === undefined ? undefined : Number(req.headers['content-length']);
+      // Durable: a repack op carries no digest of its source, and the job outlives a crash of this server.
       const staged = await receiveToStaging(bodyOf(req), ctx.staging, { limit: ctx.maxUploadBytes, declared, codes: SESSION_CODES });
       try {
         await edit(s, backend, { op: 'put', path, source: { path: staged.rel }, ...(ifSha256 ? { ifSha256 } : {}) });

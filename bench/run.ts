@@ -280,6 +280,9 @@ async function main(only?: 'fs' | 's3'): Promise<void> {
 if (process.argv.includes('--metrics')) {
   // `npm run bench -- --metrics`: only GET /metrics against a queue of 100,000 jobs.
   process.stdout.write(`${await metricsBench()}\n`);
+} else if (process.argv.includes('--server')) {
+  // `npm run bench -- --server`: only the HTTP server section (bench/server.ts).
+  process.stdout.write(`${await (await import('./server.js')).serverBench()}\n`);
 } else if (process.argv.includes('--queue')) {
   // `npm run bench -- --queue`: only the queue section, a few minutes shorter.
   process.stdout.write(`${await queueBench()}\n`);

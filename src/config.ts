@@ -73,6 +73,13 @@ const Schema = z.object({
   webhookTimeoutMs: int(100, 600_000),
   /** How often a worker adds its counters to the Redis totals `GET /metrics` reads. */
   metricsFlushMs: int(10, 600_000),
+  /** The HTTP server (`stevedore server`, `npm start`). */
+  httpHost: z.string().min(1),
+  httpPort: int(0, 65535),
+  /** Bearer token every route but GET /health requires; unset, the server listens on loopback only. */
+  apiToken: z.string().min(16, 'must be at least 16 characters').optional(),
+  /** Largest upload body (artifacts, session archives and files): 413 past it. */
+  maxUploadBytes: int(1, Number.MAX_SAFE_INTEGER),
 }).superRefine((c, ctx) => {
   if (c.webhookUrl && !c.webhookSecret) ctx.addIssue({ code: 'custom', path: ['webhookSecret'], message: 'is required when STEVEDORE_WEBHOOK_URL is set' });
   // Checked at start: on a cluster BullMQ would otherwise retry CROSSSLOT errors forever.
@@ -107,6 +114,10 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
     webhookScheduleMs: env.STEVEDORE_WEBHOOK_SCHEDULE_MS || DEFAULT_WEBHOOK_SCHEDULE_MS.join(','),
     webhookTimeoutMs: env.STEVEDORE_WEBHOOK_TIMEOUT_MS || 15_000,
     metricsFlushMs: env.STEVEDORE_METRICS_FLUSH_MS || 1_000,
+    httpHost: env.STEVEDORE_HTTP_HOST || '127.0.0.1',
+    httpPort: env.STEVEDORE_HTTP_PORT || 8080,
+    apiToken: env.STEVEDORE_API_TOKEN || undefined,
+    maxUploadBytes: env.STEVEDORE_MAX_UPLOAD_BYTES || 10 * 1024 ** 3,
   };
   const parsed = Schema.safeParse(raw);
   if (!parsed.success) {
@@ -117,6 +128,7 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
       workerName: 'STEVEDORE_WORKER_NAME', logLevel: 'LOG_LEVEL', keepCompleted: 'STEVEDORE_KEEP_COMPLETED', keepFailed: 'STEVEDORE_KEEP_FAILED',
       webhookUrl: 'STEVEDORE_WEBHOOK_URL', webhookSecret: 'STEVEDORE_WEBHOOK_SECRET', webhookScheduleMs: 'STEVEDORE_WEBHOOK_SCHEDULE_MS',
       webhookTimeoutMs: 'STEVEDORE_WEBHOOK_TIMEOUT_MS', metricsFlushMs: 'STEVEDORE_METRICS_FLUSH_MS',
+      httpHost: 'STEVEDORE_HTTP_HOST', httpPort: 'STEVEDORE_HTTP_PORT', apiToken: 'STEVEDORE_API_TOKEN', maxUploadBytes: 'STEVEDORE_MAX_UPLOAD_BYTES',
     };
     const lines = parsed.error.issues.map((i) => `  ${names[String(i.path[0])] ?? String(i.path[0])}: ${i.message}`);
     throw new Error(`invalid configuration:\n${lines.join('\n')}`);

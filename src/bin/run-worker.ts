@@ -9,6 +9,7 @@ import { MetricsRecorder } from '../metrics/recorder.js';
 import { describeEndpoint } from '../webhooks/delivery.js';
 import { startWebhooks } from '../webhooks/start.js';
 import { redisAnswers, startPrivateRedis } from './redis.js';
+import { startHttp } from './run-server.js';
 
 export interface RunWorkerOptions {
   /** `npm start`: start a private redis-server when nothing answers at a loopback REDIS_URL. */
@@ -16,6 +17,8 @@ export interface RunWorkerOptions {
   /** Environment the SDKs' credentials come from (AZURE_STORAGE_CONNECTION_STRING...). */
   env: NodeJS.ProcessEnv;
   cwd: string;
+  /** `npm start`: the HTTP server too, in this process, on the same app (and private Redis). */
+  withServer?: boolean;
 }
 
 /** BullMQ's per-minute counts kept per queue: a week of minutes (MetricsTime.ONE_WEEK), about 80 KB. */
@@ -63,13 +66,23 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
   sweep();
   const sweeper = setInterval(sweep, SWEEP_EVERY_MS).unref();
 
+  const http = opts.withServer ? await startHttp(app).catch(async (err: unknown) => {
+    await worker.close(true).catch(() => {});
+    await app.close({ force: true });
+    await stopRedis?.().catch(() => {});
+    throw err;
+  }) : undefined;
+
   let stopping = false;
   const shutdown = async (signal: string) => {
     if (stopping) return;
     stopping = true;
     clearInterval(sweeper);
+    // No new requests while the worker drains; requests in flight finish (or end with the process).
+    const httpClosed = http?.close().catch((err: unknown) => log.warn({ err }, 'closing the http server failed'));
     log.info({ signal, deadlineMs: config.shutdownTimeoutMs }, 'stopping: no new jobs, waiting for active ones');
     const outcome = await stopWorker(worker, config.shutdownTimeoutMs, log);
+    await httpClosed;
     // After the jobs: the last ones' deliveries are queued before the publisher closes.
     await webhooks?.close().catch((err: unknown) => log.warn({ err }, 'webhooks close failed'));
     await metrics.close();

@@ -29,7 +29,7 @@ function composeConfig(env: Record<string, string>): { status: number | null; st
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 function resolved(): Record<string, Service> {
-  const out = composeConfig({ STEVEDORE_API_TOKEN: 'test-token' });
+  const out = composeConfig({ STEVEDORE_API_TOKEN: 'compose-test-token-0123456789' });
   expect(out.status, out.stderr).toBe(0);
   const json = execFileSync('python3', ['-c', 'import sys, json, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))'], { input: out.stdout, encoding: 'utf8' });
   return (JSON.parse(json) as { services: Record<string, Service> }).services;
@@ -86,13 +86,11 @@ describe('deployment', () => {
 
   it('sets only variables the configuration reads, and they load', () => {
     const read = new Set([...readFileSync(`${ROOT}/src/config.ts`, 'utf8').matchAll(/env\.([A-Z][A-Z0-9_]+)/g)].map((m) => m[1]!));
-    // The HTTP server's variables (the contract's HTTP section), read by the server's configuration.
-    const http = new Set(['STEVEDORE_HTTP_HOST', 'STEVEDORE_HTTP_PORT', 'STEVEDORE_API_TOKEN', 'STEVEDORE_MAX_UPLOAD_BYTES']);
     // The SDKs' own credentials (CONTRACT: Backends).
     const sdk = /^(AWS_|AZURE_STORAGE_|GOOGLE_APPLICATION_CREDENTIALS$)/;
     for (const name of ['server', 'worker']) {
       const env = services[name]!.environment ?? {};
-      for (const k of Object.keys(env)) expect(read.has(k) || http.has(k) || sdk.test(k), `${name}: ${k}`).toBe(true);
+      for (const k of Object.keys(env)) expect(read.has(k) || sdk.test(k), `${name}: ${k}`).toBe(true);
       const config = loadConfig(Object.fromEntries(Object.entries(env).map(([k, v]) => [k, v ?? ''])), '/app');
       expect(config.redisUrl).toBe('redis://redis:6379');
       expect(config.stagingDir).toBe('/data/staging');

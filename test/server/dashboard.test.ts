@@ -1,17 +1,12 @@
 import { mkdir, writeFile } from 'node:fs/promises';
-import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import Fastify, { type FastifyInstance } from 'fastify';
 import { chromium, type Browser } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { FsDriver } from '../../src/backends/fs.js';
-import { redisConnection } from '../../src/queue/connection.js';
-import { dashboardPlugin, redactJobData } from '../../src/server/dashboard.js';
-import { Bucket } from '../../src/storage/bucket.js';
-import { tempDir } from '../harness/process.js';
+import type { StevedoreClient } from '../../src/queue/client.js';
+import { redactJobData } from '../../src/server/dashboard.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
-import { inProcessWorker, type InProcessWorker } from '../harness/worker.js';
+import { TOKEN, testServer, type TestServer } from './harness.js';
 
 /** Screenshots land here (ignored by git), for a look after the run. */
 const ARTIFACTS = fileURLToPath(new URL('../artifacts/', import.meta.url));
@@ -21,29 +16,25 @@ const LOOPBACK = /^(https?|wss?):\/\/(127\.0\.0\.1|localhost|\[::1\])(:\d+)?\//;
 
 describe('dashboard', () => {
   let redis: TestRedis;
-  let tmp: Awaited<ReturnType<typeof tempDir>>;
-  let w: InProcessWorker;
-  let app: FastifyInstance;
+  let t: TestServer;
   let base: string;
   let browser: Browser | undefined;
+  // The real server (buildServer, its auth hook with a token) and an in-process worker.
+  const w = {
+    get queue(): string { return t.app.config.queue; },
+    get client(): StevedoreClient { return t.app.client(); },
+  };
+  const basic = { authorization: `Basic ${Buffer.from(`admin:${TOKEN}`).toString('base64')}` };
 
   beforeAll(async () => {
     redis = await startRedis();
-    tmp = await tempDir();
-    const buckets = new Map([['default', new Bucket(new FsDriver({ root: join(tmp.path, 'objects') }), { name: 'default' })]]);
-    w = await inProcessWorker(redis.url, buckets, join(tmp.path, 'staging'));
-    await mkdir(join(tmp.path, 'staging'), { recursive: true });
-    app = Fastify();
-    await app.register(dashboardPlugin, { queue: w.queue, keyPrefix: 'bull', connect: () => redisConnection(redis.url, 'producer') });
-    await app.listen({ port: 0, host: '127.0.0.1' });
-    base = `http://127.0.0.1:${(app.server.address() as AddressInfo).port}`;
+    t = await testServer(redis.url);
+    base = await t.listen();
   });
   afterAll(async () => {
     await browser?.close();
-    await app?.close();
-    await w?.close();
+    await t?.close();
     await redis?.stop();
-    await tmp?.remove();
   });
 
   it('redacts secret-named fields and inline content from job data', () => {
@@ -54,7 +45,7 @@ describe('dashboard', () => {
   it('lists both queues and serves job data without secrets through its API', async () => {
     const id = await w.client.store({ key: 'secret/one', source: { path: 'nope.bin' }, metadata: { 'x-api-token': 'TOKEN-never-shown' } }, { attempts: 1 });
     await w.client.result(id).catch(() => {});
-    const res = await app.inject({ url: `/admin/queues/api/queues?activeQueue=${w.queue}&status=failed&page=1` });
+    const res = await t.server.inject({ url: `/admin/queues/api/queues?activeQueue=${w.queue}&status=failed&page=1`, headers: basic });
     expect(res.statusCode).toBe(200);
     const body = res.body;
     expect(body).not.toContain('TOKEN-never-shown');
@@ -67,10 +58,20 @@ describe('dashboard', () => {
     const id = await w.client.store({ key: 'ui/retry', source: { path: 'later.bin' } }, { attempts: 1 });
     await expect(w.client.result(id)).rejects.toThrow(/^NotFound/);
     // What was missing is there now: a retry can succeed.
-    await writeFile(join(tmp.path, 'staging', 'later.bin'), 'arrived');
+    await writeFile(join(t.stagingDir, 'later.bin'), 'arrived');
 
     browser = await chromium.launch({ executablePath: CHROMIUM, args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'] });
-    const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+    // Without credentials the browser gets the 401 and its Basic challenge, not the board.
+    // (Headless Chromium, with nobody to ask for a password, ends such a navigation with an error.)
+    const anonymous = await browser.newPage();
+    await expect(anonymous.goto(`${base}/admin/queues`)).rejects.toThrow(/ERR_INVALID_AUTH_CREDENTIALS/);
+    const refused = await anonymous.request.get(`${base}/admin/queues`);
+    expect(refused.status()).toBe(401);
+    expect(refused.headers()['www-authenticate']).toMatch(/^Basic /);
+    await anonymous.close();
+    // With them (any user, the token as password), as an operator's browser sends them.
+    const context = await browser.newContext({ viewport: { width: 1280, height: 900 }, httpCredentials: { username: 'admin', password: TOKEN } });
+    const page = await context.newPage();
     // Nothing leaves the machine (the board asks for web fonts elsewhere): refused, and it still works.
     await page.route('**/*', (route) => {
       const url = route.request().url();

@@ -90,6 +90,8 @@ class Client {
 export const eventsPlugin: FastifyPluginAsync<EventsPluginOptions> = async (app, opts) => {
   const reader = opts.connect();
   const commands = opts.connect();
+  // Reconnects are the connections' own business; the hub logs what a read could not do.
+  for (const c of [reader, commands]) c.on('error', () => {});
   const base = `${opts.keyPrefix}:${opts.queue}`;
   const hub = new EventHub({ streamKey: `${base}:events`, jobKey: (id) => `${base}:${id}`, reader, commands, log: opts.log, ...(opts.blockMs ? { blockMs: opts.blockMs } : {}) });
   const clients = new Set<FastifyReply>();

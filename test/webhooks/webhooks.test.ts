@@ -223,6 +223,10 @@ describe('webhooks', () => {
       // Both processes did work, so the once-only is not one worker's luck.
       const served = new Set((await Promise.all(ids.map((id) => client.getJob(id)))).map((j) => j!.processedBy));
       expect(served.size).toBe(2);
+      // SIGTERM: the worker, its delivery worker, publisher and counters stop, and the process exits 0.
+      procs[0]!.kill('SIGTERM');
+      expect(await procs[0]!.exited).toEqual({ code: 0, signal: null });
+      expect(procs[0]!.logs().some((l) => l.msg === 'stopped')).toBe(true);
     } finally {
       await client.close();
       await Promise.all(procs.map((p) => p.stop()));

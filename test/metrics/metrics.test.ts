@@ -37,7 +37,9 @@ describe('GET /metrics', () => {
     redis = await startRedis();
     tmp = await tempDir();
     const queue = `m-${Date.now()}`;
-    recorder = new MetricsRecorder(redisConnection(redis.url, 'worker'), { prefix: 'bull', queue, flushMs: 50, log: pino({ level: 'silent' }) });
+    const conn = redisConnection(redis.url, 'worker');
+    conn.on('error', () => {}); // the Redis restart below
+    recorder = new MetricsRecorder(conn, { prefix: 'bull', queue, flushMs: 50, log: pino({ level: 'silent' }) });
     const buckets = new Map([
       ['default', new Bucket(new FsDriver({ root: join(tmp.path, 'objects') }), { name: 'default' })],
       ['flaky', new Bucket(failingPuts(new FsDriver({ root: join(tmp.path, 'flaky') }), 1), { name: 'flaky' })],
@@ -140,9 +142,9 @@ describe('GET /metrics', () => {
       const id = await lw.client.store({ key: 'k', source: { base64: 'eHl6' } });
       await hanging.putStarted;
       // What another worker's stalled check, or an expired key, does to the lock.
-      const raw = redisConnection(redis.url, 'producer');
+      const raw = redisConnection(redis.url, 'worker');
       expect(await raw.del(`bull:${queue}:${id}:lock`)).toBe(1);
-      raw.disconnect();
+      await raw.quit();
       await hanging.putAborted;
       await expect.poll(async () => { await rec.flush(); return valueOf(parsePrometheus((await other.inject({ url: '/metrics' })).body), 'stevedore_lock_losses_total'); }).toBe(1);
     } finally {

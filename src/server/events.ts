@@ -134,22 +134,22 @@ export const eventsPlugin: FastifyPluginAsync<EventsPluginOptions> = async (app,
       client.goLive();
       return;
     }
-    const resume = await hub.canResume(lastId);
-    if (!resume.ok) {
-      // Everything up to the reader's position is passed over; the client carries on from it.
-      client.sent = hub.position;
-      client.write({ id: client.sent, event: 'reset', data: { reason: resume.reason, lastEventId: client.sent } });
-      client.goLive();
-      return;
-    }
-    client.sent = lastId;
     try {
-      for await (const page of hub.replay(lastId)) {
-        if (!reply.sse.isConnected) break;
-        client.push(page);
-        await client.drained();
+      const resume = await hub.canResume(lastId);
+      if (!resume.ok) {
+        // Everything up to the reader's position is passed over; the client carries on from it.
+        client.sent = hub.position;
+        client.write({ id: client.sent, event: 'reset', data: { reason: resume.reason, lastEventId: client.sent } });
+      } else {
+        client.sent = lastId;
+        for await (const page of hub.replay(lastId)) {
+          if (!reply.sse.isConnected) break;
+          client.push(page);
+          await client.drained();
+        }
       }
     } catch (err) {
+      // Redis failed mid-replay: the client reconnects with the last id it got, nothing is skipped.
       req.log.warn({ err }, 'event replay failed');
       reply.sse.close();
       return;

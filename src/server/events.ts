@@ -90,6 +90,8 @@ class Client {
 export const eventsPlugin: FastifyPluginAsync<EventsPluginOptions> = async (app, opts) => {
   const reader = opts.connect();
   const commands = opts.connect();
+  // Reconnects are the connections' own business; the hub logs what a read could not do.
+  for (const c of [reader, commands]) c.on('error', () => {});
   const base = `${opts.keyPrefix}:${opts.queue}`;
   const hub = new EventHub({ streamKey: `${base}:events`, jobKey: (id) => `${base}:${id}`, reader, commands, log: opts.log, ...(opts.blockMs ? { blockMs: opts.blockMs } : {}) });
   const clients = new Set<FastifyReply>();
@@ -132,22 +134,22 @@ export const eventsPlugin: FastifyPluginAsync<EventsPluginOptions> = async (app,
       client.goLive();
       return;
     }
-    const resume = await hub.canResume(lastId);
-    if (!resume.ok) {
-      // Everything up to the reader's position is passed over; the client carries on from it.
-      client.sent = hub.position;
-      client.write({ id: client.sent, event: 'reset', data: { reason: resume.reason, lastEventId: client.sent } });
-      client.goLive();
-      return;
-    }
-    client.sent = lastId;
     try {
-      for await (const page of hub.replay(lastId)) {
-        if (!reply.sse.isConnected) break;
-        client.push(page);
-        await client.drained();
+      const resume = await hub.canResume(lastId);
+      if (!resume.ok) {
+        // Everything up to the reader's position is passed over; the client carries on from it.
+        client.sent = hub.position;
+        client.write({ id: client.sent, event: 'reset', data: { reason: resume.reason, lastEventId: client.sent } });
+      } else {
+        client.sent = lastId;
+        for await (const page of hub.replay(lastId)) {
+          if (!reply.sse.isConnected) break;
+          client.push(page);
+          await client.drained();
+        }
       }
     } catch (err) {
+      // Redis failed mid-replay: the client reconnects with the last id it got, nothing is skipped.
       req.log.warn({ err }, 'event replay failed');
       reply.sse.close();
       return;

@@ -8,8 +8,12 @@ import { WebhookPublisher } from './publisher.js';
 export interface Webhooks {
   /** Queues a delivery for each job's end; for the public queue's worker. */
   hooks: JobHooks;
-  /** Stops taking deliveries (in-flight POSTs finish), then the publisher. */
-  close(): Promise<void>;
+  /**
+   * Stops taking deliveries, lets in-flight POSTs finish for up to `graceMs`, then forces the
+   * delivery worker closed (a delivery cut short is delivered again, same webhook-id, once its
+   * lock lapses), then closes the publisher. Bounded, so a stop never waits out a slow receiver.
+   */
+  close(graceMs?: number): Promise<void>;
 }
 
 /** A worker process's webhook parts, when STEVEDORE_WEBHOOK_URL is set: the publisher hooks and the delivery worker. */
@@ -29,9 +33,14 @@ export function startWebhooks(app: App, log: Logger, opts: { metrics?: MetricsRe
   }
   return {
     hooks: publisher,
-    async close() {
-      await worker.close();
-      await publisher.close();
+    async close(graceMs = 5_000) {
+      let timer: NodeJS.Timeout | undefined;
+      const graceful = worker.close();
+      const outcome = await Promise.race([graceful.then(() => 'closed' as const), new Promise<'late'>((r) => { timer = setTimeout(() => r('late'), graceMs); })]);
+      clearTimeout(timer);
+      if (outcome === 'late') await worker.close(true).catch(() => {});
+      graceful.catch(() => {});
+      await Promise.race([publisher.close(), new Promise<void>((r) => { setTimeout(r, graceMs).unref(); })]);
     },
   };
 }

@@ -13,7 +13,7 @@ export interface Receiver {
   url: string;
   received: Received[];
   /** How to answer the next request: status and headers; default 204. */
-  answer: (r: Received, n: number) => { status: number; headers?: Record<string, string> };
+  answer: (r: Received, n: number) => { status: number; headers?: Record<string, string>; delayMs?: number };
   /** Resolves once `match` holds for what was received so far. */
   until(match: (r: Received[]) => boolean, timeoutMs?: number): Promise<Received[]>;
   close(): Promise<void>;
@@ -42,7 +42,13 @@ export async function startReceiver(): Promise<Receiver> {
       r.received.push(got);
       const a = r.answer(got, r.received.length);
       got.status = a.status;
-      res.writeHead(a.status, a.headers).end();
+      const send = () => {
+        if (res.destroyed) return;
+        res.writeHead(a.status, a.headers).end();
+        for (const w of waiters) w();
+      };
+      if (a.delayMs) setTimeout(send, a.delayMs);
+      else send();
       for (const w of waiters) w();
     });
   });

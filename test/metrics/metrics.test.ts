@@ -4,12 +4,14 @@ import Fastify, { type FastifyInstance } from 'fastify';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FsDriver } from '../../src/backends/fs.js';
+import { MemoryDriver } from '../../src/backends/memory.js';
 import { METRICS } from '../../src/metrics/catalog.js';
 import { MetricsRecorder } from '../../src/metrics/recorder.js';
 import { redisConnection } from '../../src/queue/connection.js';
 import { metricsPlugin } from '../../src/server/metrics.js';
 import { Bucket } from '../../src/storage/bucket.js';
 import type { Driver } from '../../src/storage/driver.js';
+import { hangingPuts } from '../fixtures/hanging-puts.js';
 import { overrideDriver } from '../fixtures/override-driver.js';
 import { tempDir } from '../harness/process.js';
 import { parsePrometheus, valueOf } from '../harness/prometheus.js';
@@ -35,7 +37,9 @@ describe('GET /metrics', () => {
     redis = await startRedis();
     tmp = await tempDir();
     const queue = `m-${Date.now()}`;
-    recorder = new MetricsRecorder(redisConnection(redis.url, 'worker'), { prefix: 'bull', queue, flushMs: 50, log: pino({ level: 'silent' }) });
+    const conn = redisConnection(redis.url, 'worker');
+    conn.on('error', () => {}); // the Redis restart below
+    recorder = new MetricsRecorder(conn, { prefix: 'bull', queue, flushMs: 50, log: pino({ level: 'silent' }) });
     const buckets = new Map([
       ['default', new Bucket(new FsDriver({ root: join(tmp.path, 'objects') }), { name: 'default' })],
       ['flaky', new Bucket(failingPuts(new FsDriver({ root: join(tmp.path, 'flaky') }), 1), { name: 'flaky' })],
@@ -124,6 +128,30 @@ describe('GET /metrics', () => {
     } finally {
       await other.close();
       await proc.stop();
+    }
+  });
+
+  it('counts a lost lock', async () => {
+    const hanging = hangingPuts(new MemoryDriver());
+    const queue = `ml-${Date.now()}`;
+    const rec = new MetricsRecorder(redisConnection(redis.url, 'worker'), { prefix: 'bull', queue, flushMs: 50, log: pino({ level: 'silent' }) });
+    const lw = await inProcessWorker(redis.url, new Map([['default', new Bucket(hanging.proxy)]]), tmp.path, { queue, lockDurationMs: 2_000, hooks: [rec] });
+    const other = Fastify();
+    try {
+      await other.register(metricsPlugin, { queue, keyPrefix: 'bull', connect: () => redisConnection(redis.url, 'producer') });
+      const id = await lw.client.store({ key: 'k', source: { base64: 'eHl6' } });
+      await hanging.putStarted;
+      // What another worker's stalled check, or an expired key, does to the lock.
+      const raw = redisConnection(redis.url, 'worker');
+      expect(await raw.del(`bull:${queue}:${id}:lock`)).toBe(1);
+      await raw.quit();
+      await hanging.putAborted;
+      await expect.poll(async () => { await rec.flush(); return valueOf(parsePrometheus((await other.inject({ url: '/metrics' })).body), 'stevedore_lock_losses_total'); }).toBe(1);
+    } finally {
+      lw.worker.cancelAllJobs('test over');
+      await lw.close();
+      await rec.close();
+      await other.close();
     }
   });
 

@@ -40,6 +40,7 @@ describe('GET /events', () => {
     const buckets = new Map([['default', new Bucket(new FsDriver({ root: join(tmp.path, 'objects') }), { name: 'default' })]]);
     w = await inProcessWorker(redis.url, buckets, join(tmp.path, 'staging'));
     admin = new Redis(redis.url);
+    admin.on('error', () => {});
   });
   afterAll(async () => {
     for (const s of servers) await s.close();
@@ -136,6 +137,23 @@ describe('GET /events', () => {
     const res = await app.inject({ url: '/events?type=nope', headers: { accept: 'text/event-stream' } });
     expect(res.statusCode).toBe(400);
     expect(res.json()).toMatchObject({ error: 'InvalidInput', message: expect.stringContaining('nope') });
+  });
+
+  it('keeps streaming across a Redis restart, and a client resuming after it misses nothing', async () => {
+    const { url } = await server();
+    const c = await openSse(url);
+    const a = await log('before-restart');
+    await c.until((es) => ids(es).includes(a));
+    const lastId = jobEvents(c.events).at(-1)!.id!;
+    await redis.restart();
+    await w.client.ready(10_000);
+    const b = await log('after-restart');
+    await c.until((es) => ids(es).includes(b), 30_000);
+    const resumed = await openSse(url, { 'last-event-id': lastId });
+    await resumed.until((es) => ids(es).includes(b));
+    expect(ids(resumed.events)).toEqual([b]);
+    c.close();
+    resumed.close();
   });
 
   it('serves every client from one stream reader', async () => {

@@ -12,7 +12,7 @@ import { Bucket } from '../../src/storage/bucket.js';
 import { disabledKey, endpointHash, startWebhookWorker } from '../../src/webhooks/delivery.js';
 import { WebhookPublisher, webhookQueueName, type WebhookMessage } from '../../src/webhooks/publisher.js';
 import { sign, secretKey } from '../../src/webhooks/signature.js';
-import { tempDir } from '../harness/process.js';
+import { freePort, tempDir } from '../harness/process.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
 import { startReceiver, type Received, type Receiver } from '../harness/webhook-receiver.js';
 import { inProcessWorker, type InProcessWorker } from '../harness/worker.js';
@@ -130,6 +130,47 @@ describe('webhooks', () => {
     expect(rs[1]!.at - rs[0]!.at).toBeGreaterThanOrEqual(1_900);
   });
 
+  it('retries a delivery whose receiver is too slow (past the timeout) or down, with the same webhook-id', async () => {
+    let target = '';
+    let n = 0;
+    rx.answer = (r) => (msg(r).data.jobId === target && n++ === 0 ? { status: 200, delayMs: 3_000 } : { status: 204 });
+    target = await log('slow');
+    const rs = (await rx.until((all) => all.filter(forJob(target)).length === 2)).filter(forJob(target));
+    expect(rs[0]!.headers['webhook-id']).toBe(rs[1]!.headers['webhook-id']);
+    const job = await deliveries().getJob(String(rs[0]!.headers['webhook-id']));
+    await expect.poll(async () => (await deliveries().getJob(job!.id!))?.returnvalue).toEqual({ status: 204 });
+    expect((await deliveries().getJob(job!.id!))!.attemptsMade).toBe(2);
+    // Down: nothing listens at the URL. The attempts fail and are retried; the job it reports is done.
+    const q3 = `wh3-${randomUUID().slice(0, 8)}`;
+    const dead = startWebhookWorker(redisConnection(redis.url, 'worker'), { queue: q3, prefix: 'bull', url: `http://127.0.0.1:${await freePort()}/hooks`, secret: SECRET, scheduleMs: [0, 50, 50], retention: { keepCompleted: 10, keepFailed: 10 }, log: pino({ level: 'silent' }) });
+    const pub = new WebhookPublisher(redisConnection(redis.url, 'worker'), { queue: q3, prefix: 'bull', retention: { keepCompleted: 10, keepFailed: 10 }, attempts: 3 });
+    try {
+      await pub.completed({ id: 'down-1', name: 'log', timestamp: 1, finishedOn: 2, attemptsMade: 1 } as never, { ok: true });
+      const dq = new Queue(webhookQueueName(q3), { connection: admin });
+      await expect.poll(async () => (await dq.getJobs(['failed']))[0]?.failedReason, { timeout: 10_000 }).toMatch(/^Transient: webhook POST to http:\/\/127\.0\.0\.1:\d+\/hooks failed: ECONNREFUSED$/);
+      expect((await dq.getJobs(['failed']))[0]!.attemptsMade).toBe(3);
+    } finally {
+      await dead.close();
+      await pub.close();
+    }
+  });
+
+  it('keeps only the retention counts of finished deliveries', async () => {
+    const q4 = `wh4-${randomUUID().slice(0, 8)}`;
+    const retention = { keepCompleted: 2, keepFailed: 2 };
+    const worker = startWebhookWorker(redisConnection(redis.url, 'worker'), { queue: q4, prefix: 'bull', url: rx.url, secret: SECRET, scheduleMs: [0], retention, log: pino({ level: 'silent' }) });
+    const pub = new WebhookPublisher(redisConnection(redis.url, 'worker'), { queue: q4, prefix: 'bull', retention, attempts: 1 });
+    try {
+      for (let i = 1; i <= 6; i++) await pub.completed({ id: `kept-${i}`, name: 'log', timestamp: 1, finishedOn: 2, attemptsMade: 1 } as never, {});
+      await rx.until((all) => all.filter((r) => msg(r).data.queue === q4).length === 6);
+      const dq = new Queue(webhookQueueName(q4), { connection: admin });
+      await expect.poll(async () => (await dq.getJobCounts('completed')).completed).toBe(2);
+    } finally {
+      await worker.close();
+      await pub.close();
+    }
+  });
+
   it('disables the endpoint on 410: that delivery ends and later ones are skipped', async () => {
     let target = '';
     rx.answer = (r) => (msg(r).data.jobId === target ? { status: 410 } : { status: 204 });
@@ -182,6 +223,10 @@ describe('webhooks', () => {
       // Both processes did work, so the once-only is not one worker's luck.
       const served = new Set((await Promise.all(ids.map((id) => client.getJob(id)))).map((j) => j!.processedBy));
       expect(served.size).toBe(2);
+      // SIGTERM: the worker, its delivery worker, publisher and counters stop, and the process exits 0.
+      procs[0]!.kill('SIGTERM');
+      expect(await procs[0]!.exited).toEqual({ code: 0, signal: null });
+      expect(procs[0]!.logs().some((l) => l.msg === 'stopped')).toBe(true);
     } finally {
       await client.close();
       await Promise.all(procs.map((p) => p.stop()));

@@ -39,6 +39,8 @@ export async function cancelJob(queue: Queue, conn: RedisClient, jobId: string):
     try {
       // A migration's chunks go with it (removeChildren); the verified copies stay in the backend.
       await job.remove({ removeChildren: true });
+      // Gone with its children: nothing will look for the mark, and a new job may reuse the id.
+      await conn.del(markKey(queue, jobId));
       return 'removed';
     } catch {
       // It was taken by a worker in between (a locked job cannot be removed): stop it where it runs.
@@ -55,4 +57,9 @@ export async function cancelRequested(conn: RedisClient, queue: { toKey(type: st
   // One key per call: under Redis Cluster a job and its parent may hash to different slots.
   const found = await Promise.all(keys.map((k) => conn.exists(k)));
   return found.some((n) => n > 0);
+}
+
+/** Forgets the request once the job failed `Cancelled` (a later job may reuse its id). */
+export async function clearCancel(conn: RedisClient, queue: { toKey(type: string): string }, jobId: string): Promise<void> {
+  await conn.del(markKey(queue, jobId));
 }

@@ -1,6 +1,6 @@
 import { UnrecoverableError, WaitingError, Worker } from 'bullmq';
 import type { Logger } from 'pino';
-import { CANCEL_REASON, cancelChannel, cancelRequested } from './cancel.js';
+import { CANCEL_REASON, cancelChannel, cancelRequested, clearCancel } from './cancel.js';
 import { duplicateConnection, type RedisClient } from './connection.js';
 import type { JobHooks } from './job-hooks.js';
 import { DEFAULT_RETENTION, workerRetention, type Retention } from './retention.js';
@@ -29,6 +29,11 @@ export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: 
   // The jobs running here, with their parents: a cancel request names either (src/queue/cancel.ts).
   const running = new Map<string, string | undefined>();
   let cancels: CancelListener; // set below, once the worker exists
+  // A job failing Cancelled for good: its mark has done its work (a later job may reuse the id).
+  const cancelled = async (id: string): Promise<Error> => {
+    await clearCancel(connection, worker, id).catch((err: unknown) => deps.log.warn({ err, jobId: id }, 'could not clear a cancel mark'));
+    return new UnrecoverableError(CANCEL_REASON);
+  };
   const worker: Worker = new Worker(opts.queue, async (job, token, signal) => {
     // Back to the front of the wait list, for another worker; WaitingError spends no attempt.
     const handBack = async (): Promise<never> => {
@@ -50,14 +55,14 @@ export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: 
       // a job run again after a stall or a retry), in Redis: a first run of a job without a parent
       // was waiting until just now, and a request for a waiting job removes it instead.
       const again = (job.attemptsStarted ?? 1) > 1 || job.parent !== undefined;
-      if (cancels.heard(id) || (again && await cancelRequested(connection, worker, job))) throw new UnrecoverableError(CANCEL_REASON);
+      if (cancels.heard(id) || (again && await cancelRequested(connection, worker, job))) throw await cancelled(id);
       return await runJob(job, deps, cancel);
     } catch (err) {
       // Cancelled by a forced stop (stopWorker): handed back at once instead of waiting for the
       // lock to lapse.
       if (cancel.aborted && worker.closing && token) return handBack();
       // Cancelled by a request: whatever the handler made of its abort, the job fails Cancelled, for good.
-      if (cancel.aborted && cancel.reason === CANCEL_REASON) throw new UnrecoverableError(CANCEL_REASON);
+      if (cancel.aborted && cancel.reason === CANCEL_REASON) throw await cancelled(id);
       throw err;
     } finally {
       running.delete(id);

@@ -34,7 +34,7 @@ export function jobFailure(reason: string): HttpError {
 }
 
 /** The session service's code for a contract error (CONTRACT.md, Sessions). */
-function sessionAnswer(err: StorageError | { code: ErrorCode; message: string; op?: string | undefined }, method: string): HttpError {
+export function sessionAnswer(err: StorageError | { code: ErrorCode; message: string; op?: string | undefined }, method: string): HttpError {
   switch (err.code) {
     case 'InvalidInput': return new HttpError(400, err.op === 'session' ? 'invalid_session_path' : 'invalid_request', err.message);
     // Reads say which of the two is missing by where they looked (the archive, or a path in it).

@@ -77,5 +77,8 @@ export function sendVerified(reply: FastifyReply, stream: Readable, ranged: bool
   if (ranged) return reply.send(stream);
   const held = new HoldLast();
   stream.on('error', (err) => held.destroy(err));
+  // pipe() only unpipes when `held` is destroyed (a client gone mid-transfer): the source (a file
+  // descriptor, an SDK's socket) must be released with it, not left paused for the GC.
+  held.once('close', () => stream.destroy());
   return reply.send(stream.pipe(held));
 }

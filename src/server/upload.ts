@@ -33,6 +33,8 @@ export interface ReceiveOptions {
    * @defaultValue true
    */
   durable?: boolean;
+  /** @defaultValue UPLOAD_IDLE_MS */
+  idleMs?: number;
   /** What the 413 and 422 answers are called under the session routes. */
   codes?: { tooLarge: string; mismatch: string };
 }
@@ -40,23 +42,54 @@ export interface ReceiveOptions {
 export const tooLarge = (limit: number, code = ErrorCode.InvalidInput as string): HttpError =>
   new HttpError(413, code, `InvalidInput: the upload is over the limit of ${limit} bytes (STEVEDORE_MAX_UPLOAD_BYTES)`, { connection: 'close' });
 
-/** Counts and hashes what flows; errors with 413 the moment the count passes the limit, before that chunk is written. */
+/**
+ * A body that sends nothing for this long is dropped (408): a client stalled mid-upload would
+ * otherwise hold its request and its temp file until the staging sweep pulls the file from under
+ * it. The server has no socket idle timeout of its own, since `?wait` answers sit silent for longer.
+ */
+export const UPLOAD_IDLE_MS = 120_000;
+
+/**
+ * Counts and hashes what flows; errors with 413 the moment the count passes the limit, before that
+ * chunk is written, and with 408 when the body goes silent for `idleMs`.
+ */
 class Meter extends Transform {
   size = 0;
   private readonly hash = createHash('sha256');
-  constructor(private readonly limit: number, private readonly code: string) {
+  private idle: NodeJS.Timeout;
+  constructor(private readonly limit: number, private readonly code: string, private readonly idleMs: number) {
     super();
+    this.idle = this.arm();
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
+    this.idle.refresh();
     this.size += chunk.length;
     if (this.size > this.limit) return cb(tooLarge(this.limit, this.code));
     this.hash.update(chunk);
     cb(null, chunk);
   }
 
+  override _flush(cb: TransformCallback): void {
+    clearTimeout(this.idle);
+    cb();
+  }
+
+  override _destroy(err: Error | null, cb: (err: Error | null) => void): void {
+    clearTimeout(this.idle);
+    cb(err);
+  }
+
   digest(): string {
     return this.hash.digest('hex');
+  }
+
+  private arm(): NodeJS.Timeout {
+    const t = setTimeout(() => {
+      this.destroy(new HttpError(408, ErrorCode.Transient, `Transient: the upload sent nothing for ${this.idleMs / 1000} s and was dropped; nothing was stored`, { connection: 'close' }));
+    }, this.idleMs);
+    t.unref();
+    return t;
   }
 }
 
@@ -74,7 +107,7 @@ export async function receiveToStaging(body: Readable, staging: Staging, opts: R
   const tmp = join(dir, `${STAGING_TMP}http-${id}`);
   const rel = join(STAGING_INCOMING, `http-${id}`);
   const abs = join(staging.root, rel);
-  const meter = new Meter(opts.limit, codes.tooLarge);
+  const meter = new Meter(opts.limit, codes.tooLarge, opts.idleMs ?? UPLOAD_IDLE_MS);
   try {
     await pipeline(body, meter, createWriteStream(tmp, { flags: 'wx', highWaterMark: 1 << 20 }));
     const durable = opts.durable ?? true;

@@ -64,6 +64,15 @@ describe('cancel', () => {
       expect(await client.getJob(waiting)).toBeUndefined();
       expect(await client.getJob(delayed)).toBeUndefined();
       expect(await client.cancel('no-such-job')).toBe('not-found');
+      // A producer's own id, cancelled while waiting, can be used again: its new job is not cancelled.
+      const mine = await client.store({ key: 'c', source: inline('c') }, { jobId: 'build-7' });
+      expect(await client.cancel(mine)).toBe('removed');
+      const conn = redisConnection(redis.url, 'worker');
+      try {
+        expect(await conn.exists(client.queue.toKey('cancelled:build-7'))).toBe(0);
+      } finally {
+        await conn.quit();
+      }
     } finally {
       await client.close();
     }
@@ -99,10 +108,17 @@ describe('cancel', () => {
       await expect(w.client.run('store', { key: 'fast', source: inline('ok') }, { timeoutMs: 15_000 })).resolves.toMatchObject({ key: 'fast', size: 2 });
       // Cancelling what already finished changes nothing.
       expect(await w.client.cancel(id)).toBe('finished');
+      // The request is forgotten once it took effect: an id reused later is not cancelled by it.
+      const conn = redisConnection(redis.url, 'worker');
+      try {
+        expect(await conn.exists(w.client.queue.toKey(`cancelled:${id}`))).toBe(0);
+      } finally {
+        await conn.quit();
+      }
     });
 
     it("stops a flow's children with their parent: the running one by message, the waiting ones before they start", async () => {
-      const conn = redisConnection(redis.url, 'producer');
+      const conn = redisConnection(redis.url, 'worker');
       const flows = new FlowProducer({ connection: conn, prefix: 'bull' });
       try {
         const childOpts = { attempts: 3, ignoreDependencyOnFailure: true };

@@ -1,5 +1,6 @@
 import { createHash } from 'node:crypto';
-import { writeFile, lstat } from 'node:fs/promises';
+import { lstat, readdir, readlink, writeFile } from 'node:fs/promises';
+import { get as httpGet } from 'node:http';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startRedis, type TestRedis } from '../harness/redis.js';
@@ -144,6 +145,28 @@ describe('artifact routes (the build service)', () => {
     expect(range).toMatchObject({ status: 206, size: 1 });
     // The server is unaffected.
     expect((await send(`${t.url}/health`, 'GET', undefined)).status).toBe(200);
+  });
+
+  it('a client gone mid-download releases the object: no descriptor stays open on it', async () => {
+    await t.server.inject({ method: 'PUT', url: '/sites/s/artifacts/gone?wait=60', headers: t.auth, payload: Buffer.alloc(16 << 20, 3) });
+    const openOnObject = async () => {
+      let n = 0;
+      for (const fd of await readdir('/proc/self/fd')) {
+        if ((await readlink(`/proc/self/fd/${fd}`).catch(() => '')).endsWith('artifacts/gone.tar.gz')) n++;
+      }
+      return n;
+    };
+    for (const range of [undefined, 'bytes=1-']) {
+      for (let i = 0; i < 3; i++) {
+        await new Promise<void>((resolve) => {
+          const req = httpGet(`${t.url}/sites/s/artifacts/gone`, { headers: { ...t.auth, ...(range ? { range } : {}) } }, (res) => {
+            res.once('data', () => { req.destroy(); resolve(); });
+          });
+          req.on('error', () => {});
+        });
+      }
+      await eventually(async () => (await openOnObject()) === 0, `descriptors on the object released after aborted ${range ? 'ranged ' : ''}GETs`);
+    }
   });
 
   it('round-trips an artifact through s3rver (?backend=s3)', async () => {

@@ -8,7 +8,7 @@ import { listSession, openSessionFile } from '../../session/read.js';
 import type { Bucket } from '../../storage/bucket.js';
 import { queryParam, type RouteContext } from '../context.js';
 import { enqueue } from '../enqueue.js';
-import { HttpError } from '../errors.js';
+import { HttpError, sessionAnswer, STATUS } from '../errors.js';
 import { notModified, parseRange, sendVerified, setHeaders } from '../serve.js';
 import { receiveToStaging } from '../upload.js';
 import { bodyOf } from './artifacts.js';
@@ -67,13 +67,16 @@ export function sessionRoutes(ctx: RouteContext) {
       await lease.release();
     }
   };
-  const edit = async (s: string, backend: string, op: Record<string, unknown>) => {
-    const out = await enqueue(ctx.client, 'repack-session', { backend, session: s, ops: [op] } as never, { waitSeconds: WRITE_WAIT_SECONDS, log: ctx.log })
+  /**
+   * Applies one op by a repack job and answers when it completed. `onFinished` runs once the job is
+   * over, however long after the answer (a staged source must outlive a job still queued when the
+   * wait ran out).
+   */
+  const edit = async (s: string, backend: string, op: Record<string, unknown>, onFinished?: () => Promise<void>) => {
+    const out = await enqueue(ctx.client, 'repack-session', { backend, session: s, ops: [op] } as never, { waitSeconds: WRITE_WAIT_SECONDS, log: ctx.log, ...(onFinished ? { onFinished } : {}) })
       .catch((err: unknown) => {
-        if (err instanceof HttpError) {
-          if (err.error === 'PreconditionFailed') throw new HttpError(412, 'precondition_failed', err.message);
-          throw new HttpError(err.status >= 500 ? err.status : 500, err.status === 503 ? 'service_unavailable' : 'upload_failed', err.message);
-        }
+        // The job's failure by its contract code, in the session service's words.
+        if (err instanceof HttpError && err.error in STATUS) throw sessionAnswer({ code: err.error as ErrorCode, message: err.message }, 'PUT');
         throw err;
       });
     if (out.result === undefined) throw new HttpError(503, 'service_unavailable', `Transient: repack job ${out.id} did not finish within ${WRITE_WAIT_SECONDS} s; it may still apply`);
@@ -213,12 +216,9 @@ export function sessionRoutes(ctx: RouteContext) {
       const declared = req.headers['content-length'] === undefined ? undefined : Number(req.headers['content-length']);
       // Durable: a repack op carries no digest of its source, and the job outlives a crash of this server.
       const staged = await receiveToStaging(bodyOf(req), ctx.staging, { limit: ctx.maxUploadBytes, declared, codes: SESSION_CODES });
-      try {
-        await edit(s, backend, { op: 'put', path, source: { path: staged.rel }, ...(ifSha256 ? { ifSha256 } : {}) });
-        return { success: true, sessionPath: s, filePath: path, size: staged.size, sha256: staged.sha256 };
-      } finally {
-        await staged.remove();
-      }
+      // Removed once the job is over, not when this answer goes: a job still queued reads it later.
+      await edit(s, backend, { op: 'put', path, source: { path: staged.rel }, ...(ifSha256 ? { ifSha256 } : {}) }, staged.remove);
+      return { success: true, sessionPath: s, filePath: path, size: staged.size, sha256: staged.sha256 };
     });
 
     server.delete('/:session/files/*', async (req) => {

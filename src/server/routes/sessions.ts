@@ -68,7 +68,7 @@ export function sessionRoutes(ctx: RouteContext) {
     }
   };
   const edit = async (s: string, backend: string, op: Record<string, unknown>) => {
-    const out = await enqueue(ctx.client, 'repack-session', { backend, session: s, ops: [op] } as never, { waitSeconds: WRITE_WAIT_SECONDS, log: ctx.log })
+    const out = await enqueue(ctx.client, 'repack-session', { backend, session: s, ops: [op] } as never, { waitSeconds: WRITE_WAIT_SECONDS, log: ctx.log, ready: ctx.redisReady })
       .catch((err: unknown) => {
         if (err instanceof HttpError) {
           if (err.error === 'PreconditionFailed') throw new HttpError(412, 'precondition_failed', err.message);

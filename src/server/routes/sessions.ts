@@ -67,8 +67,11 @@ export function sessionRoutes(ctx: RouteContext) {
       await lease.release();
     }
   };
-  const edit = async (s: string, backend: string, op: Record<string, unknown>) => {
-    const out = await enqueue(ctx.client, 'repack-session', { backend, session: s, ops: [op] } as never, { waitSeconds: WRITE_WAIT_SECONDS, log: ctx.log, ready: ctx.redisReady })
+  /** One op as a repack job, awaited; `onFinished` runs once the job is over (also after a 503 for a wait that ran out). */
+  const edit = async (s: string, backend: string, op: Record<string, unknown>, onFinished?: () => Promise<void>) => {
+    const out = await enqueue(ctx.client, 'repack-session', { backend, session: s, ops: [op] } as never, {
+      waitSeconds: WRITE_WAIT_SECONDS, log: ctx.log, ready: ctx.redisReady, ...(onFinished ? { onFinished } : {}),
+    })
       .catch((err: unknown) => {
         if (err instanceof HttpError) {
           if (err.error === 'PreconditionFailed') throw new HttpError(412, 'precondition_failed', err.message);
@@ -213,12 +216,10 @@ export function sessionRoutes(ctx: RouteContext) {
       const declared = req.headers['content-length'] === undefined ? undefined : Number(req.headers['content-length']);
       // Durable: a repack op carries no digest of its source, and the job outlives a crash of this server.
       const staged = await receiveToStaging(bodyOf(req), ctx.staging, { limit: ctx.maxUploadBytes, declared, codes: SESSION_CODES });
-      try {
-        await edit(s, backend, { op: 'put', path, source: { path: staged.rel }, ...(ifSha256 ? { ifSha256 } : {}) });
-        return { success: true, sessionPath: s, filePath: path, size: staged.size, sha256: staged.sha256 };
-      } finally {
-        await staged.remove();
-      }
+      // The staged file goes once the job is over, not when this answer does: a repack still
+      // running past the wait reads it later.
+      await edit(s, backend, { op: 'put', path, source: { path: staged.rel }, ...(ifSha256 ? { ifSha256 } : {}) }, staged.remove);
+      return { success: true, sessionPath: s, filePath: path, size: staged.size, sha256: staged.sha256 };
     });
 
     server.delete('/:session/files/*', async (req) => {

@@ -43,4 +43,28 @@ describe('GET /health with Redis down (RELIABILITY #24)', () => {
       await app.close({ force: true });
     }
   });
+
+  it('the dashboard prefix takes basic auth with the token as password, the API does not', async () => {
+    const env = { REDIS_URL: `redis://127.0.0.1:${await freePort()}`, STEVEDORE_BACKENDS: `default=file://${join(tmp.path, 'objects')}`, STEVEDORE_STAGING_DIR: join(tmp.path, 'staging'), STEVEDORE_API_TOKEN: TOKEN };
+    const app = composeApp(loadConfig(env, tmp.path), { cwd: tmp.path, env, log: createLogger('silent') });
+    const server = await buildServer({ app });
+    // Where the dashboard plugin mounts (another engineer's; any route under the prefix will do).
+    server.get('/admin/queues/ping', async () => ({ ok: true }));
+    try {
+      const basic = (pw: string) => ({ authorization: `Basic ${Buffer.from(`admin:${pw}`).toString('base64')}` });
+      expect((await server.inject({ method: 'GET', url: '/admin/queues/ping', headers: basic(TOKEN) })).json()).toEqual({ ok: true });
+      expect((await server.inject({ method: 'GET', url: '/admin/queues/ping', headers: { authorization: `Bearer ${TOKEN}` } })).statusCode).toBe(200);
+      const wrong = await server.inject({ method: 'GET', url: '/admin/queues/ping', headers: basic('nope-nope-nope-nope') });
+      expect(wrong.statusCode).toBe(401);
+      expect(wrong.headers['www-authenticate']).toMatch(/^Basic /);
+      const none = await server.inject({ method: 'GET', url: '/admin/queues/ping' });
+      expect(none.statusCode).toBe(401);
+      expect(none.json()).toMatchObject({ error: 'PermissionDenied' });
+      // Outside the dashboard, basic auth is no credential.
+      expect((await server.inject({ method: 'GET', url: '/sites/s/versions', headers: basic(TOKEN) })).statusCode).toBe(401);
+    } finally {
+      await server.close();
+      await app.close({ force: true });
+    }
+  });
 });

@@ -19,13 +19,22 @@ export interface RouteContext {
   bucket(name?: unknown): Bucket;
   /** Whether Redis answers a PING in time. */
   redisOk(): Promise<string>;
+  /**
+   * Resolves at once while Redis is connected, else waits for it a few seconds and then fails
+   * Transient (503): a request that enqueues must not hang through an outage (BullMQ would wait).
+   */
+  redisReady(): Promise<void>;
 }
+
+/** How long a request that needs Redis waits for it to come back. */
+const REDIS_WAIT_MS = 5_000;
 
 export async function routeContext(app: App, maxUploadBytes: number, log: Logger): Promise<RouteContext> {
   const buckets = await app.buckets();
   const client = app.client();
   // Health asks on a connection of its own, which fails fast instead of queueing commands.
   let probe: ReturnType<App['connect']> | undefined;
+  const connection = () => (probe ??= app.connect('producer'));
   return {
     buckets, staging: app.staging, client, locks: app.locks(), log, maxUploadBytes,
     bucket(name = 'default') {
@@ -34,9 +43,16 @@ export async function routeContext(app: App, maxUploadBytes: number, log: Logger
       return b;
     },
     async redisOk() {
-      probe ??= app.connect('producer');
-      if (probe.status !== 'ready') await waitForRedis(probe, 2_500);
-      return (await probe.ping()) === 'PONG' ? 'ok' : 'no PONG';
+      const c = connection();
+      if (c.status !== 'ready') await waitForRedis(c, 2_500);
+      return (await c.ping()) === 'PONG' ? 'ok' : 'no PONG';
+    },
+    async redisReady() {
+      const c = connection();
+      if (c.status === 'ready') return;
+      await waitForRedis(c, REDIS_WAIT_MS).catch((err: unknown) => {
+        throw new StorageError(ErrorCode.Transient, `Redis at ${client.where} is unreachable: ${(err as Error).message}`, { op: 'enqueue' });
+      });
     },
   };
 }

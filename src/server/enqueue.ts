@@ -23,11 +23,12 @@ export function parseWait(query: unknown): number | undefined {
  * `onFinished` runs once the job is over, however long that takes (removing a staged upload).
  */
 export async function enqueue<N extends JobName>(client: StevedoreClient, name: N, data: Payloads[N], opts: {
-  waitSeconds?: number | undefined; job?: JobsOptions; onFinished?: () => Promise<void>; log: Logger;
+  waitSeconds?: number | undefined; job?: JobsOptions; onFinished?: () => Promise<void>; log: Logger; ready: () => Promise<void>;
 }): Promise<{ id: string; result?: unknown }> {
   let id: string | undefined;
   const finished = opts.onFinished;
   try {
+    await opts.ready();
     if (opts.waitSeconds === undefined) {
       id = await client.add(name, data, opts.job);
       if (finished) follow(client, id, finished, opts.log);

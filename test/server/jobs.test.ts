@@ -1,6 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startRedis, type TestRedis } from '../harness/redis.js';
 import { sessionLockName } from '../../src/session/ids.js';
+import { send } from './http.js';
 import { eventually, testServer, TOKEN, type TestServer } from './harness.js';
 
 describe('HTTP jobs API', () => {
@@ -47,6 +48,8 @@ describe('HTTP jobs API', () => {
       const { id } = res.json() as { id: string };
       const state = await t.server.inject({ method: 'GET', url: `/jobs/${id}`, headers: t.auth });
       expect(state.json()).toMatchObject({ id, state: 'waiting' });
+      await t.app.client().queue.resume();
+      await expect(t.app.client().result(id)).resolves.toMatchObject({ key: 'inline/later' });
     } finally {
       await t.app.client().queue.resume();
     }
@@ -72,6 +75,16 @@ describe('HTTP jobs API', () => {
     const wait = await t.server.inject({ method: 'POST', url: '/jobs/store?wait=soon', headers: t.auth, payload: inline('w') });
     expect(wait.statusCode).toBe(400);
     expect(await everyJob()).toBe(before);
+  });
+
+  it('serves the jobs API over a real socket too', async () => {
+    const url = await t.listen();
+    const res = await send(`${url}/jobs/store?wait=30`, 'POST', Buffer.from(JSON.stringify(inline('socket'))), { ...t.auth, 'content-type': 'application/json' });
+    expect(res.status, res.body).toBe(200);
+    expect(JSON.parse(res.body)).toMatchObject({ key: 'inline/socket', size: 6 });
+    const bad = await send(`${url}/jobs/store`, 'POST', Buffer.from('{"key":1}'), { ...t.auth, 'content-type': 'application/json' });
+    expect(bad.status).toBe(400);
+    expect(JSON.parse(bad.body)).toMatchObject({ error: 'InvalidInput' });
   });
 
   it('GET /jobs/<id> of an unknown job is 404', async () => {

@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { sessionLockName } from '../../src/session/ids.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
 import { fetchDigest, send } from './http.js';
-import { testServer, type TestServer } from './harness.js';
+import { stagedFiles, testServer, type TestServer } from './harness.js';
 
 const API = '/api/storage-worker/sessions';
 const sha = (b: Buffer | string) => createHash('sha256').update(b).digest('hex');
@@ -150,6 +150,8 @@ describe('session routes (the session service, /api/storage-worker/sessions)', (
     const files = (await req('GET', '/acme__busy__main/files')).json() as { count: number; files: Array<{ path: string }> };
     expect(files.count).toBe(n);
     expect(files.files.map((f) => f.path).sort()).toEqual(Array.from({ length: n }, (_, i) => `f${i}.txt`).sort());
+    // Each write's staged body was removed once its repack was over, before the answer.
+    expect(await stagedFiles(t.stagingDir)).toEqual([]);
   });
 
   it('refuses bad session and file paths with 400 in the session service\'s codes, and speaks them for 401 too', async () => {

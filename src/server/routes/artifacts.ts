@@ -39,12 +39,14 @@ export function artifactRoutes(ctx: RouteContext) {
       const header = req.headers['x-content-sha256'];
       const sha256 = typeof header === 'string' ? checkSha(header) : undefined;
       const declared = req.headers['content-length'] === undefined ? undefined : Number(req.headers['content-length']);
+      // Before the body is read: an upload that cannot be enqueued is refused at once.
+      await ctx.redisReady();
       const staged = await receiveToStaging(bodyOf(req), ctx.staging, { limit: ctx.maxUploadBytes, declared, sha256, durable: waitSeconds === undefined });
       const contentType = req.headers['content-type'];
       const out = await enqueue(ctx.client, 'store', {
         backend, key: artifactKey(site, build!), source: { path: staged.rel }, sha256: staged.sha256,
         ...(contentType && contentType !== 'application/octet-stream' ? { contentType } : { contentType: 'application/gzip' }),
-      }, { waitSeconds, onFinished: staged.remove, log: ctx.log });
+      }, { waitSeconds, onFinished: staged.remove, log: ctx.log, ready: ctx.redisReady });
       return out.result === undefined ? reply.code(202).send({ id: out.id }) : reply.code(200).send(out.result);
     });
 

@@ -56,7 +56,7 @@ export function jobRoutes(ctx: RouteContext) {
       const type = checkType((req.params as { type: string }).type);
       const waitSeconds = parseWait(req.query);
       checkPayload(type, req.body);
-      const out = await enqueue(ctx.client, type, req.body as never, { waitSeconds, log: ctx.log });
+      const out = await enqueue(ctx.client, type, req.body as never, { waitSeconds, log: ctx.log, ready: ctx.redisReady });
       return out.result === undefined ? reply.code(202).send({ id: out.id }) : reply.code(200).send(out.result);
     });
 
@@ -84,6 +84,7 @@ export function jobRoutes(ctx: RouteContext) {
         }
       });
       if (valid.length) {
+        await ctx.redisReady();
         const added = await ctx.client.queue.addBulk(valid.map((v) => ({ name: v.name, data: v.data, ...(v.opts ? { opts: v.opts } : {}) })));
         added.forEach((job, i) => { results[valid[i]!.index] = { id: job.id! }; });
       }
@@ -92,6 +93,7 @@ export function jobRoutes(ctx: RouteContext) {
 
     server.delete('/jobs/:id', async (req, reply) => {
       const id = (req.params as { id: string }).id;
+      await ctx.redisReady();
       const outcome = await ctx.client.cancel(id);
       if (outcome === 'not-found') throw new HttpError(404, ErrorCode.NotFound, `NotFound: job ${JSON.stringify(id)} does not exist (or was removed)`);
       // Removed before it ran: done. Running: its worker stops it and it fails Cancelled (GET /jobs/<id> shows when).
@@ -105,6 +107,7 @@ export function jobRoutes(ctx: RouteContext) {
 
     server.get('/jobs/:id', async (req) => {
       const id = (req.params as { id: string }).id;
+      await ctx.redisReady();
       const job = await ctx.client.getJob(id);
       if (!job) throw new HttpError(404, ErrorCode.NotFound, `NotFound: job ${JSON.stringify(id)} does not exist (or was removed)`);
       const state = await job.getState();

@@ -38,7 +38,7 @@ export function logRoutes(ctx: RouteContext) {
         if (err instanceof StorageError) throw new StorageError(err.code, err.detail.replace(/(^|; )build:/g, '$1build_id:'));
         throw err;
       }
-      const out = await enqueue(ctx.client, 'log', data as never, { waitSeconds, log: ctx.log });
+      const out = await enqueue(ctx.client, 'log', data as never, { waitSeconds, log: ctx.log, ready: ctx.redisReady });
       return out.result === undefined ? reply.code(202).send({ id: out.id }) : reply.code(200).send(out.result);
     });
 

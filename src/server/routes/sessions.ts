@@ -67,13 +67,11 @@ export function sessionRoutes(ctx: RouteContext) {
       await lease.release();
     }
   };
-  /**
-   * Applies one op by a repack job and answers when it completed. `onFinished` runs once the job is
-   * over, however long after the answer (a staged source must outlive a job still queued when the
-   * wait ran out).
-   */
+  /** One op as a repack job, awaited; `onFinished` runs once the job is over (also after a 503 for a wait that ran out). */
   const edit = async (s: string, backend: string, op: Record<string, unknown>, onFinished?: () => Promise<void>) => {
-    const out = await enqueue(ctx.client, 'repack-session', { backend, session: s, ops: [op] } as never, { waitSeconds: WRITE_WAIT_SECONDS, log: ctx.log, ...(onFinished ? { onFinished } : {}) })
+    const out = await enqueue(ctx.client, 'repack-session', { backend, session: s, ops: [op] } as never, {
+      waitSeconds: WRITE_WAIT_SECONDS, log: ctx.log, ready: ctx.redisReady, ...(onFinished ? { onFinished } : {}),
+    })
       .catch((err: unknown) => {
         // The job's failure by its contract code, in the session service's words.
         if (err instanceof HttpError && err.error in STATUS) throw sessionAnswer({ code: err.error as ErrorCode, message: err.message }, 'PUT');
@@ -216,7 +214,8 @@ export function sessionRoutes(ctx: RouteContext) {
       const declared = req.headers['content-length'] === undefined ? undefined : Number(req.headers['content-length']);
       // Durable: a repack op carries no digest of its source, and the job outlives a crash of this server.
       const staged = await receiveToStaging(bodyOf(req), ctx.staging, { limit: ctx.maxUploadBytes, declared, codes: SESSION_CODES });
-      // Removed once the job is over, not when this answer goes: a job still queued reads it later.
+      // The staged file goes once the job is over, not when this answer does: a repack still
+      // running past the wait reads it later.
       await edit(s, backend, { op: 'put', path, source: { path: staged.rel }, ...(ifSha256 ? { ifSha256 } : {}) }, staged.remove);
       return { success: true, sessionPath: s, filePath: path, size: staged.size, sha256: staged.sha256 };
     });

@@ -35,9 +35,11 @@ function parseJson(s: string | undefined): unknown {
 }
 
 /**
- * BullMQ's events carry the job id, not its name (its type): the name is read from the job's hash
- * once per job and kept in a small LRU, shared by every client of this process. A job already
- * removed (a producer's `removeOnComplete: true`) has no hash left: its type is then `null`.
+ * BullMQ's events carry the job id, not its name (its type), except its `added` event: names are
+ * learnt from the `added` events the process reads, else read from the job's hash once per job,
+ * and kept in a small LRU shared by every client of this process. A job already removed (a
+ * producer's `removeOnComplete: true`) whose `added` event this process never read (it was added
+ * before the process started reading) has no name left to find: its type is then `null`.
  */
 export class JobTypes {
   private readonly cache = new Map<string, string | null>();
@@ -69,7 +71,7 @@ export class JobTypes {
     return out;
   }
 
-  private remember(id: string, type: string): void {
+  remember(id: string, type: string): void {
     if (this.cache.size >= this.max) this.cache.delete(this.cache.keys().next().value!);
     this.cache.set(id, type);
   }
@@ -81,7 +83,8 @@ export async function toJobEvents(entries: StreamEntry[], types: JobTypes): Prom
   for (const [id, fields] of entries) {
     const f: Record<string, string> = {};
     for (let i = 0; i + 1 < fields.length; i += 2) f[fields[i]!] = fields[i + 1]!;
-    if (f.event && KINDS.has(f.event) && f.jobId) picked.push({ id, f });
+    if (f.event === 'added' && f.jobId && f.name) types.remember(f.jobId, f.name);
+    else if (f.event && KINDS.has(f.event) && f.jobId) picked.push({ id, f });
   }
   if (!picked.length) return [];
   const names = await types.lookup(picked.map((p) => p.f.jobId!));

@@ -296,7 +296,12 @@ export class Bucket {
     }
     // Some SDK paths reject with plain objects ({ code, message }), not Errors.
     const message = (err as { message?: unknown } | null)?.message;
-    const detail = typeof message === 'string' && message ? message : err instanceof Error ? err.name : String(err);
+    let detail = typeof message === 'string' && message ? message : err instanceof Error ? err.name : String(err);
+    // Node's fs errors end with the absolute path (`ENOENT: ..., open '/srv/objects/k'`): the key
+    // already says which object, and a failed reason or an HTTP answer must not show the server's
+    // layout. The path stays on the cause, for logs.
+    const syscall = (err as { syscall?: unknown } | null)?.syscall;
+    if (typeof syscall === 'string') detail = detail.replace(new RegExp(`, ${syscall} '.*'$`), ` (${syscall})`);
     return new StorageError(this.codeOf(err), `${this.name}: ${detail}`, { op, key, cause: err });
   }
 

@@ -100,6 +100,11 @@ describe('artifact routes (the build service)', () => {
     const missing = await t.server.inject({ method: 'GET', url: '/sites/s2/artifacts/nope', headers: t.auth });
     expect(missing.statusCode).toBe(404);
     expect(missing.json()).toMatchObject({ error: 'NotFound' });
+    // The answer names the key, not where the server keeps it.
+    const site = await t.server.inject({ method: 'GET', url: '/sites/never/artifacts/nope', headers: t.auth });
+    expect(site.statusCode).toBe(404);
+    expect((site.json() as { message: string }).message).toContain('sites/never/artifacts/nope.tar.gz');
+    expect((site.json() as { message: string }).message).not.toContain(t.dir);
   });
 
   it('refuses bad sites, builds and headers with 400 before any I/O', async () => {

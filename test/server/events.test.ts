@@ -139,6 +139,16 @@ describe('GET /events', () => {
     expect(res.json()).toMatchObject({ error: 'InvalidInput', message: expect.stringContaining('nope') });
   });
 
+  it('knows the type of a job removed as it completed (a producer\'s removeOnComplete), and filters on it', async () => {
+    const { url } = await server();
+    const c = await openSse(`${url}?type=log`);
+    const gone = await w.client.log({ site: 'web', build: 'gone', action: 'deploy', status: 'ok' }, { removeOnComplete: true });
+    await c.until((es) => ids(es).includes(gone));
+    expect(await w.client.getJob(gone)).toBeUndefined();
+    expect(JSON.parse(jobEvents(c.events).find((e) => JSON.parse(e.data).jobId === gone)!.data)).toMatchObject({ jobId: gone, type: 'log' });
+    c.close();
+  });
+
   it('keeps streaming across a Redis restart, and a client resuming after it misses nothing', async () => {
     const { url } = await server();
     const c = await openSse(url);

@@ -142,6 +142,7 @@ describe('HTTP jobs API', () => {
     const health = await t.server.inject({ method: 'GET', url: '/health' });
     expect(health.json()).toMatchObject({ status: 'ok', redis: 'ok', backends: { default: 'ok' } });
     expect(health.statusCode).toBe(200);
+    expect((await t.server.inject({ method: 'HEAD', url: '/health' })).statusCode).toBe(200);
   });
 });
 

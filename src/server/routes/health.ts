@@ -21,12 +21,21 @@ async function probe(check: () => Promise<unknown>): Promise<string> {
 /** `GET /health`: Redis and each backend; 503 when any part is down. Needs no token (load balancers). */
 export function healthRoutes(ctx: RouteContext) {
   return async (server: FastifyInstance): Promise<void> => {
-    server.get('/health', async (_req, reply) => {
+    const check = async () => {
       const names = [...ctx.buckets.keys()];
       const [redis, ...states] = await Promise.all([probe(() => ctx.redisOk()), ...names.map((n) => probe(() => ctx.buckets.get(n)!.health()))]);
       const backends = Object.fromEntries(names.map((n, i) => [n, states[i]!]));
       const ok = redis === 'ok' && states.every((s) => s === 'ok');
-      return reply.code(ok ? 200 : 503).send({ status: ok ? 'ok' : 'down', redis, backends });
+      return { code: ok ? 200 : 503, body: { status: ok ? 'ok' : 'down', redis, backends } };
+    };
+    server.get('/health', async (_req, reply) => {
+      const { code, body } = await check();
+      return reply.code(code).send(body);
+    });
+    // Load balancers that probe with HEAD get the same status, without the body.
+    server.head('/health', async (_req, reply) => {
+      const { code } = await check();
+      return reply.code(code).send();
     });
   };
 }

@@ -51,6 +51,11 @@ const Schema = z.object({
   /** Finished jobs kept per queue for producers that set no removeOn* (see queue/retention.ts). */
   keepCompleted: int(0, 100_000_000),
   keepFailed: int(0, 100_000_000),
+  /** migrate/verify chunks: keys and bytes per chunk, chunks in flight per parent, objects at once per chunk. */
+  fanoutChunkKeys: int(1, 100_000),
+  fanoutChunkBytes: int(1, Number.MAX_SAFE_INTEGER),
+  fanoutWindow: int(1, 10_000),
+  fanoutLanes: int(1, 256),
 }).superRefine((c, ctx) => {
   // Checked at start: on a cluster BullMQ would otherwise retry CROSSSLOT errors forever.
   if (c.redisClusterNodes && !hasHashTag(c.prefix)) {
@@ -79,6 +84,10 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
     logLevel: env.LOG_LEVEL || 'info',
     keepCompleted: env.STEVEDORE_KEEP_COMPLETED || DEFAULT_RETENTION.keepCompleted,
     keepFailed: env.STEVEDORE_KEEP_FAILED || DEFAULT_RETENTION.keepFailed,
+    fanoutChunkKeys: env.STEVEDORE_CHUNK_KEYS || 1000,
+    fanoutChunkBytes: env.STEVEDORE_CHUNK_BYTES || 1 << 30,
+    fanoutWindow: env.STEVEDORE_CHUNK_WINDOW || 16,
+    fanoutLanes: env.STEVEDORE_CHUNK_LANES || 8,
   };
   const parsed = Schema.safeParse(raw);
   if (!parsed.success) {
@@ -87,6 +96,7 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
       backends: 'STEVEDORE_BACKENDS', stagingDir: 'STEVEDORE_STAGING_DIR', maxInlineBytes: 'STEVEDORE_MAX_INLINE_BYTES',
       shutdownTimeoutMs: 'STEVEDORE_SHUTDOWN_TIMEOUT_MS', lockDurationMs: 'STEVEDORE_LOCK_DURATION_MS', stalledIntervalMs: 'STEVEDORE_STALLED_INTERVAL_MS', sweepAfterMs: 'STEVEDORE_SWEEP_AFTER_MS',
       workerName: 'STEVEDORE_WORKER_NAME', logLevel: 'LOG_LEVEL', keepCompleted: 'STEVEDORE_KEEP_COMPLETED', keepFailed: 'STEVEDORE_KEEP_FAILED',
+      fanoutChunkKeys: 'STEVEDORE_CHUNK_KEYS', fanoutChunkBytes: 'STEVEDORE_CHUNK_BYTES', fanoutWindow: 'STEVEDORE_CHUNK_WINDOW', fanoutLanes: 'STEVEDORE_CHUNK_LANES',
     };
     const lines = parsed.error.issues.map((i) => `  ${names[String(i.path[0])] ?? String(i.path[0])}: ${i.message}`);
     throw new Error(`invalid configuration:\n${lines.join('\n')}`);

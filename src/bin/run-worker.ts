@@ -37,6 +37,7 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
   const worker = startWorker(app.connect('worker'), {
     queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, lockDurationMs: config.lockDurationMs,
     stalledIntervalMs: config.stalledIntervalMs, name: config.workerName, retention: app.retention,
+    fanout: { chunkKeys: config.fanoutChunkKeys, chunkBytes: config.fanoutChunkBytes, window: config.fanoutWindow, lanes: config.fanoutLanes },
   }, { buckets, staging: app.staging, log, limits: { maxInlineBytes: config.maxInlineBytes }, locks: app.locks() });
   log.info({
     queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, redis: describeTarget(app.redis),

@@ -1,7 +1,9 @@
-import { UnrecoverableError, WaitingError, Worker } from 'bullmq';
+import { Queue, UnrecoverableError, WaitingError, Worker } from 'bullmq';
 import type { Logger } from 'pino';
 import { CANCEL_REASON, cancelChannel, cancelRequested } from './cancel.js';
 import { duplicateConnection, type RedisClient } from './connection.js';
+import { DEFAULT_FANOUT_LIMITS, bullFanOut } from './fanout.js';
+import type { FanOutLimits } from '../payload.js';
 import { DEFAULT_RETENTION, workerRetention, type Retention } from './retention.js';
 import { runJob, type RunnerDeps } from './runner.js';
 
@@ -17,12 +19,17 @@ export interface WorkerOptions {
   name?: string;
   /** Finished jobs kept for producers that set no removeOn* of their own. @defaultValue DEFAULT_RETENTION */
   retention?: Retention;
+  /** How migrate and verify cut and pace their chunks. @defaultValue DEFAULT_FANOUT_LIMITS */
+  fanout?: Partial<FanOutLimits>;
 }
 
 /** One BullMQ worker serving the stevedore queue. Close it with `stopWorker`. */
 export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: RunnerDeps): Worker {
   // The jobs running here, with their parents: a cancel request names either (src/queue/cancel.ts).
   const running = new Map<string, string | undefined>();
+  // Chunk jobs are added through a Queue on the worker's own connection, made on first use.
+  let queue: Queue | undefined;
+  const limits: FanOutLimits = { ...DEFAULT_FANOUT_LIMITS, ...opts.fanout };
   const worker: Worker = new Worker(opts.queue, async (job, token, signal) => {
     // Back to the front of the wait list, for another worker; WaitingError spends no attempt.
     const handBack = async (): Promise<never> => {
@@ -39,7 +46,8 @@ export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: 
     try {
       // Checked once it is in `running`: a request from here on reaches it by message instead.
       if (await cancelRequested(connection, worker, job)) throw new UnrecoverableError(CANCEL_REASON);
-      return await runJob(job, deps, cancel);
+      queue ??= new Queue(opts.queue, { connection, prefix: opts.prefix });
+      return await runJob(job, deps, cancel, bullFanOut(queue, connection, job, token, limits));
     } catch (err) {
       // Cancelled by a forced stop (stopWorker): handed back at once instead of waiting for the
       // lock to lapse.
@@ -73,6 +81,7 @@ export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: 
     }
   });
   listenForCancels(worker, connection, running, deps.log);
+  worker.on('closed', () => { void queue?.close().catch(() => {}); });
   return worker;
 }
 

@@ -276,7 +276,11 @@ async function main(only?: 'fs' | 's3'): Promise<void> {
   }
 }
 
-if (process.argv.includes('--queue')) {
+if (process.argv.includes('--migrate')) {
+  // `npm run bench -- --migrate`: migrate and verify against rclone and sha256sum (bench/migrate.ts).
+  const { migrateBench } = await import('./migrate.js');
+  process.stdout.write(`${await migrateBench()}\n`);
+} else if (process.argv.includes('--queue')) {
   // `npm run bench -- --queue`: only the queue section, a few minutes shorter.
   process.stdout.write(`${await queueBench()}\n`);
 } else {

@@ -107,6 +107,7 @@ export async function runParent<I, C extends string>(spec: ParentSpec<I, C>, d: 
       }
     }
     await fan.setCheckpoint({ done: '1', listed: String(listed) });
+    d.log.info({ listed, chunks: next }, 'listing done');
   }
   await progress(true);
   await checkAbort();

@@ -2,6 +2,8 @@ import { readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FsDriver } from '../../src/backends/fs.js';
+import { MemoryDriver } from '../../src/backends/memory.js';
+import { StorageError } from '../../src/errors.js';
 import { S3Driver } from '../../src/backends/s3.js';
 import { Bucket } from '../../src/storage/bucket.js';
 import type { Driver } from '../../src/storage/driver.js';
@@ -38,6 +40,8 @@ describe('migrate: filesystem and s3rver', () => {
     await add('legacy', new FsDriver({ root: join(tmp.path, 'legacy') }));
     await add('fs', new FsDriver({ root: join(tmp.path, 'fs') }));
     for (const n of ['s3', 's3b']) await add(n, new S3Driver({ ...s3.driverOptions(await s3.bucket()), conditionalWrites: false }));
+    await add('mem', new MemoryDriver());
+    await add('mem-out', new MemoryDriver());
     w = await inProcessWorker(redis.url, buckets, join(tmp.path, 'staging'), { concurrency: 4, fanout: { chunkKeys: 4, window: 2, lanes: 3 } });
   });
   afterAll(async () => {
@@ -142,6 +146,32 @@ describe('migrate: filesystem and s3rver', () => {
     const legacy = await w.client.run('verify', { backend: 'legacy' });
     expect(legacy).toMatchObject({ scanned: tree.size, ok: 0, missingDigest: tree.size, mismatched: 0 });
   });
+
+  it('a permanently failing object is reported while the rest completes; past 50% failed after 1,000 objects the migration aborts', async () => {
+    const mem = buckets.get('mem')!;
+    for (let i = 0; i < 1200; i++) await mem.put(`many/${String(i).padStart(5, '0')}`, Buffer.from(`object ${i}`));
+    const inner = mem.driver;
+    const denying = (deny: (key: string) => boolean) => new Bucket(overrideDriver(inner, {
+      get: async (key, range, signal) => {
+        if (deny(key)) throw new StorageError('PermissionDenied', 'denied by the test', { op: 'get', key });
+        return inner.get(key, range, signal);
+      },
+    }), { name: 'mem' });
+    buckets.set('mem-one-bad', denying((k) => k === 'many/00007'));
+    const some = await w.client.run('migrate', { from: 'mem-one-bad', to: 'mem-out', prefix: 'many/000' });
+    expect(some).toMatchObject({ scanned: 100, copied: 99, failed: 1, failures: [{ key: 'many/00007', code: 'PermissionDenied', message: expect.stringContaining('denied by the test') }] });
+
+    buckets.set('mem-all-bad', denying((k) => k >= 'many/00100'));
+    // Chunks of 100 here: the threshold needs a thousand objects.
+    const big = await inProcessWorker(redis.url, buckets, join(tmp.path, 'staging'), { concurrency: 4, fanout: { chunkKeys: 100, window: 4, lanes: 8 } });
+    const err = await big.client.run('migrate', { from: 'mem-all-bad', to: 'mem-out', prefix: 'many/' }).catch((e: unknown) => e as Error & { code?: string });
+    expect(err).toBeInstanceOf(Error);
+    expect((err as Error & { code?: string }).code).toBe('PermissionDenied');
+    expect((err as Error).message).toMatch(/aborted: \d+ of \d+ objects failed/);
+    // Its chunks not started yet were removed with it.
+    expect(await big.client.queue.getJobCounts('waiting', 'active', 'delayed')).toEqual({ waiting: 0, active: 0, delayed: 0 });
+    await big.close();
+  }, 60_000);
 
   it('verify finds flipped bytes in s3rver\'s data files', async () => {
     const b = buckets.get('s3')!;

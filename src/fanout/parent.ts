@@ -1,7 +1,7 @@
 import { ErrorCode, StorageError } from '../errors.js';
-import type { Counters, FanOut, JobDeps } from '../payload.js';
+import type { FanOut, JobDeps } from '../payload.js';
 import { chunked } from './listing.js';
-import { MAX_FAILURES, mergeFailures, type Failure } from './failures.js';
+import { mergeFailures, type Failure } from './failures.js';
 
 /** A fanned-out job's result: counters summed over its chunks, and up to MAX_FAILURES failures. */
 export type Summary<C extends string> = Record<C, number> & { failures: Failure[] };
@@ -59,14 +59,10 @@ export async function runParent<I, C extends string>(spec: ParentSpec<I, C>, d: 
   const checkAbort = async () => {
     if (!spec.abortOn) return;
     const tally = await fan.tally();
-    const failed = tally[spec.abortOn] ?? 0;
-    const scanned = tally.scanned ?? 0;
-    if (scanned >= ABORT_MIN_SCANNED && failed > ABORT_RATIO * scanned) {
-      await fan.removePending().catch(() => {});
-      const { completed } = await fan.children();
-      const failures = (completed as Array<Partial<ChunkResult<C>>>).flatMap((r) => r.failures ?? []);
-      throw new StorageError(dominantCode(failures), `aborted: ${failed} of ${scanned} objects failed (more than ${ABORT_RATIO * 100}% after ${ABORT_MIN_SCANNED}); first: ${failures[0] ? `${failures[0].key}: ${failures[0].message}` : 'none recorded'}`, { op: d.jobId });
-    }
+    if (!overThreshold(tally.scanned ?? 0, tally[spec.abortOn] ?? 0)) return;
+    await fan.removePending().catch(() => {});
+    const { completed } = await fan.children();
+    throw aborted(tally.scanned ?? 0, tally[spec.abortOn] ?? 0, (completed as Array<Partial<ChunkResult<C>>>).flatMap((r) => r.failures ?? []));
   };
   const stopIfAborted = async () => {
     if (!d.signal.aborted) return;
@@ -130,19 +126,20 @@ async function finish<I, C extends string>(spec: ParentSpec<I, C>, fan: FanOut, 
   out.scanned = listed;
   failures = mergeFailures(failures, failed.map((reason) => ({ key: '', code: codeOf(reason), message: `a chunk failed: ${reason}`.slice(0, 500) })));
   const result = { ...out, failures } as Summary<C>;
-  await checkFinal(spec, result);
+  if (spec.abortOn && overThreshold(out.scanned, out[spec.abortOn]!)) throw aborted(out.scanned, out[spec.abortOn]!, failures);
   await fan.progress({ ...out, listed, listingDone: true });
   await fan.clear();
   return result;
 }
 
-async function checkFinal<I, C extends string>(spec: ParentSpec<I, C>, r: Summary<C>): Promise<void> {
-  if (!spec.abortOn) return;
-  const failed = (r as Record<string, number>)[spec.abortOn] ?? 0;
-  const scanned = (r as Record<string, number>).scanned ?? 0;
-  if (scanned >= ABORT_MIN_SCANNED && failed > ABORT_RATIO * scanned) {
-    throw new StorageError(dominantCode(r.failures), `aborted: ${failed} of ${scanned} objects failed (more than ${ABORT_RATIO * 100}% after ${ABORT_MIN_SCANNED}); first: ${r.failures[0] ? `${r.failures[0].key}: ${r.failures[0].message}` : 'none recorded'}`);
-  }
+function overThreshold(scanned: number, failed: number): boolean {
+  return scanned >= ABORT_MIN_SCANNED && failed > ABORT_RATIO * scanned;
+}
+
+/** The error an aborted run fails with: the code most of its failures had. */
+function aborted(scanned: number, failed: number, failures: Failure[]): StorageError {
+  const first = failures[0] ? `${failures[0].key}: ${failures[0].message}` : 'none recorded';
+  return new StorageError(dominantCode(failures), `aborted: ${failed} of ${scanned} objects failed (more than ${ABORT_RATIO * 100}% after ${ABORT_MIN_SCANNED}); first: ${first}`);
 }
 
 function zero<C extends string>(counters: readonly C[]): Record<C, number> {
@@ -173,6 +170,3 @@ function sleep(ms: number, signal: AbortSignal): Promise<void> {
     signal.addEventListener('abort', done, { once: true });
   });
 }
-
-export type { Counters };
-export { MAX_FAILURES };

@@ -8,7 +8,8 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
-import { mkdir, readdir, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
+import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { StevedoreClient } from '../src/queue/client.js';
 import { redisConnection } from '../src/queue/connection.js';
@@ -22,6 +23,14 @@ const BIG = Number(process.env.BENCH_MIGRATE_BIG ?? 8);
 const TINY = Number(process.env.BENCH_MIGRATE_TINY ?? 100_000);
 
 interface Worker { child: ChildProcess; stop(): Promise<void> }
+
+/** CPU seconds (user + system) a process has used so far, from /proc (Linux). */
+async function cpuSeconds(pid: number | undefined): Promise<number> {
+  if (pid === undefined) return 0;
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11] ?? 0) + Number(fields[12] ?? 0)) / 100;
+}
 
 async function startWorkerProcess(script: string, env: Record<string, string>): Promise<Worker> {
   const child = spawn(process.execPath, [script, 'worker'], { env: { PATH: process.env.PATH ?? '', AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: 'true', ...env }, stdio: ['ignore', 'ignore', 'pipe'] });
@@ -71,6 +80,7 @@ function rclone(s3: S3rver, args: string[]): Promise<{ ms: number }> {
 }
 
 export async function migrateBench(): Promise<string> {
+  const load0 = loadavg()[0]!.toFixed(1);
   const tmp = await tempDir('stevedore-bench-migrate-');
   const redisPort = await freePort();
   const redis = await startServerProcess({ command: 'redis-server', args: ['--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], port: redisPort });
@@ -94,10 +104,15 @@ export async function migrateBench(): Promise<string> {
       const ws = await Promise.all(Array.from({ length: n }, () => startWorkerProcess(script, envFor(queue, extra))));
       workers.push(...ws);
       const client = new StevedoreClient({ redisUrl, queue });
+      const cpu = async () => (await Promise.all([...ws.map((w) => cpuSeconds(w.child.pid)), cpuSeconds(s3.server.child.pid)]));
       const timed = async (payload: { from: string; to: string; recheck?: boolean }) => {
+        const before = await cpu();
         const t = performance.now();
         const r = await client.run('migrate', payload, { timeoutMs: 30 * 60_000 });
-        return { ms: performance.now() - t, r };
+        const ms = performance.now() - t;
+        const after = await cpu();
+        const used = after.map((c, i) => c - before[i]!);
+        return { ms, r, workerCpu: used.slice(0, -1).reduce((a, b) => a + b, 0), s3rverCpu: used.at(-1)! };
       };
       const first = await timed({ from: 'tree', to });
       progress(`migrate ${n} worker(s): ${secs(first.ms)} ${JSON.stringify({ ...first.r, failures: first.r.failures.length })}`);
@@ -107,7 +122,9 @@ export async function migrateBench(): Promise<string> {
     };
 
     progress('migrate: rclone copy --checksum --transfers 8');
+    const rcCpu0 = await cpuSeconds(s3.server.child.pid);
     const rc = await rclone(s3, ['copy', '--checksum', '--transfers', '8', tree, `s3rver:${buckets.rclone}`]);
+    const rcS3rverCpu = (await cpuSeconds(s3.server.child.pid)) - rcCpu0;
     const rcAgain = await rclone(s3, ['copy', '--checksum', '--transfers', '8', tree, `s3rver:${buckets.rclone}`]);
     progress(`rclone: ${secs(rc.ms)}, re-run ${secs(rcAgain.ms)}`);
     const one = await migration(1, 'one', 'one');
@@ -125,23 +142,26 @@ export async function migrateBench(): Promise<string> {
 
     const tiny = await tinyBench(script, tmp.path, redisUrl);
     const perS = (n: number, ms: number) => `${(n / (ms / 1000)).toFixed(0)}/s`;
-    const row = (label: string, ms: number, ref: number | undefined, goal: string) =>
-      [label, secs(ms), perS(objects, ms), mbps(bytes, ms), ref === undefined ? 'reference' : `${(ref / ms).toFixed(2)}x speed`, goal];
+    const row = (label: string, ms: number, ref: number | undefined, goal: string, cpu = '') =>
+      [label, secs(ms), perS(objects, ms), mbps(bytes, ms), ref === undefined ? 'reference' : `${(ref / ms).toFixed(2)}x speed`, goal, cpu];
+    const cpuCell = (t: { workerCpu: number; s3rverCpu: number }) => `worker ${t.workerCpu.toFixed(1)} s, s3rver ${t.s3rverCpu.toFixed(1)} s`;
     const out = [
-      table(`migrate: legacy tree (${SMALL} x 16 KiB + ${BIG} x 32 MiB, no sidecars) to s3rver`, ['run', 'time', 'objects/s', 'MB/s', 'vs rclone', 'goal'], [
-        row('rclone copy --checksum --transfers 8', rc.ms, undefined, ''),
-        row('migrate, 1 worker process, concurrency 8', one.first.ms, rc.ms, `>= 1.0x ${rc.ms / one.first.ms >= 1 ? 'ok' : 'MISSED'}`),
-        row('migrate, 2 worker processes', two.first.ms, rc.ms, `> 1 worker ${two.first.ms < one.first.ms ? 'ok' : 'MISSED'}`),
-        ['rclone re-run (complete destination)', secs(rcAgain.ms), '', '', 'reference', ''],
-        ['migrate re-run, 1 worker', secs(one.again.ms), '', '', `${(one.again.ms / rcAgain.ms).toFixed(2)}x of rclone's time`, `<= 0.5x ${one.again.ms / rcAgain.ms <= 0.5 ? 'ok' : 'MISSED'}`],
-        ['migrate re-run, 2 workers', secs(two.again.ms), '', '', `${(two.again.ms / rcAgain.ms).toFixed(2)}x of rclone's time`, ''],
-        ['verify (1 worker) of the 1-worker copies', secs(verifyMs), perS(objects, verifyMs), mbps(bytes, verifyMs), `${(sum.ms / verifyMs).toFixed(2)}x sha256sum's speed`, '(info)'],
-        ['sha256sum over the same files', secs(sum.ms), perS(objects, sum.ms), mbps(bytes, sum.ms), 'reference for verify', ''],
+      table(`migrate: legacy tree (${SMALL} x 16 KiB + ${BIG} x 32 MiB, no sidecars) to s3rver`, ['run', 'time', 'objects/s', 'MB/s', 'vs rclone', 'goal', 'CPU'], [
+        row('rclone copy --checksum --transfers 8', rc.ms, undefined, '', `s3rver ${rcS3rverCpu.toFixed(1)} s`),
+        row('migrate, 1 worker process, concurrency 8', one.first.ms, rc.ms, `>= 1.0x ${rc.ms / one.first.ms >= 1 ? 'ok' : 'MISSED'}`, cpuCell(one.first)),
+        row('migrate, 2 worker processes', two.first.ms, rc.ms, `> 1 worker ${two.first.ms < one.first.ms ? 'ok' : 'MISSED'}`, cpuCell(two.first)),
+        ['rclone re-run (complete destination)', secs(rcAgain.ms), '', '', 'reference', '', ''],
+        ['migrate re-run, 1 worker', secs(one.again.ms), '', '', `${(one.again.ms / rcAgain.ms).toFixed(2)}x of rclone's time`, `<= 0.5x ${one.again.ms / rcAgain.ms <= 0.5 ? 'ok' : 'MISSED'}`, cpuCell(one.again)],
+        ['migrate re-run, 2 workers', secs(two.again.ms), '', '', `${(two.again.ms / rcAgain.ms).toFixed(2)}x of rclone's time`, '', cpuCell(two.again)],
+        ['verify (1 worker) of the 1-worker copies', secs(verifyMs), perS(objects, verifyMs), mbps(bytes, verifyMs), `${(sum.ms / verifyMs).toFixed(2)}x sha256sum's speed`, '(info)', ''],
+        ['sha256sum over the same files', secs(sum.ms), perS(objects, sum.ms), mbps(bytes, sum.ms), 'reference for verify', '', ''],
       ], [
         `Times from enqueue to the result (listing, chunking, the copies, the parent's wake-up); workers already started. Results: 1 worker ${JSON.stringify({ ...one.first.r, failures: one.first.r.failures.length })}; re-run ${JSON.stringify({ ...one.again.r, failures: one.again.r.failures.length })}.`,
         'rclone: provider Other, path style, --checksum (MD5 of every local file on each run), --transfers 8. migrate: chunks of 1000 keys / 1 GiB, 8 objects at once per chunk,',
         '  each object SHA-256 verified; a legacy tree is hashed while copied (S3 needs the digest before the upload: the object is spooled or hashed first).',
         'Re-run: migrate trusts its record of what the first run verified (source size, mtime, etag; destination ETag): a listing of both sides, no object read or HEADed.',
+        'CPU: user + system seconds used during the run by the worker process(es) and by s3rver (from /proc); rclone\'s own CPU is not measured.',
+        `Load average (1 min) at the start: ${load0}, at the end: ${loadavg()[0]!.toFixed(1)} (a shared 2-core VM: compare rows of one run only).`,
         'verify reads every object back from s3rver and checks it against its recorded digest; sha256sum reads the local files (page cache).',
       ]),
       tiny,

@@ -106,18 +106,20 @@ async function migrateOne(x: Ctx, { src: s, dst: listed }: Listed): Promise<void
   let there = listed;
   if (!there && x.again) there = await io(() => statOrNone(dst, s.key));
   let sha: string | undefined;
-  let readNow = false;
+  // The destination's bytes were read and matched in this run (recheck): deleteSource needs no second read.
+  let dstReadNow = false;
   if (there && p.recheck) {
     // Both sides read and hashed: a source that fails its own digest is this object's failure; a
-    // destination that fails its digest (rotted since its copy) or differs is copied again.
+    // destination that fails its digest (rotted since its copy), differs, or has no recorded
+    // digest is copied again.
     const mine = await io(() => hashWhole(src, s.key, d.signal));
-    const theirs = await io(() => hashWhole(dst, s.key, d.signal)).catch((err: unknown) => {
+    const theirs = await io(() => readWhole(dst, s.key, d.signal)).catch((err: unknown) => {
       if (codeOf(err) === ErrorCode.ChecksumMismatch || codeOf(err) === ErrorCode.NotFound) return undefined;
       throw err;
     });
-    if (theirs !== undefined && theirs === mine) {
+    if (theirs !== undefined && theirs.sha256 === mine && theirs.recorded === mine) {
       sha = mine;
-      readNow = true;
+      dstReadNow = true;
     } else if (theirs === undefined) {
       d.log.warn({ key: s.key }, 'destination object failed its digest; copying it again');
     }
@@ -129,10 +131,7 @@ async function migrateOne(x: Ctx, { src: s, dst: listed }: Listed): Promise<void
       let theirs = there.sha256;
       if (theirs === undefined && !dst.driver.listHasDigest) theirs = (await io(() => statOrNone(dst, s.key)))?.sha256;
       // A source without a digest (another tool's tree): one read of it is cheaper than a copy.
-      if (mine === undefined && theirs !== undefined) {
-        mine = await io(() => hashWhole(src, s.key, d.signal));
-        readNow = true;
-      }
+      if (mine === undefined && theirs !== undefined) mine = await io(() => hashWhole(src, s.key, d.signal));
       if (mine !== undefined && mine === theirs) sha = mine;
     }
   }
@@ -143,7 +142,7 @@ async function migrateOne(x: Ctx, { src: s, dst: listed }: Listed): Promise<void
       // Deleted only once verified in this run: the destination is read and checked against its
       // recorded digest, the source's (read now, or its own recorded digest).
       if (!p.dryRun) {
-        if (!readNow) {
+        if (!dstReadNow) {
           const theirs = await io(() => hashWhole(dst, s.key, d.signal));
           if (theirs !== sha) throw new StorageError(ErrorCode.ChecksumMismatch, `destination holds ${theirs}, not ${sha}; source kept`, { op: 'migrate', key: s.key });
         }
@@ -195,8 +194,13 @@ async function statOrNone(b: Bucket, key: string): Promise<ObjectInfo | undefine
 }
 
 /** Reads the whole object (checked against its recorded digest, if any) and returns its SHA-256. */
-export async function hashWhole(b: Bucket, key: string, signal?: AbortSignal, onBytes?: (n: number) => void): Promise<string> {
-  const got = await b.get(key, { signal, progress: onBytes });
+export async function hashWhole(b: Bucket, key: string, signal?: AbortSignal): Promise<string> {
+  return (await readWhole(b, key, signal)).sha256;
+}
+
+/** Reads the whole object, checked against its recorded digest: the digest of its bytes, and the recorded one (undefined without). */
+async function readWhole(b: Bucket, key: string, signal?: AbortSignal): Promise<{ sha256: string; recorded: string | undefined }> {
+  const got = await b.get(key, { signal });
   for await (const _ of got.stream) { /* hashed and checked as it flows */ }
-  return got.digest().sha256;
+  return { sha256: got.digest().sha256, recorded: got.info.sha256 };
 }

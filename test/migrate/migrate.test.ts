@@ -134,6 +134,21 @@ describe('migrate: filesystem and s3rver', () => {
     await expect(buckets.get('s3')!.stat(rotten)).rejects.toMatchObject({ code: 'NotFound' });
   });
 
+  it('deleteSource on a re-run deletes skipped objects only after reading the destination back: a rotted destination keeps its source', async () => {
+    const src = buckets.get('fs')!;
+    const part = new Map([...tree].filter(([k]) => k.startsWith('unicode/') || k.startsWith('deep/')));
+    await putTree(src, part, 'skipdel/');
+    expect(await w.client.run('migrate', { from: 'fs', to: 's3b', prefix: 'skipdel/' })).toMatchObject({ copied: part.size, deleted: 0 });
+    const name = (buckets.get('s3b')!.driver as unknown as { bucket: string }).bucket;
+    await flipByte(join(s3.dataDir, name, 'skipdel', 'unicode', 'emoji-🚚.bin._S3rver_object'), 4);
+    const r = await w.client.run('migrate', { from: 'fs', to: 's3b', prefix: 'skipdel/', deleteSource: true });
+    expect(r).toMatchObject({ skipped: part.size, copied: 0, deleted: part.size - 1, failed: 1 });
+    expect(r.failures).toEqual([expect.objectContaining({ key: 'skipdel/unicode/emoji-🚚.bin', code: 'ChecksumMismatch' })]);
+    const left: string[] = [];
+    for await (const o of src.list('skipdel/')) left.push(o.key);
+    expect(left).toEqual(['skipdel/unicode/emoji-🚚.bin']);
+  });
+
   it('verify finds flipped bytes on the filesystem and counts objects without a digest as missingDigest, never ok', async () => {
     const fs = buckets.get('fs')!;
     await putTree(fs, tree, 'v/');
@@ -168,8 +183,9 @@ describe('migrate: filesystem and s3rver', () => {
     expect(err).toBeInstanceOf(Error);
     expect((err as Error & { code?: string }).code).toBe('PermissionDenied');
     expect((err as Error).message).toMatch(/aborted: \d+ of \d+ objects failed/);
-    // Its chunks not started yet were removed with it.
-    expect(await big.client.queue.getJobCounts('waiting', 'active', 'delayed')).toEqual({ waiting: 0, active: 0, delayed: 0 });
+    // Its chunks not started yet were removed with it (those already running finish on their own).
+    expect(await big.client.queue.getJobCounts('waiting', 'delayed')).toEqual({ waiting: 0, delayed: 0 });
+    for (let i = 0; i < 100 && ((await big.client.queue.getJobCounts('active')).active ?? 0) > 0; i++) await new Promise((r) => setTimeout(r, 50));
     await big.close();
   }, 60_000);
 

@@ -75,6 +75,11 @@ export interface FanOut {
    * the parent's progress becomes the new tally (so it moves as chunks finish).
    */
   report(counters: Counters): Promise<void>;
+  /**
+   * Sets this (parent) job's progress to its tally and listing state, in the same step as the
+   * reports so an older tally is never stored after a newer one; `counters` are created at 0.
+   */
+  publish(counters: Counters): Promise<void>;
   /** Sets this job's progress (a fanned-out job's progress is its counters, not bytes). */
   progress(value: object): Promise<void>;
   /** Deletes the checkpoint and tally (the parent is done). */

@@ -52,9 +52,10 @@ export async function runParent<I, C extends string>(spec: ParentSpec<I, C>, d: 
   let listed = Number(cp.listed ?? 0);
   let after = cp.after;
   let lastProgress = 0;
-  const progress = async (done: boolean) => {
+  // The checkpoint carries `listed` and `done`; publish turns the state into the progress.
+  const progress = async () => {
     lastProgress = Date.now();
-    await fan.progress({ ...zero(spec.counters), ...(await fan.tally()), listed, listingDone: done });
+    await fan.publish(zero(spec.counters));
   };
   const checkAbort = async () => {
     if (!spec.abortOn) return;
@@ -81,7 +82,7 @@ export async function runParent<I, C extends string>(spec: ParentSpec<I, C>, d: 
           await sleep(POLL_MS, d.signal);
           await stopIfAborted();
           if (Date.now() - lastProgress >= PROGRESS_MS) {
-            await progress(false);
+            await progress();
             await checkAbort();
           }
         }
@@ -95,7 +96,7 @@ export async function runParent<I, C extends string>(spec: ParentSpec<I, C>, d: 
         next += 1;
         after = last;
         await fan.setCheckpoint({ next: String(next), after: last, listed: String(listed) });
-        if (Date.now() - lastProgress >= PROGRESS_MS) await progress(false);
+        if (Date.now() - lastProgress >= PROGRESS_MS) await progress();
         if (last !== ours) {
           relist = true;
           break;
@@ -105,7 +106,7 @@ export async function runParent<I, C extends string>(spec: ParentSpec<I, C>, d: 
     await fan.setCheckpoint({ done: '1', listed: String(listed) });
     d.log.info({ listed, chunks: next }, 'listing done');
   }
-  await progress(true);
+  await progress();
   await checkAbort();
   // Parks here (the worker slot is freed) until every chunk finished; then this handler runs again.
   await fan.waitForChildren();

@@ -10,16 +10,38 @@ const STATE_TTL_S = 7 * 24 * 3600;
 
 /**
  * Adds a child's counters once per child id (a retried or restarted chunk reports again, and is
- * not counted twice), refreshes the expiry, and returns the whole state hash for the progress.
- * KEYS: state hash, reported-children set. ARGV: ttl, child id, then name/value pairs.
+ * not counted twice), refreshes the expiry, and sets the parent's progress to the new tally in the
+ * same script, so reports from chunks finishing at once on several workers can never store or
+ * announce an older tally after a newer one. The progress write is BullMQ's own updateProgress
+ * script (updateProgress-3.lua: HSET progress, XADD a progress event, capped at the queue's
+ * maxLenEvents), inlined for that atomicity; a parent already gone gets none.
+ * KEYS: state hash, reported-children set, parent job hash, events stream, queue meta.
+ * ARGV: ttl, child id ('' for the parent itself: its counters are only created, at 0), parent id,
+ * then name/value pairs.
  */
 const REPORT = `
-if redis.call('SADD', KEYS[2], ARGV[2]) == 1 then
-  for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], 't.' .. ARGV[i], ARGV[i + 1]) end
+if ARGV[2] == '' then
+  for i = 4, #ARGV, 2 do redis.call('HSETNX', KEYS[1], 't.' .. ARGV[i], ARGV[i + 1]) end
+elseif redis.call('SADD', KEYS[2], ARGV[2]) == 1 then
+  for i = 4, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], 't.' .. ARGV[i], ARGV[i + 1]) end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
-return redis.call('HGETALL', KEYS[1])`;
+local flat = redis.call('HGETALL', KEYS[1])
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  local p = { listed = 0, listingDone = false }
+  for i = 1, #flat, 2 do
+    local k, v = flat[i], flat[i + 1]
+    if string.sub(k, 1, 2) == 't.' then p[string.sub(k, 3)] = tonumber(v)
+    elseif k == 'cp.listed' then p.listed = tonumber(v)
+    elseif k == 'cp.done' then p.listingDone = (v == '1') end
+  end
+  local data = cjson.encode(p)
+  local maxEvents = redis.call('HGET', KEYS[5], 'opts.maxLenEvents') or 10000
+  redis.call('HSET', KEYS[3], 'progress', data)
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxEvents, '*', 'event', 'progress', 'jobId', ARGV[3], 'data', data)
+end
+return flat`;
 
 /** Chunks are retried like any job; a chunk that fails for good is only counted by its parent. */
 const CHILD_OPTIONS: JobsOptions = {
@@ -44,12 +66,6 @@ function splitState(flat: string[]): { checkpoint: Record<string, string>; tally
   return { checkpoint, tally };
 }
 
-/** What a parent's progress shows: the tally of finished chunks and how many keys it listed so far. */
-function progressOf(flat: string[]): object {
-  const { checkpoint, tally } = splitState(flat);
-  return { ...tally, listed: Number(checkpoint.listed ?? 0), listingDone: checkpoint.done === '1' };
-}
-
 /**
  * The FanOut of one running BullMQ job: children added with `parent` (flows), parked with
  * `moveToWaitingChildren`, failed children ignored (`ignoreDependencyOnFailure`) so one bad chunk
@@ -61,6 +77,11 @@ export function bullFanOut(queue: Queue, connection: RedisClient, job: Job, toke
   const stateKey = (of: string) => `${job.queueQualifiedName}:${of}:fanout`;
   const seenKey = (of: string) => `${job.queueQualifiedName}:${of}:fanout-seen`;
   const parentId = job.parent?.id;
+  const tallyScript = async (of: string, from: string, counters: Counters) => {
+    const args = Object.entries(counters).flatMap(([k, v]) => [k, String(Math.trunc(v))]);
+    const q = job.queueQualifiedName;
+    await connection.eval(REPORT, 5, stateKey(of), seenKey(of), `${q}:${of}`, `${q}:events`, `${q}:meta`, STATE_TTL_S, from, of, ...args);
+  };
   return {
     limits,
     parentId,
@@ -97,12 +118,10 @@ export function bullFanOut(queue: Queue, connection: RedisClient, job: Job, toke
       return splitState(await connection.hgetall(stateKey(id)).then((h) => Object.entries(h).flat())).tally;
     },
     async report(counters) {
-      if (!parentId) return;
-      const args = Object.entries(counters).flatMap(([k, v]) => [k, String(Math.trunc(v))]);
-      const flat = (await connection.eval(REPORT, 2, stateKey(parentId), seenKey(parentId), STATE_TTL_S, id, ...args)) as string[];
-      // Advisory: a parent already gone (cancelled, removed) has no progress to move.
-      const parent = await Job.fromId(queue, parentId).catch(() => undefined);
-      await parent?.updateProgress(progressOf(flat)).catch(() => {});
+      if (parentId) await tallyScript(parentId, id, counters);
+    },
+    async publish(counters) {
+      await tallyScript(id, '', counters);
     },
     async progress(value) {
       await job.updateProgress(value as Record<string, unknown>);

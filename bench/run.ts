@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { DeleteObjectCommand } from '@aws-sdk/client-s3';
 import { startS3rver, type S3rver } from '../test/harness/s3.js';
 import { compileCases, dd, openssl, progress, randomFile, settle, teePipeline, warm, type Child } from './proc.js';
+import { metricsBench } from './metrics.js';
 import { largeStoreBench, queueBench } from './queue.js';
 import { GiB, MiB, mb, mbRange, mbps, ratio, secs, size, stats, table, verdict, type Stats } from './table.js';
 
@@ -280,6 +281,12 @@ if (process.argv.includes('--migrate')) {
   // `npm run bench -- --migrate`: migrate and verify against rclone and sha256sum (bench/migrate.ts).
   const { migrateBench } = await import('./migrate.js');
   process.stdout.write(`${await migrateBench()}\n`);
+} else if (process.argv.includes('--metrics')) {
+  // `npm run bench -- --metrics`: only GET /metrics against a queue of 100,000 jobs.
+  process.stdout.write(`${await metricsBench()}\n`);
+} else if (process.argv.includes('--server')) {
+  // `npm run bench -- --server`: only the HTTP server section (bench/server.ts).
+  process.stdout.write(`${await (await import('./server.js')).serverBench()}\n`);
 } else if (process.argv.includes('--queue')) {
   // `npm run bench -- --queue`: only the queue section, a few minutes shorter.
   process.stdout.write(`${await queueBench()}\n`);

@@ -29,9 +29,10 @@ export const JOBS = {
   [VERIFY_CHUNK]: job(VerifyChunkPayload, verifyChunk),
 } as const;
 
-export type JobName = keyof typeof JOBS;
+/** The contract's public job names; the chunk jobs are internal (the runner still serves them). */
+export type JobName = Exclude<keyof typeof JOBS, typeof MIGRATE_CHUNK | typeof VERIFY_CHUNK>;
 /** The contract's public job names (the chunk jobs are internal). */
-export const JOB_NAMES = (Object.keys(JOBS) as JobName[]).filter((n) => n !== MIGRATE_CHUNK && n !== VERIFY_CHUNK);
+export const JOB_NAMES = (Object.keys(JOBS) as Array<keyof typeof JOBS>).filter((n): n is JobName => n !== MIGRATE_CHUNK && n !== VERIFY_CHUNK);
 
 export type { StorePayload, StoreResult } from './store.js';
 export type { FetchPayload, FetchResult } from './fetch-to-staging.js';

@@ -4,6 +4,8 @@ import { z } from 'zod';
 import { DEFAULT_BACKENDS } from './backends/open.js';
 import { CLUSTER_PREFIX_REASON, hasHashTag, parseClusterSeeds, type RedisTarget } from './queue/connection.js';
 import { DEFAULT_RETENTION } from './queue/retention.js';
+import { DEFAULT_WEBHOOK_SCHEDULE_MS } from './webhooks/schedule.js';
+import { secretKey } from './webhooks/signature.js';
 
 /**
  * Jobs mostly wait on disks and networks; hashing is the only CPU work. Four jobs per core keeps
@@ -56,7 +58,35 @@ const Schema = z.object({
   fanoutChunkBytes: int(1, Number.MAX_SAFE_INTEGER),
   fanoutWindow: int(1, 10_000),
   fanoutLanes: int(1, 256),
+  /** Where every completion and failure is POSTed (Standard Webhooks); unset: no webhooks. */
+  webhookUrl: z.string().optional().transform((v) => v?.trim() || undefined).refine((v) => v === undefined || /^https?:\/\/[^/]/.test(v), 'must be an http:// or https:// URL'),
+  /** `whsec_` + base64; required with webhookUrl. */
+  webhookSecret: z.string().optional().transform((v) => v?.trim() || undefined).superRefine((v, ctx) => {
+    if (v === undefined) return;
+    try { secretKey(v); } catch (err) { ctx.addIssue({ code: 'custom', message: (err as Error).message }); }
+  }),
+  /** Wait before each delivery attempt, ms (comma-separated); its length is the number of attempts. */
+  webhookScheduleMs: z.string().transform((v, ctx) => {
+    const ms = v.split(',').map((s) => s.trim()).filter(Boolean).map(Number);
+    if (!ms.length || ms.some((n) => !Number.isInteger(n) || n < 0 || n > 7 * 86_400_000)) {
+      ctx.addIssue({ code: 'custom', message: 'must be comma-separated waits in ms (integers, at most a week each)' });
+      return z.NEVER;
+    }
+    return ms;
+  }),
+  /** One webhook POST's time limit. */
+  webhookTimeoutMs: int(100, 600_000),
+  /** How often a worker adds its counters to the Redis totals `GET /metrics` reads. */
+  metricsFlushMs: int(10, 600_000),
+  /** The HTTP server (`stevedore server`, `npm start`). */
+  httpHost: z.string().min(1),
+  httpPort: int(0, 65535),
+  /** Bearer token every route but GET /health requires; unset, the server listens on loopback only. */
+  apiToken: z.string().min(16, 'must be at least 16 characters').optional(),
+  /** Largest upload body (artifacts, session archives and files): 413 past it. */
+  maxUploadBytes: int(1, Number.MAX_SAFE_INTEGER),
 }).superRefine((c, ctx) => {
+  if (c.webhookUrl && !c.webhookSecret) ctx.addIssue({ code: 'custom', path: ['webhookSecret'], message: 'is required when STEVEDORE_WEBHOOK_URL is set' });
   // Checked at start: on a cluster BullMQ would otherwise retry CROSSSLOT errors forever.
   if (c.redisClusterNodes && !hasHashTag(c.prefix)) {
     ctx.addIssue({ code: 'custom', path: ['prefix'], message: `"${c.prefix}" has no hash tag, and REDIS_CLUSTER_NODES is set: ${CLUSTER_PREFIX_REASON}` });
@@ -88,6 +118,15 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
     fanoutChunkBytes: env.STEVEDORE_CHUNK_BYTES || 1 << 30,
     fanoutWindow: env.STEVEDORE_CHUNK_WINDOW || 16,
     fanoutLanes: env.STEVEDORE_CHUNK_LANES || 8,
+    webhookUrl: env.STEVEDORE_WEBHOOK_URL,
+    webhookSecret: env.STEVEDORE_WEBHOOK_SECRET,
+    webhookScheduleMs: env.STEVEDORE_WEBHOOK_SCHEDULE_MS || DEFAULT_WEBHOOK_SCHEDULE_MS.join(','),
+    webhookTimeoutMs: env.STEVEDORE_WEBHOOK_TIMEOUT_MS || 15_000,
+    metricsFlushMs: env.STEVEDORE_METRICS_FLUSH_MS || 1_000,
+    httpHost: env.STEVEDORE_HTTP_HOST || '127.0.0.1',
+    httpPort: env.STEVEDORE_HTTP_PORT || 8080,
+    apiToken: env.STEVEDORE_API_TOKEN || undefined,
+    maxUploadBytes: env.STEVEDORE_MAX_UPLOAD_BYTES || 10 * 1024 ** 3,
   };
   const parsed = Schema.safeParse(raw);
   if (!parsed.success) {
@@ -97,6 +136,9 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
       shutdownTimeoutMs: 'STEVEDORE_SHUTDOWN_TIMEOUT_MS', lockDurationMs: 'STEVEDORE_LOCK_DURATION_MS', stalledIntervalMs: 'STEVEDORE_STALLED_INTERVAL_MS', sweepAfterMs: 'STEVEDORE_SWEEP_AFTER_MS',
       workerName: 'STEVEDORE_WORKER_NAME', logLevel: 'LOG_LEVEL', keepCompleted: 'STEVEDORE_KEEP_COMPLETED', keepFailed: 'STEVEDORE_KEEP_FAILED',
       fanoutChunkKeys: 'STEVEDORE_CHUNK_KEYS', fanoutChunkBytes: 'STEVEDORE_CHUNK_BYTES', fanoutWindow: 'STEVEDORE_CHUNK_WINDOW', fanoutLanes: 'STEVEDORE_CHUNK_LANES',
+      webhookUrl: 'STEVEDORE_WEBHOOK_URL', webhookSecret: 'STEVEDORE_WEBHOOK_SECRET', webhookScheduleMs: 'STEVEDORE_WEBHOOK_SCHEDULE_MS',
+      webhookTimeoutMs: 'STEVEDORE_WEBHOOK_TIMEOUT_MS', metricsFlushMs: 'STEVEDORE_METRICS_FLUSH_MS',
+      httpHost: 'STEVEDORE_HTTP_HOST', httpPort: 'STEVEDORE_HTTP_PORT', apiToken: 'STEVEDORE_API_TOKEN', maxUploadBytes: 'STEVEDORE_MAX_UPLOAD_BYTES',
     };
     const lines = parsed.error.issues.map((i) => `  ${names[String(i.path[0])] ?? String(i.path[0])}: ${i.message}`);
     throw new Error(`invalid configuration:\n${lines.join('\n')}`);

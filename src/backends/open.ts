@@ -48,14 +48,21 @@ export async function openBackend(name: string, spec: string, env: BackendEnv = 
 /** `name=url,name=url` (STEVEDORE_BACKENDS) to named Buckets; always has `default` unless `spec` names none. */
 export async function openBackends(spec: string | undefined, env: BackendEnv = {}): Promise<Map<string, Bucket>> {
   const buckets = new Map<string, Bucket>();
+  for (const [name, url] of parseBackendsSpec(spec)) buckets.set(name, await openBackend(name, url, env));
+  return buckets;
+}
+
+/** `name=url,name=url` to its pairs, names checked; the URLs are checked when opened. */
+export function parseBackendsSpec(spec: string | undefined): Map<string, string> {
+  const pairs = new Map<string, string>();
   for (const pair of (spec?.trim() || DEFAULT_BACKENDS).split(',').map((s) => s.trim()).filter(Boolean)) {
     const eq = pair.indexOf('=');
     const name = eq < 0 ? '' : pair.slice(0, eq).trim();
     if (!/^[A-Za-z0-9._-]{1,64}$/.test(name)) throw invalid(name, pair, 'expected name=url with a name of [A-Za-z0-9._-]');
-    if (buckets.has(name)) throw invalid(name, pair, 'backend named twice');
-    buckets.set(name, await openBackend(name, pair.slice(eq + 1).trim(), env));
+    if (pairs.has(name)) throw invalid(name, pair, 'backend named twice');
+    pairs.set(name, pair.slice(eq + 1).trim());
   }
-  return buckets;
+  return pairs;
 }
 
 function parseBackendUrl(spec: string, cwd: string): URL {

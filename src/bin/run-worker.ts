@@ -5,7 +5,11 @@ import type { Config } from '../config.js';
 import { createLogger } from '../logger.js';
 import { describeTarget } from '../queue/connection.js';
 import { startWorker, stopWorker } from '../queue/worker.js';
+import { MetricsRecorder } from '../metrics/recorder.js';
+import { describeEndpoint } from '../webhooks/delivery.js';
+import { startWebhooks } from '../webhooks/start.js';
 import { redisAnswers, startPrivateRedis } from './redis.js';
+import { startHttp } from './run-server.js';
 
 export interface RunWorkerOptions {
   /** `npm start`: start a private redis-server when nothing answers at a loopback REDIS_URL. */
@@ -13,7 +17,12 @@ export interface RunWorkerOptions {
   /** Environment the SDKs' credentials come from (AZURE_STORAGE_CONNECTION_STRING...). */
   env: NodeJS.ProcessEnv;
   cwd: string;
+  /** `npm start`: the HTTP server too, in this process, on the same app (and private Redis). */
+  withServer?: boolean;
 }
+
+/** BullMQ's per-minute counts kept per queue: a week of minutes (MetricsTime.ONE_WEEK), about 80 KB. */
+const METRICS_DATA_POINTS = 7 * 24 * 60;
 
 /** How often a worker sweeps stale temp files (at start too). */
 const SWEEP_EVERY_MS = 10 * 60_000;
@@ -34,15 +43,20 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
     await stopRedis?.().catch(() => {});
     throw err;
   });
+  // Counters reach GET /metrics through Redis totals (src/metrics/recorder.ts): workers have no port.
+  const metrics = new MetricsRecorder(app.connect('worker'), { prefix: config.prefix, queue: config.queue, flushMs: config.metricsFlushMs, log });
+  const webhooks = startWebhooks(app, log, { metrics, metricsDataPoints: METRICS_DATA_POINTS });
   const worker = startWorker(app.connect('worker'), {
     queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, lockDurationMs: config.lockDurationMs,
     stalledIntervalMs: config.stalledIntervalMs, name: config.workerName, retention: app.retention,
     fanout: { chunkKeys: config.fanoutChunkKeys, chunkBytes: config.fanoutChunkBytes, window: config.fanoutWindow, lanes: config.fanoutLanes },
+    hooks: [metrics, ...(webhooks ? [webhooks.hooks] : [])], metricsDataPoints: METRICS_DATA_POINTS,
   }, { buckets, staging: app.staging, log, limits: { maxInlineBytes: config.maxInlineBytes }, locks: app.locks() });
   log.info({
     queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, redis: describeTarget(app.redis),
     backends: [...buckets.entries()].map(([name, b]) => `${name}=${b.driver.kind}`), staging: config.stagingDir,
     keepCompleted: app.retention.keepCompleted, keepFailed: app.retention.keepFailed,
+    ...(config.webhookUrl ? { webhooks: describeEndpoint(config.webhookUrl) } : {}),
   }, 'worker started');
 
   // Leftovers of killed workers, in backends and in the staging area: an hour without a change
@@ -53,13 +67,26 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
   sweep();
   const sweeper = setInterval(sweep, SWEEP_EVERY_MS).unref();
 
+  const http = opts.withServer ? await startHttp(app).catch(async (err: unknown) => {
+    await worker.close(true).catch(() => {});
+    await app.close({ force: true });
+    await stopRedis?.().catch(() => {});
+    throw err;
+  }) : undefined;
+
   let stopping = false;
   const shutdown = async (signal: string) => {
     if (stopping) return;
     stopping = true;
     clearInterval(sweeper);
+    // No new requests while the worker drains; requests in flight finish (or end with the process).
+    const httpClosed = http?.close().catch((err: unknown) => log.warn({ err }, 'closing the http server failed'));
     log.info({ signal, deadlineMs: config.shutdownTimeoutMs }, 'stopping: no new jobs, waiting for active ones');
     const outcome = await stopWorker(worker, config.shutdownTimeoutMs, log);
+    await httpClosed;
+    // After the jobs: the last ones' deliveries are queued before the publisher closes.
+    await webhooks?.close().catch((err: unknown) => log.warn({ err }, 'webhooks close failed'));
+    await metrics.close();
     // A forced stop leaves handlers running: their connections are dropped, not waited for.
     await app.close({ force: outcome !== 'drained' });
     await stopRedis?.();

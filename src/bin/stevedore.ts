@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { buildProgram, EXIT } from '../cli/program.js';
 import { StorageError } from '../errors.js';
+import { runServer } from './run-server.js';
 import { runWorker } from './run-worker.js';
 
 // The one place that reads process.env and wires the process; everything else takes it as input.
@@ -8,7 +9,7 @@ let exitCode: number = EXIT.ok;
 const program = buildProgram(
   { env: process.env, cwd: process.cwd(), out: (s) => process.stdout.write(s), err: (s) => process.stderr.write(s), isTTY: Boolean(process.stderr.isTTY) },
   (code) => { exitCode = code; },
-  { runWorker },
+  { runWorker, runServer },
 );
 program.exitOverride((err) => process.exit(err.exitCode === 0 ? 0 : EXIT.usage));
 try {

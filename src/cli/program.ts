@@ -13,7 +13,9 @@ export { EXIT, progressBar } from './common.js';
 /** What the commands that become long-running processes need from the composition root (bin/). */
 export interface CliProcesses {
   /** `worker` and `start`: one worker process, its signals wired by the caller. */
-  runWorker(config: Config, opts: { embeddedRedis: boolean; env: NodeJS.ProcessEnv; cwd: string }): Promise<unknown>;
+  runWorker(config: Config, opts: { embeddedRedis: boolean; env: NodeJS.ProcessEnv; cwd: string; withServer?: boolean }): Promise<unknown>;
+  /** `server`: the HTTP server alone. */
+  runServer?(config: Config, opts: { env: NodeJS.ProcessEnv; cwd: string }): Promise<unknown>;
 }
 
 /** The `stevedore` command line, thin over the producer client. */
@@ -26,8 +28,13 @@ export function buildProgram(io: CliIo, setExit: (code: number) => void, process
 
   program.command('worker').description('run one worker process (STEVEDORE_* and REDIS_URL or REDIS_CLUSTER_NODES configure it)')
     .action(async () => { await processes.runWorker(config(), { embeddedRedis: false, env: io.env, cwd: io.cwd }); });
-  program.command('start').description('the worker on embedded defaults: starts a private redis-server if REDIS_URL is unset and none answers')
-    .action(async () => { await processes.runWorker(config(), { embeddedRedis: true, env: io.env, cwd: io.cwd }); });
+  program.command('start').description('worker and HTTP server on embedded defaults: starts a private redis-server if REDIS_URL is unset and none answers')
+    .action(async () => { await processes.runWorker(config(), { embeddedRedis: true, env: io.env, cwd: io.cwd, withServer: true }); });
+  program.command('server').description('run the HTTP server (STEVEDORE_HTTP_HOST, STEVEDORE_HTTP_PORT, STEVEDORE_API_TOKEN)')
+    .action(async () => {
+      if (!processes.runServer) throw new Error('this build has no HTTP server');
+      await processes.runServer(config(), { env: io.env, cwd: io.cwd });
+    });
 
   const withWait = (c: Command) => c
     .option('--backend <name>', 'configured backend name', 'default')

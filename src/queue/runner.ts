@@ -1,6 +1,6 @@
 import { UnrecoverableError, WaitingChildrenError, type Job } from 'bullmq';
 import type { Logger } from 'pino';
-import { JOBS, type JobName } from '../../jobs/index.js';
+import { JOBS, type JobType } from '../../jobs/index.js';
 import { ErrorCode, StorageError, classifyCommon, isRetryable } from '../errors.js';
 import type { Bucket } from '../storage/bucket.js';
 import type { Staging } from '../staging.js';
@@ -28,7 +28,7 @@ export async function runJob(job: Job, deps: RunnerDeps, signal: AbortSignal, fa
   let bytes = 0;
   const progress = throttledProgress(job, deps.progressIntervalMs ?? 1000, (n) => { bytes = n; });
   try {
-    const type = (JOBS as Record<string, (typeof JOBS)[JobName] | undefined>)[job.name];
+    const type = (JOBS as Record<string, JobType | undefined>)[job.name];
     if (!type) throw new StorageError(ErrorCode.InvalidInput, `name: unknown job type "${job.name}" (expected one of ${Object.keys(JOBS).join(', ')})`);
     const payload = parsePayload(type.payload, job.data);
     log.info('job started');

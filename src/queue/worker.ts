@@ -4,6 +4,7 @@ import { CANCEL_REASON, cancelChannel, cancelRequested } from './cancel.js';
 import { duplicateConnection, type RedisClient } from './connection.js';
 import { DEFAULT_FANOUT_LIMITS, bullFanOut } from './fanout.js';
 import type { FanOutLimits } from '../payload.js';
+import type { JobHooks } from './job-hooks.js';
 import { DEFAULT_RETENTION, workerRetention, type Retention } from './retention.js';
 import { runJob, type RunnerDeps } from './runner.js';
 
@@ -21,6 +22,10 @@ export interface WorkerOptions {
   retention?: Retention;
   /** How migrate and verify cut and pace their chunks. @defaultValue DEFAULT_FANOUT_LIMITS */
   fanout?: Partial<FanOutLimits>;
+  /** Told of every job's end (webhooks, metrics); never awaited by the job. */
+  hooks?: readonly JobHooks[];
+  /** BullMQ's per-minute completed/failed counts (`exportPrometheusMetrics`' counters); off when unset. */
+  metricsDataPoints?: number;
 }
 
 /** One BullMQ worker serving the stevedore queue. Close it with `stopWorker`. */
@@ -30,6 +35,7 @@ export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: 
   // Chunk jobs are added through a Queue on the worker's own connection, made on first use.
   let queue: Queue | undefined;
   const limits: FanOutLimits = { ...DEFAULT_FANOUT_LIMITS, ...opts.fanout };
+  let cancels: CancelListener; // set below, once the worker exists
   const worker: Worker = new Worker(opts.queue, async (job, token, signal) => {
     // Back to the front of the wait list, for another worker; WaitingError spends no attempt.
     const handBack = async (): Promise<never> => {
@@ -42,10 +48,16 @@ export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: 
     if (worker.closing) return handBack();
     const cancel = signal ?? new AbortController().signal;
     const id = String(job.id);
+    await cancels.ready;
     running.set(id, job.parent?.id);
     try {
-      // Checked once it is in `running`: a request from here on reaches it by message instead.
-      if (await cancelRequested(connection, worker, job)) throw new UnrecoverableError(CANCEL_REASON);
+      // Checked once it is in `running`: a request from here on reaches it by message. One that
+      // came before is in `heard` (its message arrived between the fetch and now), or, for a job
+      // this process could not have heard of (a chunk whose parent was cancelled while it waited,
+      // a job run again after a stall or a retry), in Redis: a first run of a job without a parent
+      // was waiting until just now, and a request for a waiting job removes it instead.
+      const again = (job.attemptsStarted ?? 1) > 1 || job.parent !== undefined;
+      if (cancels.heard(id) || (again && await cancelRequested(connection, worker, job))) throw new UnrecoverableError(CANCEL_REASON);
       queue ??= new Queue(opts.queue, { connection, prefix: opts.prefix });
       return await runJob(job, deps, cancel, bullFanOut(queue, connection, job, token, limits));
     } catch (err) {
@@ -68,6 +80,7 @@ export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: 
     maxStalledCount: 3,
     ...workerRetention(opts.retention ?? DEFAULT_RETENTION),
     ...(opts.name ? { name: opts.name } : {}),
+    ...(opts.metricsDataPoints ? { metrics: { maxDataPoints: opts.metricsDataPoints } } : {}),
     autorun: true,
   });
   // Without an 'error' listener a Redis hiccup would be an unhandled error event and kill the process.
@@ -78,24 +91,58 @@ export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: 
   worker.on('lockRenewalFailed', (jobIds: string[]) => {
     for (const id of jobIds) {
       if (worker.cancelJob(id, 'lock lost: another worker may be running this job')) deps.log.warn({ jobId: id }, 'job lock lost; job cancelled');
+      for (const h of opts.hooks ?? []) callHook(() => h.lockLost?.(id), deps.log);
     }
   });
-  listenForCancels(worker, connection, running, deps.log);
   worker.on('closed', () => { void queue?.close().catch(() => {}); });
+  if (opts.hooks?.length) {
+    const hooks = opts.hooks;
+    worker.on('completed', (job, result) => { for (const h of hooks) callHook(() => h.completed?.(job, result), deps.log); });
+    // BullMQ emits 'failed' for every failed attempt; only a job that is now in the failed set has finishedOn.
+    worker.on('failed', (job, err) => {
+      if (!job) return;
+      for (const h of hooks) callHook(() => (job.finishedOn ? h.failed?.(job, err) : h.retried?.(job, err)), deps.log);
+    });
+  }
+  cancels = listenForCancels(worker, connection, running, deps.log);
   return worker;
 }
 
+interface CancelListener {
+  /** Settles once the subscription is in place (or failed: then jobs are checked in Redis alone). */
+  ready: Promise<void>;
+  /** Whether a cancel request for this id was heard lately (before its job reached this worker). */
+  heard(jobId: string): boolean;
+}
+
+/** How long a heard cancel request is remembered for a job not running here (yet). */
+const HEARD_MS = 60_000;
+
 /** Aborts the jobs (and the children of jobs) that a cancel request names, on a subscriber connection of its own. */
-function listenForCancels(worker: Worker, connection: RedisClient, running: Map<string, string | undefined>, log: Logger): void {
+function listenForCancels(worker: Worker, connection: RedisClient, running: Map<string, string | undefined>, log: Logger): CancelListener {
+  const heard = new Map<string, number>();
   const sub = duplicateConnection(connection);
   sub.on('error', (err: Error) => log.warn({ err: { message: err.message } }, 'cancel listener connection error'));
   sub.on('message', (_channel: string, jobId: string) => {
+    const now = Date.now();
+    for (const [id, at] of heard) if (now - at > HEARD_MS) heard.delete(id);
+    heard.set(jobId, now);
     for (const [id, parent] of running) {
       if ((id === jobId || parent === jobId) && worker.cancelJob(id, CANCEL_REASON)) log.warn({ jobId: id, requested: jobId }, 'job cancelled by request');
     }
   });
-  sub.subscribe(cancelChannel(worker)).catch((err: unknown) => log.error({ err }, 'cannot listen for cancel requests'));
+  const ready = sub.subscribe(cancelChannel(worker)).then(() => {}, (err: unknown) => log.error({ err }, 'cannot listen for cancel requests'));
   worker.on('closed', () => { sub.quit().catch(() => sub.disconnect()); });
+  return { ready, heard: (id) => heard.has(id) };
+}
+
+function callHook(call: () => void | Promise<void>, log: Logger): void {
+  try {
+    const p = call();
+    if (p) p.catch((err: unknown) => log.warn({ err }, 'job hook failed'));
+  } catch (err) {
+    log.warn({ err }, 'job hook failed');
+  }
 }
 
 /** How long a forced stop waits for cancelled jobs to hand themselves back. */

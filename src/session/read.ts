@@ -83,6 +83,14 @@ export interface CatResult {
   verified: boolean;
 }
 
+/** One file of a session, verified and spooled to a local temp file: read it, then `close`. */
+export interface SessionFile extends CatResult {
+  /** The spooled bytes (whole, verified), for reads of any range. */
+  spool: string;
+  /** Removes the spool. */
+  close(): Promise<void>;
+}
+
 /**
  * Writes one regular file's bytes to `out` (not ended), only once the whole archive has passed its
  * digest check: the file is spooled to a temp file while the archive streams. Symlinks and hard
@@ -91,10 +99,25 @@ export interface CatResult {
  * ChecksumMismatch when the stored archive fails its digest.
  */
 export async function catSession(bucket: Bucket, session: string, path: string, out: Writable, opts: ReadOptions = {}): Promise<CatResult> {
+  const file = await openSessionFile(bucket, session, path, opts);
+  try {
+    await copyTo(file.spool, out);
+    return { path: file.path, size: file.size, sha256: file.sha256, verified: file.verified };
+  } finally {
+    await file.close();
+  }
+}
+
+/**
+ * As catSession, but hands back the verified spool instead of copying it, so a caller knows the
+ * file's size and digest before its first byte goes out (HTTP headers) and can serve ranges.
+ */
+export async function openSessionFile(bucket: Bucket, session: string, path: string, opts: ReadOptions = {}): Promise<SessionFile> {
   parseSessionId(session);
   validateOpPath(path);
   const key = sessionKey(session);
   const dir = await mkdtemp(join(tmpdir(), 'stevedore-cat-'));
+  const close = () => rm(dir, { recursive: true, force: true });
   try {
     let want = path;
     for (let hop = 0; hop <= MAX_HOPS; hop++) {
@@ -131,12 +154,12 @@ export async function catSession(bucket: Bucket, session: string, path: string, 
         want = f.to;
         continue;
       }
-      await copyTo(spool, out);
-      return { path: want, size: f.size, sha256: f.sha256, verified: got.info.sha256 !== undefined };
+      return { path: want, size: f.size, sha256: f.sha256, verified: got.info.sha256 !== undefined, spool, close };
     }
     throw new StorageError(ErrorCode.InvalidInput, `"${path}": more than ${MAX_HOPS} links to follow`, { op: 'cat', key });
-  } finally {
-    await rm(dir, { recursive: true, force: true });
+  } catch (err) {
+    await close();
+    throw err;
   }
 }
 

@@ -3,29 +3,11 @@
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MemoryDriver } from '../../src/backends/memory.js';
-import type { Driver, DriverPutOptions } from '../../src/storage/driver.js';
 import { Bucket } from '../../src/storage/bucket.js';
-import { overrideDriver } from '../fixtures/override-driver.js';
+import { hangingPuts } from '../fixtures/hanging-puts.js';
 import { tempDir } from '../harness/process.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
 import { inProcessWorker, type InProcessWorker } from '../harness/worker.js';
-
-/** A driver whose puts hang until their signal aborts; reports each put's start and its abort. */
-function hangingPuts(driver: Driver) {
-  const events: string[] = [];
-  let started!: () => void;
-  const putStarted = new Promise<void>((r) => { started = r; });
-  let aborted!: (reason: unknown) => void;
-  const putAborted = new Promise<unknown>((r) => { aborted = r; });
-  const proxy = overrideDriver(driver, {
-    put: (_key: string, _body: unknown, opts: DriverPutOptions) => new Promise((_resolve, reject) => {
-      events.push('put');
-      started();
-      opts.signal?.addEventListener('abort', () => { aborted(opts.signal?.reason); reject(opts.signal?.reason); }, { once: true });
-    }),
-  });
-  return { proxy, events, putStarted, putAborted };
-}
 
 describe('a job whose lock is lost', () => {
   let redis: TestRedis;

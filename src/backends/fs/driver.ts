@@ -84,16 +84,19 @@ export class FsDriver implements Driver {
         entries.catch(() => {}); // awaited below; a failure must not be unhandled meanwhile
         try {
           await writeAll(fd, body, opts.signal, this.fsync);
-          st = await fstatFd(fd);
           const { sha256, size } = body.digest();
-          // The mtime too: after a copy that keeps it, it tells this version's sidecar from others.
-          meta = { key, sha256, size, contentType: opts.contentType, metadata: opts.metadata, mtimeNs: String(st.mtimeNs) };
-          const writeMeta = async () => {
-            await writeFully(sidecarFd, Buffer.from(JSON.stringify(meta)));
+          // Beside the data's fsync (which changes no mtime): the sidecar's fstat, write and fsync.
+          const writeMeta = async (): Promise<[BigIntStats, Sidecar]> => {
+            const written = await fstatFd(fd);
+            // The mtime too: after a copy that keeps it, it tells this version's sidecar from others.
+            const m: Sidecar = { key, sha256, size, contentType: opts.contentType, metadata: opts.metadata, mtimeNs: String(written.mtimeNs) };
+            await writeFully(sidecarFd, Buffer.from(JSON.stringify(m)));
             if (this.fsync) await fsyncFd(sidecarFd);
+            return [written, m];
           };
           const done = await Promise.allSettled([this.fsync ? fsyncFd(fd) : undefined, writeMeta(), entries]);
           for (const r of done) if (r.status === 'rejected') throw r.reason;
+          [st, meta] = (done[1] as PromiseFulfilledResult<[BigIntStats, Sidecar]>).value;
         } finally {
           await entries.catch(() => {});
         }
@@ -115,14 +118,14 @@ export class FsDriver implements Driver {
             if (err.code === 'EEXIST') throw new StorageError(ErrorCode.PreconditionFailed, 'object already exists', { op: 'put', key, cause: err });
             return swept(key)(err);
           });
-          // Committed: a temp file the sweep removed first (or one left behind) is no failure.
-          await unlinkQuiet(tmp);
         } else {
           old = await holdObject(path);
           await rename(tmp, path).catch(swept(key));
         }
         sidecar = undefined;
-        if (this.fsync) await syncDir(dir);
+        // After a link the temp name goes beside the folder's fsync (a temp file the sweep removed
+        // first, or one left behind, is no failure: the link committed).
+        await Promise.all([opts.ifAbsent && opts.ifMatch === undefined ? unlinkQuiet(tmp) : undefined, this.fsync ? syncDir(dir) : undefined]);
         if (old && old.st.ino !== st.ino) await unlinkQuiet(sidecarPath(dir, name, old.st.ino));
       } finally {
         await old?.release();

@@ -1,0 +1,101 @@
+import { createHash, randomUUID } from 'node:crypto';
+import { createWriteStream } from 'node:fs';
+import { mkdir, open, rename, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Transform, type Readable, type TransformCallback } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { ErrorCode } from '../errors.js';
+import { STAGING_INCOMING, STAGING_TMP, type Staging } from '../staging.js';
+import { HttpError } from './errors.js';
+
+/** A request body received whole into the staging area, on disk (fsynced) before it is visible. */
+export interface Staged {
+  /** Relative to the staging area: what a payload's `source.path` names. */
+  rel: string;
+  abs: string;
+  size: number;
+  sha256: string;
+  remove(): Promise<void>;
+}
+
+export interface ReceiveOptions {
+  /** Bytes past which the upload is refused with 413 (counted here: Fastify does not limit a streamed body). */
+  limit: number;
+  /** The request's Content-Length, when it sent one: over the limit is refused before a byte is read. */
+  declared?: number | undefined;
+  /** Expected SHA-256 (`X-Content-SHA256`): a mismatch is 422 and nothing is kept. */
+  sha256?: string | undefined;
+  /**
+   * fsync the staged file (and its folder) before it is visible: when a job is enqueued and
+   * answered 202, the file must outlive a crash. A caller that answers only once the job is over
+   * (?wait, session writes) skips it: the job is given the received digest, so a file torn by a
+   * crash fails its check rather than being stored, and the object's own fsync is the durable one.
+   * @defaultValue true
+   */
+  durable?: boolean;
+  /** What the 413 and 422 answers are called under the session routes. */
+  codes?: { tooLarge: string; mismatch: string };
+}
+
+export const tooLarge = (limit: number, code = ErrorCode.InvalidInput as string): HttpError =>
+  new HttpError(413, code, `InvalidInput: the upload is over the limit of ${limit} bytes (STEVEDORE_MAX_UPLOAD_BYTES)`, { connection: 'close' });
+
+/** Counts and hashes what flows; errors with 413 the moment the count passes the limit, before that chunk is written. */
+class Meter extends Transform {
+  size = 0;
+  private readonly hash = createHash('sha256');
+  constructor(private readonly limit: number, private readonly code: string) {
+    super();
+  }
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
+    this.size += chunk.length;
+    if (this.size > this.limit) return cb(tooLarge(this.limit, this.code));
+    this.hash.update(chunk);
+    cb(null, chunk);
+  }
+
+  digest(): string {
+    return this.hash.digest('hex');
+  }
+}
+
+/**
+ * Streams a request body into `incoming/` of the staging area under a temp name (which the staging
+ * sweep removes if the server dies meanwhile), fsyncs it and renames it into place. A client that
+ * disconnects, a body over the limit, a digest mismatch or a full disk leave nothing behind.
+ */
+export async function receiveToStaging(body: Readable, staging: Staging, opts: ReceiveOptions): Promise<Staged> {
+  const codes = opts.codes ?? { tooLarge: ErrorCode.InvalidInput, mismatch: ErrorCode.ChecksumMismatch };
+  if (opts.declared !== undefined && opts.declared > opts.limit) throw tooLarge(opts.limit, codes.tooLarge);
+  const dir = join(staging.root, STAGING_INCOMING);
+  await mkdir(dir, { recursive: true });
+  const id = randomUUID();
+  const tmp = join(dir, `${STAGING_TMP}http-${id}`);
+  const rel = join(STAGING_INCOMING, `http-${id}`);
+  const abs = join(staging.root, rel);
+  const meter = new Meter(opts.limit, codes.tooLarge);
+  try {
+    await pipeline(body, meter, createWriteStream(tmp, { flags: 'wx', highWaterMark: 1 << 20 }));
+    const durable = opts.durable ?? true;
+    if (durable) {
+      // On disk before it is visible: a crash must not leave a short file for a job to store.
+      const fh = await open(tmp, 'r+');
+      try {
+        await fh.sync();
+      } finally {
+        await fh.close();
+      }
+    }
+    const sha256 = meter.digest();
+    if (opts.sha256 !== undefined && opts.sha256.toLowerCase() !== sha256) {
+      throw new HttpError(422, codes.mismatch, `ChecksumMismatch: the body's sha256 is ${sha256}, X-Content-SHA256 said ${opts.sha256}; nothing was stored`);
+    }
+    if (durable) await staging.commitFile(tmp, abs);
+    else await rename(tmp, abs);
+    return { rel, abs, size: meter.size, sha256, remove: () => rm(abs, { force: true }) };
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw err;
+  }
+}

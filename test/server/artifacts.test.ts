@@ -1,0 +1,172 @@
+import { createHash } from 'node:crypto';
+import { writeFile, lstat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startRedis, type TestRedis } from '../harness/redis.js';
+import { startS3rver, S3RVER_CREDENTIALS, type S3rver } from '../harness/s3.js';
+import { fetchDigest, randomBody, send } from './http.js';
+import { eventually, stagedFiles, testServer, TOKEN, type TestServer } from './harness.js';
+
+const SOAK = process.env.STEVEDORE_SOAK === '1';
+/** The PageWright artifact: 200 MiB under soak, enough by default for memory to show whether it is held. */
+const BIG = SOAK ? 200 << 20 : 96 << 20;
+const sha = (b: Buffer | string) => createHash('sha256').update(b).digest('hex');
+
+describe('artifact routes (the build service)', () => {
+  let redis: TestRedis;
+  let s3: S3rver;
+  let t: TestServer;
+  let root: string;
+  beforeAll(async () => {
+    [redis, s3] = await Promise.all([startRedis(), startS3rver()]);
+    const bucket = await s3.bucket();
+    // The S3 SDK reads its credentials from the environment, as in a deployment (this fork's only).
+    process.env.AWS_ACCESS_KEY_ID = S3RVER_CREDENTIALS.accessKeyId;
+    process.env.AWS_SECRET_ACCESS_KEY = S3RVER_CREDENTIALS.secretAccessKey;
+    t = await testServer(redis.url, { backends: `default=file:./objects,s3=s3://${bucket}/pre?endpoint=${s3.endpoint}&forcePathStyle=true` });
+    root = join(t.dir, 'objects');
+    await t.listen();
+  });
+  afterAll(async () => {
+    await t?.close();
+    await Promise.all([redis?.stop(), s3?.stop()]);
+  });
+
+  it('the PageWright flow: PUT a large artifact with memory flat, GET it back verified, log, versions', async () => {
+    const body = randomBody(BIG);
+    const before = process.memoryUsage().rss;
+    let peak = before;
+    const sampler = setInterval(() => { peak = Math.max(peak, process.memoryUsage().rss); }, 20);
+    let put;
+    try {
+      put = await send(`${t.url}/sites/pagewright/artifacts/build-1?wait=120`, 'PUT', body.stream, { ...t.auth, 'content-type': 'application/gzip' });
+    } finally {
+      clearInterval(sampler);
+    }
+    expect(put.status, put.body).toBe(200);
+    expect(JSON.parse(put.body)).toEqual({ backend: 'default', key: 'sites/pagewright/artifacts/build-1.tar.gz', size: BIG, sha256: body.sha256() });
+    // Streamed through: the process grew by far less than the body (which would be held twice if buffered).
+    expect(peak - before).toBeLessThan(BIG / 2);
+    expect((await lstat(join(root, 'sites/pagewright/artifacts/build-1.tar.gz'))).size).toBe(BIG);
+
+    const got = await fetchDigest(`${t.url}/sites/pagewright/artifacts/build-1`, t.auth);
+    expect(got).toMatchObject({ status: 200, size: BIG, sha256: body.sha256() });
+    expect(got.broken).toBeUndefined();
+    expect(got.headers['content-length']).toBe(String(BIG));
+    expect(got.headers.etag).toBe(`"${body.sha256()}"`);
+    expect(got.headers['content-type']).toBe('application/gzip');
+
+    const log = await send(`${t.url}/sites/pagewright/logs?wait=30`, 'POST', Buffer.from(JSON.stringify({ build_id: 'build-1', action: 'deploy', status: 'success', metadata: { by: 'ci' } })), { ...t.auth, 'content-type': 'application/json' });
+    expect(log.status, log.body).toBe(200);
+    expect(JSON.parse(log.body).key).toMatch(/^sites\/pagewright\/logs\/.*-build-1\.json$/);
+
+    const versions = await send(`${t.url}/sites/pagewright/versions`, 'GET', undefined, t.auth);
+    expect(versions.status).toBe(200);
+    const v = JSON.parse(versions.body) as { site: string; count: number; versions: Array<{ build: string; artifact?: { size: number }; logs: string[] }> };
+    expect(v).toMatchObject({ site: 'pagewright', count: 1 });
+    expect(v.versions[0]).toMatchObject({ build: 'build-1', artifact: { size: BIG } });
+    expect(v.versions[0]!.logs).toHaveLength(1);
+    expect(await stagedFiles(t.stagingDir)).toEqual([]);
+  });
+
+  it('PUT without ?wait answers 202 { id }; the staged upload is removed once the job is over', async () => {
+    const bytes = Buffer.from('artifact without a wait');
+    const res = await t.server.inject({ method: 'PUT', url: '/sites/s1/artifacts/b1', headers: { ...t.auth, 'x-content-sha256': sha(bytes) }, payload: bytes });
+    expect(res.statusCode, res.body).toBe(202);
+    const { id } = res.json() as { id: string };
+    await expect(t.app.client().result(id)).resolves.toMatchObject({ sha256: sha(bytes), size: bytes.length });
+    await eventually(async () => (await stagedFiles(t.stagingDir)).length === 0, 'staging empty');
+  });
+
+  it('GET and HEAD: Range answers 206 as stored, If-None-Match 304, a missing build 404', async () => {
+    const bytes = Buffer.from('0123456789abcdefghij');
+    expect((await t.server.inject({ method: 'PUT', url: '/sites/s2/artifacts/b?wait=30', headers: t.auth, payload: bytes })).statusCode).toBe(200);
+    const head = await t.server.inject({ method: 'HEAD', url: '/sites/s2/artifacts/b', headers: t.auth });
+    expect(head.statusCode).toBe(200);
+    expect(head.headers).toMatchObject({ 'content-length': '20', etag: `"${sha(bytes)}"`, 'accept-ranges': 'bytes' });
+    expect(head.body).toBe('');
+    const range = await t.server.inject({ method: 'GET', url: '/sites/s2/artifacts/b', headers: { ...t.auth, range: 'bytes=5-9' } });
+    expect(range.statusCode).toBe(206);
+    expect(range.body).toBe('56789');
+    expect(range.headers).toMatchObject({ 'content-range': 'bytes 5-9/20', 'content-length': '5' });
+    const suffix = await t.server.inject({ method: 'GET', url: '/sites/s2/artifacts/b', headers: { ...t.auth, range: 'bytes=-3' } });
+    expect(suffix.body).toBe('hij');
+    const past = await t.server.inject({ method: 'GET', url: '/sites/s2/artifacts/b', headers: { ...t.auth, range: 'bytes=20-' } });
+    expect(past.statusCode).toBe(416);
+    expect(past.headers['content-range']).toBe('bytes */20');
+    const cached = await t.server.inject({ method: 'GET', url: '/sites/s2/artifacts/b', headers: { ...t.auth, 'if-none-match': `"${sha(bytes)}"` } });
+    expect(cached.statusCode).toBe(304);
+    const missing = await t.server.inject({ method: 'GET', url: '/sites/s2/artifacts/nope', headers: t.auth });
+    expect(missing.statusCode).toBe(404);
+    expect(missing.json()).toMatchObject({ error: 'NotFound' });
+  });
+
+  it('refuses bad sites, builds and headers with 400 before any I/O', async () => {
+    for (const url of ['/sites/%2E%2E/artifacts/x', '/sites/s/artifacts/..', '/sites/s%20t/artifacts/x', '/sites/s/artifacts/b%2Fc', '/sites/s/artifacts/%00', `/sites/${'s'.repeat(129)}/artifacts/b`, '/sites/s/artifacts/b?backend=nope']) {
+      for (const method of ['GET', 'PUT'] as const) {
+        // Over the socket, so the path reaches the server as sent (an inject would resolve dot segments).
+        const res = await send(`${t.url}${url}`, method, method === 'PUT' ? Buffer.from('x') : undefined, t.auth);
+        expect(res.status, `${method} ${url}`).toBe(400);
+        expect(JSON.parse(res.body)).toMatchObject({ error: 'InvalidInput' });
+      }
+    }
+    const badSha = await t.server.inject({ method: 'PUT', url: '/sites/s/artifacts/b', headers: { ...t.auth, 'x-content-sha256': 'abc' }, payload: 'x' });
+    expect(badSha.statusCode).toBe(400);
+    const badLog = await t.server.inject({ method: 'POST', url: '/sites/s/logs', headers: t.auth, payload: { build_id: 'b/c', action: 'a', status: 's' } });
+    expect(badLog.statusCode).toBe(400);
+    expect((badLog.json() as { message: string }).message).toMatch(/build_id/);
+    expect(await stagedFiles(t.stagingDir)).toEqual([]);
+  });
+
+  it('X-Content-SHA256 that does not match the body: 422, nothing enqueued or stored, staging clean', async () => {
+    const before = await t.app.client().queue.count();
+    const res = await t.server.inject({ method: 'PUT', url: '/sites/s3/artifacts/b', headers: { ...t.auth, 'x-content-sha256': sha('other') }, payload: 'these bytes' });
+    expect(res.statusCode).toBe(422);
+    expect(res.json()).toMatchObject({ error: 'ChecksumMismatch' });
+    expect(await t.app.client().queue.count()).toBe(before);
+    expect((await t.server.inject({ method: 'HEAD', url: '/sites/s3/artifacts/b', headers: t.auth })).statusCode).toBe(404);
+    expect(await stagedFiles(t.stagingDir)).toEqual([]);
+  });
+
+  it('a digest mismatch found at the end aborts the response: never a clean end on bad bytes (RELIABILITY #28)', async () => {
+    const body = randomBody(3 << 20);
+    const put = await send(`${t.url}/sites/rot/artifacts/b?wait=30`, 'PUT', body.stream, t.auth);
+    expect(put.status).toBe(200);
+    // Bit rot on disk, same size and inode: the sidecar still claims the old digest.
+    const path = join(root, 'sites/rot/artifacts/b.tar.gz');
+    await writeFile(path, Buffer.from('X'), { flag: 'r+' });
+    const got = await fetchDigest(`${t.url}/sites/rot/artifacts/b`, t.auth);
+    expect(got.status).toBe(200);
+    expect(got.broken).toBeDefined();
+    expect(got.size).toBeLessThan(3 << 20);
+    // A range is served as stored (it cannot be checked against the whole object's digest).
+    const range = await fetchDigest(`${t.url}/sites/rot/artifacts/b`, { ...t.auth, range: 'bytes=0-0' });
+    expect(range).toMatchObject({ status: 206, size: 1 });
+    // The server is unaffected.
+    expect((await send(`${t.url}/health`, 'GET', undefined)).status).toBe(200);
+  });
+
+  it('round-trips an artifact through s3rver (?backend=s3)', async () => {
+    const body = randomBody(6 << 20);
+    const put = await send(`${t.url}/sites/cloud/artifacts/b1?backend=s3&wait=60`, 'PUT', body.stream, t.auth);
+    expect(put.status, put.body).toBe(200);
+    expect(JSON.parse(put.body)).toMatchObject({ backend: 's3', size: 6 << 20, sha256: body.sha256() });
+    const got = await fetchDigest(`${t.url}/sites/cloud/artifacts/b1?backend=s3`, t.auth);
+    expect(got).toMatchObject({ status: 200, size: 6 << 20, sha256: body.sha256() });
+    expect(got.broken).toBeUndefined();
+    const versions = await t.server.inject({ method: 'GET', url: '/sites/cloud/versions?backend=s3', headers: t.auth });
+    expect((versions.json() as { versions: Array<{ build: string }> }).versions.map((v) => v.build)).toEqual(['b1']);
+    const health = await t.server.inject({ method: 'GET', url: '/health' });
+    expect(health.json()).toMatchObject({ status: 'ok', backends: { default: 'ok', s3: 'ok' } });
+  });
+
+  it('never writes the token or cloud keys into a log line or a response (RELIABILITY #24)', async () => {
+    await t.server.inject({ method: 'GET', url: '/jobs/1', headers: { authorization: `Bearer ${TOKEN}` } });
+    await t.server.inject({ method: 'GET', url: '/jobs/1', headers: { authorization: 'Bearer not-the-token-123456' } });
+    const logs = t.logs();
+    expect(logs).toContain('request'); // the server does log requests
+    expect(logs).not.toContain(TOKEN);
+    expect(logs).not.toContain('not-the-token-123456');
+    expect(logs).not.toContain(S3RVER_CREDENTIALS.secretAccessKey);
+  });
+});

@@ -1,0 +1,71 @@
+import { connect } from 'node:net';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startRedis, type TestRedis } from '../harness/redis.js';
+import { randomBody, send } from './http.js';
+import { eventually, stagedFiles, testServer, type TestServer } from './harness.js';
+
+const LIMIT = 2 << 20;
+
+describe('uploads: limits and broken clients (RELIABILITY #26, #27)', () => {
+  let redis: TestRedis;
+  let t: TestServer;
+  let port: number;
+  beforeAll(async () => {
+    redis = await startRedis();
+    t = await testServer(redis.url, { env: { STEVEDORE_MAX_UPLOAD_BYTES: String(LIMIT) } });
+    port = Number(new URL(await t.listen()).port);
+  });
+  afterAll(async () => {
+    await t?.close();
+    await redis?.stop();
+  });
+
+  const nothingLeft = async () => {
+    expect(await t.app.client().queue.count()).toBe(0);
+    expect(await stagedFiles(t.stagingDir)).toEqual([]);
+    expect((await t.server.inject({ method: 'HEAD', url: '/sites/s/artifacts/b', headers: t.auth })).statusCode).toBe(404);
+  };
+
+  it('a Content-Length over the limit is 413 before a byte is read', async () => {
+    const res = await t.server.inject({ method: 'PUT', url: '/sites/s/artifacts/b', headers: { ...t.auth, 'content-length': String(LIMIT + 1) }, payload: Buffer.alloc(LIMIT + 1) });
+    expect(res.statusCode).toBe(413);
+    expect(res.json()).toMatchObject({ error: 'InvalidInput' });
+    await nothingLeft();
+  });
+
+  it('a chunked body that grows past the limit is 413 once the count passes it; staging is cleaned', async () => {
+    const res = await send(`${t.url}/sites/s/artifacts/b`, 'PUT', randomBody(LIMIT * 4, 64 << 10).stream, { ...t.auth, 'transfer-encoding': 'chunked' }).catch((err: Error) => ({ status: 0, body: err.message, headers: {} }));
+    // The server answers 413 and closes; a client still sending may see the reset instead.
+    if (res.status !== 0) {
+      expect(res.status).toBe(413);
+      expect(JSON.parse(res.body)).toMatchObject({ error: 'InvalidInput' });
+    }
+    await eventually(async () => (await stagedFiles(t.stagingDir)).length === 0, 'staging empty');
+    await nothingLeft();
+    // Exactly at the limit is accepted.
+    const ok = await send(`${t.url}/sites/s/artifacts/at-limit?wait=30`, 'PUT', randomBody(LIMIT).stream, { ...t.auth, 'transfer-encoding': 'chunked' });
+    expect(ok.status, ok.body).toBe(200);
+  });
+
+  it('under the session routes the limit is upload_too_large', async () => {
+    const res = await t.server.inject({ method: 'PUT', url: '/api/storage-worker/sessions/o__r__b/files/big', headers: { ...t.auth, 'content-length': String(LIMIT + 1) }, payload: Buffer.alloc(LIMIT + 1) });
+    expect(res.statusCode).toBe(413);
+    expect(res.json()).toMatchObject({ error: 'upload_too_large' });
+  });
+
+  it('a client that disconnects mid-upload leaves nothing enqueued and no staged file; the server serves on', async () => {
+    const before = await t.app.client().queue.count();
+    const sock = connect(port, '127.0.0.1');
+    await new Promise((r) => sock.once('connect', r));
+    sock.write(`PUT /sites/s/artifacts/cut HTTP/1.1\r\nHost: x\r\nAuthorization: ${t.auth.authorization}\r\nContent-Length: ${LIMIT}\r\n\r\n`);
+    sock.write(Buffer.alloc(LIMIT / 2, 7));
+    // The partial upload is being staged...
+    await eventually(async () => (await stagedFiles(t.stagingDir)).length === 1, 'a temp file being written');
+    sock.destroy();
+    // ...and is gone once the server saw the disconnect.
+    await eventually(async () => (await stagedFiles(t.stagingDir)).length === 0, 'staging empty after the disconnect');
+    expect(await t.app.client().queue.count()).toBe(before);
+    expect((await t.server.inject({ method: 'HEAD', url: '/sites/s/artifacts/cut', headers: t.auth })).statusCode).toBe(404);
+    expect((await send(`${t.url}/health`, 'GET', undefined)).status).toBe(200);
+  });
+});

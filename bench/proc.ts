@@ -22,7 +22,7 @@ export function progress(msg: string): void {
 /** The SDK warns once per process that it will soon need Node 22; in every child that drowns the progress lines. */
 const CHILD_ENV = { ...process.env, AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: 'true' };
 
-function run(command: string, args: string[], env: NodeJS.ProcessEnv = process.env): Promise<{ stdout: string; ms: number }> {
+export function run(command: string, args: string[], env: NodeJS.ProcessEnv = process.env): Promise<{ stdout: string; ms: number }> {
   return new Promise((resolve, reject) => {
     const started = performance.now();
     // stderr passes through so a failing child shows its stack trace.
@@ -40,20 +40,25 @@ function run(command: string, args: string[], env: NodeJS.ProcessEnv = process.e
 
 export type Child = (name: CaseName, args: CaseArgs) => Promise<CaseResult>;
 
+/** Compiles `entry` (relative to the repository) and what it imports to plain JS under `dir`; returns the JS entry's path. */
+export async function compileEntry(entry: string, dir: string): Promise<string> {
+  const tsc = createRequire(import.meta.url).resolve('typescript/bin/tsc');
+  // --noCheck: `npm run typecheck` checks types; here only the emitted JS matters, and fast.
+  await run(process.execPath, [tsc, '--outDir', dir, '--rootDir', REPO, '--module', 'NodeNext', '--moduleResolution', 'NodeNext',
+    '--target', 'ES2022', '--lib', 'ES2024', '--types', 'node', '--skipLibCheck', '--noCheck', join(REPO, entry)]);
+  // The JS must load as ESM and find the project's packages from outside the repository.
+  await writeFile(join(dir, 'package.json'), '{ "type": "module" }\n');
+  await symlink(join(REPO, 'node_modules'), join(dir, 'node_modules'), 'dir').catch((err: NodeJS.ErrnoException) => { if (err.code !== 'EEXIST') throw err; });
+  return join(dir, entry.replace(/\.ts$/, '.js'));
+}
+
 /**
  * Compiles bench/storage.ts and what it imports to plain JS under `dir`, and returns a runner of
  * one case per fresh `node` process. Not `node --import tsx`: tsx's loader runs on a second thread
  * with its own V8 heap, ~40 MB of RSS that is no part of what a deployed (compiled) worker uses.
  */
 export async function compileCases(dir: string): Promise<Child> {
-  const tsc = createRequire(import.meta.url).resolve('typescript/bin/tsc');
-  // --noCheck: `npm run typecheck` checks types; here only the emitted JS matters, and fast.
-  await run(process.execPath, [tsc, '--outDir', dir, '--rootDir', REPO, '--module', 'NodeNext', '--moduleResolution', 'NodeNext',
-    '--target', 'ES2022', '--lib', 'ES2024', '--types', 'node', '--skipLibCheck', '--noCheck', join(REPO, 'bench/storage.ts')]);
-  // The JS must load as ESM and find the project's packages from outside the repository.
-  await writeFile(join(dir, 'package.json'), '{ "type": "module" }\n');
-  await symlink(join(REPO, 'node_modules'), join(dir, 'node_modules'), 'dir');
-  const script = join(dir, 'bench/storage.js');
+  const script = await compileEntry('bench/storage.ts', dir);
   return async (name, args) => {
     const { stdout } = await run(process.execPath, [script, ...caseArgv(name, args)], CHILD_ENV);
     return JSON.parse(stdout.trim().split('\n').pop() ?? '') as CaseResult;

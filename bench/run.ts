@@ -277,7 +277,11 @@ async function main(only?: 'fs' | 's3'): Promise<void> {
   }
 }
 
-if (process.argv.includes('--metrics')) {
+if (process.argv.includes('--migrate')) {
+  // `npm run bench -- --migrate`: migrate and verify against rclone and sha256sum (bench/migrate.ts).
+  const { migrateBench } = await import('./migrate.js');
+  process.stdout.write(`${await migrateBench()}\n`);
+} else if (process.argv.includes('--metrics')) {
   // `npm run bench -- --metrics`: only GET /metrics against a queue of 100,000 jobs.
   process.stdout.write(`${await metricsBench()}\n`);
 } else if (process.argv.includes('--server')) {

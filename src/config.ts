@@ -53,6 +53,11 @@ const Schema = z.object({
   /** Finished jobs kept per queue for producers that set no removeOn* (see queue/retention.ts). */
   keepCompleted: int(0, 100_000_000),
   keepFailed: int(0, 100_000_000),
+  /** migrate/verify chunks: keys and bytes per chunk, chunks in flight per parent, objects at once per chunk. */
+  fanoutChunkKeys: int(1, 100_000),
+  fanoutChunkBytes: int(1, Number.MAX_SAFE_INTEGER),
+  fanoutWindow: int(1, 10_000),
+  fanoutLanes: int(1, 256),
   /** Where every completion and failure is POSTed (Standard Webhooks); unset: no webhooks. */
   webhookUrl: z.string().optional().transform((v) => v?.trim() || undefined).refine((v) => v === undefined || /^https?:\/\/[^/]/.test(v), 'must be an http:// or https:// URL'),
   /** `whsec_` + base64; required with webhookUrl. */
@@ -109,6 +114,10 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
     logLevel: env.LOG_LEVEL || 'info',
     keepCompleted: env.STEVEDORE_KEEP_COMPLETED || DEFAULT_RETENTION.keepCompleted,
     keepFailed: env.STEVEDORE_KEEP_FAILED || DEFAULT_RETENTION.keepFailed,
+    fanoutChunkKeys: env.STEVEDORE_CHUNK_KEYS || 1000,
+    fanoutChunkBytes: env.STEVEDORE_CHUNK_BYTES || 1 << 30,
+    fanoutWindow: env.STEVEDORE_CHUNK_WINDOW || 16,
+    fanoutLanes: env.STEVEDORE_CHUNK_LANES || 8,
     webhookUrl: env.STEVEDORE_WEBHOOK_URL,
     webhookSecret: env.STEVEDORE_WEBHOOK_SECRET,
     webhookScheduleMs: env.STEVEDORE_WEBHOOK_SCHEDULE_MS || DEFAULT_WEBHOOK_SCHEDULE_MS.join(','),
@@ -126,6 +135,7 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
       backends: 'STEVEDORE_BACKENDS', stagingDir: 'STEVEDORE_STAGING_DIR', maxInlineBytes: 'STEVEDORE_MAX_INLINE_BYTES',
       shutdownTimeoutMs: 'STEVEDORE_SHUTDOWN_TIMEOUT_MS', lockDurationMs: 'STEVEDORE_LOCK_DURATION_MS', stalledIntervalMs: 'STEVEDORE_STALLED_INTERVAL_MS', sweepAfterMs: 'STEVEDORE_SWEEP_AFTER_MS',
       workerName: 'STEVEDORE_WORKER_NAME', logLevel: 'LOG_LEVEL', keepCompleted: 'STEVEDORE_KEEP_COMPLETED', keepFailed: 'STEVEDORE_KEEP_FAILED',
+      fanoutChunkKeys: 'STEVEDORE_CHUNK_KEYS', fanoutChunkBytes: 'STEVEDORE_CHUNK_BYTES', fanoutWindow: 'STEVEDORE_CHUNK_WINDOW', fanoutLanes: 'STEVEDORE_CHUNK_LANES',
       webhookUrl: 'STEVEDORE_WEBHOOK_URL', webhookSecret: 'STEVEDORE_WEBHOOK_SECRET', webhookScheduleMs: 'STEVEDORE_WEBHOOK_SCHEDULE_MS',
       webhookTimeoutMs: 'STEVEDORE_WEBHOOK_TIMEOUT_MS', metricsFlushMs: 'STEVEDORE_METRICS_FLUSH_MS',
       httpHost: 'STEVEDORE_HTTP_HOST', httpPort: 'STEVEDORE_HTTP_PORT', apiToken: 'STEVEDORE_API_TOKEN', maxUploadBytes: 'STEVEDORE_MAX_UPLOAD_BYTES',

@@ -2,7 +2,7 @@ import { z } from 'zod';
 import type { Logger } from 'pino';
 import { ErrorCode, StorageError } from './errors.js';
 import type { Bucket } from './storage/bucket.js';
-import { validateKey, validateSha256 } from './storage/keys.js';
+import { validateKey, validatePrefix, validateSha256 } from './storage/keys.js';
 import type { Staging } from './staging.js';
 
 /** Everything a job handler may use. Handlers never read process.env, touch Redis or decide retries. */
@@ -21,6 +21,69 @@ export interface JobDeps {
   limits: { maxInlineBytes: number };
   /** Named locks shared by every worker process (Redis); repack-session serialises a session with them. */
   locks?: Locks;
+  /** The job's children on its own queue (BullMQ flows), for jobs that spread their work (migrate, verify). */
+  fanout?: FanOut;
+}
+
+/** How a fanned-out job cuts and paces its work; from the worker's configuration. */
+export interface FanOutLimits {
+  /** Keys per chunk. @defaultValue 1000 */
+  chunkKeys: number;
+  /** Bytes per chunk (a chunk ends at the object that reaches it). @defaultValue 1 GiB */
+  chunkBytes: number;
+  /** Chunks of one parent in flight (waiting or active) at once. @defaultValue 16 */
+  window: number;
+  /** Objects one chunk works on at once. @defaultValue 8 */
+  lanes: number;
+}
+
+/** Counters summed over a parent's chunks (the results' numeric fields). */
+export type Counters = Record<string, number>;
+
+/**
+ * A job's own children (chunk jobs) and the small state a parent keeps while it spreads its work
+ * over every worker: the narrow view of BullMQ flows a handler may use (src/queue/fanout.ts).
+ */
+export interface FanOut {
+  readonly limits: FanOutLimits;
+  /** The parent's id when this job is a child, else undefined. */
+  readonly parentId: string | undefined;
+  /**
+   * Adds child `id` (deterministic, so a restarted parent never adds one twice) of internal job
+   * type `name` with this job as its parent; a failed child does not fail the parent. When a job
+   * with that id exists already nothing is added and its data is returned.
+   */
+  addChild(name: string, id: string, data: object): Promise<{ existed: boolean; data: unknown }>;
+  /** Children not finished yet. */
+  pending(): Promise<number>;
+  /** Results of the children that completed, and reasons of the ones that failed for good. */
+  children(): Promise<{ completed: unknown[]; failed: string[] }>;
+  /**
+   * Returns when no child is pending. Otherwise parks this job until they all finished (the worker
+   * slot is freed) by throwing an error the runner hands to BullMQ; the handler is then called again.
+   */
+  waitForChildren(): Promise<void>;
+  /** Removes the children that have not started (a cancelled or aborted parent). */
+  removePending(): Promise<void>;
+  /** The parent's own checkpoint (string fields), kept in Redis beside the job while it runs. */
+  checkpoint(): Promise<Record<string, string>>;
+  setCheckpoint(fields: Record<string, string>): Promise<void>;
+  /** The sum of what children reported so far (see report). */
+  tally(): Promise<Counters>;
+  /**
+   * A child adds its counters to its parent's tally, once per child id whatever its retries, and
+   * the parent's progress becomes the new tally (so it moves as chunks finish).
+   */
+  report(counters: Counters): Promise<void>;
+  /**
+   * Sets this (parent) job's progress to its tally and listing state, in the same step as the
+   * reports so an older tally is never stored after a newer one; `counters` are created at 0.
+   */
+  publish(counters: Counters): Promise<void>;
+  /** Sets this job's progress (a fanned-out job's progress is its counters, not bytes). */
+  progress(value: object): Promise<void>;
+  /** Deletes the checkpoint and tally (the parent is done). */
+  clear(): Promise<void>;
 }
 
 /** A held lock. `signal` aborts when the lock is lost (not renewed in time, or taken over): stop before committing. */
@@ -46,6 +109,8 @@ export const BackendName = z.string().regex(/^[A-Za-z0-9._-]{1,64}$/, 'must be a
 export const Sha256 = z.string().superRefine(storageRule(validateSha256)).transform((s) => s.toLowerCase());
 export const SiteId = z.string().regex(/^[A-Za-z0-9._-]{1,128}$/, 'must match [A-Za-z0-9._-]{1,128}').refine((s) => s !== '.' && s !== '..', 'must not be "." or ".."');
 export const Metadata = z.record(z.string(), z.string());
+/** A plain string prefix of keys ('' for all), checked like a key (a trailing `/` allowed). */
+export const Prefix = z.string().superRefine(storageRule((v) => validatePrefix(v)));
 /** A path relative to the staging directory; containment is checked by Staging when used. */
 export const StagingPath = z.string().min(1).max(4096);
 

@@ -49,6 +49,7 @@ export async function runWorker(config: Config, opts: RunWorkerOptions): Promise
   const worker = startWorker(app.connect('worker'), {
     queue: config.queue, prefix: config.prefix, concurrency: config.concurrency, lockDurationMs: config.lockDurationMs,
     stalledIntervalMs: config.stalledIntervalMs, name: config.workerName, retention: app.retention,
+    fanout: { chunkKeys: config.fanoutChunkKeys, chunkBytes: config.fanoutChunkBytes, window: config.fanoutWindow, lanes: config.fanoutLanes },
     hooks: [metrics, ...(webhooks ? [webhooks.hooks] : [])], metricsDataPoints: METRICS_DATA_POINTS,
   }, { buckets, staging: app.staging, log, limits: { maxInlineBytes: config.maxInlineBytes }, locks: app.locks() });
   log.info({

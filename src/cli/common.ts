@@ -35,7 +35,7 @@ export interface WaitOptions {
   timeout?: number | undefined;
 }
 
-export async function submit<N extends JobName>(app: App, io: CliIo, setExit: (c: number) => void, o: WaitOptions, name: N, payload: Payloads[N]): Promise<boolean> {
+export async function submit<N extends JobName>(app: App, io: CliIo, setExit: (c: number) => void, o: WaitOptions, name: N, payload: Payloads[N], judge?: (result: unknown) => void): Promise<boolean> {
   const client = app.client();
   try {
     try {
@@ -56,7 +56,7 @@ export async function submit<N extends JobName>(app: App, io: CliIo, setExit: (c
       }
       return false;
     }
-    const bar = io.isTTY ? (p: Progress) => io.err(`\r${progressBar(p)}`) : undefined;
+    const bar = io.isTTY ? (p: Progress) => io.err(`\r${'scanned' in p ? countersBar(p as unknown as Record<string, number>) : progressBar(p)}`) : undefined;
     let added = false;
     try {
       const result = await client.run(name, payload, {
@@ -64,6 +64,7 @@ export async function submit<N extends JobName>(app: App, io: CliIo, setExit: (c
       });
       if (bar) io.err('\n');
       io.out(`${JSON.stringify(result)}\n`);
+      judge?.(result);
       return true;
     } catch (err) {
       if (bar) io.err('\n');
@@ -113,6 +114,14 @@ export function progressBar(p: Progress, width = 30): string {
   if (!p.total) return `${mib(p.bytes)} MiB`;
   const f = Math.min(1, p.bytes / p.total);
   return `[${'#'.repeat(Math.round(f * width)).padEnd(width, '.')}] ${(f * 100).toFixed(0).padStart(3)}% ${mib(p.bytes)}/${mib(p.total)} MiB`;
+}
+
+/** A fanned-out job's progress (migrate, verify): objects done of those listed so far, and its counters. */
+export function countersBar(p: Record<string, number>, width = 30): string {
+  const listed = Number(p.listed ?? 0);
+  const f = listed > 0 ? Math.min(1, Number(p.scanned ?? 0) / listed) : 0;
+  const counts = Object.entries(p).filter(([k, v]) => typeof v === 'number' && !['listed', 'scanned', 'bytes'].includes(k)).map(([k, v]) => `${k} ${v}`).join(' ');
+  return `[${'#'.repeat(Math.round(f * width)).padEnd(width, '.')}] ${p.scanned ?? 0}/${listed}${p.listingDone ? '' : '+'} ${counts} ${(Number(p.bytes ?? 0) / 1048576).toFixed(1)} MiB`;
 }
 
 export function parsePositive(v: string): number {

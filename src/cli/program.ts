@@ -114,6 +114,29 @@ export function buildProgram(io: CliIo, setExit: (code: number) => void, process
         await app.close();
       }
     });
+  program.command('migrate').description('enqueue a migrate job: copy every object under --prefix from one backend to another, verified')
+    .requiredOption('--from <name>', 'source backend').requiredOption('--to <name>', 'destination backend')
+    .option('--prefix <prefix>', 'only keys starting with this')
+    .option('--dry-run', 'report what would be copied, skipped and deleted; write nothing', false)
+    .option('--delete-source', 'delete each source object once its copy verified in this run', false)
+    .option('--recheck', 'read and hash both sides instead of trusting recorded digests', false)
+    .option('--wait', 'wait for the job, show its progress and print its result', false)
+    .option('--timeout <seconds>', 'with --wait, give up after this long', parsePositive)
+    .action(async (o: Record<string, string | boolean | number | undefined>) => {
+      await submit(compose(config()), io, setExit, o, 'migrate', {
+        from: String(o.from), to: String(o.to), ...(o.prefix ? { prefix: String(o.prefix) } : {}),
+        ...(o.dryRun ? { dryRun: true } : {}), ...(o.deleteSource ? { deleteSource: true } : {}), ...(o.recheck ? { recheck: true } : {}),
+      });
+    });
+  withWait(program.command('verify').description('enqueue a verify job: re-read every object under --prefix against its recorded SHA-256 (exit 1 on a mismatch)'))
+    .option('--prefix <prefix>', 'only keys starting with this')
+    .action(async (o: Record<string, string | boolean | number | undefined>) => {
+      await submit(compose(config()), io, setExit, o, 'verify', { backend: String(o.backend), ...(o.prefix ? { prefix: String(o.prefix) } : {}) }, (r) => {
+        const v = r as { mismatched: number; failures: unknown[] };
+        // Anything not verified (a mismatch, or an object that could not be read) fails the command.
+        if (v.mismatched > 0 || v.failures.length > 0) setExit(EXIT.failed);
+      });
+    });
   registerSessionCommands(program, { io, setExit, config, compose });
   return program;
 }

@@ -1,5 +1,5 @@
 import { Queue, QueueEvents, type Job, type JobsOptions } from 'bullmq';
-import type { FetchPayload, FetchResult, LogPayload, LogResult, RepackPayload, RepackResult, StorePayload, StoreResult } from '../../jobs/index.js';
+import type { FetchPayload, FetchResult, LogPayload, LogResult, MigratePayload, MigrateResult, RepackPayload, RepackResult, StorePayload, StoreResult, VerifyPayload, VerifyResult } from '../../jobs/index.js';
 import { cancelJob, type CancelOutcome } from './cancel.js';
 import { assertClusterPrefix, DEFAULT_QUEUE, describeTarget, duplicateConnection, redisConnection, waitForRedis, type RedisClient, type RedisTarget } from './connection.js';
 import { DEFAULT_RETENTION, jobRetention, type Retention } from './retention.js';
@@ -10,12 +10,16 @@ export interface Payloads {
   'fetch-to-staging': Omit<FetchPayload, 'backend'> & { backend?: string };
   log: Omit<LogPayload, 'backend'> & { backend?: string };
   'repack-session': Omit<RepackPayload, 'backend'> & { backend?: string };
+  migrate: MigratePayload;
+  verify: Omit<VerifyPayload, 'backend'> & { backend?: string };
 }
 export interface Results {
   store: StoreResult;
   'fetch-to-staging': FetchResult;
   log: LogResult;
   'repack-session': RepackResult;
+  migrate: MigrateResult;
+  verify: VerifyResult;
 }
 export type JobName = keyof Payloads;
 
@@ -112,6 +116,9 @@ export class StevedoreClient {
   fetchToStaging(p: Payloads['fetch-to-staging'], opts?: JobsOptions): Promise<string> { return this.add('fetch-to-staging', p, opts); }
   log(p: Payloads['log'], opts?: JobsOptions): Promise<string> { return this.add('log', p, opts); }
   repackSession(p: Payloads['repack-session'], opts?: JobsOptions): Promise<string> { return this.add('repack-session', p, opts); }
+  /** A migration's progress is its counters (`scanned, copied, skipped, failed, bytes, ...`, plus `listed`), moving as chunks finish. */
+  migrate(p: Payloads['migrate'], opts?: JobsOptions): Promise<string> { return this.add('migrate', p, opts); }
+  verify(p: Payloads['verify'], opts?: JobsOptions): Promise<string> { return this.add('verify', p, opts); }
 
   /**
    * Resolves with the job's result, or rejects with an Error whose message is the failed reason

@@ -1,10 +1,10 @@
-import { UnrecoverableError, type Job } from 'bullmq';
+import { UnrecoverableError, WaitingChildrenError, type Job } from 'bullmq';
 import type { Logger } from 'pino';
-import { JOBS, type JobName } from '../../jobs/index.js';
+import { JOBS, type JobType } from '../../jobs/index.js';
 import { ErrorCode, StorageError, classifyCommon, isRetryable } from '../errors.js';
 import type { Bucket } from '../storage/bucket.js';
 import type { Staging } from '../staging.js';
-import { parsePayload, type JobDeps, type Locks } from '../payload.js';
+import { parsePayload, type FanOut, type JobDeps, type Locks } from '../payload.js';
 
 export interface RunnerDeps {
   buckets: ReadonlyMap<string, Bucket>;
@@ -22,13 +22,13 @@ export interface RunnerDeps {
  * one place errors become retry decisions: permanent codes become UnrecoverableError (no retry),
  * Transient and Unknown are rethrown for BullMQ's backoff. The code leads every failed reason.
  */
-export async function runJob(job: Job, deps: RunnerDeps, signal: AbortSignal): Promise<unknown> {
+export async function runJob(job: Job, deps: RunnerDeps, signal: AbortSignal, fanout?: FanOut): Promise<unknown> {
   const started = Date.now();
   const log = deps.log.child({ jobId: job.id, job: job.name, attempt: job.attemptsMade + 1 });
   let bytes = 0;
   const progress = throttledProgress(job, deps.progressIntervalMs ?? 1000, (n) => { bytes = n; });
   try {
-    const type = (JOBS as Record<string, (typeof JOBS)[JobName] | undefined>)[job.name];
+    const type = (JOBS as Record<string, JobType | undefined>)[job.name];
     if (!type) throw new StorageError(ErrorCode.InvalidInput, `name: unknown job type "${job.name}" (expected one of ${Object.keys(JOBS).join(', ')})`);
     const payload = parsePayload(type.payload, job.data);
     log.info('job started');
@@ -46,6 +46,7 @@ export async function runJob(job: Job, deps: RunnerDeps, signal: AbortSignal): P
       jobId: String(job.id),
       limits: deps.limits,
       ...(deps.locks ? { locks: deps.locks } : {}),
+      ...(fanout ? { fanout } : {}),
     });
     // Before the job completes, so its stored progress is final by the time `completed` is seen.
     await progress.flush();
@@ -53,6 +54,11 @@ export async function runJob(job: Job, deps: RunnerDeps, signal: AbortSignal): P
     return result;
   } catch (err) {
     await progress.flush();
+    // A parent parked until its children finish (FanOut.waitForChildren): BullMQ's own signal, not a failure.
+    if (err instanceof WaitingChildrenError) {
+      log.info({ ms: Date.now() - started }, 'job waiting for its children');
+      throw err;
+    }
     const mapped = toBullError(err);
     if (signal.aborted) {
       // Cancelled: by a forced stop (the worker hands it back, see stopWorker), or because its lock

@@ -1,7 +1,9 @@
-import { UnrecoverableError, WaitingError, Worker } from 'bullmq';
+import { Queue, UnrecoverableError, WaitingError, Worker } from 'bullmq';
 import type { Logger } from 'pino';
 import { CANCEL_REASON, cancelChannel, cancelRequested, clearCancel } from './cancel.js';
 import { duplicateConnection, type RedisClient } from './connection.js';
+import { DEFAULT_FANOUT_LIMITS, bullFanOut } from './fanout.js';
+import type { FanOutLimits } from '../payload.js';
 import type { JobHooks } from './job-hooks.js';
 import { DEFAULT_RETENTION, workerRetention, type Retention } from './retention.js';
 import { runJob, type RunnerDeps } from './runner.js';
@@ -18,6 +20,8 @@ export interface WorkerOptions {
   name?: string;
   /** Finished jobs kept for producers that set no removeOn* of their own. @defaultValue DEFAULT_RETENTION */
   retention?: Retention;
+  /** How migrate and verify cut and pace their chunks. @defaultValue DEFAULT_FANOUT_LIMITS */
+  fanout?: Partial<FanOutLimits>;
   /** Told of every job's end (webhooks, metrics); never awaited by the job. */
   hooks?: readonly JobHooks[];
   /** BullMQ's per-minute completed/failed counts (`exportPrometheusMetrics`' counters); off when unset. */
@@ -28,6 +32,9 @@ export interface WorkerOptions {
 export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: RunnerDeps): Worker {
   // The jobs running here, with their parents: a cancel request names either (src/queue/cancel.ts).
   const running = new Map<string, string | undefined>();
+  // Chunk jobs are added through a Queue on the worker's own connection, made on first use.
+  let queue: Queue | undefined;
+  const limits: FanOutLimits = { ...DEFAULT_FANOUT_LIMITS, ...opts.fanout };
   let cancels: CancelListener; // set below, once the worker exists
   // A job failing Cancelled for good: its mark has done its work (a later job may reuse the id).
   const cancelled = async (id: string): Promise<Error> => {
@@ -56,7 +63,8 @@ export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: 
       // was waiting until just now, and a request for a waiting job removes it instead.
       const again = (job.attemptsStarted ?? 1) > 1 || job.parent !== undefined;
       if (cancels.heard(id) || (again && await cancelRequested(connection, worker, job))) throw await cancelled(id);
-      return await runJob(job, deps, cancel);
+      queue ??= new Queue(opts.queue, { connection, prefix: opts.prefix });
+      return await runJob(job, deps, cancel, bullFanOut(queue, connection, job, token, limits));
     } catch (err) {
       // Cancelled by a forced stop (stopWorker): handed back at once instead of waiting for the
       // lock to lapse.
@@ -91,6 +99,7 @@ export function startWorker(connection: RedisClient, opts: WorkerOptions, deps: 
       for (const h of opts.hooks ?? []) callHook(() => h.lockLost?.(id), deps.log);
     }
   });
+  worker.on('closed', () => { void queue?.close().catch(() => {}); });
   if (opts.hooks?.length) {
     const hooks = opts.hooks;
     worker.on('completed', (job, result) => { for (const h of hooks) callHook(() => h.completed?.(job, result), deps.log); });

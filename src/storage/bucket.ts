@@ -43,6 +43,12 @@ export interface PutOptions {
   signal?: AbortSignal | undefined;
   /** Called with the bytes sent so far, after each chunk. */
   progress?: ((bytes: number) => void) | undefined;
+  /**
+   * Exact size of a stream source, when the caller knows it (a copy knows the source's): checked
+   * at the end like the digest, and lets digest-first stores size their upload (one PutObject with
+   * a buffer of that size, not a part-sized one). Ignored for files and bytes, which are measured.
+   */
+  size?: number | undefined;
 }
 
 export interface DeleteOptions {
@@ -126,13 +132,16 @@ export class Bucket {
     if (opts.ifAbsent && opts.ifMatch !== undefined) {
       throw new StorageError(ErrorCode.InvalidInput, 'ifAbsent and ifMatch exclude each other', { op: 'put', key });
     }
+    if (opts.size !== undefined && !(Number.isSafeInteger(opts.size) && opts.size >= 0)) {
+      throw new StorageError(ErrorCode.InvalidInput, `invalid size ${String(opts.size)}`, { op: 'put', key });
+    }
     return this.guard('put', key, async () => {
       if (opts.ifAbsent && !this.driver.atomicIfAbsent && (await this.exists(storeKey))) {
         throw new StorageError(ErrorCode.PreconditionFailed, 'object already exists', { op: 'put', key });
       }
       if (opts.ifMatch !== undefined && !this.driver.atomicIfMatch) await this.assertEtag('put', key, opts.ifMatch, false);
       const driverOpts = { contentType, metadata, ifAbsent: opts.ifAbsent ?? false, ifMatch: opts.ifMatch, signal: opts.signal };
-      const prepared = await this.prepare(key, source, expected);
+      const prepared = await this.prepare(key, source, expected, opts.size);
       const body = new SourceBody(prepared.source, prepared.sha256, prepared.size, { sha256: prepared.sha256, size: prepared.size, op: 'put', key, onBytes: opts.progress });
       try {
         const info = await this.driver.put(storeKey, body, driverOpts).catch((err: unknown) => {
@@ -355,7 +364,7 @@ export class Bucket {
    * the driver needs it there (S3 and GCS fix metadata before the first byte): a file is hashed in
    * a first pass (as rclone does for S3), a stream is spooled to a temp file while hashing.
    */
-  private async prepare(key: string, source: PutSource, expected: string | undefined): Promise<Prepared> {
+  private async prepare(key: string, source: PutSource, expected: string | undefined, streamSize?: number): Promise<Prepared> {
     const none = async () => {};
     if (source instanceof Uint8Array) {
       const bytes = Buffer.from(source.buffer, source.byteOffset, source.byteLength);
@@ -378,7 +387,7 @@ export class Bucket {
       }
     }
     if (expected !== undefined || this.driver.metadataAtEnd) {
-      return { sha256: expected, size: undefined, source: { stream: source }, cleanup: none };
+      return { sha256: expected, size: streamSize, source: { stream: source }, cleanup: none };
     }
     const dir = await mkdtemp(join(this.spoolDir, 'stevedore-spool-'));
     const cleanup = () => rm(dir, { recursive: true, force: true });

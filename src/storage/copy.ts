@@ -55,7 +55,7 @@ export async function copyObject(src: Bucket, srcKey: string, dst: Bucket, dstKe
   const expected = got.info.sha256 ?? opts.sha256?.toLowerCase();
   const out = await dst.put(dstKey, got.stream, {
     sha256: expected, contentType: got.info.contentType, metadata: got.info.metadata,
-    ifAbsent: opts.ifAbsent, ifMatch: opts.ifMatch, signal: opts.signal, progress: opts.progress,
+    ifAbsent: opts.ifAbsent, ifMatch: opts.ifMatch, signal: opts.signal, progress: opts.progress, size: got.info.size,
   });
   if (out.sha256 === undefined) throw new StorageError(ErrorCode.Unknown, 'the destination reported no digest', { op: 'copy', key: dstKey });
   // Verified means checked against a digest the source recorded: a caller's sha256 alone is not that.

@@ -137,6 +137,8 @@ export interface S3rver {
   server: ServerProcess;
   /** A raw client on the server, for setup behind the driver's back. */
   client: S3Client;
+  /** Where s3rver keeps its files (`<bucket>/<key>._S3rver_object`), for bit rot planted behind its back. */
+  dataDir: string;
   /** Driver options for this server (credentials passed explicitly, never via process.env). */
   driverOptions(bucket: string): S3DriverOptions;
   /** A new, empty bucket; returns its name. */
@@ -183,6 +185,7 @@ export async function startS3rver(): Promise<S3rver> {
     endpoint,
     server,
     client,
+    dataDir: join(dir.path, 'data'),
     driverOptions,
     async bucket() {
       const name = `t-${randomUUID()}`;

@@ -46,8 +46,10 @@ describe('artifact routes (the build service)', () => {
     }
     expect(put.status, put.body).toBe(200);
     expect(JSON.parse(put.body)).toEqual({ backend: 'default', key: 'sites/pagewright/artifacts/build-1.tar.gz', size: BIG, sha256: body.sha256() });
-    // Streamed through: the process grew by far less than the body (which would be held twice if buffered).
-    expect(peak - before).toBeLessThan(BIG / 2);
+    // Streamed through: the process (server, client and worker in one) grew by less than the body,
+    // which a buffered request would hold once and a buffered job again. The margin is for the
+    // worker's copy buffers and a GC that lags on a loaded machine.
+    expect(peak - before).toBeLessThan(BIG * 0.75);
     expect((await lstat(join(root, 'sites/pagewright/artifacts/build-1.tar.gz'))).size).toBe(BIG);
 
     const got = await fetchDigest(`${t.url}/sites/pagewright/artifacts/build-1`, t.auth);

@@ -3,11 +3,12 @@ import { Writable as WritableStream } from 'node:stream';
 import { transformTar, type TarHeader } from '../archive/transform.js';
 import type { ArchiveLimits } from '../archive/limits.js';
 import type { PlanRun } from './plan.js';
+import { SeekableWriter } from './seek-writer.js';
 
 /**
  * The session archive format, behind the two calls the rest of the session code makes: rewrite
- * an archive through a plan, and read its entries. Today a plain tar.gz rewritten whole through
- * the tar-to-tar transform; the seekable format replaces this module, not its callers.
+ * an archive through a plan, and read its entries. Written seekable (seek-format.ts): the
+ * tar-to-tar transform's plain tar stream goes through the segmenting writer.
  */
 
 /** Fixed, so a job run twice writes identical bytes (Node's gzip header has no time and a fixed OS byte). */
@@ -30,8 +31,8 @@ export interface RewriteResult {
  * partial archive.
  */
 export async function rewriteArchive(input: Readable | null, output: Writable, run: PlanRun, opts: FormatOptions = {}): Promise<RewriteResult> {
-  const result = await transformTar(input, output, (e) => run.edit(e), {
-    gzip: GZIP_LEVEL,
+  const result = await transformTar(input, new SeekableWriter(output, { level: GZIP_LEVEL }), (e) => run.edit(e), {
+    gzip: false,
     append: (tree) => run.append(tree),
     ...(opts.signal ? { signal: opts.signal } : {}),
     ...(opts.limits ? { limits: opts.limits } : {}),

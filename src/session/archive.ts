@@ -3,6 +3,8 @@ import { Writable as WritableStream } from 'node:stream';
 import { transformTar, type TarHeader } from '../archive/transform.js';
 import type { ArchiveLimits } from '../archive/limits.js';
 import type { PlanRun } from './plan.js';
+import type { SeekIndex } from './seek-format.js';
+import { seekableSource } from './seek-source.js';
 import { SeekableWriter } from './seek-writer.js';
 
 /**
@@ -23,6 +25,15 @@ export interface FormatOptions {
 export interface RewriteResult {
   /** Entries written. */
   entries: number;
+  /** Segments whose compressed bytes were copied from the input, and segments compressed. */
+  reused: number;
+  compressed: number;
+}
+
+/** The input's index when it is seekable: its unchanged segments are copied, not recompressed. */
+export interface SeekableInput {
+  index: SeekIndex;
+  key: string;
 }
 
 /**
@@ -30,14 +41,16 @@ export interface RewriteResult {
  * `output` is ended on success and destroyed on failure, so a put reading it never commits a
  * partial archive.
  */
-export async function rewriteArchive(input: Readable | null, output: Writable, run: PlanRun, opts: FormatOptions = {}): Promise<RewriteResult> {
-  const result = await transformTar(input, new SeekableWriter(output, { level: GZIP_LEVEL }), (e) => run.edit(e), {
+export async function rewriteArchive(input: Readable | null, output: Writable, run: PlanRun, opts: FormatOptions & { seekable?: SeekableInput | undefined } = {}): Promise<RewriteResult> {
+  const source = input && opts.seekable ? seekableSource(input, opts.seekable.index, opts.seekable.key) : undefined;
+  const writer = new SeekableWriter(output, { level: GZIP_LEVEL, source: source?.pool });
+  const result = await transformTar(source?.tar ?? input, writer, (e) => run.edit(e), {
     gzip: false,
     append: (tree) => run.append(tree),
     ...(opts.signal ? { signal: opts.signal } : {}),
     ...(opts.limits ? { limits: opts.limits } : {}),
   });
-  return { entries: result.entries };
+  return { entries: result.entries, reused: writer.reused, compressed: writer.compressed };
 }
 
 /** One entry as a reader sees it. */

@@ -11,6 +11,21 @@ const deflate = promisify(deflateRaw) as (buf: Buffer, opts: object) => Promise<
 /** Segments compressing at once: both cores busy, one more queued, memory a few MiB. */
 const IN_FLIGHT = 4;
 
+/**
+ * Where small entries' segments end is decided by their content, not by a running count: after
+ * an entry whose path hashes to 0 mod CUT_MODULUS once the segment holds SEGMENT_TARGET / 2, and
+ * always past SEGMENT_TARGET * 2. An edit changes its own segment's length, not where the
+ * segments after it are cut, so they come out byte for byte as before and are copied (reuse).
+ */
+const CUT_MODULUS = 32;
+const cutAfter = (path: string): boolean => crc32(path) % CUT_MODULUS === 0;
+
+/** Source segments a rewrite may copy instead of compressing: their tar bytes and compressed bytes. */
+export interface SegmentSource {
+  /** A segment of the source whose tar bytes are exactly `u`, or undefined. */
+  match(u: Buffer, crc: number): { c: Buffer; sha256: string } | undefined;
+}
+
 const TYPES: Record<string, IndexEntryType> = { '0': 'file', '\0': 'file', '7': 'contiguous-file', '5': 'directory', '2': 'symlink', '1': 'link' };
 
 /**
@@ -34,19 +49,27 @@ export class SeekableWriter extends Writable {
   private pax: Record<string, string> = {};
   private longName: string | undefined;
   private lastBig = false;
+  private lastCut = false;
   private readonly entries: IndexEntry[] = [];
   private readonly segments: Segment[] = [];
-  private readonly inFlight: Promise<{ c: Buffer; uLen: number; crc: number }>[] = [];
+  private readonly inFlight: Promise<{ c: Buffer; uLen: number; crc: number; sha256?: string }>[] = [];
   private cOff = GZIP_HEADER.length;
   private crc = 0;
   private started = false;
 
-  constructor(private readonly out: Writable, opts: { level: number }) {
+  /** Segments copied from the source, and compressed. */
+  reused = 0;
+  compressed = 0;
+  private readonly source: SegmentSource | undefined;
+
+  constructor(private readonly out: Writable, opts: { level: number; source?: SegmentSource | undefined }) {
     super({ highWaterMark: 1 << 20 });
     this.level = opts.level;
+    this.source = opts.source;
     // As a pipeline would: the output's failure is seen through send() and the consumer; destroying
     // it with ours must not surface as an unhandled error once its consumer has gone.
     out.on('error', () => {});
+    this.on('error', () => {}); // likewise: the transform writing into it sees its failures
   }
 
   /** The index written, once the stream finished. */
@@ -123,7 +146,7 @@ export class SeekableWriter extends Writable {
         this.take(block);
         return;
       }
-      if (this.segLen >= SEGMENT_TARGET || this.lastBig) await this.cutAndWait();
+      if (this.lastBig || this.segLen >= SEGMENT_TARGET * 2 || (this.lastCut && this.segLen >= SEGMENT_TARGET / 2)) await this.cutAndWait();
       this.entryStart = this.uOff + this.segLen;
     }
     const flag = typeFlag(block);
@@ -152,6 +175,7 @@ export class SeekableWriter extends Writable {
     this.longName = undefined;
     this.entryStart = -1;
     this.lastBig = big;
+    this.lastCut = cutAfter(name);
     if ((type === 'file' || type === 'contiguous-file') && dataSize > 0) this.state = { kind: 'data', left: padded(dataSize), big };
   }
 
@@ -183,15 +207,23 @@ export class SeekableWriter extends Writable {
     this.seg = [];
     this.uOff += this.segLen;
     this.segLen = 0;
-    const p = deflate(u, { level: this.level, finishFlush: zc.Z_FULL_FLUSH }).then((c) => ({ c, uLen: u.length, crc: crc32(u) }));
+    const crc = crc32(u);
+    const copy = this.source?.match(u, crc);
+    if (copy) {
+      this.reused++;
+      this.inFlight.push(Promise.resolve({ ...copy, uLen: u.length, crc }));
+      return;
+    }
+    this.compressed++;
+    const p = deflate(u, { level: this.level, finishFlush: zc.Z_FULL_FLUSH }).then((c) => ({ c, uLen: u.length, crc }));
     p.catch(() => {}); // awaited in order by emitOne
     this.inFlight.push(p);
   }
 
   private async emitOne(): Promise<void> {
-    const { c, uLen, crc } = await this.inFlight.shift()!;
+    const { c, uLen, crc, sha256 } = await this.inFlight.shift()!;
     const uOff = this.segments.length === 0 ? 0 : this.segments.at(-1)!.uOff + this.segments.at(-1)!.uLen;
-    this.segments.push({ cOff: this.cOff, cLen: c.length, uOff, uLen, crc, sha256: createHash('sha256').update(c).digest('hex') });
+    this.segments.push({ cOff: this.cOff, cLen: c.length, uOff, uLen, crc, sha256: sha256 ?? createHash('sha256').update(c).digest('hex') });
     this.crc = crc32Combine(this.crc, crc, uLen);
     this.cOff += c.length;
     if (!this.started) {

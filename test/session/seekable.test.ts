@@ -1,8 +1,8 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, readFile, symlink, link, writeFile } from 'node:fs/promises';
+import { link, lstat, mkdir, readFile, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { PassThrough, type Readable } from 'node:stream';
-import { constants as zc, crc32, gunzipSync, inflateRawSync } from 'node:zlib';
+import { constants as zc, crc32, gunzipSync, gzipSync, inflateRawSync } from 'node:zlib';
 import type { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RepackPayload, repackSession } from '../../jobs/repack-session.js';
@@ -10,8 +10,10 @@ import { FsDriver } from '../../src/backends/fs.js';
 import { parsePayload } from '../../src/payload.js';
 import { redisConnection } from '../../src/queue/connection.js';
 import { Bucket } from '../../src/storage/bucket.js';
+import { rewriteArchive } from '../../src/session/archive.js';
 import { crc32Combine } from '../../src/session/crc32.js';
 import { sessionKey } from '../../src/session/ids.js';
+import { EditPlan, type PlanOp } from '../../src/session/plan.js';
 import { catSession, listSession } from '../../src/session/read.js';
 import { FOOTER_BYTES, tail, type SeekIndex } from '../../src/session/seek-format.js';
 import { openSeekable } from '../../src/session/seek-read.js';
@@ -231,5 +233,57 @@ describe('seekable session archives', () => {
       await bucket.put(sessionKey(s), bytes);
       expect(await code(listSession(bucket, s))).toBe('InvalidInput');
     });
+  });
+});
+
+describe('segment edits', () => {
+  let tmp: Awaited<ReturnType<typeof tempDir>>;
+  beforeAll(async () => { tmp = await tempDir('stevedore-seg-'); });
+  afterAll(async () => { await tmp?.remove(); });
+
+  /** Rewrites `input` (a seekable archive's bytes, or a foreign one) through `ops`; the new bytes and the segment counts. */
+  const rewrite = async (input: Buffer, ops: PlanOp[]): Promise<{ bytes: Buffer; reused: number; compressed: number }> => {
+    const bucket = new Bucket(new FsDriver({ root: join(tmp.path, 'o') }), { name: 'x' });
+    await bucket.put('a.tgz', input);
+    const view = await openSeekable(bucket, 'a.tgz', undefined);
+    const run = new EditPlan(ops, new Date(Date.parse('2026-12-01T00:00:00Z'))).start(new Set());
+    const out = sink();
+    try {
+      const r = await rewriteArchive((await bucket.get('a.tgz')).stream, out, run, { seekable: view && { index: view.index, key: 'a.tgz' } });
+      return { bytes: out.bytes(), reused: r.reused, compressed: r.compressed };
+    } finally {
+      await run.close();
+    }
+  };
+
+  it('a one-file edit compresses only the segment holding it (and the end), copies the rest, and every reader reads the result', async () => {
+    const src = join(tmp.path, 'src');
+    for (let d = 0; d < 40; d++) {
+      await mkdir(join(src, `d${d}`), { recursive: true });
+      for (let f = 0; f < 25; f++) await writeFile(join(src, `d${d}`, `f${f}.txt`), `${d}/${f} ${randomBytes(2000).toString('base64')}\n`);
+    }
+    await run('tar', ['-czf', join(tmp.path, 'g.tgz'), '-C', src, '.']);
+    // The first repack converts: every segment compressed, none to copy from.
+    const first = await rewrite(await readFile(join(tmp.path, 'g.tgz')), []);
+    expect(first.reused).toBe(0);
+    expect(first.compressed).toBeGreaterThan(8);
+    const edited = await rewrite(first.bytes, [{ op: 'put', path: 'd20/f3.txt', body: { bytes: Buffer.from('edited\n') } }]);
+    expect(edited.compressed).toBeLessThanOrEqual(2);
+    expect(edited.reused).toBe(first.compressed + first.reused - edited.compressed);
+    const appended = await rewrite(edited.bytes, [{ op: 'put', path: 'new/file.txt', body: { bytes: Buffer.from('new\n') } }, { op: 'delete', path: 'd7' }]);
+    expect(appended.compressed).toBeLessThanOrEqual(4);
+    await writeFile(join(tmp.path, 'e.tgz'), appended.bytes);
+    const { tree } = await readEveryWay(join(tmp.path, 'e.tgz'), join(tmp.path, 'x'));
+    expect(tree['d20/f3.txt']).toBe(`file 644 ${sha('edited\n').slice(0, 16)}`);
+    expect(tree['new/file.txt']).toBeDefined();
+    expect(Object.keys(tree).some((p) => p.startsWith('d7'))).toBe(false);
+    expect(tree['d21/f4.txt']).toBe(`file ${((await lstat(join(src, 'd21/f4.txt'))).mode & 0o777).toString(8)} ${sha(await readFile(join(src, 'd21/f4.txt'))).slice(0, 16)}`);
+  });
+
+  it('a stored segment that does not match its index fails InvalidInput', async () => {
+    const base = await rewrite(Buffer.concat([gzipSync(Buffer.alloc(1024))]), [{ op: 'put', path: 'a', body: { bytes: randomBytes(100_000) } }]);
+    const b = Buffer.from(base.bytes);
+    b[40] = b[40]! ^ 0xff;
+    expect(await code(rewrite(b, []))).toBe('InvalidInput');
   });
 });

@@ -2,7 +2,8 @@ import { Transform, type Readable } from 'node:stream';
 import { z } from 'zod';
 import { ErrorCode, StorageError } from '../src/errors.js';
 import { BackendName, Sha256, StagingPath, type JobDeps, type Lease } from '../src/payload.js';
-import { CONTENT_TYPE, readArchive, rewriteArchive, type SeekableInput } from '../src/session/archive.js';
+import { CONTENT_TYPE, GZIP_LEVEL, readArchive, rewriteArchive, type SeekableInput } from '../src/session/archive.js';
+import { dirtySegments, rewriteSegments } from '../src/session/seek-edit.js';
 import { ArchiveReplaced, openSeekable } from '../src/session/seek-read.js';
 import { OpPath, SessionId, sessionKey, sessionLockName } from '../src/session/ids.js';
 import { EditPlan, SpoolNeeded, type Body, type PlanOp } from '../src/session/plan.js';
@@ -175,7 +176,12 @@ async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: Reado
     stopRewrite.abort(err);
     throw err;
   });
-  const rewriting = rewriteArchive(current?.stream ?? null, out, run, { signal: AbortSignal.any([signal, stopRewrite.signal]), seekable }).catch((err: unknown) => {
+  const rewriteSignal = AbortSignal.any([signal, stopRewrite.signal]);
+  // Edits the index can place rewrite only their segments; anything else goes through the full transform.
+  const groups = view && current ? dirtySegments(plan.ops, view.index) : undefined;
+  const rewriting = (groups && current && view
+    ? rewriteSegments(current.stream, view.index, key, plan.ops, plan.mtime, groups, out, GZIP_LEVEL, rewriteSignal)
+    : rewriteArchive(current?.stream ?? null, out, run, { signal: rewriteSignal, seekable })).catch((err: unknown) => {
     first ??= 'rewrite';
     throw err;
   });

@@ -43,7 +43,7 @@ export interface SeekableInput {
  */
 export async function rewriteArchive(input: Readable | null, output: Writable, run: PlanRun, opts: FormatOptions & { seekable?: SeekableInput | undefined } = {}): Promise<RewriteResult> {
   const source = input && opts.seekable ? seekableSource(input, opts.seekable.index, opts.seekable.key) : undefined;
-  const writer = new SeekableWriter(output, { level: GZIP_LEVEL, source: source?.pool });
+  const writer = new SeekableWriter(output, { level: GZIP_LEVEL, source: source?.pool, signal: opts.signal });
   const result = await transformTar(source?.tar ?? input, writer, (e) => run.edit(e), {
     gzip: false,
     append: (tree) => run.append(tree),

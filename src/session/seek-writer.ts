@@ -62,7 +62,7 @@ export class SeekableWriter extends Writable {
   compressed = 0;
   private readonly source: SegmentSource | undefined;
 
-  constructor(private readonly out: Writable, opts: { level: number; source?: SegmentSource | undefined }) {
+  constructor(private readonly out: Writable, opts: { level: number; source?: SegmentSource | undefined; signal?: AbortSignal | undefined }) {
     super({ highWaterMark: 1 << 20 });
     this.level = opts.level;
     this.source = opts.source;
@@ -70,6 +70,11 @@ export class SeekableWriter extends Writable {
     // it with ours must not surface as an unhandled error once its consumer has gone.
     out.on('error', () => {});
     this.on('error', () => {}); // likewise: the transform writing into it sees its failures
+    // Aborted while waiting on an output nobody reads any more (the put gave up): stop, and stop it.
+    const onAbort = (): void => { this.destroy(opts.signal?.reason instanceof Error ? opts.signal.reason : new StorageError(ErrorCode.Transient, 'aborted', { op: 'repack' })); };
+    if (opts.signal?.aborted) onAbort();
+    opts.signal?.addEventListener('abort', onAbort, { once: true });
+    this.once('close', () => opts.signal?.removeEventListener('abort', onAbort));
   }
 
   /** The index written, once the stream finished. */
@@ -93,7 +98,8 @@ export class SeekableWriter extends Writable {
   }
 
   override _destroy(err: Error | null, cb: (err?: Error | null) => void): void {
-    if (err && !this.out.destroyed) this.out.destroy(err);
+    // Never left open: an output neither ended nor destroyed would keep its reader waiting.
+    if (!this.out.writableFinished && !this.out.destroyed) this.out.destroy(err ?? new StorageError(ErrorCode.Transient, 'the archive writer closed early', { op: 'repack' }));
     cb(err);
   }
 
@@ -234,6 +240,7 @@ export class SeekableWriter extends Writable {
   }
 
   private async send(b: Buffer): Promise<void> {
+    if (this.out.destroyed) throw new StorageError(ErrorCode.Transient, 'the archive\'s output closed', { op: 'repack' });
     if (this.out.write(b)) return;
     await new Promise<void>((resolve, reject) => {
       const onDrain = (): void => { this.out.off('error', onError); this.out.off('close', onClose); resolve(); };

@@ -14,6 +14,7 @@ import { rewriteArchive } from '../../src/session/archive.js';
 import { crc32Combine } from '../../src/session/crc32.js';
 import { sessionKey } from '../../src/session/ids.js';
 import { EditPlan, type PlanOp } from '../../src/session/plan.js';
+import { dirtySegments, rewriteSegments } from '../../src/session/seek-edit.js';
 import { catSession, listSession } from '../../src/session/read.js';
 import { FOOTER_BYTES, tail, type SeekIndex } from '../../src/session/seek-format.js';
 import { openSeekable } from '../../src/session/seek-read.js';
@@ -278,6 +279,30 @@ describe('segment edits', () => {
     expect(tree['new/file.txt']).toBeDefined();
     expect(Object.keys(tree).some((p) => p.startsWith('d7'))).toBe(false);
     expect(tree['d21/f4.txt']).toBe(`file ${((await lstat(join(src, 'd21/f4.txt'))).mode & 0o777).toString(8)} ${sha(await readFile(join(src, 'd21/f4.txt'))).slice(0, 16)}`);
+  });
+
+  it('edits the index can place rewrite only their segments, and write what the full rewrite writes', async () => {
+    const seekable = (await rewrite(await readFile(join(tmp.path, 'g.tgz')), [])).bytes;
+    const bucket = new Bucket(new FsDriver({ root: join(tmp.path, 'p') }), { name: 'p' });
+    await bucket.put('a.tgz', seekable);
+    const view = (await openSeekable(bucket, 'a.tgz', undefined))!;
+    const ops: PlanOp[] = [
+      { op: 'put', path: 'd3/f1.txt', body: { bytes: Buffer.from('one\n') }, mode: 0o600 },
+      { op: 'put', path: 'd30/f20.txt', body: { bytes: randomBytes(300_000) } },
+    ];
+    const groups = dirtySegments(ops, view.index)!;
+    expect(groups.size).toBe(2);
+    const mtime = new Date(Date.parse('2026-12-01T00:00:00Z'));
+    const out = sink();
+    const fast = await rewriteSegments((await bucket.get('a.tgz')).stream, view.index, 'a.tgz', ops, mtime, groups, out, 6);
+    expect(fast.compressed).toBeLessThanOrEqual(4);
+    expect(fast.reused).toBeGreaterThan(view.index.segments.length - 4);
+    const full = await rewrite(seekable, ops);
+    expect(out.bytes().equals(full.bytes)).toBe(true);
+    // Not placeable by the index: a delete, a new path, a condition on the content.
+    expect(dirtySegments([{ op: 'delete', path: 'd3/f1.txt' }], view.index)).toBeUndefined();
+    expect(dirtySegments([{ op: 'put', path: 'new.txt', body: { bytes: Buffer.from('x') } }], view.index)).toBeUndefined();
+    expect(dirtySegments([{ op: 'put', path: 'd3/f1.txt', body: { bytes: Buffer.from('x') }, ifSha256: sha('x') }], view.index)).toBeUndefined();
   });
 
   it('a stored segment that does not match its index fails InvalidInput', async () => {

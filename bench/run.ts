@@ -10,6 +10,7 @@ import { DeleteObjectCommand } from '@aws-sdk/client-s3';
 import { startS3rver, type S3rver } from '../test/harness/s3.js';
 import { compileCases, dd, openssl, progress, randomFile, settle, teePipeline, warm, type Child } from './proc.js';
 import { largeStoreBench, queueBench } from './queue.js';
+import { sessionBench } from './session.js';
 import { GiB, MiB, mb, mbRange, mbps, ratio, secs, size, stats, table, verdict, type Stats } from './table.js';
 
 const RUNS = 3;
@@ -276,7 +277,10 @@ async function main(only?: 'fs' | 's3'): Promise<void> {
   }
 }
 
-if (process.argv.includes('--queue')) {
+if (process.argv.includes('--session')) {
+  // `npm run bench -- --session`: only the session archive section (bench/session.ts).
+  process.stdout.write(`${await sessionBench()}\n`);
+} else if (process.argv.includes('--queue')) {
   // `npm run bench -- --queue`: only the queue section, a few minutes shorter.
   process.stdout.write(`${await queueBench()}\n`);
 } else {

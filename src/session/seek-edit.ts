@@ -4,7 +4,7 @@ import { ErrorCode, StorageError } from '../errors.js';
 import { EditPlan, type PlanOp } from './plan.js';
 import type { SeekIndex } from './seek-format.js';
 import { segmentAt } from './seek-read.js';
-import { SegmentPool, sourceSegments } from './seek-source.js';
+import { sourceSegments } from './seek-source.js';
 import { SeekableWriter } from './seek-writer.js';
 
 const END_OF_TAR = 1024;
@@ -50,26 +50,35 @@ export function dirtySegments(ops: readonly PlanOp[], ix: SeekIndex): Map<number
 
 /**
  * Rewrites a seekable archive whose edits `dirtySegments` placed: the segments outside the dirty
- * groups go to the writer as they are (it copies their compressed bytes), each dirty group goes
- * through the tar-to-tar transform on its own with the ops that land in it. Never runs the
- * transform over the untouched entries. Resolves with the segment counts.
+ * groups are checked against their digests and copied as compressed bytes, never inflated; each
+ * dirty group is inflated and goes through the tar-to-tar transform on its own with the ops that
+ * land in it. Resolves with the segment counts.
  */
 export async function rewriteSegments(raw: Readable, ix: SeekIndex, key: string, ops: readonly PlanOp[], mtime: Date, groups: Map<number, number>, output: Writable, level: number, signal?: AbortSignal): Promise<{ entries: number; reused: number; compressed: number }> {
-  const pool = new SegmentPool();
-  const writer = new SeekableWriter(output, { level, source: pool, signal });
+  const writer = new SeekableWriter(output, { level, signal });
+  const inGroup = new Set<number>();
+  for (const [f, l] of groups) for (let i = f; i <= l; i++) inGroup.add(i);
+  const lastSeg = ix.segments.length - 1;
+  let e = 0;
   const write = (b: Buffer): Promise<void> => new Promise((resolve, reject) => {
-    if (writer.write(b)) resolve();
-    else writer.once('drain', resolve).once('error', reject);
+    if (writer.write(b)) return resolve();
+    const onDrain = (): void => { writer.off('error', onError); resolve(); };
+    const onError = (err: Error): void => { writer.off('drain', onDrain); reject(err); };
+    writer.once('drain', onDrain).once('error', onError);
   });
   try {
     let group: { last: number; parts: Buffer[] } | undefined;
-    for await (const k of sourceSegments(raw, ix, key)) {
+    // Only the dirty groups and the archive's end (which the writer must see) are inflated.
+    for await (const k of sourceSegments(raw, ix, key, (i) => inGroup.has(i) || i === lastSeg)) {
       signal?.throwIfAborted();
-      pool.keep(k);
+      const seg = ix.segments[k.i]!;
+      const entries: typeof ix.entries = [];
+      for (; e < ix.entries.length && ix.entries[e]!.start < seg.uOff + seg.uLen; e++) entries.push(ix.entries[e]!);
       const last = groups.get(k.i);
       if (last !== undefined) group = { last, parts: [] };
       if (!group) {
-        await write(k.u);
+        if (k.i === lastSeg) await write(k.u);
+        else await writer.copySegment(seg, k.c, entries);
         continue;
       }
       group.parts.push(k.u);

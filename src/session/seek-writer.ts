@@ -103,6 +103,23 @@ export class SeekableWriter extends Writable {
     cb(err);
   }
 
+  /**
+   * Appends a segment of another seekable archive as it is (its compressed bytes, already
+   * checked against its digest), with its entries (tar offsets as in that archive). Only between
+   * entries: the segment being built is closed first, and the next entry starts a new one.
+   */
+  async copySegment(seg: Segment, c: Buffer, entries: readonly IndexEntry[]): Promise<void> {
+    if (this.state.kind !== 'header' || this.hdrLen > 0 || this.entryStart >= 0) throw new StorageError(ErrorCode.Unknown, 'seekable writer: a segment copied inside an entry', { op: 'repack' });
+    await this.cutAndWait();
+    const shift = this.uOff - seg.uOff;
+    for (const e of entries) this.entries.push({ ...e, start: e.start + shift });
+    this.inFlight.push(Promise.resolve({ c, uLen: seg.uLen, crc: seg.crc, sha256: seg.sha256 }));
+    this.uOff += seg.uLen;
+    this.reused++;
+    this.lastBig = true;
+    while (this.inFlight.length >= IN_FLIGHT) await this.emitOne();
+  }
+
   private async feed(chunk: Buffer): Promise<void> {
     let at = 0;
     while (at < chunk.length) {

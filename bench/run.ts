@@ -11,6 +11,7 @@ import { startS3rver, type S3rver } from '../test/harness/s3.js';
 import { compileCases, dd, openssl, progress, randomFile, settle, teePipeline, warm, type Child } from './proc.js';
 import { metricsBench } from './metrics.js';
 import { largeStoreBench, queueBench } from './queue.js';
+import { sessionBench } from './session.js';
 import { GiB, MiB, mb, mbRange, mbps, ratio, secs, size, stats, table, verdict, type Stats } from './table.js';
 
 const RUNS = 3;
@@ -287,6 +288,9 @@ if (process.argv.includes('--migrate')) {
 } else if (process.argv.includes('--server')) {
   // `npm run bench -- --server`: only the HTTP server section (bench/server.ts).
   process.stdout.write(`${await (await import('./server.js')).serverBench()}\n`);
+} else if (process.argv.includes('--session')) {
+  // `npm run bench -- --session`: only the session archive section (bench/session.ts).
+  process.stdout.write(`${await sessionBench()}\n`);
 } else if (process.argv.includes('--queue')) {
   // `npm run bench -- --queue`: only the queue section, a few minutes shorter.
   process.stdout.write(`${await queueBench()}\n`);

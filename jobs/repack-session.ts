@@ -2,7 +2,9 @@ import { Transform, type Readable } from 'node:stream';
 import { z } from 'zod';
 import { ErrorCode, StorageError } from '../src/errors.js';
 import { BackendName, Sha256, StagingPath, type JobDeps, type Lease } from '../src/payload.js';
-import { CONTENT_TYPE, readArchive, rewriteArchive } from '../src/session/archive.js';
+import { CONTENT_TYPE, GZIP_LEVEL, readArchive, rewriteArchive, type SeekableInput } from '../src/session/archive.js';
+import { dirtySegments, rewriteSegments } from '../src/session/seek-edit.js';
+import { ArchiveReplaced, openSeekable } from '../src/session/seek-read.js';
 import { OpPath, SessionId, sessionKey, sessionLockName } from '../src/session/ids.js';
 import { EditPlan, SpoolNeeded, type Body, type PlanOp } from '../src/session/plan.js';
 import type { Bucket, PutOptions } from '../src/storage/bucket.js';
@@ -128,10 +130,24 @@ async function planOps(p: RepackPayload, d: JobDeps): Promise<PlanOp[]> {
  * commit found the archive replaced since it was read.
  */
 async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: ReadonlySet<string>, jobMark: string | undefined, signal: AbortSignal, d: JobDeps): Promise<RepackResult | 'conflict'> {
-  const current = await bucket.get(key, { signal }).catch((err: unknown) => {
+  const notFound = (err: unknown): undefined => {
     if (err instanceof StorageError && err.code === ErrorCode.NotFound) return undefined;
     throw err;
-  });
+  };
+  // A seekable archive's index first: its segments that come out unchanged are copied as they are.
+  let view: Awaited<ReturnType<typeof openSeekable>>;
+  try {
+    view = await openSeekable(bucket, key, signal).catch(notFound);
+  } catch (err) {
+    if (err instanceof ArchiveReplaced) return 'conflict';
+    throw err;
+  }
+  const current = await bucket.get(key, { signal }).catch(notFound);
+  if (view && (!current || current.info.etag !== view.info.etag || current.info.size !== view.info.size)) {
+    current?.stream.destroy();
+    return 'conflict';
+  }
+  const seekable: SeekableInput | undefined = view ? { index: view.index, key } : undefined;
   const applied = (current?.info.metadata[APPLIED_META] ?? '').split(' ').filter(Boolean);
   if (current && jobMark && applied.includes(jobMark)) return alreadyApplied(key, current.stream, current.info, signal);
   if (current && current.info.sha256 === undefined) d.log.warn({ key }, 'session archive has no recorded digest: read unverified (gzip CRC only)');
@@ -160,7 +176,12 @@ async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: Reado
     stopRewrite.abort(err);
     throw err;
   });
-  const rewriting = rewriteArchive(current?.stream ?? null, out, run, { signal: AbortSignal.any([signal, stopRewrite.signal]) }).catch((err: unknown) => {
+  const rewriteSignal = AbortSignal.any([signal, stopRewrite.signal]);
+  // Edits the index can place rewrite only their segments; anything else goes through the full transform.
+  const groups = view && current ? dirtySegments(plan.ops, view.index) : undefined;
+  const rewriting = (groups && current && view
+    ? rewriteSegments(current.stream, view.index, key, plan.ops, plan.mtime, groups, out, GZIP_LEVEL, rewriteSignal)
+    : rewriteArchive(current?.stream ?? null, out, run, { signal: rewriteSignal, seekable })).catch((err: unknown) => {
     first ??= 'rewrite';
     throw err;
   });
@@ -168,6 +189,7 @@ async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: Reado
     const [rewrote, info] = await Promise.allSettled([rewriting, putting]);
     if (run.conditionFailed) throw run.conditionFailed;
     if (rewrote.status === 'fulfilled' && info.status === 'fulfilled') {
+      d.log.info({ key, reused: rewrote.value.reused, compressed: rewrote.value.compressed }, 'session segments copied and compressed');
       return { key, size: info.value.size, sha256: info.value.sha256!, entries: rewrote.value.entries, missing: run.missing() };
     }
     const err = first === 'put' && info.status === 'rejected' ? info.reason : rewrote.status === 'rejected' ? rewrote.reason : (info as PromiseRejectedResult).reason;

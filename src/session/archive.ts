@@ -3,11 +3,14 @@ import { Writable as WritableStream } from 'node:stream';
 import { transformTar, type TarHeader } from '../archive/transform.js';
 import type { ArchiveLimits } from '../archive/limits.js';
 import type { PlanRun } from './plan.js';
+import type { SeekIndex } from './seek-format.js';
+import { seekableSource } from './seek-source.js';
+import { SeekableWriter } from './seek-writer.js';
 
 /**
  * The session archive format, behind the two calls the rest of the session code makes: rewrite
- * an archive through a plan, and read its entries. Today a plain tar.gz rewritten whole through
- * the tar-to-tar transform; the seekable format replaces this module, not its callers.
+ * an archive through a plan, and read its entries. Written seekable (seek-format.ts): the
+ * tar-to-tar transform's plain tar stream goes through the segmenting writer.
  */
 
 /** Fixed, so a job run twice writes identical bytes (Node's gzip header has no time and a fixed OS byte). */
@@ -22,6 +25,15 @@ export interface FormatOptions {
 export interface RewriteResult {
   /** Entries written. */
   entries: number;
+  /** Segments whose compressed bytes were copied from the input, and segments compressed. */
+  reused: number;
+  compressed: number;
+}
+
+/** The input's index when it is seekable: its unchanged segments are copied, not recompressed. */
+export interface SeekableInput {
+  index: SeekIndex;
+  key: string;
 }
 
 /**
@@ -29,14 +41,16 @@ export interface RewriteResult {
  * `output` is ended on success and destroyed on failure, so a put reading it never commits a
  * partial archive.
  */
-export async function rewriteArchive(input: Readable | null, output: Writable, run: PlanRun, opts: FormatOptions = {}): Promise<RewriteResult> {
-  const result = await transformTar(input, output, (e) => run.edit(e), {
-    gzip: GZIP_LEVEL,
+export async function rewriteArchive(input: Readable | null, output: Writable, run: PlanRun, opts: FormatOptions & { seekable?: SeekableInput | undefined } = {}): Promise<RewriteResult> {
+  const source = input && opts.seekable ? seekableSource(input, opts.seekable.index, opts.seekable.key) : undefined;
+  const writer = new SeekableWriter(output, { level: GZIP_LEVEL, source: source?.pool, signal: opts.signal });
+  const result = await transformTar(source?.tar ?? input, writer, (e) => run.edit(e), {
+    gzip: false,
     append: (tree) => run.append(tree),
     ...(opts.signal ? { signal: opts.signal } : {}),
     ...(opts.limits ? { limits: opts.limits } : {}),
   });
-  return { entries: result.entries };
+  return { entries: result.entries, reused: writer.reused, compressed: writer.compressed };
 }
 
 /** One entry as a reader sees it. */

@@ -9,12 +9,16 @@ import { ErrorCode, StorageError } from '../errors.js';
 import type { Bucket, GetResult } from '../storage/bucket.js';
 import { readArchive, type ArchiveEntry } from './archive.js';
 import { parseSessionId, sessionKey, validateOpPath } from './ids.js';
+import { readEntryData } from './seek-entry.js';
+import type { IndexEntry } from './seek-format.js';
+import { ArchiveReplaced, openSeekable, type SeekView } from './seek-read.js';
 
 /**
  * File-level reads of a session archive, without a job: the CLI's `session ls` and `session cat`,
- * and the HTTP routes on top of them. Each reads the whole stored archive once (the plain tar.gz
- * of this slice; the seekable format will read a few ranges) and trusts nothing before the
- * archive's recorded digest has been checked at its end.
+ * and the HTTP routes on top of them. A seekable archive (seek-format.ts) is read by ranges: `ls`
+ * reads its index, `cat` the index and the segments holding the file, each segment checked
+ * against the index's digest. An archive without an index, and `ls` with per-file digests, read
+ * the whole stored archive once and trust nothing before its recorded digest was checked at the end.
  */
 
 export type SessionEntryType = 'file' | 'directory' | 'symlink' | 'link';
@@ -53,6 +57,15 @@ export interface ReadOptions {
 export async function listSession(bucket: Bucket, session: string, opts: ReadOptions & { digests?: boolean } = {}): Promise<SessionListing> {
   parseSessionId(session);
   const key = sessionKey(session);
+  if (!opts.digests) {
+    const view = await seekable(bucket, key, opts.signal);
+    if (view) {
+      return {
+        key, size: view.info.size, sha256: view.info.sha256, modified: view.info.modified.toISOString(), verified: view.info.sha256 !== undefined,
+        entries: [...latest(view).values()].map(indexInfo),
+      };
+    }
+  }
   const got = await openSession(bucket, key, opts.signal);
   const byPath = new Map<string, SessionEntryInfo>();
   await readArchive(got.stream, async (e) => {
@@ -119,6 +132,24 @@ export async function openSessionFile(bucket: Bucket, session: string, path: str
   const dir = await mkdtemp(join(tmpdir(), 'stevedore-cat-'));
   const close = () => rm(dir, { recursive: true, force: true });
   try {
+    for (let tries = 1; ; tries++) {
+      try {
+        const view = await seekable(bucket, key, opts.signal);
+        if (!view) break;
+        // Read by the index: the file's verified bytes, spooled whole before anyone sees them.
+        const spooled = join(dir, 'indexed');
+        const ws = createWriteStream(spooled);
+        try {
+          const found = await catIndexed(bucket, view, path, join(dir, 'spool'), ws, opts.signal);
+          await new Promise<void>((resolve, reject) => { ws.once('error', reject); ws.end(() => resolve()); });
+          return { ...found, spool: spooled, close };
+        } finally {
+          ws.destroy();
+        }
+      } catch (err) {
+        if (!(err instanceof ArchiveReplaced) || tries >= READ_TRIES) throw err instanceof ArchiveReplaced ? replaced(key) : err;
+      }
+    }
     let want = path;
     for (let hop = 0; hop <= MAX_HOPS; hop++) {
       const got = await openSession(bucket, key, opts.signal);
@@ -163,6 +194,78 @@ export async function openSessionFile(bucket: Bucket, session: string, path: str
   }
 }
 
+/** Reads of one request that find the archive replaced between their ranges before giving up. */
+const READ_TRIES = 3;
+const replaced = (key: string): StorageError => new StorageError(ErrorCode.Transient, `the archive kept changing while it was read (${READ_TRIES} tries)`, { op: 'session', key });
+
+/** The index of a seekable archive, undefined for one without; NotFound as 'no such session'. */
+async function seekable(bucket: Bucket, key: string, signal: AbortSignal | undefined): Promise<SeekView | undefined> {
+  for (let tries = 1; ; tries++) {
+    try {
+      return await openSeekable(bucket, key, signal);
+    } catch (err) {
+      if (err instanceof StorageError && err.code === ErrorCode.NotFound) throw new StorageError(ErrorCode.NotFound, 'no such session', { op: 'session', key, cause: err });
+      if (!(err instanceof ArchiveReplaced)) throw err;
+      if (tries >= READ_TRIES) throw replaced(key);
+    }
+  }
+}
+
+/** One entry per path, the later of a duplicated path winning (as extraction keeps it), in archive order. */
+function latest(view: SeekView): Map<string, IndexEntry> {
+  const byPath = new Map<string, IndexEntry>();
+  for (const e of view.index.entries) {
+    if (e.path === '') continue;
+    byPath.delete(e.path);
+    byPath.set(e.path, e);
+  }
+  return byPath;
+}
+
+function indexInfo(e: IndexEntry): SessionEntryInfo {
+  const type: SessionEntryType = e.type === 'contiguous-file' ? 'file' : e.type;
+  return {
+    path: e.path, type, size: type === 'file' ? e.size : 0, mode: e.mode, mtime: new Date(e.mtime).toISOString(),
+    ...(e.linkname !== undefined && (type === 'symlink' || type === 'link') ? { linkname: e.linkname } : {}),
+  };
+}
+
+/** Files up to this size are gathered in memory; larger ones are spooled, so nothing is written before the last segment verified. */
+const IN_MEMORY = 8 << 20;
+
+/** `cat` from the index: links followed in it, the file's segments read and checked. */
+async function catIndexed(bucket: Bucket, view: SeekView, path: string, spool: string, out: Writable, signal: AbortSignal | undefined): Promise<CatResult> {
+  const byPath = latest(view);
+  let want = path;
+  for (let hop = 0; hop <= MAX_HOPS; hop++) {
+    const e = byPath.get(want);
+    if (e === undefined) throw new StorageError(ErrorCode.NotFound, `no file "${want}" in the session`, { op: 'cat', key: view.key });
+    if (e.type === 'directory') throw new StorageError(ErrorCode.InvalidInput, `"${want}" is a directory`, { op: 'cat', key: view.key });
+    if (e.type === 'link' || e.type === 'symlink') {
+      const to = e.type === 'link' ? normalise(e.linkname ?? '') : resolveSymlink(want, e.linkname ?? '');
+      if (to === undefined) throw new StorageError(ErrorCode.InvalidInput, `"${want}" is a symlink leading out of the session`, { op: 'cat', key: view.key });
+      want = to;
+      continue;
+    }
+    const h = createHash('sha256');
+    const parts: Buffer[] = [];
+    const file = e.size > IN_MEMORY ? createWriteStream(spool) : undefined;
+    try {
+      await readEntryData(bucket, view, e, signal, async (data) => {
+        h.update(data);
+        if (!file) parts.push(data);
+        else if (!file.write(data)) await new Promise<void>((resolve) => file.once('drain', () => resolve()));
+      });
+    } finally {
+      if (file) await new Promise<void>((resolve) => file.end(() => resolve()));
+    }
+    if (file) await copyTo(spool, out);
+    else for (const p of parts) await copyBuffer(p, out);
+    return { path: want, size: e.size, sha256: h.digest('hex'), verified: view.info.sha256 !== undefined };
+  }
+  throw new StorageError(ErrorCode.InvalidInput, `"${path}": more than ${MAX_HOPS} links to follow`, { op: 'cat', key: view.key });
+}
+
 async function openSession(bucket: Bucket, key: string, signal: AbortSignal | undefined): Promise<GetResult> {
   return bucket.get(key, { signal }).catch((err: unknown) => {
     if (err instanceof StorageError && err.code === ErrorCode.NotFound) throw new StorageError(ErrorCode.NotFound, 'no such session', { op: 'session', key, cause: err });
@@ -199,13 +302,14 @@ function resolveSymlink(link: string, target: string): string | undefined {
 
 /** Copies a file to a writable that is not ended (stdout, a response), with back-pressure. */
 async function copyTo(file: string, out: Writable): Promise<void> {
-  for await (const chunk of createReadStream(file)) {
-    if (!out.write(chunk)) {
-      await new Promise<void>((resolve, reject) => {
-        const onDrain = (): void => { out.off('error', onError); resolve(); };
-        const onError = (err: Error): void => { out.off('drain', onDrain); reject(err); };
-        out.once('drain', onDrain).once('error', onError);
-      });
-    }
-  }
+  for await (const chunk of createReadStream(file)) await copyBuffer(chunk as Buffer, out);
+}
+
+async function copyBuffer(chunk: Buffer, out: Writable): Promise<void> {
+  if (out.write(chunk)) return;
+  await new Promise<void>((resolve, reject) => {
+    const onDrain = (): void => { out.off('error', onError); resolve(); };
+    const onError = (err: Error): void => { out.off('drain', onDrain); reject(err); };
+    out.once('drain', onDrain).once('error', onError);
+  });
 }

@@ -198,9 +198,16 @@ describe('webhooks', () => {
     const procs = await Promise.all([spawnWorker(env), spawnWorker(env)]);
     const client = new StevedoreClient({ redisUrl: redis.url, queue: q2 });
     try {
-      // A few failures first: each delivery is retried, and still arrives once as a 2xx.
-      let n = 0;
-      rx2.answer = () => (n++ % 4 === 0 ? { status: 502 } : { status: 204 });
+      // A failure first for every fourth delivery: it is retried, and still arrives once as a 2xx.
+      // (Decided per webhook-id, not per request: with two processes racing, a per-request pattern
+      // could fail one delivery on every attempt of its schedule.)
+      const seen = new Set<string>();
+      rx2.answer = (r) => {
+        const id = String(r.headers['webhook-id']);
+        const first = !seen.has(id);
+        seen.add(id);
+        return first && seen.size % 4 === 1 ? { status: 502 } : { status: 204 };
+      };
       const ids = await Promise.all(Array.from({ length: 30 }, (_, i) => client.log({ site: 's', build: `b${i}`, action: 'a', status: 'ok' })));
       await rx2.until((rs) => ids.every((id) => rs.some((r) => forJob(id)(r))), 60_000);
       const dq = new Queue(webhookQueueName(q2), { connection: admin });

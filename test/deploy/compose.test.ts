@@ -127,6 +127,13 @@ describe('deployment', () => {
     expect(services['azurite-init']!.environment?.AZURE_STORAGE_CONNECTION_STRING).toBe(env.AZURE_STORAGE_CONNECTION_STRING);
   });
 
+  it('documents every variable the configuration reads in the README\'s configuration table', () => {
+    const readme = read('README.md');
+    const vars = new Set([...readFileSync(`${ROOT}/src/config.ts`, 'utf8').matchAll(/env\.([A-Z][A-Z0-9_]+)/g)].map((m) => m[1]!));
+    expect(vars.size).toBeGreaterThan(20);
+    for (const v of vars) expect(readme, v).toContain(`| \`${v}\` |`);
+  });
+
   it('lists in the README every service of the compose file, and only those', () => {
     const readme = read('README.md');
     const section = readme.slice(readme.indexOf('## Deployment'), readme.indexOf('\n## ', readme.indexOf('## Deployment') + 3));

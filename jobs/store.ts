@@ -14,7 +14,9 @@ export const StorePayload = z.strictObject({
   backend: BackendName,
   key: Key,
   source: z.union([
-    z.strictObject({ path: StagingPath }),
+    // consume: the producer gives the staged file up (never modifies it afterwards, removes only
+    // its name once the job is over); the filesystem backend may link it into place.
+    z.strictObject({ path: StagingPath, consume: z.boolean().optional() }),
     z.strictObject({ base64: z.string().regex(BASE64, 'must be base64').refine((s) => s.length % 4 === 0, 'must be padded base64') }),
   ]),
   sha256: Sha256.optional(),
@@ -53,7 +55,7 @@ export async function store(p: StorePayload, d: JobDeps): Promise<StoreResult> {
     // The size of the very file checked to be regular and inside the area, as the Bucket will
     // announce it (a file that changes size meanwhile fails the put's size check).
     const staged = await d.staging.sourceFile(p.source.path, 'source.path', { signal: d.signal });
-    source = { path: staged.path };
+    source = { path: staged.path, ...(p.source.consume ? { consume: true } : {}) };
     total = staged.size;
   }
   const enqueued = new Date(d.enqueuedAt).toISOString();

@@ -18,7 +18,7 @@ import { validateContentType, validateKey, validateMetadata, validatePrefix, val
 /** What every backend reports for an object stored without a content type (decision 4). */
 export const DEFAULT_CONTENT_TYPE = 'application/octet-stream';
 
-function isFileSource(source: PutSource): source is { path: string } {
+function isFileSource(source: PutSource): source is FileSource {
   return !(source instanceof Readable) && !(source instanceof Uint8Array);
 }
 
@@ -26,7 +26,17 @@ function isFileSource(source: PutSource): source is { path: string } {
 const LIST_STAT_LANES = 16;
 
 /** Bytes to store: a stream, bytes in memory, or a local file (read twice where a backend needs the digest first). */
-export type PutSource = Readable | Uint8Array | { path: string };
+export type PutSource = Readable | Uint8Array | FileSource;
+
+export interface FileSource {
+  path: string;
+  /**
+   * The caller gives the file up: it will not modify it afterwards and only removes its name once
+   * the put is over. The filesystem backend may then link the file into place (its inode becomes
+   * the object's) instead of copying it; other backends copy as without it.
+   */
+  consume?: boolean | undefined;
+}
 
 export interface PutOptions {
   contentType?: string | undefined;
@@ -143,8 +153,9 @@ export class Bucket {
       const driverOpts = { contentType, metadata, ifAbsent: opts.ifAbsent ?? false, ifMatch: opts.ifMatch, signal: opts.signal };
       const prepared = await this.prepare(key, source, expected, opts.size);
       const body = new SourceBody(prepared.source, prepared.sha256, prepared.size, { sha256: prepared.sha256, size: prepared.size, op: 'put', key, onBytes: opts.progress });
+      const consumable = isFileSource(source) && source.consume && 'open' in prepared.source ? prepared.source.open : undefined;
       try {
-        const info = await this.driver.put(storeKey, body, driverOpts).catch((err: unknown) => {
+        const info = await this.driver.put(storeKey, body, consumable ? { ...driverOpts, consumable } : driverOpts).catch((err: unknown) => {
           // Without a caller's digest, a file whose bytes no longer match our own first pass (or
           // its measured size) was changed while we read it: nothing was stored, and a new
           // attempt reads it as it is then. Not the producer's wrong digest, so not permanent.

@@ -1,5 +1,6 @@
 import type { Readable } from 'node:stream';
 import type { ErrorCode } from '../errors.js';
+import type { OpenFile } from './body.js';
 
 /** What a backend knows about one stored object. */
 export interface ObjectInfo {
@@ -54,6 +55,13 @@ export interface DriverPutOptions {
    */
   ifMatch?: string | undefined;
   signal: AbortSignal | undefined;
+  /**
+   * Set when the body is the whole of this local file and its producer gave the file up (a store
+   * payload's `source.consume`): a driver on the same filesystem may take the file's inode for the
+   * object instead of copying its bytes, but must still read the body through (the digest and size
+   * checks run there). Other drivers ignore it and copy.
+   */
+  consumable?: OpenFile | undefined;
 }
 
 export interface DriverDeleteOptions {

@@ -10,6 +10,7 @@ export const openFd = promisify(fs.open) as (path: string, flags: string | numbe
 export const closeFd = promisify(fs.close);
 export const fsyncFd = promisify(fs.fsync);
 export const fdatasyncFd = promisify(fs.fdatasync);
+export const futimesFd = promisify(fs.futimes);
 const writeFd = promisify(fs.write) as (fd: number, buf: Buffer, offset: number, length: number, position: null) => Promise<{ bytesWritten: number }>;
 
 export function fstatFd(fd: number): Promise<BigIntStats> {

@@ -2,6 +2,7 @@
 // check what must hold after each. The calls are our own fd layer and node:fs/promises, wrapped to
 // fail once on demand with a real errno; everything else is the real filesystem.
 import { readdirSync } from 'node:fs';
+import { lstat, mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { FsDriver, META_DIR } from '../../src/backends/fs.js';
@@ -47,6 +48,7 @@ vi.mock('../../src/storage/fd.js', async (importOriginal) => {
     fdatasyncFd: io.wrap('fdatasync', real.fdatasyncFd),
     fstatFd: io.wrap('fstat', real.fstatFd),
     writeFully: io.wrap('write', real.writeFully),
+    futimesFd: io.wrap('futimes', real.futimesFd),
   };
 });
 
@@ -134,6 +136,55 @@ describe('filesystem put with the Nth I/O call failing (RELIABILITY #20)', () =>
     const files = await filesUnder(root);
     const objects = files.filter((f) => !f.includes(`${META_DIR}/`));
     expect(files.filter((f) => f.includes(`${META_DIR}/`))).toHaveLength(objects.length);
+  });
+
+  it('a consumed file source (linked into place): whole old or whole new, the staged file whole, no temp name left, whatever call fails', async () => {
+    const root = join(dir.path, 'consume');
+    const staging = join(dir.path, 'consume-staging');
+    await mkdir(staging, { recursive: true });
+    const bucket = new Bucket(new FsDriver({ root }));
+    const stage = async (name: string) => { const p = join(staging, name); await writeFile(p, NEW); return p; };
+    const put = async (key: string, path: string, failAt: number): Promise<unknown> => {
+      Object.assign(io.state, { armed: true, count: 0, failAt, code: 'EIO', calls: [] });
+      try {
+        await bucket.put(key, { path, consume: true });
+        return undefined;
+      } catch (err) {
+        return err;
+      } finally {
+        io.state.armed = false;
+      }
+    };
+    await bucket.put('probe/k', OLD);
+    const probe = await stage('probe');
+    await put('probe/k', probe, 0);
+    // It was linked, not copied (one write: the sidecar's), and the link is among the calls failed below.
+    expect((await lstat(join(root, 'probe/k'))).ino).toBe((await lstat(probe)).ino);
+    expect(io.state.calls.map((c) => c.name)).toContain('link');
+    expect(io.state.calls.filter((c) => c.name === 'write')).toHaveLength(1);
+    const total = io.state.count;
+    for (let n = 1; n <= total; n++) {
+      const key = `c-${n}`;
+      await bucket.put(key, OLD);
+      const staged = await stage(`s-${n}`);
+      const fds = openFds();
+      const err = await put(key, staged, n);
+      const label = `EIO at call ${n} (${io.state.calls[n - 1]!.name})`;
+      expect(openFds(), label).toBe(fds);
+      if (err !== undefined) expect((err as StorageError).code, label).toBe(ErrorCode.Transient);
+      const got = await bucket.get(key);
+      const bytes = await readAll(got.stream);
+      expect([sha(OLD), sha(NEW)], label).toContain(sha(bytes));
+      expect(got.info.sha256, label).toBe(sha(bytes));
+      expect((await filesUnder(root)).filter((f) => f.includes('/tmp-')), label).toEqual([]);
+      // The staged file is whole, with no name but its own unless it became the object.
+      expect(sha(await readFile(staged)), label).toBe(sha(NEW));
+      const linked = (await lstat(join(root, key))).ino === (await lstat(staged)).ino;
+      expect((await lstat(staged)).nlink, label).toBe(linked ? 2 : 1);
+      // The job's next attempt stores it.
+      await bucket.put(key, { path: staged, consume: true });
+      expect(sha(await readAll((await bucket.get(key)).stream)), label).toBe(sha(NEW));
+    }
   });
 
   it('makes new folders durable: a put into a fresh folder chain fsyncs the parent of every folder it created', async () => {

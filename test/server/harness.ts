@@ -24,6 +24,8 @@ export interface TestServer {
   /** `http://127.0.0.1:<port>` once `listen` ran. */
   url: string;
   listen(): Promise<string>;
+  /** Starts another worker on the same queue (closed with the server): for a server made with `worker: false`. */
+  startWorker(): Promise<Worker>;
   auth: { authorization: string };
   close(): Promise<void>;
 }
@@ -52,9 +54,11 @@ export async function testServer(redisUrl: string, opts: { backends?: string; en
   const log = createLogger(config.logLevel, sink);
   const app = composeApp(config, { cwd: tmp.path, env, log });
   const buckets = await app.buckets();
-  const worker = startWorker(app.connect('worker'), {
+  const spawn = () => startWorker(app.connect('worker'), {
     queue: config.queue, prefix: config.prefix, concurrency: 4, stalledIntervalMs: 5_000, retention: app.retention,
   }, { buckets, staging: app.staging, log, limits: { maxInlineBytes: config.maxInlineBytes }, locks: app.locks(), progressIntervalMs: 0 });
+  const worker = spawn();
+  const extra: Worker[] = [];
   if (opts.worker === false) await worker.close();
   else await worker.waitUntilReady();
   const server = await buildServer({ app });
@@ -66,9 +70,15 @@ export async function testServer(redisUrl: string, opts: { backends?: string; en
       t.url = await server.listen({ host: '127.0.0.1', port: 0 });
       return t.url;
     },
+    async startWorker() {
+      const w = spawn();
+      extra.push(w);
+      await w.waitUntilReady();
+      return w;
+    },
     async close() {
       await server.close();
-      await worker.close();
+      await Promise.all([worker, ...extra].map((w) => w.close()));
       await app.close();
       await tmp.remove();
     },

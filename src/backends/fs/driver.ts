@@ -9,6 +9,7 @@ import { SourceBody } from '../../storage/body.js';
 import { closeFd, fstatFd, fsyncFd, openFd, writeFully } from '../../storage/fd.js';
 import { CHUNK } from '../../storage/hashing.js';
 import { syncDir } from '../../storage/sync-dir.js';
+import { adoptFile, hashThrough } from './adopt.js';
 import { claim } from './claim.js';
 import { Containment } from './contain.js';
 import { errno, etagOf, folderTaken, keyName, META_DIR, notFound, preconditionFailed, sidecarPath, TMP_PREFIX, toInfo, unlinkQuiet, type Sidecar } from './layout.js';
@@ -60,7 +61,9 @@ export class FsDriver implements Driver {
     // Before any byte is written (the claim at the commit is what makes it atomic).
     if (opts.ifMatch !== undefined) await checkEtag(key, path, opts.ifMatch);
     const tmp = join(dir, META_DIR, `${TMP_PREFIX}${randomUUID()}`);
-    const fd = await openFd(tmp, 'wx', 0o644).catch(async (err: NodeJS.ErrnoException) => {
+    // A source its producer gave up becomes the temp file itself, on the same filesystem (adopt.ts).
+    const adopted = opts.consumable ? await adoptFile(opts.consumable, tmp) : undefined;
+    const fd = adopted ?? await openFd(tmp, 'wx', 0o644).catch(async (err: NodeJS.ErrnoException) => {
       if (err.code === 'ENOTDIR') throw folderTaken(key, err);
       // The folder exists but has no META_DIR yet (its files were put there by hand).
       if (err.code !== 'ENOENT') throw err;
@@ -83,7 +86,7 @@ export class FsDriver implements Driver {
         const entries = this.fsync ? syncDir(join(dir, META_DIR)) : Promise.resolve();
         entries.catch(() => {}); // awaited below; a failure must not be unhandled meanwhile
         try {
-          await writeAll(fd, body, opts.signal, this.fsync);
+          await (adopted === undefined ? writeAll(fd, body, opts.signal, this.fsync) : hashThrough(fd, body, opts.signal, this.fsync));
           const { sha256, size } = body.digest();
           // Beside the data's fsync (which changes no mtime): the sidecar's fstat, write and fsync.
           const writeMeta = async (): Promise<[BigIntStats, Sidecar]> => {

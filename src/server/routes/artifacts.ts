@@ -44,7 +44,7 @@ export function artifactRoutes(ctx: RouteContext) {
       const staged = await receiveToStaging(bodyOf(req), ctx.staging, { limit: ctx.maxUploadBytes, declared, sha256, durable: waitSeconds === undefined });
       const contentType = req.headers['content-type'];
       const out = await enqueue(ctx.client, 'store', {
-        backend, key: artifactKey(site, build!), source: { path: staged.rel }, sha256: staged.sha256,
+        backend, key: artifactKey(site, build!), source: { path: staged.rel, consume: true }, sha256: staged.sha256,
         ...(contentType && contentType !== 'application/octet-stream' ? { contentType } : { contentType: 'application/gzip' }),
       }, { waitSeconds, onFinished: staged.remove, log: ctx.log, ready: ctx.redisReady });
       return out.result === undefined ? reply.code(202).send({ id: out.id }) : reply.code(200).send(out.result);

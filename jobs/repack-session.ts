@@ -40,6 +40,11 @@ export const RepackPayload = z.strictObject({
   backend: BackendName,
   session: SessionId,
   ops: z.array(z.discriminatedUnion('op', [Put, Delete])).max(MAX_OPS),
+  /**
+   * false: the session must exist (NotFound otherwise, checked under the session's lock), so an
+   * edit racing a whole-session delete never recreates it. @defaultValue true (created if absent)
+   */
+  create: z.boolean().optional(),
 });
 export type RepackPayload = z.infer<typeof RepackPayload>;
 
@@ -73,7 +78,7 @@ export async function repackSession(p: RepackPayload, d: JobDeps): Promise<Repac
     const spool = new Set<string>();
     for (let tries = 1, reruns = 0; ;) {
       const signal = AbortSignal.any([d.signal, lease.signal]);
-      const outcome = await attempt(bucket, key, plan, spool, jobMark, signal, d).catch((err: unknown) => {
+      const outcome = await attempt(bucket, key, plan, spool, jobMark, signal, d, p.create ?? true).catch((err: unknown) => {
         if (err instanceof SpoolNeeded && reruns < MAX_SPOOL_RERUNS && !spool.has(err.target)) return err;
         throw lostOr(err, lease);
       });
@@ -129,7 +134,7 @@ async function planOps(p: RepackPayload, d: JobDeps): Promise<PlanOp[]> {
  * One read-rewrite-commit pass. Resolves with the result, or 'conflict' when the conditional
  * commit found the archive replaced since it was read.
  */
-async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: ReadonlySet<string>, jobMark: string | undefined, signal: AbortSignal, d: JobDeps): Promise<RepackResult | 'conflict'> {
+async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: ReadonlySet<string>, jobMark: string | undefined, signal: AbortSignal, d: JobDeps, create: boolean): Promise<RepackResult | 'conflict'> {
   const notFound = (err: unknown): undefined => {
     if (err instanceof StorageError && err.code === ErrorCode.NotFound) return undefined;
     throw err;
@@ -147,6 +152,7 @@ async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: Reado
     current?.stream.destroy();
     return 'conflict';
   }
+  if (!current && !create) throw new StorageError(ErrorCode.NotFound, 'no such session (the job asked not to create one)', { op: 'session', key });
   const seekable: SeekableInput | undefined = view ? { index: view.index, key } : undefined;
   const applied = (current?.info.metadata[APPLIED_META] ?? '').split(' ').filter(Boolean);
   if (current && jobMark && applied.includes(jobMark)) return alreadyApplied(key, current.stream, current.info, signal);

@@ -131,6 +131,17 @@ describe('repack-session', () => {
     expect(ms.map((m) => [m.name, m.type, m.mode])).toEqual([['a', 'directory', 0o755], ['a/b', 'directory', 0o755], ['a/b/c.txt', 'file', 0o644]]);
   });
 
+  it('with create: false, fails NotFound on a missing session and creates nothing; edits an existing one', async () => {
+    const s = await session();
+    const deps = () => jobDeps(bucket, conn, staging, { enqueuedAt: ENQUEUED, jobId: `j${++n}` });
+    const gone = repackSession(parsePayload(RepackPayload, { session: s, ops: [{ op: 'delete', path: 'a.txt' }], create: false }), deps());
+    await expect(gone).rejects.toMatchObject({ code: 'NotFound' });
+    await expect(bucket.stat(sessionKey(s))).rejects.toMatchObject({ code: 'NotFound' });
+    await repack(s, [{ op: 'put', path: 'a.txt', text: 'a' }]);
+    const done = await repackSession(parsePayload(RepackPayload, { session: s, ops: [{ op: 'delete', path: 'a.txt' }], create: false }), deps());
+    expect(done).toMatchObject({ entries: 0, missing: [] });
+  });
+
   it('writes identical bytes when the same edit runs twice on the same archive', async () => {
     const [a, b] = [await session(corpus.gnu), await session(corpus.gnu)];
     const ops = [{ op: 'put', path: 'README.md', text: 'x' }, { op: 'put', path: 'z/new', text: 'y' }, { op: 'delete', path: 'bin' }];

@@ -68,13 +68,14 @@ export function sessionRoutes(ctx: RouteContext) {
     }
   };
   /** One op as a repack job, awaited; `onFinished` runs once the job is over (also after a 503 for a wait that ran out). */
-  const edit = async (s: string, backend: string, op: Record<string, unknown>, onFinished?: () => Promise<void>) => {
-    const out = await enqueue(ctx.client, 'repack-session', { backend, session: s, ops: [op] } as never, {
+  const edit = async (s: string, backend: string, op: Record<string, unknown>, onFinished?: () => Promise<void>, extra: { create?: false } = {}) => {
+    const out = await enqueue(ctx.client, 'repack-session', { backend, session: s, ops: [op], ...extra } as never, {
       waitSeconds: WRITE_WAIT_SECONDS, log: ctx.log, ready: ctx.redisReady, ...(onFinished ? { onFinished } : {}),
     })
       .catch((err: unknown) => {
         // The job's failure by its contract code, in the session service's words.
-        if (err instanceof HttpError && err.error in STATUS) throw sessionAnswer({ code: err.error as ErrorCode, message: err.message }, 'PUT');
+        // A job told not to create the session is NotFound only when the session is gone.
+        if (err instanceof HttpError && err.error in STATUS) throw sessionAnswer({ code: err.error as ErrorCode, message: err.message, ...(extra.create === false ? { op: 'session' } : {}) }, 'PUT');
         throw err;
       });
     if (out.result === undefined) throw new HttpError(503, 'service_unavailable', `Transient: repack job ${out.id} did not finish within ${WRITE_WAIT_SECONDS} s; it may still apply`);
@@ -227,7 +228,9 @@ export function sessionRoutes(ctx: RouteContext) {
       const backend = queryParam(req.query, 'backend') ?? 'default';
       // A delete must not create the session a repack would otherwise start.
       await statSession(ctx.bucket(backend), s);
-      const result = await edit(s, backend, { op: 'delete', path, ...(ifSha256 ? { ifSha256 } : {}) });
+      // `create: false`: a whole-session delete landing between that check and the job (under the
+      // session's lock) makes the job NotFound instead of recreating an empty session.
+      const result = await edit(s, backend, { op: 'delete', path, ...(ifSha256 ? { ifSha256 } : {}) }, undefined, { create: false });
       if (result.missing.includes(path)) throw new HttpError(404, 'file_not_found', `NotFound: no file ${JSON.stringify(path)} in session ${JSON.stringify(s)}`);
       return { success: true, sessionPath: s, filePath: path };
     });

@@ -121,6 +121,24 @@ describe('webhooks', () => {
     expect((await deliveries().getJob(dj!.id!))!.attemptsMade).toBe(4);
   });
 
+  it('a receiver that hangs delays neither the job nor the next one', async () => {
+    let hung = '';
+    // Every delivery for this job is answered only after 8 s (past the POST's 2 s limit: each
+    // attempt hangs, then is retried), so it never succeeds while the jobs below run.
+    rx.answer = (r) => (msg(r).data.jobId === hung ? { status: 200, delayMs: 8_000 } : { status: 200 });
+    hung = await log('w-hang');
+    await w.client.result(hung, { timeoutMs: 10_000 });
+    // Its delivery has been sent and is still waiting for the receiver's answer.
+    await rx.until((all) => all.some(forJob(hung)), 5_000);
+    const dj = await deliveries().getJob(String(rx.received.find(forJob(hung))!.headers['webhook-id']));
+    const pending = ['active', 'delayed', 'waiting'];
+    expect(pending).toContain(await dj!.getState());
+    // Another job completes meanwhile: the worker that runs jobs never waits on a delivery.
+    const next = await log('w-after');
+    await expect(w.client.result(next, { timeoutMs: 5_000 })).resolves.toMatchObject({ key: expect.stringContaining('w-after') });
+    expect(pending).toContain(await dj!.getState());
+  });
+
   it('waits as long as a retry-after asks before the next attempt', async () => {
     let target = '';
     let n = 0;

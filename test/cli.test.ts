@@ -1,15 +1,13 @@
-import { spawn } from 'node:child_process';
 import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FsDriver } from '../src/backends/fs.js';
 import { Bucket } from '../src/storage/bucket.js';
 import { sha } from './conformance/suite.js';
+import { runCli, type CliRun } from './harness/cli.js';
 import { freePort, tempDir } from './harness/process.js';
 import { startRedis, type TestRedis } from './harness/redis.js';
 import { inProcessWorker, type InProcessWorker } from './harness/worker.js';
-
-interface Run { code: number | null; out: string; err: string }
 
 describe('the stevedore command', () => {
   let redis: TestRedis;
@@ -17,15 +15,8 @@ describe('the stevedore command', () => {
   let w: InProcessWorker;
   let env: NodeJS.ProcessEnv;
 
-  const cliIn = (childEnv: NodeJS.ProcessEnv, ...args: string[]): Promise<Run> => new Promise((resolve) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', 'src/bin/stevedore.ts', ...args], { env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    child.stdout.on('data', (b: Buffer) => { out += b.toString(); });
-    child.stderr.on('data', (b: Buffer) => { err += b.toString(); });
-    child.on('exit', (code) => resolve({ code, out, err }));
-  });
-  const cli = (...args: string[]): Promise<Run> => cliIn(env, ...args);
+  const cliIn = runCli;
+  const cli = (...args: string[]): Promise<CliRun> => cliIn(env, ...args);
 
   beforeAll(async () => {
     redis = await startRedis();

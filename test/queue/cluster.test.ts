@@ -1,4 +1,3 @@
-import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -7,20 +6,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { StevedoreClient } from '../../src/queue/client.js';
 import { sha } from '../conformance/suite.js';
 import { tempDir } from '../harness/process.js';
+import { runCli } from '../harness/cli.js';
 import { startRedisCluster, type TestRedisCluster } from '../harness/redis-cluster.js';
 import { spawnWorker, stopAllWorkers, type WorkerProcess } from '../harness/worker-process.js';
-
-interface Run { code: number | null; out: string; err: string }
-
-/** `stevedore <args>` as a child process, configured only by `env`. */
-const stevedore = (env: NodeJS.ProcessEnv, ...args: string[]): Promise<Run> => new Promise((resolve) => {
-  const child = spawn(process.execPath, ['--import', 'tsx', 'src/bin/stevedore.ts', ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  child.stdout.on('data', (b: Buffer) => { out += b.toString(); });
-  child.stderr.on('data', (b: Buffer) => { err += b.toString(); });
-  child.on('exit', (code) => resolve({ code, out, err }));
-});
 
 // Contract, Queue: REDIS_CLUSTER_NODES connects to a Redis Cluster; a prefix without a hash tag
 // is refused at start. A real three-master cluster, a worker process, the client and the CLI.
@@ -71,14 +59,14 @@ describe('on a Redis Cluster', () => {
   });
 
   it('runs a job from the CLI', async () => {
-    const run = await stevedore({ PATH: process.env.PATH, ...env, LOG_LEVEL: 'silent' }, 'log', '--site', 's', '--build', '2', '--action', 'deploy', '--status', 'ok', '--wait');
+    const run = await runCli({ PATH: process.env.PATH, ...env, LOG_LEVEL: 'silent' }, 'log', '--site', 's', '--build', '2', '--action', 'deploy', '--status', 'ok', '--wait');
     expect(run.err).toBe('');
     expect(run.code).toBe(0);
     expect(JSON.parse(run.out).key).toMatch(/^sites\/s\/logs\/.*-2\.json$/);
   });
 
   it('refuses at start a prefix without a hash tag, saying why', async () => {
-    const run = await stevedore({ PATH: process.env.PATH, ...env, STEVEDORE_PREFIX: 'bull' }, 'worker');
+    const run = await runCli({ PATH: process.env.PATH, ...env, STEVEDORE_PREFIX: 'bull' }, 'worker');
     expect(run.code).toBe(2);
     expect(run.err).toMatch(/STEVEDORE_PREFIX: "bull" has no hash tag, and REDIS_CLUSTER_NODES is set: .*CROSSSLOT.*one slot/);
     expect(() => new StevedoreClient({ redis: { cluster: [{ host: '127.0.0.1', port: cluster.ports[0]! }] }, prefix: 'bull' })).toThrow(/prefix "bull" has no hash tag; .*CROSSSLOT/);

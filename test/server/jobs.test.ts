@@ -4,17 +4,19 @@ import { sessionLockName } from '../../src/session/ids.js';
 import { send } from './http.js';
 import { eventually, testServer, TOKEN, type TestServer } from './harness.js';
 
+// One Redis and one server (with its in-process worker) for the file; each test its own jobs.
+let redis: TestRedis;
+let t: TestServer;
+beforeAll(async () => {
+  redis = await startRedis();
+  t = await testServer(redis.url);
+});
+afterAll(async () => {
+  await t?.close();
+  await redis?.stop();
+});
+
 describe('HTTP jobs API', () => {
-  let redis: TestRedis;
-  let t: TestServer;
-  beforeAll(async () => {
-    redis = await startRedis();
-    t = await testServer(redis.url);
-  });
-  afterAll(async () => {
-    await t?.close();
-    await redis?.stop();
-  });
 
   const inline = (s: string) => ({ key: `inline/${s}`, source: { base64: Buffer.from(s).toString('base64') } });
 
@@ -147,16 +149,6 @@ describe('HTTP jobs API', () => {
 });
 
 describe('DELETE /jobs/<id> (cancel)', () => {
-  let redis: TestRedis;
-  let t: TestServer;
-  beforeAll(async () => {
-    redis = await startRedis();
-    t = await testServer(redis.url);
-  });
-  afterAll(async () => {
-    await t?.close();
-    await redis?.stop();
-  });
 
   it('removes a waiting job', async () => {
     await t.app.client().queue.pause();
@@ -178,7 +170,8 @@ describe('DELETE /jobs/<id> (cancel)', () => {
       const waiting = t.server.inject({ method: 'POST', url: '/jobs/repack-session?wait=30', headers: t.auth, payload: { session: 'o__r__cancel', ops: [{ op: 'put', path: 'f', text: 'x' }] } });
       let id: string | undefined;
       await eventually(async () => {
-        const [job] = await t.app.client().queue.getJobs(['active']);
+        // This test's repack, not a job an earlier test left running on the shared queue.
+        const job = (await t.app.client().queue.getJobs(['active'])).find((j) => j.name === 'repack-session' && (j.data as { session?: string }).session === 'o__r__cancel');
         id = job?.id;
         return id !== undefined;
       }, 'the repack is running');

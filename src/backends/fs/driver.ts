@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { constants, type BigIntStats, type Dirent } from 'node:fs';
-import { link, lstat, mkdir, open, readdir, rename, unlink } from 'node:fs/promises';
+import { lstat, mkdir, open, readdir, rename, unlink } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ErrorCode, StorageError } from '../../errors.js';
@@ -12,7 +12,7 @@ import { syncDir } from '../../storage/sync-dir.js';
 import { adoptFile, hashThrough } from './adopt.js';
 import { claim } from './claim.js';
 import { Containment } from './contain.js';
-import { errno, etagOf, folderTaken, keyName, META_DIR, notFound, preconditionFailed, sidecarPath, TMP_PREFIX, toInfo, unlinkQuiet, type Sidecar } from './layout.js';
+import { errno, etagOf, folderTaken, keyName, linkPath, META_DIR, notFound, preconditionFailed, sidecarPath, TMP_PREFIX, toInfo, unlinkPath, unlinkQuiet, type Sidecar } from './layout.js';
 import { findSidecar, FolderCache } from './sidecar.js';
 import { sweepTree } from './sweep.js';
 import { writeAll } from './write.js';
@@ -117,7 +117,7 @@ export class FsDriver implements Driver {
           await rename(tmp, path).catch(swept(key));
         } else if (opts.ifAbsent) {
           // link() fails with EEXIST when the key exists: an atomic create-if-absent, also on NFS.
-          await link(tmp, path).catch((err: NodeJS.ErrnoException) => {
+          await linkPath(tmp, path).catch((err: NodeJS.ErrnoException) => {
             if (err.code === 'EEXIST') throw new StorageError(ErrorCode.PreconditionFailed, 'object already exists', { op: 'put', key, cause: err });
             return swept(key)(err);
           });
@@ -348,7 +348,7 @@ async function openSidecar(path: string): Promise<number> {
     return await openFd(path, 'wx', 0o644);
   } catch (err) {
     if (errno(err) !== 'EEXIST') throw err;
-    await unlink(path).catch((e: unknown) => { if (errno(e) !== 'ENOENT') throw e; });
+    await unlinkPath(path).catch((e: unknown) => { if (errno(e) !== 'ENOENT') throw e; });
     return openFd(path, 'wx', 0o644);
   }
 }

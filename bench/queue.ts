@@ -49,7 +49,7 @@ async function atomicWrite(path: string, body: Buffer): Promise<void> {
   await syncDir(dirname(path));
 }
 
-interface Ctx { redisUrl: string; root: string }
+export interface Ctx { redisUrl: string; root: string }
 
 /** Enqueues `n` jobs in bulk, then starts the worker and times until the last one completed. */
 async function drain(ctx: Ctx, n: number, name: string, data: (i: number) => object, makeWorker: (queue: string) => Worker): Promise<{ ms: number; latencies: number[]; cpu: { user: number; system: number } }> {
@@ -82,7 +82,7 @@ async function drain(ctx: Ctx, n: number, name: string, data: (i: number) => obj
   return { ms, latencies, cpu };
 }
 
-async function ours(ctx: Ctx, concurrency: number, stagingDir: string): Promise<(queue: string) => Worker> {
+export async function ours(ctx: Ctx, concurrency: number, stagingDir: string): Promise<(queue: string) => Worker> {
   const buckets = new Map([['default', new Bucket(new FsDriver({ root: join(ctx.root, `ours-${randomUUID().slice(0, 6)}`) }))]]);
   return (queue) => startWorker(redisConnection(ctx.redisUrl, 'worker'), { queue, prefix: 'bull', concurrency }, {
     buckets, staging: new Staging(stagingDir), log: pino({ level: 'silent' }), limits: { maxInlineBytes: 1 << 20 },
@@ -98,7 +98,7 @@ async function ours(ctx: Ctx, concurrency: number, stagingDir: string): Promise<
  * rename where our put may link (ifAbsent) and unlink the temp: the plain atomic write, the faster.
  * `one-file` writes the entry alone: what a log without a durable digest per entry costs.
  */
-function bare(ctx: Ctx, concurrency: number, files: 'one-file' | 'two-file'): (queue: string) => Worker {
+export function bare(ctx: Ctx, concurrency: number, files: 'one-file' | 'two-file'): (queue: string) => Worker {
   const root = join(ctx.root, `bare-${randomUUID().slice(0, 6)}`);
   return (queue) => new Worker(queue, async (job: Job) => {
     const d = job.data as { site: string; build: string; action: string; status: string; timestamp: string };

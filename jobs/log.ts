@@ -84,14 +84,15 @@ export async function log(p: LogPayload, d: JobDeps): Promise<LogResult> {
   }
   const bucket = d.bucket(p.backend);
   const identity = jobIdentity(d.jobId, d.enqueuedAt);
-  const digest = createHash('sha256').update(bytes).digest('hex');
+  // Wanted only when a key is taken (to tell our own earlier entry from another's): most jobs never hash twice.
+  let digest: string | undefined;
   // Entries from before identities were recorded carry no job id, or a counter id alone (which
   // another job may share): the same bytes there are this job's own earlier run (the key already
   // held its time, site and build), anything else another entry.
   const plain = isCounterJobId(d.jobId) ? jobIdMeta(d.jobId) : undefined;
   const isOurs = (o: ObjectInfo) => {
     const recorded = o.metadata[JOB_ID_META];
-    return recorded === identity || ((recorded === undefined || recorded === plain) && o.sha256 === digest);
+    return recorded === identity || ((recorded === undefined || recorded === plain) && o.sha256 === (digest ??= createHash('sha256').update(bytes).digest('hex')));
   };
   const put = (key: string, ifAbsent: boolean) => bucket.put(key, bytes, { contentType: 'application/json', metadata: { [JOB_ID_META]: identity }, ifAbsent, signal: d.signal });
   const done = (key: string, again: boolean) => {
@@ -156,6 +157,16 @@ async function entriesAt(bucket: Bucket, site: string, timestamp: string, build:
  * 1970-9999 would break the key's sort and are refused.
  */
 export function normalizeTimestamp(t: string | number): string {
+  // The payload's check and the handler ask for the same value one after the other.
+  if (t === lastTimestamp.t) return lastTimestamp.out;
+  const out = parseTimestamp(t);
+  lastTimestamp = { t, out };
+  return out;
+}
+
+let lastTimestamp: { t: string | number | undefined; out: string } = { t: undefined, out: '' };
+
+function parseTimestamp(t: string | number): string {
   const bad = (why: string): never => {
     throw new StorageError(ErrorCode.InvalidInput, `timestamp: ${JSON.stringify(t).slice(0, 64)} ${why}`, { op: 'log' });
   };

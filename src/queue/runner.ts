@@ -102,7 +102,9 @@ export function throttledProgress(job: Pick<Job, 'updateProgress'>, intervalMs: 
   let last = -Infinity;
   let pending: { bytes: number; total?: number } | undefined;
   let timer: NodeJS.Timeout | undefined;
-  let inFlight: Promise<void> = Promise.resolve();
+  // The update on its way to Redis, until it settles: a job that reported nothing, or whose last
+  // update is already stored (most small jobs), ends without a timer or an await.
+  let inFlight: Promise<void> | undefined;
   const send = () => {
     if (timer) clearTimeout(timer);
     timer = undefined;
@@ -112,7 +114,8 @@ export function throttledProgress(job: Pick<Job, 'updateProgress'>, intervalMs: 
     last = Date.now();
     // Progress is advisory: a failed update must never fail the transfer. Updates go out one
     // after the other on one connection, so Redis keeps the newest.
-    inFlight = job.updateProgress(value).catch(() => {});
+    const sent: Promise<void> = job.updateProgress(value).catch(() => {}).then(() => { if (inFlight === sent) inFlight = undefined; });
+    inFlight = sent;
   };
   return {
     update(done, total) {
@@ -124,6 +127,7 @@ export function throttledProgress(job: Pick<Job, 'updateProgress'>, intervalMs: 
     },
     async flush() {
       send();
+      if (!inFlight) return;
       // Bounded: with Redis away the update would wait for it, and a cancelled job must not.
       let timer: NodeJS.Timeout | undefined;
       await Promise.race([inFlight, new Promise<void>((r) => { timer = setTimeout(r, FLUSH_WAIT_MS); })]);

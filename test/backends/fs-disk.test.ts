@@ -1,6 +1,7 @@
 import { spawn } from 'node:child_process';
 import { mkdir, rename, symlink, truncate, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { Readable } from 'node:stream';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { FsDriver, META_DIR } from '../../src/backends/fs.js';
 import { ErrorCode } from '../../src/errors.js';
@@ -28,6 +29,20 @@ describe('filesystem backend on disk', () => {
     expect(files).toContain('sites/web/artifacts/1.tar.gz');
     expect(files.filter((f) => f.includes(`${META_DIR}/`))).toHaveLength(1);
     expect(files).toHaveLength(2);
+  });
+
+  // A body announced smaller than one chunk takes the short write path (write.ts writeSmall).
+  it('stores nothing from a small stream longer or shorter than its announced size, and keeps the old object', async () => {
+    await bucket.put('k', Buffer.from('old'));
+    for (const [announced, actual] of [[5, 'six by'], [7, 'six by']] as const) {
+      expect(await codeOf(bucket.put('k', Readable.from([Buffer.from(actual)]), { size: announced }))).toBe(ErrorCode.ChecksumMismatch);
+      expect((await readAll((await bucket.get('k')).stream)).toString()).toBe('old');
+    }
+    // Nothing left but the object and its sidecar: no temp file, no stray sidecar.
+    expect(await filesUnder(root)).toHaveLength(2);
+    const small = await bucket.put('k', Readable.from([Buffer.from('six '), Buffer.from('by')]), { size: 6 });
+    expect(small.sha256).toBe(sha(Buffer.from('six by')));
+    expect((await readAll((await bucket.get('k')).stream)).toString()).toBe('six by');
   });
 
   it('never shows the temp file of a writer killed with -9, and sweeps it', async () => {

@@ -1,9 +1,10 @@
 import { join } from 'node:path';
 import type { Job } from 'bullmq';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { MemoryDriver } from '../../src/backends/memory.js';
 import { ErrorCode, StorageError } from '../../src/errors.js';
 import { Bucket } from '../../src/storage/bucket.js';
+import { throttledProgress } from '../../src/queue/runner.js';
 import type { Driver, PutBody } from '../../src/storage/driver.js';
 import { writeRandomFile } from '../fixtures/big-file.js';
 import { overrideDriver } from '../fixtures/override-driver.js';
@@ -85,3 +86,29 @@ async function lastJobId(w: InProcessWorker): Promise<string> {
   const [job] = await w.client.queue.getJobs(['completed', 'failed'], 0, 0, false);
   return job!.id!;
 }
+
+// Most jobs report nothing (a log entry) or have their last update stored before they end: their
+// end must cost no timer and no wait.
+describe('throttledProgress flush', () => {
+  afterEach(() => { vi.useRealTimers(); });
+  it('sets no timer when nothing was reported or the last update already reached Redis, and still sends a held-back one', async () => {
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout', 'Date'] });
+    const sent: unknown[] = [];
+    const p = throttledProgress({ updateProgress: async (v: unknown) => { sent.push(v); } } as Pick<Job, 'updateProgress'>, 1000, () => {});
+    // Checked while the flush runs: a timer it set would be cleared again by the time it resolved.
+    const idle = p.flush();
+    expect(vi.getTimerCount()).toBe(0);
+    await idle;
+    p.update(1);
+    for (let i = 0; i < 3; i++) await Promise.resolve();
+    const stored = p.flush();
+    expect(vi.getTimerCount()).toBe(0);
+    await stored;
+    // Held back by the interval: the flush sends it.
+    p.update(2);
+    expect(vi.getTimerCount()).toBe(1);
+    await p.flush();
+    expect(sent).toEqual([{ bytes: 1 }, { bytes: 2 }]);
+    expect(vi.getTimerCount()).toBe(0);
+  });
+});

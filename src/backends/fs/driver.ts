@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { constants, type BigIntStats, type Dirent } from 'node:fs';
-import { link, lstat, mkdir, open, readdir, rename, unlink } from 'node:fs/promises';
+import { lstat, mkdir, open, readdir, rename, unlink } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ErrorCode, StorageError } from '../../errors.js';
@@ -12,7 +12,7 @@ import { syncDir } from '../../storage/sync-dir.js';
 import { adoptFile, hashThrough } from './adopt.js';
 import { claim } from './claim.js';
 import { Containment } from './contain.js';
-import { errno, etagOf, folderTaken, keyName, META_DIR, notFound, preconditionFailed, sidecarPath, TMP_PREFIX, toInfo, unlinkQuiet, type Sidecar } from './layout.js';
+import { errno, etagOf, folderTaken, keyName, linkPath, META_DIR, notFound, preconditionFailed, sidecarPath, TMP_PREFIX, toInfo, unlinkPath, unlinkQuiet, type Sidecar } from './layout.js';
 import { findSidecar, FolderCache } from './sidecar.js';
 import { sweepTree } from './sweep.js';
 import { writeAll } from './write.js';
@@ -71,6 +71,8 @@ export class FsDriver implements Driver {
       return openFd(tmp, 'wx', 0o644);
     });
     let sidecar: string | undefined;
+    // Set once both descriptors are done with: their closes run beside the commit.
+    let closing: Promise<unknown> | undefined;
     try {
       let st: BigIntStats;
       let meta: Sidecar;
@@ -80,13 +82,20 @@ export class FsDriver implements Driver {
       // write does. The name belongs to an inode nobody can see yet: no temp-and-rename needed.
       let sc: number | undefined;
       try {
-        sidecar = sidecarPath(dir, name, (await fstatFd(fd)).ino);
-        sc = await openSidecar(sidecar);
-        const sidecarFd = sc;
-        const entries = this.fsync ? syncDir(join(dir, META_DIR)) : Promise.resolve();
-        entries.catch(() => {}); // awaited below; a failure must not be unhandled meanwhile
+        let entries: Promise<void> = Promise.resolve();
+        // The bytes stream while the sidecar is made (a small body is written before its fstat
+        // and open come back): neither waits on the other, and both end before anything else.
+        const opening = (async () => {
+          sidecar = sidecarPath(dir, name, (await fstatFd(fd)).ino);
+          sc = await openSidecar(sidecar);
+          if (this.fsync) entries = syncDir(join(dir, META_DIR));
+          entries.catch(() => {}); // awaited below; a failure must not be unhandled meanwhile
+        })();
+        const writing = adopted === undefined ? writeAll(fd, body, opts.signal, this.fsync) : hashThrough(fd, body, opts.signal, this.fsync);
         try {
-          await (adopted === undefined ? writeAll(fd, body, opts.signal, this.fsync) : hashThrough(fd, body, opts.signal, this.fsync));
+          const started = await Promise.allSettled([writing, opening]);
+          for (const r of started) if (r.status === 'rejected') throw r.reason;
+          const sidecarFd = sc!;
           const { sha256, size } = body.digest();
           // Beside the data's fsync (which changes no mtime): the sidecar's fstat, write and fsync.
           const writeMeta = async (): Promise<[BigIntStats, Sidecar]> => {
@@ -104,8 +113,9 @@ export class FsDriver implements Driver {
           await entries.catch(() => {});
         }
       } finally {
-        // Both descriptors, whatever failed (the first fstat or the sidecar's open included).
-        await Promise.allSettled([closeFd(fd), sc === undefined ? undefined : closeFd(sc)]);
+        // Both descriptors, whatever failed (the first fstat or the sidecar's open included). Both
+        // files are written and fsynced by now (or the put failed): the commit need not wait for it.
+        closing = Promise.allSettled([closeFd(fd), sc === undefined ? undefined : closeFd(sc)]);
       }
       // The replaced version is held (open, or linked by the claim) until its sidecar is removed:
       // freed, its inode number could go to a new put's temp file, whose sidecar has that name.
@@ -117,7 +127,7 @@ export class FsDriver implements Driver {
           await rename(tmp, path).catch(swept(key));
         } else if (opts.ifAbsent) {
           // link() fails with EEXIST when the key exists: an atomic create-if-absent, also on NFS.
-          await link(tmp, path).catch((err: NodeJS.ErrnoException) => {
+          await linkPath(tmp, path).catch((err: NodeJS.ErrnoException) => {
             if (err.code === 'EEXIST') throw new StorageError(ErrorCode.PreconditionFailed, 'object already exists', { op: 'put', key, cause: err });
             return swept(key)(err);
           });
@@ -131,10 +141,11 @@ export class FsDriver implements Driver {
         await Promise.all([opts.ifAbsent && opts.ifMatch === undefined ? unlinkQuiet(tmp) : undefined, this.fsync ? syncDir(dir) : undefined]);
         if (old && old.st.ino !== st.ino) await unlinkQuiet(sidecarPath(dir, name, old.st.ino));
       } finally {
-        await old?.release();
+        await Promise.all([old?.release(), closing]);
       }
       return toInfo(key, st, meta);
     } catch (err) {
+      await closing;
       // The sidecar first: it must never be left without its temp file, by which readers of a
       // copied tree tell a put under way from a copied sidecar (sidecar.ts).
       if (sidecar) await unlinkQuiet(sidecar);
@@ -348,7 +359,7 @@ async function openSidecar(path: string): Promise<number> {
     return await openFd(path, 'wx', 0o644);
   } catch (err) {
     if (errno(err) !== 'EEXIST') throw err;
-    await unlink(path).catch((e: unknown) => { if (errno(e) !== 'ENOENT') throw e; });
+    await unlinkPath(path).catch((e: unknown) => { if (errno(e) !== 'ENOENT') throw e; });
     return openFd(path, 'wx', 0o644);
   }
 }

@@ -19,9 +19,7 @@ const PUT_BUFFERS = 32;
 const spare: Buffer[] = [];
 const SPARE_MAX = 48;
 
-/** A body known to be small gets two buffers its size: one for its bytes, one for the read that finds the end. */
 function takeBuffers(size: number | undefined): Buffer[] {
-  if (size !== undefined && size < PUT_CHUNK) return [0, 1].map(() => Buffer.allocUnsafe(Math.max(1, size)));
   const count = size === undefined ? PUT_BUFFERS : Math.min(PUT_BUFFERS, Math.ceil(size / PUT_CHUNK) + 1);
   return Array.from({ length: count }, () => spare.pop() ?? Buffer.allocUnsafeSlow(PUT_CHUNK));
 }
@@ -41,6 +39,7 @@ function giveBuffers(bufs: Buffer[]): void {
  * objects).
  */
 export async function writeAll(fd: number, body: PutBody, signal: AbortSignal | undefined, flush: boolean): Promise<void> {
+  if (body.size !== undefined && body.size < PUT_CHUNK) return writeSmall(fd, body, signal);
   const bufs = takeBuffers(body.size);
   const free = [...bufs];
   const full: { buf: Buffer; n: number }[] = [];
@@ -111,4 +110,18 @@ export async function writeAll(fd: number, body: PutBody, signal: AbortSignal | 
     giveBuffers(bufs);
   }
   if (failed) throw failed.err;
+}
+
+/**
+ * A body announced smaller than one chunk (a log entry, a sidecar-sized object): read and written
+ * in turn through one buffer a byte longer than announced, so the read that finds the end (or a
+ * body longer than announced, which the hasher then refuses) needs no second buffer, and the
+ * reader and writer of writeAll, which only pay on large bodies, are not set up.
+ */
+async function writeSmall(fd: number, body: PutBody, signal: AbortSignal | undefined): Promise<void> {
+  const buf = Buffer.allocUnsafe(body.size! + 1);
+  for (let n; (n = await body.read(buf)) > 0;) {
+    signal?.throwIfAborted();
+    await writeFully(fd, buf, n);
+  }
 }

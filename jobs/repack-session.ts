@@ -128,6 +128,7 @@ async function holdBatch(holder: GroupHolder, p: RepackPayload, self: BatchJob, 
     jobs.sort(byEnqueueOrder);
     const { take, rest } = fitBatch(jobs, self.id, { maxOps: MAX_OPS, maxInlineBytes: BATCH_INLINE_TIMES * d.limits.maxInlineBytes, maxMarkChars: APPLIED_MAX_CHARS });
     await holder.giveBack(rest.flatMap((j) => (j.member ? [j.member] : [])));
+    d.log.info({ key, jobs: take.map((j) => j.id), left: rest.length }, 'applying a batch of queued repacks under the session lock');
     const seal = async (ids: readonly string[]): Promise<() => Promise<void>> => {
       const others = ids.filter((id) => id !== self.id);
       const gone = await holder.seal(others);
@@ -139,8 +140,9 @@ async function holdBatch(holder: GroupHolder, p: RepackPayload, self: BatchJob, 
     await holder.giveBack(claimed.filter((m) => m.id !== self.id && !finished.has(m.id))).catch(() => {});
     throw lostOr(err, holder.lease);
   } finally {
-    const outcomes = new Map<string, string>();
-    for (const [id, o] of finished) if (id !== self.id && o) outcomes.set(id, encodeOutcome(o));
+    // This job's own entry goes too: with its outcome, for a redelivery of it after a commit.
+    const outcomes = new Map<string, string>([[self.id, '']]);
+    for (const [id, o] of finished) outcomes.set(id, o ? encodeOutcome(o) : '');
     await holder.finish(outcomes).catch((err: unknown) => d.log.warn({ err, key }, 'could not record the outcomes of the batch\'s other jobs: they find their edits in the archive'));
     await holder.lease.release();
   }

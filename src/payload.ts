@@ -133,7 +133,7 @@ export interface GroupHolder {
   seal(ids: readonly string[]): Promise<string[]>;
   /** The commit did not happen: the members may withdraw again. */
   unseal(ids: readonly string[]): Promise<void>;
-  /** Records each member's outcome (kept for a while in Redis) and lets them go. */
+  /** Records each member's outcome (kept for a while in Redis; none when empty) and lets them go. */
   finish(outcomes: ReadonlyMap<string, string>): Promise<void>;
   /** Puts members back in the queue, for the lock's next holder. */
   giveBack(members: readonly GroupMember[]): Promise<void>;

@@ -103,11 +103,11 @@ end
 for k = 3, 6 do redis.call('hdel', KEYS[k], ARGV[1]) end
 return {'withdrawn'}`;
 
-/** KEYS queue data claims sealed withdrawn outcome...; ARGV ttl (id outcome)... */
+/** KEYS queue data claims sealed withdrawn outcome...; ARGV ttl (id outcome)...; an empty outcome records none. */
 const FINISH = `
 for i = 2, #ARGV, 2 do
   local id = ARGV[i]
-  redis.call('set', KEYS[5 + i / 2], ARGV[i + 1], 'PX', ARGV[1])
+  if ARGV[i + 1] ~= '' then redis.call('set', KEYS[5 + i / 2], ARGV[i + 1], 'PX', ARGV[1]) end
   redis.call('zrem', KEYS[1], id)
   for k = 2, 5 do redis.call('hdel', KEYS[k], id) end
 end

@@ -67,8 +67,8 @@ describe('repack-session group commit (in-process, real Redis)', () => {
   const locks = () => new RedisLocks(conn, { prefix: 'bull', queue: QUEUE });
   /** Holds the session's lock (as a whole-session write would) so that jobs queue up behind it. */
   const block = (s: string): Promise<Lease> => locks().acquire(sessionLockName(s), new AbortController().signal);
-  const job = (s: string, ops: unknown[], opts: { signal?: AbortSignal; neverHolds?: boolean; enqueuedAt?: number } = {}): { id: string; done: Promise<RepackResult> } => {
-    const id = `g${++n}`;
+  const job = (s: string, ops: unknown[], opts: { signal?: AbortSignal; neverHolds?: boolean; enqueuedAt?: number; id?: string } = {}): { id: string; done: Promise<RepackResult> } => {
+    const id = opts.id ?? `g${++n}`;
     const d = { ...jobDeps(bucket, conn, staging, { jobId: id, queue: QUEUE, enqueuedAt: opts.enqueuedAt ?? Date.parse('2026-12-02T09:00:00.000Z') + n, ...(opts.signal ? { signal: opts.signal } : {}) }) };
     if (opts.neverHolds) d.locks = new NeverHolds(conn, { prefix: 'bull', queue: QUEUE });
     return { id, done: repackSession(parsePayload(RepackPayload, { session: s, ops }), d) };
@@ -106,6 +106,11 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     const left = await groupKeys(s);
     expect(left.every((k) => k.includes(':outcome:'))).toBe(true);
     for (const k of left) expect(await conn.pttl(k)).toBeGreaterThan(0);
+    // A redelivery of a batched job, its outcome expired: its mark is found, nothing is written again.
+    await conn.del(...left);
+    const again = await job(s, [{ op: 'put', path: 'edits/5.txt', text: 'edit 5\n' }], { id: jobs[5]!.id, enqueuedAt: Date.parse('2026-12-02T09:00:00.000Z') + Number(jobs[5]!.id.slice(1)) }).done;
+    expect(again).toMatchObject({ sha256: results[0]!.sha256, missing: [] });
+    expect((await bucket.stat(sessionKey(s))).sha256).toBe(results[0]!.sha256);
   });
 
   it('fails only the job whose ifSha256 does not hold; the rest of its batch commits', async () => {
@@ -235,11 +240,15 @@ describe('repack-session group commit across worker processes', () => {
     const ids = await Promise.all(Array.from({ length: edits }, (_, i) => client.repackSession({ session, ops: [{ op: 'put', path: `edits/${i}.txt`, text: `edit ${i}\n` }] })));
     await until('every job to queue', async () => (await conn.zcard(`bull:${env.STEVEDORE_QUEUE}:group:session:${session}:default:queue`)) >= edits);
     await blocker.release();
-    const batch = (w: WorkerProcess) => w.logs().find((l) => l.msg === 'applying a batch of queued repacks under the session lock');
+    const batch = (w: WorkerProcess) => w.logs().find((l) => l.msg === 'applying a batch of queued repacks under the session lock' && (l.jobs as string[]).includes(ids[0]!));
     const holder = await until('a holder to start its batch', async () => ws.find((w) => batch(w)), 30_000, 5);
     expect((batch(holder)!.jobs as string[]).length).toBe(edits);
     holder.kill('SIGKILL');
     await holder.exited;
+    // Killed before its commit: the archive is the one before the batch.
+    const before = bucket();
+    expect((await listSession(before, session)).entries.map((e) => e.path)).toEqual(['huge.bin']);
+    await before.close();
     // A fresh worker for the killed one's jobs (redelivered once the stalled check sees them).
     spawned.push(await spawnWorker(env));
     const got = await results(client, ids);

@@ -76,7 +76,9 @@ export interface RepackResult {
 export async function repackSession(p: RepackPayload, d: JobDeps): Promise<RepackResult> {
   const key = sessionKey(p.session);
   if (!d.locks) throw new StorageError(ErrorCode.Unknown, 'repack-session needs the worker\'s lock service (JobDeps.locks)', { op: 'repack', key });
-  const self: BatchJob = { id: d.jobId, mark: `${d.jobId}@${d.enqueuedAt}`, enqueuedAt: d.enqueuedAt, ops: await planOps(p, d), create: p.create ?? true };
+  // Known by its mark, so a later job reusing the id never meets this one's outcome.
+  const mark = `${d.jobId}@${d.enqueuedAt}`;
+  const self: BatchJob = { id: mark, mark, enqueuedAt: d.enqueuedAt, ops: await planOps(p, d), create: p.create ?? true };
   const lockName = sessionLockName(p.session);
   const group = d.locks.group;
   if (!group || !APPLIED_ID.test(self.mark)) {
@@ -155,11 +157,11 @@ const BATCH_INLINE_TIMES = 8;
 /** A queued job's ops, checked as the job itself checked them (its staged files are in the shared staging area). */
 async function absorbed(m: GroupMember, p: RepackPayload, d: JobDeps): Promise<BatchJob> {
   const parsed = QueuedRepack.safeParse(JSON.parse(m.data));
-  if (!parsed.success || parsed.data.jobId !== m.id || parsed.data.payload.session !== p.session || parsed.data.payload.backend !== p.backend) {
+  if (!parsed.success || `${parsed.data.jobId}@${parsed.data.enqueuedAt}` !== m.id || parsed.data.payload.session !== p.session || parsed.data.payload.backend !== p.backend) {
     throw new StorageError(ErrorCode.InvalidInput, 'the queued repack does not match its batch', { op: 'repack', key: sessionKey(p.session) });
   }
   const { jobId, enqueuedAt, payload } = parsed.data;
-  return { id: jobId, mark: `${jobId}@${enqueuedAt}`, enqueuedAt, ops: await planOps(payload, d), create: payload.create ?? true };
+  return { id: m.id, mark: m.id, enqueuedAt, ops: await planOps(payload, d), create: payload.create ?? true };
 }
 
 function ownOutcome(finished: Finished, id: string): RepackResult {

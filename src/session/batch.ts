@@ -11,6 +11,7 @@ import { EditPlan, OpFailed, type PlanOp } from './plan.js';
 
 /** One job of a batch, its ops checked and their bodies found. */
 export interface BatchJob {
+  /** Its id in the batch's queue: the mark. */
   id: string;
   /** `<jobId>@<enqueuedAt>`: recorded in the archive's metadata by the commit that applied it. */
   mark: string;
@@ -53,10 +54,10 @@ export class BatchPlan {
   }
 }
 
-/** Orders jobs by enqueue time, then id (numeric ids by value): the order their edits apply in. */
+/** Orders jobs by enqueue time, then job id (numeric ids by value): the order their edits apply in. */
 export function byEnqueueOrder(a: { enqueuedAt: number; id: string }, b: { enqueuedAt: number; id: string }): number {
   if (a.enqueuedAt !== b.enqueuedAt) return a.enqueuedAt - b.enqueuedAt;
-  const [x, y] = [Number(a.id), Number(b.id)];
+  const [x, y] = [Number(a.id.split('@')[0]), Number(b.id.split('@')[0])];
   if (Number.isSafeInteger(x) && Number.isSafeInteger(y)) return x - y;
   return a.id < b.id ? -1 : a.id > b.id ? 1 : 0;
 }

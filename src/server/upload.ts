@@ -1,6 +1,7 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { createWriteStream } from 'node:fs';
 import { mkdir, open, rename, rm } from 'node:fs/promises';
+import type { IncomingHttpHeaders } from 'node:http';
 import { join } from 'node:path';
 import { Transform, type Readable, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -37,6 +38,20 @@ export interface ReceiveOptions {
   idleMs?: number;
   /** What the 413 and 422 answers are called under the session routes. */
   codes?: { tooLarge: string; mismatch: string };
+}
+
+/**
+ * The request's `Content-Length`, parsed strictly: digits only (RFC 9110), a safe integer. Anything
+ * else is 400 with `code` (`Number()` would turn `abc` into NaN, which no limit check refuses, and
+ * `1e9` or ` 12` into numbers the client did not send). Node's own parser refuses most bad values
+ * on a real socket already; this is the one place the server reads the header.
+ */
+export function declaredLength(headers: IncomingHttpHeaders, code: string = ErrorCode.InvalidInput): number | undefined {
+  const v = headers['content-length'];
+  if (v === undefined) return undefined;
+  const n = /^\d+$/.test(v) ? Number(v) : NaN;
+  if (!Number.isSafeInteger(n)) throw new HttpError(400, code, `InvalidInput: Content-Length: must be a number of bytes, got ${JSON.stringify(v.slice(0, 40))}`);
+  return n;
 }
 
 export const tooLarge = (limit: number, code = ErrorCode.InvalidInput as string): HttpError =>

@@ -47,6 +47,20 @@ describe('uploads: limits and broken clients (RELIABILITY #26, #27)', () => {
     expect(ok.status, ok.body).toBe(200);
   });
 
+  it('a Content-Length that is not digits is 400 before a byte is read, on every upload route', async () => {
+    for (const bad of ['abc', '1e3', '-1', '12 ', '0x10']) {
+      const art = await t.server.inject({ method: 'PUT', url: '/sites/s/artifacts/b', headers: { ...t.auth, 'content-length': bad }, payload: Buffer.alloc(4) });
+      expect(art.statusCode, bad).toBe(400);
+      expect(art.json()).toMatchObject({ error: 'InvalidInput', message: expect.stringContaining('Content-Length') });
+      for (const url of ['/api/storage-worker/sessions/o__r__b/files/f', '/api/storage-worker/sessions/o__r__b/upload']) {
+        const res = await t.server.inject({ method: url.endsWith('upload') ? 'POST' : 'PUT', url, headers: { ...t.auth, 'content-length': bad }, payload: Buffer.alloc(4) });
+        expect(res.statusCode, `${url} ${bad}`).toBe(400);
+        expect(res.json()).toMatchObject({ error: 'invalid_request' });
+      }
+    }
+    await nothingLeft();
+  });
+
   it('under the session routes the limit is upload_too_large', async () => {
     const res = await t.server.inject({ method: 'PUT', url: '/api/storage-worker/sessions/o__r__b/files/big', headers: { ...t.auth, 'content-length': String(LIMIT + 1) }, payload: Buffer.alloc(LIMIT + 1) });
     expect(res.statusCode).toBe(413);

@@ -8,7 +8,7 @@ import { queryParam, type RouteContext } from '../context.js';
 import { enqueue, parseWait } from '../enqueue.js';
 import { HttpError } from '../errors.js';
 import { notModified, parseRange, sendVerified, setHeaders } from '../serve.js';
-import { receiveToStaging } from '../upload.js';
+import { declaredLength, receiveToStaging } from '../upload.js';
 
 /** The contract's artifact key for a build. */
 export const artifactKey = (site: string, build: string): string => `sites/${site}/artifacts/${build}.tar.gz`;
@@ -38,7 +38,7 @@ export function artifactRoutes(ctx: RouteContext) {
       const waitSeconds = parseWait(req.query);
       const header = req.headers['x-content-sha256'];
       const sha256 = typeof header === 'string' ? checkSha(header) : undefined;
-      const declared = req.headers['content-length'] === undefined ? undefined : Number(req.headers['content-length']);
+      const declared = declaredLength(req.headers);
       // Before the body is read: an upload that cannot be enqueued is refused at once.
       await ctx.redisReady();
       const staged = await receiveToStaging(bodyOf(req), ctx.staging, { limit: ctx.maxUploadBytes, declared, sha256, durable: waitSeconds === undefined });

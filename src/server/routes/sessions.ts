@@ -10,7 +10,7 @@ import { queryParam, type RouteContext } from '../context.js';
 import { enqueue } from '../enqueue.js';
 import { HttpError, sessionAnswer, STATUS } from '../errors.js';
 import { notModified, parseRange, sendVerified, setHeaders } from '../serve.js';
-import { receiveToStaging } from '../upload.js';
+import { declaredLength, receiveToStaging } from '../upload.js';
 import { bodyOf } from './artifacts.js';
 
 /** How long a file write waits for its repack before answering 503 (the edit still lands later). */
@@ -150,7 +150,7 @@ export function sessionRoutes(ctx: RouteContext) {
     server.post('/:session/upload', async (req) => {
       const s = session(req.params);
       const bucket = ctx.bucket(queryParam(req.query, 'backend'));
-      const declared = req.headers['content-length'] === undefined ? undefined : Number(req.headers['content-length']);
+      const declared = declaredLength(req.headers, 'invalid_request');
       // Stored here, with the received digest, before the answer: no fsync of the staged copy needed.
       const staged = await receiveToStaging(bodyOf(req), ctx.staging, { limit: ctx.maxUploadBytes, declared, codes: SESSION_CODES, durable: false });
       try {
@@ -212,7 +212,7 @@ export function sessionRoutes(ctx: RouteContext) {
       const ifSha256 = ifMatch(req);
       const backend = queryParam(req.query, 'backend') ?? 'default';
       ctx.bucket(backend);
-      const declared = req.headers['content-length'] === undefined ? undefined : Number(req.headers['content-length']);
+      const declared = declaredLength(req.headers, 'invalid_request');
       // Durable: a repack op carries no digest of its source, and the job outlives a crash of this server.
       const staged = await receiveToStaging(bodyOf(req), ctx.staging, { limit: ctx.maxUploadBytes, declared, codes: SESSION_CODES });
       // The staged file goes once the job is over, not when this answer does: a repack still

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { createHash, webcrypto } from 'node:crypto';
 import { deflateRawSync, inflateRawSync } from 'node:zlib';
 import { z } from 'zod';
 import { ErrorCode, StorageError } from '../errors.js';
@@ -167,6 +167,14 @@ export function readBlobMembers(id: 'i' | 'd' | 'f', bytes: Buffer): Buffer | un
 }
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
+
+/**
+ * A segment's sha256 (hex), computed on the libuv pool (WebCrypto's digest is an async job), so
+ * the segments in flight are checked on the other core while the main thread reads and writes.
+ */
+export async function segmentSha256(c: Buffer): Promise<string> {
+  return Buffer.from(await webcrypto.subtle.digest('SHA-256', c)).toString('hex');
+}
 
 /** The trailer of the first member, then the digest and index members, then the footer. */
 export function tail(ix: SeekIndex): Buffer {

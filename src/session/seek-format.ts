@@ -89,7 +89,11 @@ const Stored = z.strictObject({
   crc: z.number().int().min(0).max(0xffffffff),
 });
 
-/** The index as stored: deflated JSON, entry starts as deltas (they compress far better). */
+/**
+ * The index as stored: deflated JSON, entry starts as deltas (they compress far better). Level 6,
+ * not 9: on a 5,207-entry index (313 segments) level 9 took 50-200 ms of every write, level 6
+ * 14-40 ms, for 7% more bytes (58 against 54 KB, still inside the tail a read takes first).
+ */
 export function encodeIndex(ix: SeekIndex): Buffer {
   let prev = 0;
   const stored: z.infer<typeof Stored> = {
@@ -102,7 +106,7 @@ export function encodeIndex(ix: SeekIndex): Buffer {
     }),
     crc: ix.crc,
   };
-  return deflateRawSync(JSON.stringify(stored), { level: 9 });
+  return deflateRawSync(JSON.stringify(stored), { level: 6 });
 }
 
 const corrupt = (why: string, key?: string): StorageError => new StorageError(ErrorCode.InvalidInput, `seekable index: ${why}`, { op: 'session', ...(key ? { key } : {}) });

@@ -94,6 +94,49 @@ export interface Lease {
 export interface Locks {
   /** Waits (bounded) for the lock; Transient when it stays busy, or when `signal` aborts the wait. */
   acquire(name: string, signal: AbortSignal): Promise<Lease>;
+  /** Group commit: jobs waiting for a lock hand their work to its holder (absent: each job takes the lock in turn). */
+  readonly group?: GroupCommit;
+}
+
+/** One job's work as queued for a lock's holder: ordered by `score`, then by `id`. */
+export interface GroupMember {
+  id: string;
+  score: number;
+  /** The work itself, as the holder will read it (JSON). */
+  data: string;
+}
+
+/**
+ * Jobs that need the same lock queue their work in Redis while they wait; whoever gets the lock
+ * takes the queue, does it all at once, and hands each job its outcome (src/queue/group-commit.ts).
+ */
+export interface GroupCommit {
+  /**
+   * Queues `member`'s work under lock `lock` (queue `group`) and waits: resolves with the outcome
+   * a holder recorded for it, or with a holder of its own once it has the lock (its own work is
+   * then queued with the rest). When `signal` aborts, the work is withdrawn unless a holder has
+   * already sealed it into a commit, in which case the outcome is awaited. Transient when the lock
+   * stays busy with the work unclaimed for the lock's wait time.
+   */
+  join(lock: string, group: string, member: GroupMember, signal: AbortSignal): Promise<{ outcome: string } | { holder: GroupHolder }>;
+}
+
+/** The lock's holder and the members it took from the queue. Members it does not finish go back to the queue. */
+export interface GroupHolder {
+  readonly lease: Lease;
+  /** Takes up to `max` queued members, in order; they are this holder's until it finishes or gives them back. */
+  claim(max: number): Promise<GroupMember[]>;
+  /**
+   * Right before a commit: returns the claimed members among `ids` that withdrew (they are gone);
+   * when none did, the rest can no longer withdraw and wait for their outcome instead.
+   */
+  seal(ids: readonly string[]): Promise<string[]>;
+  /** The commit did not happen: the members may withdraw again. */
+  unseal(ids: readonly string[]): Promise<void>;
+  /** Records each member's outcome (kept for a while in Redis; none when empty) and lets them go. */
+  finish(outcomes: ReadonlyMap<string, string>): Promise<void>;
+  /** Puts members back in the queue, for the lock's next holder. */
+  giveBack(members: readonly GroupMember[]): Promise<void>;
 }
 
 const storageRule = (check: (v: string) => unknown) => (v: string, ctx: z.RefinementCtx) => {

@@ -1,7 +1,8 @@
 import { randomBytes } from 'node:crypto';
 import type { Redis } from 'ioredis';
 import { ErrorCode, StorageError } from '../errors.js';
-import type { Lease, Locks } from '../payload.js';
+import type { GroupCommit, Lease, Locks } from '../payload.js';
+import { RedisGroupCommit } from './group-commit.js';
 
 /** Renews only our own lock: a lock that expired and was taken by another holder is left alone. */
 const RENEW = `if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end`;
@@ -40,11 +41,14 @@ export class RedisLocks implements Locks {
   private readonly ttlMs: number;
   private readonly waitMs: number;
   private readonly callTimeoutMs: number;
+  /** Work queued for a lock's holder by the jobs waiting for it (src/queue/group-commit.ts). */
+  readonly group: GroupCommit;
 
   constructor(private readonly redis: LockRedis, private readonly opts: RedisLocksOptions) {
     this.ttlMs = opts.ttlMs ?? 30_000;
     this.waitMs = opts.waitMs ?? 60_000;
     this.callTimeoutMs = opts.callTimeoutMs ?? Math.min(5_000, Math.max(50, Math.floor(this.ttlMs / 3)));
+    this.group = new RedisGroupCommit(redis, this, { prefix: opts.prefix, queue: opts.queue, waitMs: this.waitMs, ttlMs: this.ttlMs, call: (p) => this.call(p) });
   }
 
   /** The Redis key of lock `name`. */
@@ -53,18 +57,24 @@ export class RedisLocks implements Locks {
   }
 
   async acquire(name: string, signal: AbortSignal): Promise<Lease> {
-    const key = this.key(name);
     const token = randomBytes(16).toString('hex');
     const deadline = Date.now() + this.waitMs;
     for (let delay = 20; ; delay = Math.min(delay * 2, 500)) {
       if (signal.aborted) throw new StorageError(ErrorCode.Transient, `waiting for lock ${name} aborted`, { op: 'lock', cause: signal.reason });
-      const got = await this.call(this.redis.set(key, token, 'PX', this.ttlMs, 'NX')).catch(() => null);
-      if (got === 'OK') return this.lease(name, key, token);
+      const got = await this.tryAcquire(name, token);
+      if (got) return got.lease;
       const left = deadline - Date.now();
       if (left <= 0) throw new StorageError(ErrorCode.Transient, `lock ${name} still busy after ${this.waitMs} ms`, { op: 'lock' });
       // Full jitter, so waiters do not retry in step.
       await sleep(Math.min(left, Math.max(5, Math.random() * delay)), signal);
     }
+  }
+
+  /** One try: the lease and its token (what Redis holds under the key) when the lock was free, else undefined. */
+  async tryAcquire(name: string, token = randomBytes(16).toString('hex')): Promise<{ lease: Lease; token: string } | undefined> {
+    const key = this.key(name);
+    const got = await this.call(this.redis.set(key, token, 'PX', this.ttlMs, 'NX')).catch(() => null);
+    return got === 'OK' ? { lease: this.lease(name, key, token), token } : undefined;
   }
 
   private lease(name: string, key: string, token: string): Lease {
@@ -108,7 +118,8 @@ export class RedisLocks implements Locks {
     };
   }
 
-  private call<T>(p: Promise<T>): Promise<T> {
+  /** A Redis call bounded by `callTimeoutMs`. */
+  call<T>(p: Promise<T>): Promise<T> {
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(() => reject(new Error(`redis call over ${this.callTimeoutMs} ms`)), this.callTimeoutMs);
@@ -117,7 +128,7 @@ export class RedisLocks implements Locks {
   }
 }
 
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
+export function sleep(ms: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
     const done = (): void => { clearTimeout(timer); signal.removeEventListener('abort', done); resolve(); };
     const timer = setTimeout(done, ms);

@@ -29,6 +29,16 @@ export class SpoolNeeded extends StorageError {
   }
 }
 
+/**
+ * An op that cannot apply (its condition, or a path the archive holds otherwise): carries the
+ * op's index, so a batch of several jobs' ops can tell whose op it was.
+ */
+export class OpFailed extends StorageError {
+  constructor(code: ErrorCode, readonly index: number, readonly why: string) {
+    super(code, `ops.${index}: ${why}`, { op: 'repack' });
+  }
+}
+
 /** `a/b` covers `a/b` and everything under it, never `a/bc`. */
 const covers = (p: string, q: string): boolean => q === p || (q.length > p.length && q.startsWith(p) && q[p.length] === '/');
 
@@ -151,7 +161,7 @@ export class PlanRun {
     const fp = plan.finalPut.get(p);
     if (fp !== undefined && deletes.length === 0) {
       if (type === 'directory') {
-        throw new StorageError(ErrorCode.InvalidInput, `ops.${fp}: "${p}" is a directory in the archive; delete it first to put a file there`, { op: 'repack' });
+        throw new OpFailed(ErrorCode.InvalidInput, fp, `"${p}" is a directory in the archive; delete it first to put a file there`);
       }
       // A second entry of the same path (tar's "the later one wins") goes: the new content stands once.
       if (this.replaced.has(p)) return 'drop';
@@ -202,11 +212,11 @@ export class PlanRun {
     }
   }
 
-  /** Paths of deletes that found nothing, in op order. */
-  missing(): string[] {
+  /** Paths of deletes that found nothing, in op order; of ops `from` to `to` (excluded) only when given. */
+  missing(from = 0, to = this.plan.ops.length): string[] {
     const out: string[] = [];
     this.plan.ops.forEach((o, k) => {
-      if (o.op === 'delete' && !this.hit.has(k) && !this.plan.deleteHitByPut(k) && !out.includes(o.path)) out.push(o.path);
+      if (k >= from && k < to && o.op === 'delete' && !this.hit.has(k) && !this.plan.deleteHitByPut(k) && !out.includes(o.path)) out.push(o.path);
     });
     return out;
   }
@@ -233,8 +243,8 @@ export class PlanRun {
       if (j !== undefined) current = await bodyDigest((plan.ops[j] as Extract<PlanOp, { op: 'put' }>).body);
       else if (!plan.coveredBetween(o.path, -1, k)) current = this.original.get(o.path);
       if (current !== o.ifSha256) {
-        this.conditionFailed = new StorageError(ErrorCode.PreconditionFailed,
-          `ops.${k}: "${o.path}" ${current === undefined ? 'is not a regular file in the session' : `has sha256 ${current}`}, not ifSha256 ${o.ifSha256}; nothing applied`, { op: 'repack' });
+        this.conditionFailed = new OpFailed(ErrorCode.PreconditionFailed, k,
+          `"${o.path}" ${current === undefined ? 'is not a regular file in the session' : `has sha256 ${current}`}, not ifSha256 ${o.ifSha256}; nothing applied`);
         throw this.conditionFailed;
       }
     }

@@ -1,0 +1,268 @@
+import { createHash, randomBytes, randomUUID } from 'node:crypto';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Redis } from 'ioredis';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { APPLIED_META, RepackPayload, repackSession, type RepackResult } from '../../jobs/repack-session.js';
+import { FsDriver } from '../../src/backends/fs.js';
+import { parsePayload, type Lease } from '../../src/payload.js';
+import { redisConnection } from '../../src/queue/connection.js';
+import { StevedoreClient } from '../../src/queue/client.js';
+import { RedisLocks } from '../../src/queue/lock.js';
+import { sessionKey, sessionLockName } from '../../src/session/ids.js';
+import { listSession } from '../../src/session/read.js';
+import { Bucket } from '../../src/storage/bucket.js';
+import { run } from '../archive/corpus.js';
+import { tempDir } from '../harness/process.js';
+import { startRedis, type TestRedis } from '../harness/redis.js';
+import { spawnWorker, stopAllWorkers, type WorkerProcess } from '../harness/worker-process.js';
+import { jobDeps } from './helpers.js';
+
+// Issue 9, slice 3: repacks waiting for a session's lock hand their ops to its holder, which
+// applies them all in one rewrite. STEVEDORE_SOAK=1 runs the 30-way version across 3 processes.
+const SOAK = process.env.STEVEDORE_SOAK === '1';
+const sha = (b: string | Buffer): string => createHash('sha256').update(b).digest('hex');
+const QUEUE = 'group-test';
+
+async function until<T>(what: string, probe: () => Promise<T | undefined | false>, timeoutMs = 60_000, everyMs = 25): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await probe().catch(() => undefined);
+    if (v !== undefined && v !== false) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
+/** Locks whose jobs never take the lock themselves: they can only be absorbed by another job's batch. */
+class NeverHolds extends RedisLocks {
+  override async tryAcquire(): Promise<undefined> {
+    return undefined;
+  }
+}
+
+describe('repack-session group commit (in-process, real Redis)', () => {
+  let redis: TestRedis;
+  let conn: Redis;
+  let tmp: Awaited<ReturnType<typeof tempDir>>;
+  let root: string;
+  let staging: string;
+  let bucket: Bucket;
+  let n = 0;
+
+  beforeAll(async () => {
+    [redis, tmp] = await Promise.all([startRedis(), tempDir('stevedore-group-')]);
+    conn = redisConnection(redis.url, 'worker');
+    root = join(tmp.path, 'objects');
+    staging = join(tmp.path, 'staging');
+    await mkdir(staging, { recursive: true });
+    bucket = new Bucket(new FsDriver({ root }), { name: 'default' });
+  });
+  afterAll(async () => {
+    await conn?.quit();
+    await redis?.stop();
+    await tmp?.remove();
+  });
+
+  const locks = () => new RedisLocks(conn, { prefix: 'bull', queue: QUEUE });
+  /** Holds the session's lock (as a whole-session write would) so that jobs queue up behind it. */
+  const block = (s: string): Promise<Lease> => locks().acquire(sessionLockName(s), new AbortController().signal);
+  const job = (s: string, ops: unknown[], opts: { signal?: AbortSignal; neverHolds?: boolean; enqueuedAt?: number; id?: string } = {}): { id: string; mark: string; enqueuedAt: number; done: Promise<RepackResult> } => {
+    const id = opts.id ?? `g${++n}`;
+    const enqueuedAt = opts.enqueuedAt ?? Date.parse('2026-12-02T09:00:00.000Z') + n;
+    const d = { ...jobDeps(bucket, conn, staging, { jobId: id, queue: QUEUE, enqueuedAt, ...(opts.signal ? { signal: opts.signal } : {}) }) };
+    if (opts.neverHolds) d.locks = new NeverHolds(conn, { prefix: 'bull', queue: QUEUE });
+    return { id, mark: `${id}@${enqueuedAt}`, enqueuedAt, done: repackSession(parsePayload(RepackPayload, { session: s, ops }), d) };
+  };
+  const groupKeys = (s: string) => conn.keys(`bull:${QUEUE}:group:session:${s}:*`);
+  /** Resolves once `count` jobs wait in the session's queue (they joined behind the blocker). */
+  const queued = (s: string, count: number) => until(`${count} queued jobs`, async () => (await conn.zcard(`bull:${QUEUE}:group:session:${s}:default:queue`)) >= count);
+
+  it('applies every queued edit in one rewrite, in enqueue order, each job with its own result', async () => {
+    const s = `octo__repo__batch-${++n}`;
+    await job(s, [{ op: 'put', path: 'keep.txt', text: 'keep\n' }, { op: 'put', path: 'old/a.txt', text: 'a' }]).done;
+    const lease = await block(s);
+    const N = 8;
+    const jobs = Array.from({ length: N }, (_, i) => job(s, [
+      { op: 'put', path: `edits/${i}.txt`, text: `edit ${i}\n` },
+      // Job 3's delete finds what job 2 put: they apply one after the other.
+      { op: 'delete', path: i === 3 ? 'edits/2.txt' : `never/${i}` },
+      { op: 'put', path: 'last.txt', text: `job ${i}\n` },
+    ]));
+    await queued(s, N);
+    await lease.release();
+    const results = await Promise.all(jobs.map((j) => j.done));
+    // One rewrite for all: the same archive in every result.
+    expect(new Set(results.map((r) => r.sha256)).size).toBe(1);
+    expect(results.every((r) => r.batched === N)).toBe(true);
+    results.forEach((r, i) => expect(r.missing).toEqual(i === 3 ? [] : [`never/${i}`]));
+    const listing = await listSession(bucket, s, { digests: true });
+    const files = Object.fromEntries(listing.entries.filter((e) => e.type === 'file').map((e) => [e.path, e.sha256]));
+    const expected: Record<string, string> = { 'keep.txt': sha('keep\n'), 'old/a.txt': sha('a'), 'last.txt': sha(`job ${N - 1}\n`) };
+    for (let i = 0; i < N; i++) if (i !== 2) expected[`edits/${i}.txt`] = sha(`edit ${i}\n`);
+    expect(files).toEqual(expected);
+    // Every job's mark, for a redelivered one to find; and nothing left in Redis but outcomes with a TTL.
+    const marks = (await bucket.stat(sessionKey(s))).metadata[APPLIED_META]!.split(' ');
+    for (const j of jobs) expect(marks).toContain(j.mark);
+    const left = await groupKeys(s);
+    expect(left.every((k) => k.includes(':outcome:'))).toBe(true);
+    for (const k of left) expect(await conn.pttl(k)).toBeGreaterThan(0);
+    // A redelivery of a batched job, its outcome expired: its mark is found, nothing is written again.
+    await conn.del(...left);
+    const again = await job(s, [{ op: 'put', path: 'edits/5.txt', text: 'edit 5\n' }], { id: jobs[5]!.id, enqueuedAt: jobs[5]!.enqueuedAt }).done;
+    expect(again).toMatchObject({ sha256: results[0]!.sha256, missing: [] });
+    expect((await bucket.stat(sessionKey(s))).sha256).toBe(results[0]!.sha256);
+  });
+
+  it('fails only the job whose ifSha256 does not hold; the rest of its batch commits', async () => {
+    const s = `octo__repo__cond-${++n}`;
+    await job(s, [{ op: 'put', path: 'shared.txt', text: 'v1\n' }]).done;
+    const lease = await block(s);
+    const a = job(s, [{ op: 'put', path: 'a.txt', text: 'a\n' }]);
+    // Holds for the archive as the jobs before it leave it: a's put does not touch shared.txt.
+    const b = job(s, [{ op: 'put', path: 'b.txt', text: 'b\n' }, { op: 'put', path: 'shared.txt', text: 'v2\n', ifSha256: sha('v1\n') }]);
+    const bad = job(s, [{ op: 'put', path: 'bad.txt', text: 'bad\n' }, { op: 'put', path: 'shared.txt', text: 'v3\n', ifSha256: sha('v1\n') }], { neverHolds: true });
+    const c = job(s, [{ op: 'put', path: 'c.txt', text: 'c\n' }, { op: 'delete', path: 'a.txt' }]);
+    await queued(s, 4);
+    await lease.release();
+    // The bad job comes after b, which changed shared.txt: its condition fails, with its own op's index.
+    await expect(bad.done).rejects.toMatchObject({ code: 'PreconditionFailed', message: expect.stringContaining(`ops.1: "shared.txt" has sha256 ${sha('v2\n')}`) });
+    const results = await Promise.all([a.done, b.done, c.done]);
+    expect(new Set(results.map((r) => r.sha256)).size).toBe(1);
+    expect(results.map((r) => [r.batched, r.missing])).toEqual([[3, []], [3, []], [3, []]]);
+    const listing = await listSession(bucket, s, { digests: true });
+    expect(Object.fromEntries(listing.entries.map((e) => [e.path, e.sha256]))).toEqual({ 'shared.txt': sha('v2\n'), 'b.txt': sha('b\n'), 'c.txt': sha('c\n') });
+  });
+
+  it('drops a queued job cancelled before the commit; the others commit without it', async () => {
+    const s = `octo__repo__cancel-${++n}`;
+    // Bulk, so the batch's rewrite takes long enough to cancel a job during it.
+    await writeFile(join(staging, `bulk-${s}`), randomBytes(24 << 20));
+    await job(s, [{ op: 'put', path: 'bulk.bin', source: { path: `bulk-${s}` } }]).done;
+    const lease = await block(s);
+    const stop = new AbortController();
+    const a = job(s, [{ op: 'put', path: 'a.txt', text: 'a\n' }]);
+    const cancelled = job(s, [{ op: 'put', path: 'cancelled.txt', text: 'no\n' }], { signal: stop.signal, neverHolds: true });
+    await queued(s, 2);
+    await lease.release();
+    await until('the holder to claim the job', async () => (await conn.hget(`bull:${QUEUE}:group:session:${s}:default:claims`, cancelled.mark)) !== null, 30_000, 2);
+    stop.abort(new Error('Cancelled: the job was cancelled by a request'));
+    await expect(cancelled.done).rejects.toMatchObject({ code: 'Transient', message: expect.stringContaining('aborted') });
+    const result = await a.done;
+    expect(result.batched).toBeUndefined();
+    const paths = (await listSession(bucket, s)).entries.map((e) => e.path).sort();
+    expect(paths).toEqual(['a.txt', 'bulk.bin']);
+  });
+
+  it('a job failing on its own staged file (gone) fails alone', async () => {
+    const s = `octo__repo__staged-${++n}`;
+    await writeFile(join(staging, `one-${s}`), 'one\n');
+    await writeFile(join(staging, `gone-${s}`), 'gone\n');
+    const lease = await block(s);
+    const one = job(s, [{ op: 'put', path: 'one.txt', source: { path: `one-${s}` } }]);
+    const gone = job(s, [{ op: 'put', path: 'gone.txt', source: { path: `gone-${s}` } }], { neverHolds: true });
+    await queued(s, 2);
+    await run('rm', [join(staging, `gone-${s}`)]);
+    await lease.release();
+    await expect(gone.done).rejects.toMatchObject({ code: 'NotFound', message: expect.stringContaining('ops.0.source.path') });
+    expect((await one.done).missing).toEqual([]);
+    expect((await listSession(bucket, s)).entries.map((e) => e.path)).toEqual(['one.txt']);
+  });
+});
+
+describe('repack-session group commit across worker processes', () => {
+  let redis: TestRedis;
+  let tmp: Awaited<ReturnType<typeof tempDir>>;
+  let root: string;
+  let stagingDir: string;
+  const clients: StevedoreClient[] = [];
+  const spawned: WorkerProcess[] = [];
+
+  beforeAll(async () => {
+    [redis, tmp] = await Promise.all([startRedis(), tempDir('stevedore-group-proc-')]);
+    root = join(tmp.path, 'objects');
+    stagingDir = join(tmp.path, 'staging');
+    await mkdir(stagingDir, { recursive: true });
+  });
+  afterEach(async (ctx) => {
+    if (ctx.task.result?.state === 'fail') for (const w of spawned) console.error(`--- ${w.name} ---\n${w.output().slice(-6000)}`);
+    spawned.length = 0;
+    await stopAllWorkers();
+    await Promise.all(clients.splice(0).map((c) => c.close().catch(() => {})));
+  });
+  afterAll(async () => {
+    await stopAllWorkers();
+    await redis?.stop();
+    await tmp?.remove();
+  });
+
+  const setup = async (workers: number) => {
+    const queue = `group-${randomUUID().slice(0, 8)}`;
+    const client = new StevedoreClient({ redisUrl: redis.url, queue, defaultJobOptions: { backoff: { type: 'exponential', delay: 100, jitter: 0.5 }, attempts: 8 } });
+    clients.push(client);
+    const env = { REDIS_URL: redis.url, STEVEDORE_QUEUE: queue, STEVEDORE_STAGING_DIR: stagingDir, STEVEDORE_BACKENDS: `default=file://${root}`, STEVEDORE_CONCURRENCY: SOAK ? '10' : '4' };
+    const ws = await Promise.all(Array.from({ length: workers }, () => spawnWorker(env)));
+    spawned.push(...ws);
+    return { client, env, ws, queue };
+  };
+  const bucket = () => new Bucket(new FsDriver({ root }));
+  const results = async (client: StevedoreClient, ids: string[]) => Promise.all(ids.map((id) => client.result<'repack-session'>(id, { timeoutMs: 120_000 })));
+
+  it(`${SOAK ? 30 : 12} concurrent repacks of one session by ${SOAK ? 3 : 2} processes: every edit, fewer commits than jobs`, async () => {
+    const edits = SOAK ? 30 : 12;
+    const { client, ws } = await setup(SOAK ? 3 : 2);
+    const session = 'octo__repo__group-race';
+    await writeFile(join(stagingDir, 'bulk'), randomBytes(2 << 20));
+    await client.run('repack-session', { session, ops: [{ op: 'put', path: 'bulk.bin', source: { path: 'bulk' } }] }, { timeoutMs: 60_000 });
+    const ids = await Promise.all(Array.from({ length: edits }, (_, i) => client.repackSession({ session, ops: [{ op: 'put', path: `edits/${i}.txt`, text: `edit ${i}\n` }, { op: 'delete', path: `never/${i}` }] })));
+    const got = await results(client, ids);
+    got.forEach((r, i) => expect(r.missing).toEqual([`never/${i}`]));
+    // Each distinct archive in the results is one commit.
+    const commits = new Set(got.map((r) => r.sha256)).size;
+    expect(commits).toBeLessThan(edits);
+    expect(got.some((r) => (r.batched ?? 1) > 1)).toBe(true);
+    const jobs = await Promise.all(ids.map((id) => client.getJob(id)));
+    expect(new Set(jobs.map((j) => j?.processedBy)).size).toBe(ws.length);
+    const b = bucket();
+    const listing = await listSession(b, session);
+    expect(listing.entries.filter((e) => e.path.startsWith('edits/') && e.type === 'file').map((e) => e.path).sort()).toEqual(Array.from({ length: edits }, (_, i) => `edits/${i}.txt`).sort());
+    await b.close();
+  });
+
+  it('a batch holder killed mid-rewrite: every queued edit still lands, once, after the others take over', async () => {
+    const { client, env, ws } = await setup(2);
+    const session = 'octo__repo__group-killed';
+    await writeFile(join(stagingDir, 'huge'), randomBytes(48 << 20));
+    await client.run('repack-session', { session, ops: [{ op: 'put', path: 'huge.bin', source: { path: 'huge' } }] }, { timeoutMs: 90_000 });
+    // A blocker holds the session's lock (as a whole-session write would) while the jobs queue up behind it.
+    const conn = redisConnection(redis.url, 'worker');
+    const blocker = await new RedisLocks(conn, { prefix: 'bull', queue: env.STEVEDORE_QUEUE }).acquire(sessionLockName(session), new AbortController().signal);
+    const edits = 6;
+    const ids = await Promise.all(Array.from({ length: edits }, (_, i) => client.repackSession({ session, ops: [{ op: 'put', path: `edits/${i}.txt`, text: `edit ${i}\n` }] })));
+    await until('every job to queue', async () => (await conn.zcard(`bull:${env.STEVEDORE_QUEUE}:group:session:${session}:default:queue`)) >= edits);
+    await blocker.release();
+    const batch = (w: WorkerProcess) => w.logs().find((l) => l.msg === 'applying a batch of queued repacks under the session lock' && (l.jobs as string[]).some((m) => m.startsWith(`${ids[0]}@`)));
+    const holder = await until('a holder to start its batch', async () => ws.find((w) => batch(w)), 30_000, 5);
+    expect((batch(holder)!.jobs as string[]).length).toBe(edits);
+    holder.kill('SIGKILL');
+    await holder.exited;
+    // Killed before its commit: the archive is the one before the batch.
+    const before = bucket();
+    expect((await listSession(before, session)).entries.map((e) => e.path)).toEqual(['huge.bin']);
+    await before.close();
+    // A fresh worker for the killed one's jobs (redelivered once the stalled check sees them).
+    spawned.push(await spawnWorker(env));
+    const got = await results(client, ids);
+    const b = bucket();
+    const listing = await listSession(b, session, { digests: true });
+    expect(listing.entries.filter((e) => e.path.startsWith('edits/')).map((e) => [e.path, e.sha256]).sort()).toEqual(Array.from({ length: edits }, (_, i) => [`edits/${i}.txt`, sha(`edit ${i}\n`)]).sort());
+    expect(listing.entries.find((e) => e.path === 'huge.bin')?.size).toBe(48 << 20);
+    // Exactly once: each job's mark once in the archive, and each result names an archive that was committed.
+    const marks = (await b.stat(sessionKey(session))).metadata[APPLIED_META]!.split(' ');
+    for (const id of ids) expect(marks.filter((m) => m.startsWith(`${id}@`))).toHaveLength(1);
+    expect(got.every((r) => r.key === sessionKey(session) && r.missing.length === 0)).toBe(true);
+    await run('gzip', ['-t', join(root, sessionKey(session))]);
+    await b.close();
+    await conn.quit();
+  });
+});

@@ -7,7 +7,7 @@ import { dirtySegments, rewriteSegments } from '../src/session/seek-edit.js';
 import { ArchiveReplaced, openSeekable } from '../src/session/seek-read.js';
 import { OpPath, SessionId, sessionKey, sessionLockName } from '../src/session/ids.js';
 import { OpFailed, SpoolNeeded, type Body, type PlanOp } from '../src/session/plan.js';
-import { BatchPlan, MAX_BATCH_JOBS, Withdrawn, byEnqueueOrder, decodeOutcome, encodeOutcome, fitBatch, type BatchJob } from '../src/session/batch.js';
+import { BatchPlan, MAX_BATCH_JOBS, Withdrawn, decodeOutcome, encodeOutcome, fitBatch, type BatchJob } from '../src/session/batch.js';
 import type { Bucket, PutOptions } from '../src/storage/bucket.js';
 
 const BASE64 = /^[A-Za-z0-9+/]*={0,2}$/;
@@ -19,10 +19,12 @@ const MAX_COMMIT_TRIES = 4;
 const MAX_SPOOL_RERUNS = 16;
 /** Object metadata listing the jobs whose edits the archive holds: a redelivered job finds its own. */
 export const APPLIED_META = 'applied_jobs';
-/** Marks kept: every job of the largest batch (MAX_BATCH_JOBS), and those of the commits before it. */
-const APPLIED_KEEP = 64;
+/** Marks kept: every job of the largest batch (MAX_BATCH_JOBS), and those of the batch before it. */
+const APPLIED_KEEP = 2 * MAX_BATCH_JOBS;
 /** Metadata is 2 KB in all on every backend: the list stays well under it whatever the ids' lengths. */
 const APPLIED_MAX_CHARS = 1000;
+/** A batch's marks: half the list, so the batch before it keeps all of its marks (see MAX_BATCH_JOBS). */
+const BATCH_MARK_CHARS = APPLIED_MAX_CHARS / 2;
 const APPLIED_ID = /^[\u0021-\u007e]{1,100}$/;
 
 const Mode = z.number().int().min(0).max(0o7777);
@@ -70,8 +72,9 @@ export interface RepackResult {
  * the archive replaced anyway (a writer without the lock) reads it again and re-applies.
  *
  * Group commit: a job waiting for the lock queues its ops in Redis (Locks.group); the job that
- * gets the lock takes every queued job of the session and applies them all in one rewrite, in
- * enqueue order, then records each job's own result (or error) for it (src/session/batch.ts).
+ * gets the lock takes the session's queued jobs and applies them in as few rewrites as their
+ * bounds allow, in arrival order, then records each job's own result (or error) for it
+ * (src/session/batch.ts).
  */
 export async function repackSession(p: RepackPayload, d: JobDeps): Promise<RepackResult> {
   const key = sessionKey(p.session);
@@ -107,48 +110,72 @@ type QueuedRepack = z.infer<typeof QueuedRepack>;
 type Finished = Map<string, { result: RepackResult } | { error: StorageError } | undefined>;
 
 /**
- * This job has the lock: it takes the queued jobs of its session (its own among them), applies
- * them in one rewrite, records the others' outcomes and returns its own. Jobs it leaves
- * unfinished (it failed, or lost the lock) go back to the queue for the next holder.
+ * This job has the lock: it takes the session's queued jobs batch after batch (orphans first,
+ * then the queue in arrival order) until its own is done, and returns its own outcome.
  */
 async function holdBatch(holder: GroupHolder, p: RepackPayload, self: BatchJob, d: JobDeps): Promise<RepackResult> {
-  const key = sessionKey(p.session);
-  const claimed: GroupMember[] = [];
-  const finished: Finished = new Map();
   try {
-    claimed.push(...await holder.claim(MAX_BATCH_JOBS));
-    const jobs: Array<BatchJob & { member?: GroupMember }> = [self];
-    for (const m of claimed) {
-      if (m.id === self.id) continue;
-      const job = await absorbed(m, p, d).catch((err: unknown) => {
-        if (err instanceof StorageError && !d.signal.aborted) finished.set(m.id, { error: err });
-        else throw err;
-        return undefined;
-      });
-      if (job) jobs.push({ ...job, member: m });
+    for (;;) {
+      const claimed = await holder.claim(MAX_BATCH_JOBS).catch((err: unknown) => { throw lostOr(err, holder.lease); });
+      // Another holder did this job between its last poll and its taking the lock.
+      if ('outcome' in claimed) return decodeOutcome<RepackResult>(claimed.outcome);
+      const finished = await applyBatch(holder, claimed.members, p, self, d);
+      if (finished.has(self.id)) return ownOutcome(finished, self.id);
     }
-    jobs.sort(byEnqueueOrder);
-    const { take, rest } = fitBatch(jobs, self.id, { maxOps: MAX_OPS, maxInlineBytes: BATCH_INLINE_TIMES * d.limits.maxInlineBytes, maxMarkChars: APPLIED_MAX_CHARS });
-    await holder.giveBack(rest.flatMap((j) => (j.member ? [j.member] : [])));
+  } finally {
+    await holder.lease.release();
+  }
+}
+
+/**
+ * One batch: the claimed jobs that fit one rewrite, applied and committed, each one's outcome
+ * recorded for it. Jobs past the batch's bounds wait for the next batch; when the batch fails, its
+ * jobs wait again for the next holder, except those sealed into a commit that may have happened
+ * (a put that failed after its last byte, a lock lost meanwhile): they stay sealed, and the next
+ * holder settles them by their marks.
+ */
+async function applyBatch(holder: GroupHolder, members: readonly GroupMember[], p: RepackPayload, self: BatchJob, d: JobDeps): Promise<Finished> {
+  const key = sessionKey(p.session);
+  const finished: Finished = new Map();
+  const sealed = new Set<string>();
+  const record = async (): Promise<void> => {
+    const outcomes = new Map<string, string>();
+    for (const [id, o] of finished) outcomes.set(id, o ? encodeOutcome(o) : '');
+    await holder.finish(outcomes).catch((err: unknown) => d.log.warn({ err, key }, 'could not record the outcomes of the batch\'s jobs: they find their edits in the archive'));
+  };
+  try {
+    const read = await Promise.all(members.map(async (m) => {
+      if (m.id === self.id) return { ...self, unsure: m.unsure ?? false };
+      try {
+        return await absorbed(m, p, d);
+      } catch (err) {
+        if (!(err instanceof StorageError) || d.signal.aborted) throw err;
+        finished.set(m.id, { error: err });
+        return undefined;
+      }
+    }));
+    const { take, rest } = fitBatch(read.filter((j) => j !== undefined), { maxOps: MAX_OPS, maxInlineBytes: BATCH_INLINE_TIMES * d.limits.maxInlineBytes, maxMarkChars: BATCH_MARK_CHARS });
+    await holder.giveBack(rest.map((j) => j.id));
     d.log.info({ key, jobs: take.map((j) => j.id), left: rest.length }, 'applying a batch of queued repacks under the session lock');
     const seal = async (ids: readonly string[]): Promise<() => Promise<void>> => {
-      const others = ids.filter((id) => id !== self.id);
-      const gone = await holder.seal(others);
+      const gone = await holder.seal(ids);
       if (gone.length > 0) throw new Withdrawn(gone);
-      return () => holder.unseal(others);
+      for (const id of ids) sealed.add(id);
+      return async () => {
+        await holder.unseal(ids);
+        for (const id of ids) sealed.delete(id);
+      };
     };
     for (const [id, o] of await commitBatch(d.bucket(p.backend), key, take, d, holder.lease, seal)) finished.set(id, o);
   } catch (err) {
-    await holder.giveBack(claimed.filter((m) => m.id !== self.id && !finished.has(m.id))).catch(() => {});
+    await holder.giveBack(members.filter((m) => m.id !== self.id && !finished.has(m.id) && !sealed.has(m.id)).map((m) => m.id)).catch(() => {});
+    // This job's own entry goes (it fails here), unless its commit may have happened.
+    if (!sealed.has(self.id)) finished.set(self.id, undefined);
+    await record();
     throw lostOr(err, holder.lease);
-  } finally {
-    // This job's own entry goes too: with its outcome, for a redelivery of it after a commit.
-    const outcomes = new Map<string, string>([[self.id, '']]);
-    for (const [id, o] of finished) outcomes.set(id, o ? encodeOutcome(o) : '');
-    await holder.finish(outcomes).catch((err: unknown) => d.log.warn({ err, key }, 'could not record the outcomes of the batch\'s other jobs: they find their edits in the archive'));
-    await holder.lease.release();
   }
-  return ownOutcome(finished, self.id);
+  await record();
+  return finished;
 }
 
 /** Inline bytes one batch holds, in units of what one job may carry. */
@@ -156,12 +183,18 @@ const BATCH_INLINE_TIMES = 8;
 
 /** A queued job's ops, checked as the job itself checked them (its staged files are in the shared staging area). */
 async function absorbed(m: GroupMember, p: RepackPayload, d: JobDeps): Promise<BatchJob> {
-  const parsed = QueuedRepack.safeParse(JSON.parse(m.data));
+  let data: unknown;
+  try {
+    data = JSON.parse(m.data);
+  } catch {
+    data = undefined;
+  }
+  const parsed = QueuedRepack.safeParse(data);
   if (!parsed.success || `${parsed.data.jobId}@${parsed.data.enqueuedAt}` !== m.id || parsed.data.payload.session !== p.session || parsed.data.payload.backend !== p.backend) {
     throw new StorageError(ErrorCode.InvalidInput, 'the queued repack does not match its batch', { op: 'repack', key: sessionKey(p.session) });
   }
-  const { jobId, enqueuedAt, payload } = parsed.data;
-  return { id: m.id, mark: m.id, enqueuedAt, ops: await planOps(payload, d), create: payload.create ?? true };
+  const { enqueuedAt, payload } = parsed.data;
+  return { id: m.id, mark: m.id, enqueuedAt, ops: await planOps(payload, d), create: payload.create ?? true, unsure: m.unsure ?? false };
 }
 
 function ownOutcome(finished: Finished, id: string): RepackResult {
@@ -379,7 +412,7 @@ async function attempt(bucket: Bucket, key: string, batch: BatchPlan, spool: Rea
   }
 }
 
-/** The newest job marks, the batch's last (all of them: a batch fits APPLIED_MAX_CHARS), bounded in count and length. */
+/** The newest job marks, the batch's last (all of them: a batch fits BATCH_MARK_CHARS), bounded in count and length. */
 function appliedList(applied: string[], marks: string[]): string {
   const list = [...applied.filter((m) => !marks.includes(m) && APPLIED_ID.test(m)), ...marks].slice(-APPLIED_KEEP);
   while (list.join(' ').length > APPLIED_MAX_CHARS) list.shift();

@@ -4,8 +4,13 @@ import { ErrorCode, StorageError } from '../errors.js';
 import type { GroupCommit, Lease, Locks } from '../payload.js';
 import { RedisGroupCommit } from './group-commit.js';
 
-/** Renews only our own lock: a lock that expired and was taken by another holder is left alone. */
-const RENEW = `if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end`;
+/**
+ * Renews only our own lock: a lock that expired and was taken by another holder is left alone.
+ * KEYS[2..] are keys the holder keeps alive with it (ARGV[3]: their TTL).
+ */
+const RENEW = `if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+for i = 2, #KEYS do redis.call('pexpire', KEYS[i], ARGV[3]) end
+return redis.call('pexpire', KEYS[1], ARGV[2])`;
 /** Releases only our own lock. */
 const RELEASE = `if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end`;
 
@@ -70,14 +75,17 @@ export class RedisLocks implements Locks {
     }
   }
 
-  /** One try: the lease and its token (what Redis holds under the key) when the lock was free, else undefined. */
-  async tryAcquire(name: string, token = randomBytes(16).toString('hex')): Promise<{ lease: Lease; token: string } | undefined> {
+  /**
+   * One try: the lease and its token (what Redis holds under the key) when the lock was free, else
+   * undefined. `keep`: keys (in the lock's slot) whose TTL each renewal refreshes while the lock is ours.
+   */
+  async tryAcquire(name: string, token = randomBytes(16).toString('hex'), keep?: { keys: string[]; ttlMs: number }): Promise<{ lease: Lease; token: string } | undefined> {
     const key = this.key(name);
     const got = await this.call(this.redis.set(key, token, 'PX', this.ttlMs, 'NX')).catch(() => null);
-    return got === 'OK' ? { lease: this.lease(name, key, token), token } : undefined;
+    return got === 'OK' ? { lease: this.lease(name, key, token, keep), token } : undefined;
   }
 
-  private lease(name: string, key: string, token: string): Lease {
+  private lease(name: string, key: string, token: string, keep?: { keys: string[]; ttlMs: number }): Lease {
     const lost = new AbortController();
     let lastOk = Date.now();
     let released = false;
@@ -94,7 +102,8 @@ export class RedisLocks implements Locks {
       inFlight = true;
       const started = Date.now();
       try {
-        const n = await this.call(this.redis.eval(RENEW, 1, key, token, String(this.ttlMs)));
+        const also = keep?.keys ?? [];
+        const n = await this.call(this.redis.eval(RENEW, 1 + also.length, key, ...also, token, String(this.ttlMs), String(keep?.ttlMs ?? 0)));
         if (released) return;
         if (Number(n) === 1) lastOk = started;
         else lose('another holder has it (it expired)');

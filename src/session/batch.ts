@@ -3,10 +3,10 @@ import { EditPlan, OpFailed, type PlanOp } from './plan.js';
 
 /**
  * Group commit of repack-session jobs: the pieces that do not touch the archive. Several jobs'
- * ops become one plan, their ops one after the other in the jobs' order (enqueue order, then job
- * id): applying it is applying the jobs one by one, so each job's conditions see the tree the
- * jobs before it left, and its deletes find what they put. A job whose ops cannot apply leaves
- * the batch and the plan is made again without it.
+ * ops become one plan, their ops one after the other in the jobs' order (the group's queue order:
+ * arrival, then the mark's bytes): applying it is applying the jobs one by one, so each job's
+ * conditions see the tree the jobs before it left, and its deletes find what they put. A job
+ * whose ops cannot apply leaves the batch and the plan is made again without it.
  */
 
 /** One job of a batch, its ops checked and their bodies found. */
@@ -19,9 +19,15 @@ export interface BatchJob {
   ops: PlanOp[];
   /** false: the session must exist already (when the batch reaches this job). */
   create: boolean;
+  /** Sealed into a commit by a holder that went away: the archive may hold its edits already (its mark says). */
+  unsure?: boolean;
 }
 
-/** Most jobs one rewrite applies; the archive's metadata keeps every one's mark (APPLIED_KEEP is above it). */
+/**
+ * Most jobs one rewrite applies: half the marks the archive's metadata keeps (APPLIED_KEEP), so a
+ * batch never pushes out the marks of the batch before it, whose holder may have died between its
+ * commit and recording the outcomes (the next holder takes those jobs first and finds the marks).
+ */
 export const MAX_BATCH_JOBS = 32;
 
 /** The jobs' ops as one plan, and which job each op came from. */
@@ -34,11 +40,12 @@ export class BatchPlan {
     const ops: PlanOp[] = [];
     for (const j of jobs) {
       this.starts.push(ops.length);
-      ops.push(...j.ops);
+      // Each put's new entries carry its own job's enqueue time (the contract's mtime).
+      const mtime = new Date(j.enqueuedAt);
+      ops.push(...j.ops.map((o) => (o.op === 'put' ? { ...o, mtime } : o)));
     }
     this.starts.push(ops.length);
-    // One mtime for the batch's new entries: the newest of its jobs' enqueue times.
-    this.plan = new EditPlan(ops, new Date(Math.max(...jobs.map((j) => j.enqueuedAt))));
+    this.plan = new EditPlan(ops, new Date(jobs[0]?.enqueuedAt ?? 0));
   }
 
   /** Ops of job `i`: from, to (excluded). */
@@ -54,34 +61,30 @@ export class BatchPlan {
   }
 }
 
-/** Orders jobs by enqueue time, then job id (numeric ids by value): the order their edits apply in. */
-export function byEnqueueOrder(a: { enqueuedAt: number; id: string }, b: { enqueuedAt: number; id: string }): number {
-  if (a.enqueuedAt !== b.enqueuedAt) return a.enqueuedAt - b.enqueuedAt;
-  const [x, y] = [Number(a.id.split('@')[0]), Number(b.id.split('@')[0])];
-  if (Number.isSafeInteger(x) && Number.isSafeInteger(y)) return x - y;
-  return a.id < b.id ? -1 : a.id > b.id ? 1 : 0;
-}
-
 /**
- * The jobs that fit one rewrite, in order: `first` always, the others while the batch stays within
- * the bounds a single job has (its ops, its inline bytes several times over, its marks in metadata).
+ * The jobs that fit one rewrite, from jobs in queue order: unsure ones always (within the job
+ * count: their marks must be looked for while the archive still has them), the others a strict
+ * prefix while the batch stays within the bounds a single job has (its ops, its inline bytes
+ * several times over) and its marks within `maxMarkChars`. The first job is taken whatever its size.
  */
-export function fitBatch<T extends BatchJob>(jobs: readonly T[], first: string, bounds: { maxOps: number; maxInlineBytes: number; maxMarkChars: number }): { take: T[]; rest: T[] } {
+export function fitBatch<T extends BatchJob>(jobs: readonly T[], bounds: { maxOps: number; maxInlineBytes: number; maxMarkChars: number }): { take: T[]; rest: T[] } {
   const take: T[] = [];
   const rest: T[] = [];
   let ops = 0;
   let inline = 0;
   let marks = 0;
+  let full = false;
   for (const j of jobs) {
     const size = j.ops.reduce((n, o) => n + (o.op === 'put' && 'bytes' in o.body ? o.body.bytes.length : 0), 0);
     const fits = take.length < MAX_BATCH_JOBS && ops + j.ops.length <= bounds.maxOps && inline + size <= bounds.maxInlineBytes && marks + j.mark.length + 1 <= bounds.maxMarkChars;
-    if (fits || j.id === first) {
+    if (take.length === 0 || (fits && (j.unsure || !full))) {
       take.push(j);
       ops += j.ops.length;
       inline += size;
       marks += j.mark.length + 1;
     } else {
       rest.push(j);
+      if (!j.unsure) full = true;
     }
   }
   return { take, rest };

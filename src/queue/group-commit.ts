@@ -34,7 +34,12 @@ const POLL_MAX_MS = 250;
 /** Redis time in ms, inside a script (Redis 5+ replicates scripts by effects, so TIME is allowed). */
 const NOW = `local t = redis.call('time'); local now = t[1] * 1000 + math.floor(t[2] / 1000)`;
 
-/** Every script's KEYS: lock queue data claims sealed withdrawn alive, then outcome keys. */
+/** Every script's KEYS: lock queue data claims sealed withdrawn alive, then outcome keys. `forget` takes a member out of all. */
+const FORGET = `local function forget(id)
+  redis.call('zrem', KEYS[2], id)
+  for k = 3, 6 do redis.call('hdel', KEYS[k], id) end
+  redis.call('zrem', KEYS[7], id)
+end`;
 
 /** A member's poll. ARGV id score data ttl. */
 const ENTER = `
@@ -61,6 +66,7 @@ return {'queued'}`;
  * order as id score data unsure. ARGV token max ttl liveMs selfId selfScore selfData.
  */
 const CLAIM = `
+${FORGET}
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return false end
 local self = ARGV[5]
 local out = redis.call('get', KEYS[8])
@@ -83,8 +89,7 @@ for i = 1, #ids, 2 do
   local sealed = redis.call('hget', KEYS[5], id)
   local seen = tonumber(redis.call('zscore', KEYS[7], id) or '0')
   if redis.call('hexists', KEYS[3], id) == 0 or redis.call('hexists', KEYS[6], id) == 1 or (not sealed and id ~= self and seen < now - tonumber(ARGV[4])) then
-    redis.call('zrem', KEYS[2], id)
-    for k = 3, 7 do redis.call('hdel', KEYS[k], id) end
+    forget(id)
     kind[id] = 'drop'
   elseif sealed or (by and by ~= ARGV[1]) then
     if orphans < max then kind[id] = 'orphan'; orphans = orphans + 1 else kind[id] = 'later' end
@@ -116,6 +121,7 @@ return {'members', got}`;
  * ARGV token ttl liveMs selfId ids...
  */
 const SEAL = `
+${FORGET}
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return false end
 ${NOW}
 local gone = {}
@@ -128,8 +134,7 @@ end
 if #gone > 0 then
   for _, id in ipairs(gone) do
     if redis.call('hget', KEYS[4], id) == ARGV[1] then
-      redis.call('zrem', KEYS[2], id)
-      for k = 3, 7 do redis.call('hdel', KEYS[k], id) end
+      forget(id)
     end
   end
   return gone
@@ -147,6 +152,7 @@ return 1`;
 
 /** A member withdrawing (its job was cancelled or stopped). ARGV id ttl. */
 const WITHDRAW = `
+${FORGET}
 local out = redis.call('get', KEYS[8])
 if out then return {'outcome', out} end
 local live = redis.call('get', KEYS[1])
@@ -161,28 +167,27 @@ if by and by == live then
   redis.call('pexpire', KEYS[6], ARGV[2])
   return {'withdrawn'}
 end
-redis.call('zrem', KEYS[2], ARGV[1])
-for k = 3, 7 do redis.call('hdel', KEYS[k], ARGV[1]) end
+forget(ARGV[1])
 return {'withdrawn'}`;
 
 /** ARGV ttl (id outcome)...; an empty outcome records none. KEYS 8... the outcomes' keys. */
 const FINISH = `
+${FORGET}
 for i = 2, #ARGV, 2 do
   local id = ARGV[i]
   if ARGV[i + 1] ~= '' then redis.call('set', KEYS[7 + i / 2], ARGV[i + 1], 'PX', ARGV[1]) end
-  redis.call('zrem', KEYS[2], id)
-  for k = 3, 7 do redis.call('hdel', KEYS[k], id) end
+  forget(id)
 end
 return 1`;
 
 /** Members go back to waiting (they stay in the queue, in place); one that withdrew goes. ARGV token ids... */
 const GIVE_BACK = `
+${FORGET}
 for i = 2, #ARGV do
   local id = ARGV[i]
   if redis.call('hget', KEYS[4], id) == ARGV[1] then
     if redis.call('hexists', KEYS[6], id) == 1 then
-      redis.call('zrem', KEYS[2], id)
-      for k = 3, 7 do redis.call('hdel', KEYS[k], id) end
+      forget(id)
     else
       redis.call('hdel', KEYS[4], id)
     end

@@ -62,32 +62,29 @@ export class BatchPlan {
 }
 
 /**
- * The jobs that fit one rewrite, from jobs in queue order: unsure ones always (within the job
- * count: their marks must be looked for while the archive still has them), the others a strict
- * prefix while the batch stays within the bounds a single job has (its ops, its inline bytes
- * several times over) and its marks within `maxMarkChars`. The first job is taken whatever its size.
+ * The jobs that fit one rewrite, from jobs in queue order (and kept in it): the unsure ones first
+ * (their marks must be looked for while the archive still has them), then a strict prefix of the
+ * others, while the batch stays within the bounds a single job has (its ops, its inline bytes
+ * several times over) and its marks within `maxMarkChars`. One job is taken whatever its size.
  */
 export function fitBatch<T extends BatchJob>(jobs: readonly T[], bounds: { maxOps: number; maxInlineBytes: number; maxMarkChars: number }): { take: T[]; rest: T[] } {
-  const take: T[] = [];
-  const rest: T[] = [];
+  const taken = new Set<T>();
   let ops = 0;
   let inline = 0;
   let marks = 0;
-  let full = false;
-  for (const j of jobs) {
+  const fits = (j: T): boolean => {
     const size = j.ops.reduce((n, o) => n + (o.op === 'put' && 'bytes' in o.body ? o.body.bytes.length : 0), 0);
-    const fits = take.length < MAX_BATCH_JOBS && ops + j.ops.length <= bounds.maxOps && inline + size <= bounds.maxInlineBytes && marks + j.mark.length + 1 <= bounds.maxMarkChars;
-    if (take.length === 0 || (fits && (j.unsure || !full))) {
-      take.push(j);
-      ops += j.ops.length;
-      inline += size;
-      marks += j.mark.length + 1;
-    } else {
-      rest.push(j);
-      if (!j.unsure) full = true;
-    }
-  }
-  return { take, rest };
+    const ok = taken.size < MAX_BATCH_JOBS && ops + j.ops.length <= bounds.maxOps && inline + size <= bounds.maxInlineBytes && marks + j.mark.length + 1 <= bounds.maxMarkChars;
+    if (!ok && taken.size > 0) return false;
+    taken.add(j);
+    ops += j.ops.length;
+    inline += size;
+    marks += j.mark.length + 1;
+    return true;
+  };
+  for (const j of jobs) if (j.unsure) fits(j);
+  for (const j of jobs) if (!j.unsure && !fits(j)) break;
+  return { take: jobs.filter((j) => taken.has(j)), rest: jobs.filter((j) => !taken.has(j)) };
 }
 
 /** What a holder records for a job it finished: its result, or its own error. */

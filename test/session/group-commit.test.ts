@@ -1,16 +1,20 @@
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
+import { rmSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { Writable } from 'node:stream';
 import type { Redis } from 'ioredis';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { pino } from 'pino';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { APPLIED_META, RepackPayload, repackSession, type RepackResult } from '../../jobs/repack-session.js';
 import { FsDriver } from '../../src/backends/fs.js';
-import { parsePayload, type Lease } from '../../src/payload.js';
+import { ErrorCode, StorageError } from '../../src/errors.js';
+import { parsePayload, type GroupHolder, type Lease } from '../../src/payload.js';
 import { redisConnection } from '../../src/queue/connection.js';
 import { StevedoreClient } from '../../src/queue/client.js';
 import { RedisLocks } from '../../src/queue/lock.js';
 import { sessionKey, sessionLockName } from '../../src/session/ids.js';
-import { listSession } from '../../src/session/read.js';
+import { catSession, listSession } from '../../src/session/read.js';
 import { Bucket } from '../../src/storage/bucket.js';
 import { run } from '../archive/corpus.js';
 import { tempDir } from '../harness/process.js';
@@ -34,12 +38,45 @@ async function until<T>(what: string, probe: () => Promise<T | undefined | false
   }
 }
 
-/** Locks whose jobs never take the lock themselves: they can only be absorbed by another job's batch. */
+/** While false, NeverHolds jobs never take the lock themselves: they can only be absorbed by another job's batch. */
+const holds = { allowed: false };
 class NeverHolds extends RedisLocks {
-  override async tryAcquire(): Promise<undefined> {
-    return undefined;
+  override async tryAcquire(...args: Parameters<RedisLocks['tryAcquire']>): ReturnType<RedisLocks['tryAcquire']> {
+    return holds.allowed ? super.tryAcquire(...args) : undefined;
   }
 }
+
+/** A worker's Redis that can die: from `kill()` on, every lock and group call fails (its process is gone, as far as Redis sees). */
+function killable(c: Redis): { redis: Redis; kill(): void; readonly dead: boolean } {
+  const state = { dead: false };
+  const redis = new Proxy(c, {
+    get(t, k) {
+      const v = Reflect.get(t, k) as unknown;
+      if (typeof v !== 'function') return v;
+      const f = v as (...a: unknown[]) => unknown;
+      if (k === 'eval' || k === 'set') return (...a: unknown[]) => (state.dead ? Promise.reject(new Error('this worker is dead')) : f.apply(t, a));
+      return f.bind(t);
+    },
+  });
+  return { redis, kill: () => { state.dead = true; }, get dead() { return state.dead; } };
+}
+
+/** A job logger that runs `fn` (synchronously, before the job goes on) when the job logs `msg`. */
+const onLog = (msg: string, fn: () => void) => pino({ level: 'info', hooks: { logMethod(args, method) { if ((args as unknown[]).includes(msg)) fn(); method.apply(this, args); } } }, { write() {} });
+
+/** A bucket whose first put commits and then fails, as a put whose reply was lost does: the commit may or may not have happened, as far as the job knows. */
+class ReplyLost extends Bucket {
+  armed = true;
+  override async put(...args: Parameters<Bucket['put']>): ReturnType<Bucket['put']> {
+    const info = await super.put(...args);
+    if (!this.armed) return info;
+    this.armed = false;
+    throw new StorageError(ErrorCode.Transient, 'injected: the put committed but its reply was lost', { op: 'put' });
+  }
+}
+
+/** An id long enough that a few marks fill a batch's share of the archive's metadata (about 80 characters a mark). */
+const long = (tag: string, i: number): string => `${tag}${String(i).padStart(2, '0')}-${'x'.repeat(60)}`;
 
 describe('repack-session group commit (in-process, real Redis)', () => {
   let redis: TestRedis;
@@ -67,16 +104,30 @@ describe('repack-session group commit (in-process, real Redis)', () => {
   const locks = () => new RedisLocks(conn, { prefix: 'bull', queue: QUEUE });
   /** Holds the session's lock (as a whole-session write would) so that jobs queue up behind it. */
   const block = (s: string): Promise<Lease> => locks().acquire(sessionLockName(s), new AbortController().signal);
-  const job = (s: string, ops: unknown[], opts: { signal?: AbortSignal; neverHolds?: boolean; enqueuedAt?: number; id?: string } = {}): { id: string; mark: string; enqueuedAt: number; done: Promise<RepackResult> } => {
+  interface JobOpts { signal?: AbortSignal; neverHolds?: boolean; enqueuedAt?: number; id?: string; redis?: Redis; ttlMs?: number; log?: ReturnType<typeof pino>; bucket?: Bucket }
+  const job = (s: string, ops: unknown[], opts: JobOpts = {}): { id: string; mark: string; enqueuedAt: number; done: Promise<RepackResult> } => {
     const id = opts.id ?? `g${++n}`;
     const enqueuedAt = opts.enqueuedAt ?? Date.parse('2026-12-02T09:00:00.000Z') + n;
-    const d = { ...jobDeps(bucket, conn, staging, { jobId: id, queue: QUEUE, enqueuedAt, ...(opts.signal ? { signal: opts.signal } : {}) }) };
-    if (opts.neverHolds) d.locks = new NeverHolds(conn, { prefix: 'bull', queue: QUEUE });
+    const d = { ...jobDeps(opts.bucket ?? bucket, conn, staging, { jobId: id, queue: QUEUE, enqueuedAt, ...(opts.signal ? { signal: opts.signal } : {}) }) };
+    d.locks = new (opts.neverHolds ? NeverHolds : RedisLocks)(opts.redis ?? conn, { prefix: 'bull', queue: QUEUE, ...(opts.ttlMs ? { ttlMs: opts.ttlMs } : {}) });
+    if (opts.log) d.log = opts.log;
     return { id, mark: `${id}@${enqueuedAt}`, enqueuedAt, done: repackSession(parsePayload(RepackPayload, { session: s, ops }), d) };
   };
   const groupKeys = (s: string) => conn.keys(`bull:${QUEUE}:group:session:${s}:*`);
-  /** Resolves once `count` jobs wait in the session's queue (they joined behind the blocker). */
-  const queued = (s: string, count: number) => until(`${count} queued jobs`, async () => (await conn.zcard(`bull:${QUEUE}:group:session:${s}:default:queue`)) >= count);
+  const gkey = (s: string, part: string) => `bull:${QUEUE}:group:session:${s}:default:${part}`;
+  /** Resolves once `count` jobs are in the session's queue (they joined behind the blocker). */
+  const queued = (s: string, count: number) => until(`${count} queued jobs`, async () => (await conn.zcard(gkey(s, 'queue'))) >= count);
+  /** Resolves once every one of `jobs` is in the session's queue. */
+  const inQueue = (s: string, jobs: Array<{ mark: string }>) => until('the jobs to queue', async () => {
+    for (const j of jobs) if ((await conn.zscore(gkey(s, 'queue'), j.mark)) === null) return false;
+    return true;
+  });
+  const fileText = async (s: string, path: string): Promise<string> => {
+    const parts: Buffer[] = [];
+    await catSession(bucket, s, path, new Writable({ write(c: Buffer, _e, cb) { parts.push(c); cb(); } }));
+    return Buffer.concat(parts).toString();
+  };
+  beforeEach(() => { holds.allowed = false; });
 
   it('applies every queued edit in one rewrite, in enqueue order, each job with its own result', async () => {
     const s = `octo__repo__batch-${++n}`;
@@ -134,24 +185,38 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     expect(Object.fromEntries(listing.entries.map((e) => [e.path, e.sha256]))).toEqual({ 'shared.txt': sha('v2\n'), 'b.txt': sha('b\n'), 'c.txt': sha('c\n') });
   });
 
-  it('drops a queued job cancelled before the commit; the others commit without it', async () => {
+  it('drops a queued job cancelled after its claim, before the seal; the others commit without it', async () => {
     const s = `octo__repo__cancel-${++n}`;
-    // Bulk, so the batch's rewrite takes long enough to cancel a job during it.
-    await writeFile(join(staging, `bulk-${s}`), randomBytes(24 << 20));
-    await job(s, [{ op: 'put', path: 'bulk.bin', source: { path: `bulk-${s}` } }]).done;
+    await job(s, [{ op: 'put', path: 'base.txt', text: 'base\n' }]).done;
     const lease = await block(s);
     const stop = new AbortController();
-    const a = job(s, [{ op: 'put', path: 'a.txt', text: 'a\n' }]);
     const cancelled = job(s, [{ op: 'put', path: 'cancelled.txt', text: 'no\n' }], { signal: stop.signal, neverHolds: true });
+    // The holder's first call naming the cancelled job (its seal) waits until the job has withdrawn:
+    // the cancel lands between claim and seal whatever the machine's speed.
+    let gate = true;
+    const gated = new Proxy(conn, {
+      get(t, k) {
+        const v = Reflect.get(t, k) as unknown;
+        if (typeof v !== 'function') return v;
+        const f = v as (...a: unknown[]) => unknown;
+        if (k !== 'eval') return f.bind(t);
+        return async (...a: unknown[]) => {
+          if (gate && a.includes(cancelled.mark)) {
+            gate = false;
+            await until('the cancelled job to withdraw', async () => (await conn.hexists(gkey(s, 'withdrawn'), cancelled.mark)) === 1);
+          }
+          return f.apply(t, a);
+        };
+      },
+    });
+    const a = job(s, [{ op: 'put', path: 'a.txt', text: 'a\n' }], { redis: gated, log: onLog('applying a batch of queued repacks under the session lock', () => stop.abort(new Error('Cancelled: the job was cancelled by a request'))) });
     await queued(s, 2);
     await lease.release();
-    await until('the holder to claim the job', async () => (await conn.hget(`bull:${QUEUE}:group:session:${s}:default:claims`, cancelled.mark)) !== null, 30_000, 2);
-    stop.abort(new Error('Cancelled: the job was cancelled by a request'));
     await expect(cancelled.done).rejects.toMatchObject({ code: 'Transient', message: expect.stringContaining('aborted') });
     const result = await a.done;
     expect(result.batched).toBeUndefined();
-    const paths = (await listSession(bucket, s)).entries.map((e) => e.path).sort();
-    expect(paths).toEqual(['a.txt', 'bulk.bin']);
+    expect((await listSession(bucket, s)).entries.map((e) => e.path).sort()).toEqual(['a.txt', 'base.txt']);
+    expect(await groupKeys(s).then((ks) => ks.filter((k) => !k.includes(':outcome:')))).toEqual([]);
   });
 
   it('a job failing on its own staged file (gone) fails alone', async () => {
@@ -168,6 +233,100 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     expect((await one.done).missing).toEqual([]);
     expect((await listSession(bucket, s)).entries.map((e) => e.path)).toEqual(['one.txt']);
   });
+  it('a job whose staged file goes after the holder checked it fails alone, naming its own op; the rest commits', async () => {
+    const s = `octo__repo__unread-${++n}`;
+    for (const f of ['one', 'gone', 'hashed']) await writeFile(join(staging, `${f}-${s}`), `${f}\n`);
+    const lease = await block(s);
+    const gone = job(s, [{ op: 'put', path: 'keep.txt', text: 'k\n' }, { op: 'put', path: 'gone.txt', source: { path: `gone-${s}` } }], { neverHolds: true });
+    // Its condition hashes the staged file of its first put.
+    const hashed = job(s, [{ op: 'put', path: 'h.txt', source: { path: `hashed-${s}` } }, { op: 'put', path: 'h.txt', text: 'h2\n', ifSha256: sha('hashed\n') }], { neverHolds: true });
+    await queued(s, 2);
+    // The files go once the holder has checked them (its batch is made), before its rewrite reads them.
+    const drop = (): void => { for (const f of ['gone', 'hashed']) rmSync(join(staging, `${f}-${s}`), { force: true }); };
+    const one = job(s, [{ op: 'put', path: 'one.txt', source: { path: `one-${s}` } }], { log: onLog('applying a batch of queued repacks under the session lock', drop) });
+    await queued(s, 3);
+    await lease.release();
+    await expect(gone.done).rejects.toMatchObject({ code: 'NotFound', message: expect.stringContaining('ops.1: its staged file cannot be read (ENOENT)') });
+    await expect(hashed.done).rejects.toMatchObject({ code: 'NotFound', message: expect.stringContaining('ops.0: its staged file cannot be read (ENOENT)') });
+    expect((await one.done).missing).toEqual([]);
+    expect((await listSession(bucket, s)).entries.map((e) => e.path)).toEqual(['one.txt']);
+  });
+
+  it("gives each put its own job's enqueue time as mtime, in a batch too", async () => {
+    const s = `octo__repo__mtime-${++n}`;
+    const t0 = Date.parse('2026-11-30T08:00:00.000Z');
+    const lease = await block(s);
+    const a = job(s, [{ op: 'put', path: 'a.txt', text: 'a\n' }], { enqueuedAt: t0 });
+    const b = job(s, [{ op: 'put', path: 'b/new.txt', text: 'b\n' }], { enqueuedAt: t0 + 5000, neverHolds: true });
+    await queued(s, 2);
+    await lease.release();
+    const [ra, rb] = await Promise.all([a.done, b.done]);
+    expect([ra.batched, rb.sha256]).toEqual([2, ra.sha256]);
+    const mtimes = Object.fromEntries((await listSession(bucket, s)).entries.map((e) => [e.path, e.mtime]));
+    const at = (ms: number): string => new Date(ms).toISOString();
+    expect(mtimes).toEqual({ 'a.txt': at(t0), b: at(t0 + 5000), 'b/new.txt': at(t0 + 5000) });
+  });
+
+  it('applies a queue longer than one batch in batches of its arrival-order prefix; the holder, newest, waits its turn', async () => {
+    const s = `octo__repo__prefix-${++n}`;
+    const t0 = Date.parse('2026-12-01T10:00:00.000Z');
+    const lease = await block(s);
+    const J = 13;
+    const js = Array.from({ length: J }, (_, i) => job(s, [{ op: 'put', path: `j/${i}.txt`, text: `${i}\n` }, { op: 'put', path: 'shared.txt', text: `job ${i}\n` }], { id: long('j', i), enqueuedAt: t0 + i, neverHolds: true }));
+    await queued(s, J);
+    const h = job(s, [{ op: 'put', path: 'shared.txt', text: 'holder\n' }], { id: long('h', 0), enqueuedAt: t0 + J });
+    await queued(s, J + 1);
+    await lease.release();
+    const results = await Promise.all([...js, h].map((j) => j.done));
+    // A batch's marks stay within half the metadata list: 6 of these a batch, then the 13th with the holder.
+    expect(results.map((r) => r.batched)).toEqual([...Array<number>(12).fill(6), 2, 2]);
+    expect(new Set(results.map((r) => r.sha256)).size).toBe(3);
+    expect(await fileText(s, 'shared.txt')).toBe('holder\n');
+  });
+
+  /**
+   * A batch (its holder H and four queued jobs A, each writing shared.txt) commits, then its holder
+   * fails as `how` says, its jobs' outcomes unrecorded; then older jobs B (a retried job keeps its
+   * first enqueue time) come, enough to fill a whole metadata list of marks. A job of H's batch
+   * applied a second time, after a B, would put shared.txt back to its own content.
+   */
+  const eachOnce = async (how: 'dies' | 'reply lost'): Promise<void> => {
+    const s = `octo__repo__orphans-${++n}`;
+    const t0 = Date.parse('2026-12-01T12:00:00.000Z');
+    await job(s, [{ op: 'put', path: 'shared.txt', text: 'base\n' }]).done;
+    const lease = await block(s);
+    const ops = (tag: string) => [{ op: 'put', path: `${tag}.txt`, text: `${tag}\n` }, { op: 'put', path: 'shared.txt', text: `${tag}\n` }];
+    const as = Array.from({ length: 4 }, (_, i) => job(s, ops(`a${i}`), { id: long('a', i), enqueuedAt: t0 + 100 + i, neverHolds: true }));
+    await queued(s, 4);
+    const worker = killable(conn);
+    const hOpts = { id: long('h', 0), enqueuedAt: t0 + 99 };
+    const h = how === 'dies'
+      // Its Redis is gone from right after its commit (before it records the outcomes); its lock expires.
+      ? job(s, ops('h'), { ...hOpts, redis: worker.redis, ttlMs: 1000, log: onLog('session repacked', () => worker.kill()) })
+      : job(s, ops('h'), { ...hOpts, bucket: new ReplyLost(new FsDriver({ root }), { name: 'default' }) });
+    await queued(s, 5);
+    await lease.release();
+    if (how === 'dies') await until('the holder to commit and die', async () => worker.dead);
+    else await expect(h.done).rejects.toMatchObject({ message: expect.stringContaining('injected') });
+    expect(await fileText(s, 'shared.txt')).toBe('a3\n');
+    const bs = Array.from({ length: 12 }, (_, i) => job(s, ops(`b${i + 1}`), { id: long('b', i + 1), enqueuedAt: t0 + i + 1, neverHolds: true }));
+    await inQueue(s, bs);
+    await job(s, ops('b0'), { id: long('b', 0), enqueuedAt: t0 }).done;
+    holds.allowed = true;
+    const results = await Promise.all([...as, ...bs].map((j) => j.done));
+    expect(results.every((r) => r.key === sessionKey(s))).toBe(true);
+    if (how === 'dies') await h.done;
+    expect(await fileText(s, 'shared.txt')).toBe('b12\n');
+    const files = (await listSession(bucket, s)).entries.map((e) => e.path);
+    for (const tag of ['h', 'a0', 'a3', 'b0', 'b12']) expect(files).toContain(`${tag}.txt`);
+    // H's job, redelivered, meets its outcome and writes nothing.
+    const before = (await bucket.stat(sessionKey(s))).sha256;
+    await job(s, ops('h'), hOpts).done;
+    expect((await bucket.stat(sessionKey(s))).sha256).toBe(before);
+    expect(await fileText(s, 'shared.txt')).toBe('b12\n');
+  };
+  it('a holder that dies after its commit: its batch is settled by its marks before any later batch, each job applied once', () => eachOnce('dies'));
+  it('a holder whose put fails after its last byte (it may have committed): its sealed jobs are never given back, each applied once', () => eachOnce('reply lost'));
 });
 
 describe('repack-session group commit across worker processes', () => {

@@ -425,3 +425,140 @@ describe('repack-session group commit across worker processes', () => {
     await conn.quit();
   });
 });
+
+describe('group commit in Redis (RedisGroupCommit on a real Redis)', () => {
+  let redis: TestRedis;
+  let conn: Redis;
+  let n = 0;
+  const Q = 'group-proto';
+
+  beforeAll(async () => {
+    redis = await startRedis();
+    conn = redisConnection(redis.url, 'worker');
+  });
+  afterAll(async () => {
+    await conn?.quit();
+    await redis?.stop();
+  });
+
+  const opts = (o: { ttlMs?: number; waitMs?: number } = {}) => ({ prefix: 'bull', queue: Q, ...o });
+  const member = (id: string, score: number) => ({ id, score, data: JSON.stringify({ id }) });
+  const key = (group: string, part: string): string => `bull:${Q}:group:${group}:${part}`;
+  const names = (): { lock: string; group: string } => ({ lock: `l${++n}`, group: `g${n}` });
+  const never = (o: { ttlMs?: number; waitMs?: number } = {}, r: Redis = conn) => new NeverHolds(r, opts(o)).group;
+  const holderOf = async (locks: RedisLocks, lock: string, group: string, id: string, score: number): Promise<GroupHolder> => {
+    const joined = await locks.group.join(lock, group, member(id, score), new AbortController().signal);
+    if (!('holder' in joined)) throw new Error(`${id} did not get the lock`);
+    return joined.holder;
+  };
+  const claimed = async (h: GroupHolder, max = 32) => {
+    const got = await h.claim(max);
+    if ('outcome' in got) throw new Error('the holder met its own outcome');
+    return got.members;
+  };
+  const queuedIds = (group: string) => conn.zrange(key(group, 'queue'), 0, -1);
+  const waitQueued = (group: string, ids: string[]) => until(`${ids.join(', ')} to queue`, async () => {
+    const q = await queuedIds(group);
+    return ids.every((id) => q.includes(id));
+  });
+  /** Resolves once `id` has not polled for `ms` (Redis time). */
+  const quietFor = (group: string, id: string, ms: number) => until(`${id} to go quiet`, async () => {
+    const [sec, us] = await conn.time();
+    return Number(await conn.zscore(key(group, 'alive'), id)) < Number(sec) * 1000 + Math.floor(Number(us) / 1000) - ms;
+  });
+
+  it('a claimed member that withdrew is dropped when given back, never left for the next holder', async () => {
+    const { lock, group } = names();
+    const stop = new AbortController();
+    const a = never().join(lock, group, member('a@1', 1), stop.signal);
+    await waitQueued(group, ['a@1']);
+    const h = await holderOf(new RedisLocks(conn, opts()), lock, group, 'h@2', 2);
+    expect((await claimed(h)).map((m) => m.id)).toEqual(['a@1', 'h@2']);
+    stop.abort(new Error('Cancelled'));
+    await expect(a).rejects.toMatchObject({ code: 'Transient', message: expect.stringContaining('aborted') });
+    await h.giveBack(['a@1']);
+    expect(await queuedIds(group)).toEqual(['h@2']);
+    expect(await conn.hget(key(group, 'data'), 'a@1')).toBeNull();
+    await h.lease.release();
+  });
+
+  it('a sealed member waits for its outcome while the holder keeps the lock, past every wait bound; once the holder is gone it is unsure, and the next holder takes it first', async () => {
+    const { lock, group } = names();
+    // waitMs + ttlMs (1.6 s) was how long a sealed member waited before it gave up.
+    const short = { waitMs: 1000, ttlMs: 600 };
+    const stopA = new AbortController();
+    const stopB = new AbortController();
+    const h = await holderOf(new RedisLocks(conn, opts(short)), lock, group, 'h@1', 1);
+    const a = never(short).join(lock, group, member('a@5', 5), stopA.signal);
+    const b = never(short).join(lock, group, member('b@6', 6), stopB.signal);
+    await waitQueued(group, ['a@5', 'b@6']);
+    expect((await claimed(h)).map((m) => m.id)).toEqual(['h@1', 'a@5', 'b@6']);
+    expect(await h.seal(['h@1', 'a@5', 'b@6'])).toEqual([]);
+    stopA.abort(new Error('Cancelled'));
+    stopB.abort(new Error('Cancelled'));
+    let settled = false;
+    void a.then(() => { settled = true; }, () => { settled = true; });
+    await new Promise((r) => setTimeout(r, 2_500));
+    expect(settled).toBe(false);
+    await h.finish(new Map([['a@5', 'done'], ['h@1', '']]));
+    await expect(a).resolves.toEqual({ outcome: 'done' });
+    // The holder goes without recording b (it died after its commit, or its put's reply was lost).
+    await h.lease.release();
+    await expect(b).rejects.toMatchObject({ code: 'Transient', message: expect.stringContaining('went away') });
+    const c = never().join(lock, group, member('c@2', 2), new AbortController().signal);
+    await waitQueued(group, ['c@2']);
+    const h2 = await holderOf(new RedisLocks(conn, opts()), lock, group, 'h2@3', 3);
+    // Taken first though c arrived before it, and known to be maybe committed.
+    expect(await claimed(h2, 1)).toEqual([{ ...member('b@6', 6), unsure: true }]);
+    expect((await claimed(h2)).map((m) => [m.id, m.unsure ?? false])).toEqual([['c@2', false], ['h2@3', false], ['b@6', true]]);
+    await h2.finish(new Map([['b@6', ''], ['c@2', 'c done'], ['h2@3', '']]));
+    await expect(c).resolves.toEqual({ outcome: 'c done' });
+    await h2.lease.release();
+  });
+
+  it('drops a member that stopped polling (its worker died): not claimed, and not sealed once claimed', async () => {
+    const { lock, group } = names();
+    const [w1, w2] = [killable(conn), killable(conn)];
+    // The dead members' own loops end on their own once their bounds pass (their Redis calls fail meanwhile).
+    void never({ waitMs: 1000, ttlMs: 1000 }, w1.redis).join(lock, group, member('d1@1', 1), new AbortController().signal).catch(() => undefined);
+    void never({ waitMs: 10_000, ttlMs: 1000 }, w2.redis).join(lock, group, member('d2@2', 2), new AbortController().signal).catch(() => undefined);
+    await waitQueued(group, ['d1@1', 'd2@2']);
+    w1.kill();
+    // A member silent for the holder's lock TTL counts as gone.
+    await quietFor(group, 'd1@1', 1000);
+    const h = await holderOf(new RedisLocks(conn, opts({ ttlMs: 1000 })), lock, group, 'h@3', 3);
+    expect((await claimed(h)).map((m) => m.id)).toEqual(['d2@2', 'h@3']);
+    expect(await conn.hget(key(group, 'data'), 'd1@1')).toBeNull();
+    w2.kill();
+    await quietFor(group, 'd2@2', 1000);
+    expect(await h.seal(['d2@2', 'h@3'])).toEqual(['d2@2']);
+    expect(await queuedIds(group)).toEqual(['h@3']);
+    expect(await h.seal(['h@3'])).toEqual([]);
+    await h.finish(new Map([['h@3', '']]));
+    await h.lease.release();
+  });
+
+  it("the holder's lock renewals keep the group's keys; a seal holds only members whose claim is still this holder's", async () => {
+    const { lock, group } = names();
+    const h = await holderOf(new RedisLocks(conn, opts({ ttlMs: 3000 })), lock, group, 'h@3', 3);
+    await claimed(h);
+    // No member polls: the claims' TTL nearly spent (a batch that outlasts it), the next renewal (every 1 s) sets it again.
+    await conn.pexpire(key(group, 'claims'), 2500);
+    await until('a renewal to refresh the claims', async () => (await conn.pttl(key(group, 'claims'))) > 3000, 5000);
+    const stopB = new AbortController();
+    const a = never().join(lock, group, member('a@1', 1), new AbortController().signal);
+    const b = never().join(lock, group, member('b@2', 2), stopB.signal);
+    await waitQueued(group, ['a@1', 'b@2']);
+    expect((await claimed(h)).map((m) => m.id)).toEqual(['a@1', 'b@2', 'h@3']);
+    // b's claim lost (as when the claims' key expired): the seal reports it and seals nothing.
+    await conn.hdel(key(group, 'claims'), 'b@2');
+    expect(await h.seal(['a@1', 'b@2', 'h@3'])).toEqual(['b@2']);
+    expect(await conn.hlen(key(group, 'sealed'))).toBe(0);
+    expect(await h.seal(['a@1', 'h@3'])).toEqual([]);
+    await h.finish(new Map([['a@1', 'ok'], ['h@3', '']]));
+    await expect(a).resolves.toEqual({ outcome: 'ok' });
+    stopB.abort(new Error('Cancelled'));
+    await expect(b).rejects.toMatchObject({ code: 'Transient' });
+    await h.lease.release();
+  });
+});

@@ -355,11 +355,11 @@ describe('repack-session group commit across worker processes', () => {
     await tmp?.remove();
   });
 
-  const setup = async (workers: number) => {
+  const setup = async (workers: number, extra: Record<string, string> = {}) => {
     const queue = `group-${randomUUID().slice(0, 8)}`;
     const client = new StevedoreClient({ redisUrl: redis.url, queue, defaultJobOptions: { backoff: { type: 'exponential', delay: 100, jitter: 0.5 }, attempts: 8 } });
     clients.push(client);
-    const env = { REDIS_URL: redis.url, STEVEDORE_QUEUE: queue, STEVEDORE_STAGING_DIR: stagingDir, STEVEDORE_BACKENDS: `default=file://${root}`, STEVEDORE_CONCURRENCY: SOAK ? '10' : '4' };
+    const env = { REDIS_URL: redis.url, STEVEDORE_QUEUE: queue, STEVEDORE_STAGING_DIR: stagingDir, STEVEDORE_BACKENDS: `default=file://${root}`, STEVEDORE_CONCURRENCY: SOAK ? '10' : '4', ...extra };
     const ws = await Promise.all(Array.from({ length: workers }, () => spawnWorker(env)));
     spawned.push(...ws);
     return { client, env, ws, queue };
@@ -388,35 +388,42 @@ describe('repack-session group commit across worker processes', () => {
     await b.close();
   });
 
-  it('a batch holder killed mid-rewrite: every queued edit still lands, once, after the others take over', async () => {
-    const { client, env, ws } = await setup(2);
+  it('a batch holder killed mid-rewrite: every queued edit lands once, after the others take over', async () => {
+    // Short job and session locks, so the killed worker's jobs come back in seconds.
+    const { client, env, ws } = await setup(2, { STEVEDORE_LOCK_DURATION_MS: '3000', STEVEDORE_STALLED_INTERVAL_MS: '1000' });
     const session = 'octo__repo__group-killed';
-    await writeFile(join(stagingDir, 'huge'), randomBytes(48 << 20));
+    await writeFile(join(stagingDir, 'huge'), randomBytes(8 << 20));
     await client.run('repack-session', { session, ops: [{ op: 'put', path: 'huge.bin', source: { path: 'huge' } }] }, { timeoutMs: 90_000 });
     // A blocker holds the session's lock (as a whole-session write would) while the jobs queue up behind it.
     const conn = redisConnection(redis.url, 'worker');
     const blocker = await new RedisLocks(conn, { prefix: 'bull', queue: env.STEVEDORE_QUEUE }).acquire(sessionLockName(session), new AbortController().signal);
     const edits = 6;
-    const ids = await Promise.all(Array.from({ length: edits }, (_, i) => client.repackSession({ session, ops: [{ op: 'put', path: `edits/${i}.txt`, text: `edit ${i}\n` }] })));
+    // Each job also writes log.txt: a job applied again after a later one would leave its own line there.
+    const ids = await Promise.all(Array.from({ length: edits }, (_, i) => client.repackSession({ session, ops: [{ op: 'put', path: `edits/${i}.txt`, text: `edit ${i}\n` }, { op: 'put', path: 'log.txt', text: `job ${i}\n` }] })));
     await until('every job to queue', async () => (await conn.zcard(`bull:${env.STEVEDORE_QUEUE}:group:session:${session}:default:queue`)) >= edits);
     await blocker.release();
     const batch = (w: WorkerProcess) => w.logs().find((l) => l.msg === 'applying a batch of queued repacks under the session lock' && (l.jobs as string[]).some((m) => m.startsWith(`${ids[0]}@`)));
     const holder = await until('a holder to start its batch', async () => ws.find((w) => batch(w)), 30_000, 5);
     expect((batch(holder)!.jobs as string[]).length).toBe(edits);
+    // Killed during its batch; whether before or after its commit, each edit must land once.
     holder.kill('SIGKILL');
     await holder.exited;
-    // Killed before its commit: the archive is the one before the batch.
-    const before = bucket();
-    expect((await listSession(before, session)).entries.map((e) => e.path)).toEqual(['huge.bin']);
-    await before.close();
     // A fresh worker for the killed one's jobs (redelivered once the stalled check sees them).
     spawned.push(await spawnWorker(env));
     const got = await results(client, ids);
+    // Applied once: each job in one commit at most (the commits every worker logged, the killed one's
+    // too; one it made without logging is found by its marks and applied by none), and log.txt holds
+    // the line of the last job of the last commit.
+    const commits = spawned.flatMap((w) => w.logs()).filter((l) => l.msg === 'session repacked' && Array.isArray(l.jobs) && (l.jobs as string[]).some((m) => ids.some((id) => m.startsWith(`${id}@`))));
+    const applied = commits.flatMap((l) => l.jobs as string[]);
+    expect(applied.length).toBe(new Set(applied).size);
+    const lastCommit = commits.sort((x, y) => Number(x.time) - Number(y.time)).at(-1)!.jobs as string[];
+    const last = ids.findIndex((id) => lastCommit.at(-1)!.startsWith(`${id}@`));
     const b = bucket();
     const listing = await listSession(b, session, { digests: true });
     expect(listing.entries.filter((e) => e.path.startsWith('edits/')).map((e) => [e.path, e.sha256]).sort()).toEqual(Array.from({ length: edits }, (_, i) => [`edits/${i}.txt`, sha(`edit ${i}\n`)]).sort());
-    expect(listing.entries.find((e) => e.path === 'huge.bin')?.size).toBe(48 << 20);
-    // Exactly once: each job's mark once in the archive, and each result names an archive that was committed.
+    expect(listing.entries.find((e) => e.path === 'log.txt')?.sha256).toBe(sha(`job ${last}\n`));
+    expect(listing.entries.find((e) => e.path === 'huge.bin')?.size).toBe(8 << 20);
     const marks = (await b.stat(sessionKey(session))).metadata[APPLIED_META]!.split(' ');
     for (const id of ids) expect(marks.filter((m) => m.startsWith(`${id}@`))).toHaveLength(1);
     expect(got.every((r) => r.key === sessionKey(session) && r.missing.length === 0)).toBe(true);

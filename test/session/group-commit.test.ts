@@ -46,6 +46,8 @@ class NeverHolds extends RedisLocks {
   }
 }
 
+beforeEach(() => { holds.allowed = false; });
+
 /** A worker's Redis that can die: from `kill()` on, every lock and group call fails (its process is gone, as far as Redis sees). */
 function killable(c: Redis): { redis: Redis; kill(): void; readonly dead: boolean } {
   const state = { dead: false };
@@ -127,7 +129,6 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     await catSession(bucket, s, path, new Writable({ write(c: Buffer, _e, cb) { parts.push(c); cb(); } }));
     return Buffer.concat(parts).toString();
   };
-  beforeEach(() => { holds.allowed = false; });
 
   it('applies every queued edit in one rewrite, in enqueue order, each job with its own result', async () => {
     const s = `octo__repo__batch-${++n}`;
@@ -211,8 +212,9 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     });
     const a = job(s, [{ op: 'put', path: 'a.txt', text: 'a\n' }], { redis: gated, log: onLog('applying a batch of queued repacks under the session lock', () => stop.abort(new Error('Cancelled: the job was cancelled by a request'))) });
     await queued(s, 2);
+    const withdrew = expect(cancelled.done).rejects.toMatchObject({ code: 'Transient', message: expect.stringContaining('aborted') });
     await lease.release();
-    await expect(cancelled.done).rejects.toMatchObject({ code: 'Transient', message: expect.stringContaining('aborted') });
+    await withdrew;
     const result = await a.done;
     expect(result.batched).toBeUndefined();
     expect((await listSession(bucket, s)).entries.map((e) => e.path).sort()).toEqual(['a.txt', 'base.txt']);
@@ -246,8 +248,10 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     const one = job(s, [{ op: 'put', path: 'one.txt', source: { path: `one-${s}` } }], { log: onLog('applying a batch of queued repacks under the session lock', drop) });
     await queued(s, 3);
     await lease.release();
-    await expect(gone.done).rejects.toMatchObject({ code: 'NotFound', message: expect.stringContaining('ops.1: its staged file cannot be read (ENOENT)') });
-    await expect(hashed.done).rejects.toMatchObject({ code: 'NotFound', message: expect.stringContaining('ops.0: its staged file cannot be read (ENOENT)') });
+    await Promise.all([
+      expect(gone.done).rejects.toMatchObject({ code: 'NotFound', message: expect.stringContaining('ops.1: its staged file cannot be read (ENOENT)') }),
+      expect(hashed.done).rejects.toMatchObject({ code: 'NotFound', message: expect.stringContaining('ops.0: its staged file cannot be read (ENOENT)') }),
+    ]);
     expect((await one.done).missing).toEqual([]);
     expect((await listSession(bucket, s)).entries.map((e) => e.path)).toEqual(['one.txt']);
   });
@@ -510,8 +514,9 @@ describe('group commit in Redis (RedisGroupCommit on a real Redis)', () => {
     await h.finish(new Map([['a@5', 'done'], ['h@1', '']]));
     await expect(a).resolves.toEqual({ outcome: 'done' });
     // The holder goes without recording b (it died after its commit, or its put's reply was lost).
+    const bUnsure = expect(b).rejects.toMatchObject({ code: 'Transient', message: expect.stringContaining('went away') });
     await h.lease.release();
-    await expect(b).rejects.toMatchObject({ code: 'Transient', message: expect.stringContaining('went away') });
+    await bUnsure;
     const c = never().join(lock, group, member('c@2', 2), new AbortController().signal);
     await waitQueued(group, ['c@2']);
     const h2 = await holderOf(new RedisLocks(conn, opts()), lock, group, 'h2@3', 3);

@@ -9,7 +9,7 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from
 import { APPLIED_META, RepackPayload, repackSession, type RepackResult } from '../../jobs/repack-session.js';
 import { FsDriver } from '../../src/backends/fs.js';
 import { ErrorCode, StorageError } from '../../src/errors.js';
-import { parsePayload, type GroupHolder, type Lease } from '../../src/payload.js';
+import { parsePayload, type GroupHolder, type JobDeps, type Lease } from '../../src/payload.js';
 import { redisConnection } from '../../src/queue/connection.js';
 import { StevedoreClient } from '../../src/queue/client.js';
 import { RedisLocks } from '../../src/queue/lock.js';
@@ -64,7 +64,7 @@ function killable(c: Redis): { redis: Redis; kill(): void; readonly dead: boolea
 }
 
 /** A job logger that runs `fn` (synchronously, before the job goes on) when the job logs `msg`. */
-const onLog = (msg: string, fn: () => void) => pino({ level: 'info', hooks: { logMethod(args, method) { if ((args as unknown[]).includes(msg)) fn(); method.apply(this, args); } } }, { write() {} });
+const onLog = (msg: string, fn: () => void): JobDeps['log'] => pino({ level: 'info', hooks: { logMethod(args, method) { if ((args as unknown[]).includes(msg)) fn(); method.apply(this, args); } } }, { write() {} });
 
 /** A bucket whose first put commits and then fails, as a put whose reply was lost does: the commit may or may not have happened, as far as the job knows. */
 class ReplyLost extends Bucket {
@@ -106,7 +106,7 @@ describe('repack-session group commit (in-process, real Redis)', () => {
   const locks = () => new RedisLocks(conn, { prefix: 'bull', queue: QUEUE });
   /** Holds the session's lock (as a whole-session write would) so that jobs queue up behind it. */
   const block = (s: string): Promise<Lease> => locks().acquire(sessionLockName(s), new AbortController().signal);
-  interface JobOpts { signal?: AbortSignal; neverHolds?: boolean; enqueuedAt?: number; id?: string; redis?: Redis; ttlMs?: number; log?: ReturnType<typeof pino>; bucket?: Bucket }
+  interface JobOpts { signal?: AbortSignal; neverHolds?: boolean; enqueuedAt?: number; id?: string; redis?: Redis; ttlMs?: number; log?: JobDeps['log']; bucket?: Bucket }
   const job = (s: string, ops: unknown[], opts: JobOpts = {}): { id: string; mark: string; enqueuedAt: number; done: Promise<RepackResult> } => {
     const id = opts.id ?? `g${++n}`;
     const enqueuedAt = opts.enqueuedAt ?? Date.parse('2026-12-02T09:00:00.000Z') + n;
@@ -467,7 +467,7 @@ describe('group commit in Redis (RedisGroupCommit on a real Redis)', () => {
     if ('outcome' in got) throw new Error('the holder met its own outcome');
     return got.members;
   };
-  const queuedIds = (group: string) => conn.zrange(key(group, 'queue'), 0, -1);
+  const queuedIds = (group: string) => conn.zrange(key(group, 'queue'), '0', '-1');
   const waitQueued = (group: string, ids: string[]) => until(`${ids.join(', ')} to queue`, async () => {
     const q = await queuedIds(group);
     return ids.every((id) => q.includes(id));

@@ -289,12 +289,14 @@ describe('repack-session group commit (in-process, real Redis)', () => {
   });
 
   /**
-   * A batch (its holder H and four queued jobs A, each writing shared.txt) commits, then its holder
-   * fails as `how` says, its jobs' outcomes unrecorded; then older jobs B (a retried job keeps its
-   * first enqueue time) come, enough to fill a whole metadata list of marks. A job of H's batch
-   * applied a second time, after a B, would put shared.txt back to its own content.
+   * A batch (its holder H and four queued jobs A, each writing shared.txt) fails as `how` says:
+   * its holder's Redis dies before its commit or right after it (before it records the outcomes;
+   * its lock then expires), or its put commits and then fails (a lost reply). Then older jobs B (a
+   * retried job keeps its first enqueue time) come, enough to fill a whole metadata list of marks.
+   * Every job must apply once: a job of H's batch applied a second time, after a B, would put
+   * shared.txt back to its own content.
    */
-  const eachOnce = async (how: 'dies' | 'reply lost'): Promise<void> => {
+  const eachOnce = async (how: 'dies before its commit' | 'dies after its commit' | 'reply lost'): Promise<void> => {
     const s = `octo__repo__orphans-${++n}`;
     const t0 = Date.parse('2026-12-01T12:00:00.000Z');
     await job(s, [{ op: 'put', path: 'shared.txt', text: 'base\n' }]).done;
@@ -304,32 +306,36 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     await queued(s, 4);
     const worker = killable(conn);
     const hOpts = { id: long('h', 0), enqueuedAt: t0 + 99 };
-    const h = how === 'dies'
-      // Its Redis is gone from right after its commit (before it records the outcomes); its lock expires.
-      ? job(s, ops('h'), { ...hOpts, redis: worker.redis, ttlMs: 1000, log: onLog('session repacked', () => worker.kill()) })
-      : job(s, ops('h'), { ...hOpts, bucket: new ReplyLost(new FsDriver({ root }), { name: 'default' }) });
+    const dies = (msg: string) => ({ ...hOpts, redis: worker.redis, ttlMs: 1000, log: onLog(msg, () => worker.kill()) });
+    const h = how === 'reply lost'
+      ? job(s, ops('h'), { ...hOpts, bucket: new ReplyLost(new FsDriver({ root }), { name: 'default' }) })
+      : job(s, ops('h'), dies(how === 'dies after its commit' ? 'session repacked' : 'applying a batch of queued repacks under the session lock'));
+    const hEnded = h.done.then(() => 'done', (err: unknown) => (err instanceof Error ? err.message : String(err)));
     await queued(s, 5);
     await lease.release();
-    if (how === 'dies') await until('the holder to commit and die', async () => worker.dead);
-    else await expect(h.done).rejects.toMatchObject({ message: expect.stringContaining('injected') });
-    expect(await fileText(s, 'shared.txt')).toBe('a3\n');
+    if (how === 'reply lost') expect(await hEnded).toContain('injected');
+    else await until('the holder to die', async () => worker.dead);
+    // Before its commit: its seal never reached Redis, so nothing committed.
+    if (how === 'dies before its commit') expect(await hEnded).not.toBe('done');
+    expect(await fileText(s, 'shared.txt')).toBe(how === 'dies before its commit' ? 'base\n' : 'a3\n');
     const bs = Array.from({ length: 12 }, (_, i) => job(s, ops(`b${i + 1}`), { id: long('b', i + 1), enqueuedAt: t0 + i + 1, neverHolds: true }));
     await inQueue(s, bs);
     await job(s, ops('b0'), { id: long('b', 0), enqueuedAt: t0 }).done;
     holds.allowed = true;
     const results = await Promise.all([...as, ...bs].map((j) => j.done));
     expect(results.every((r) => r.key === sessionKey(s))).toBe(true);
-    if (how === 'dies') await h.done;
-    expect(await fileText(s, 'shared.txt')).toBe('b12\n');
+    await hEnded;
+    // Settled by their marks, H's batch is never applied again: the last job in order stays last.
+    expect(await fileText(s, 'shared.txt')).toBe(how === 'dies before its commit' ? 'a3\n' : 'b12\n');
     const files = (await listSession(bucket, s)).entries.map((e) => e.path);
     for (const tag of ['h', 'a0', 'a3', 'b0', 'b12']) expect(files).toContain(`${tag}.txt`);
     // H's job, redelivered, meets its outcome and writes nothing.
     const before = (await bucket.stat(sessionKey(s))).sha256;
     await job(s, ops('h'), hOpts).done;
     expect((await bucket.stat(sessionKey(s))).sha256).toBe(before);
-    expect(await fileText(s, 'shared.txt')).toBe('b12\n');
   };
-  it('a holder that dies after its commit: its batch is settled by its marks before any later batch, each job applied once', () => eachOnce('dies'));
+  it('a holder that dies before its commit: its batch waits again in its place and each job applies once', () => eachOnce('dies before its commit'));
+  it('a holder that dies after its commit: its batch is settled by its marks before any later batch, each job applied once', () => eachOnce('dies after its commit'));
   it('a holder whose put fails after its last byte (it may have committed): its sealed jobs are never given back, each applied once', () => eachOnce('reply lost'));
 });
 

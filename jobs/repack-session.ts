@@ -150,7 +150,7 @@ async function applyBatch(holder: GroupHolder, members: readonly GroupMember[], 
         return await absorbed(m, p, d);
       } catch (err) {
         if (!(err instanceof StorageError) || d.signal.aborted) throw err;
-        finished.set(m.id, { error: err });
+        finished.set(m.id, m.unsure ? await settledByMark(d.bucket(p.backend), key, m.id, err, holder.lease.signal) : { error: err });
         return undefined;
       }
     }));
@@ -176,6 +176,16 @@ async function applyBatch(holder: GroupHolder, members: readonly GroupMember[], 
   }
   await record();
   return finished;
+}
+
+/**
+ * An unsure job (sealed by a holder that went away) whose ops can no longer be read, its staged
+ * file gone, say: the archive's marks say whether that holder committed it; if not, its own error.
+ */
+async function settledByMark(bucket: Bucket, key: string, mark: string, err: StorageError, signal: AbortSignal): Promise<{ result: RepackResult } | { error: StorageError }> {
+  const info = await bucket.stat(key).catch(() => undefined);
+  if (!(info?.metadata[APPLIED_META] ?? '').split(' ').includes(mark)) return { error: err };
+  return { result: { ...await currentArchive(bucket, key, signal), missing: [] } };
 }
 
 /** Inline bytes one batch holds, in units of what one job may carry. */

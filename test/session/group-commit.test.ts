@@ -302,7 +302,11 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     await job(s, [{ op: 'put', path: 'shared.txt', text: 'base\n' }]).done;
     const lease = await block(s);
     const ops = (tag: string) => [{ op: 'put', path: `${tag}.txt`, text: `${tag}\n` }, { op: 'put', path: 'shared.txt', text: `${tag}\n` }];
-    const as = Array.from({ length: 4 }, (_, i) => job(s, ops(`a${i}`), { id: long('a', i), enqueuedAt: t0 + 100 + i, neverHolds: true }));
+    // a0 brings a staged file, which goes once H's batch is over (as a producer cleans up after a job it thinks done).
+    const staged = join(staging, `a0-${s}`);
+    await writeFile(staged, 'a0 staged\n');
+    const a0 = [{ op: 'put', path: 'a0-staged.txt', source: { path: `a0-${s}` } }, ...ops('a0')];
+    const as = Array.from({ length: 4 }, (_, i) => job(s, i === 0 ? a0 : ops(`a${i}`), { id: long('a', i), enqueuedAt: t0 + 100 + i, neverHolds: true }));
     await queued(s, 4);
     const worker = killable(conn);
     const hOpts = { id: long('h', 0), enqueuedAt: t0 + 99 };
@@ -318,6 +322,8 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     // Before its commit: its seal never reached Redis, so nothing committed.
     if (how === 'dies before its commit') expect(await hEnded).not.toBe('done');
     expect(await fileText(s, 'shared.txt')).toBe(how === 'dies before its commit' ? 'base\n' : 'a3\n');
+    // Committed: a0 is settled by its mark though its staged file is gone.
+    if (how !== 'dies before its commit') rmSync(staged);
     const bs = Array.from({ length: 12 }, (_, i) => job(s, ops(`b${i + 1}`), { id: long('b', i + 1), enqueuedAt: t0 + i + 1, neverHolds: true }));
     await inQueue(s, bs);
     await job(s, ops('b0'), { id: long('b', 0), enqueuedAt: t0 }).done;
@@ -328,7 +334,7 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     // Settled by their marks, H's batch is never applied again: the last job in order stays last.
     expect(await fileText(s, 'shared.txt')).toBe(how === 'dies before its commit' ? 'a3\n' : 'b12\n');
     const files = (await listSession(bucket, s)).entries.map((e) => e.path);
-    for (const tag of ['h', 'a0', 'a3', 'b0', 'b12']) expect(files).toContain(`${tag}.txt`);
+    for (const tag of ['h', 'a0', 'a0-staged', 'a3', 'b0', 'b12']) expect(files).toContain(`${tag}.txt`);
     // H's job, redelivered, meets its outcome and writes nothing.
     const before = (await bucket.stat(sessionKey(s))).sha256;
     await job(s, ops('h'), hOpts).done;

@@ -248,7 +248,7 @@ export class RedisGroupCommit implements GroupCommit {
       if (state?.[0] === 'queued') {
         // While it holds the lock, its renewals keep the group's keys too (a batch may outlast their TTL).
         const got = await this.locks.tryAcquire(lock, token, { keys: k.all.slice(1), ttlMs: GROUP_TTL_MS });
-        if (got) return { holder: new Holder(this, k, member, got.lease, got.token) };
+        if (got) return { holder: new Holder(this, k, lock, member, got.lease, got.token) };
       }
       if (Date.now() > deadline) {
         const ended = await this.withdraw(keys, member.id);
@@ -283,7 +283,7 @@ export class RedisGroupCommit implements GroupCommit {
 }
 
 class Holder implements GroupHolder {
-  constructor(private readonly g: RedisGroupCommit, private readonly k: Keys, private readonly self: GroupMember, readonly lease: Lease, private readonly token: string) {}
+  constructor(private readonly g: RedisGroupCommit, private readonly k: Keys, private readonly lock: string, private readonly self: GroupMember, readonly lease: Lease, private readonly token: string) {}
 
   async claim(max: number): Promise<{ outcome: string } | { members: GroupMember[] }> {
     const s = this.self;
@@ -316,9 +316,10 @@ class Holder implements GroupHolder {
     if (ids.length) await this.g.run(GIVE_BACK, this.k.all, [this.token, ...ids]);
   }
 
+  /** The lock found another token: what the lease reports once its renewal sees that too. */
   private lost(): StorageError {
     return this.lease.signal.aborted && this.lease.signal.reason instanceof StorageError
       ? this.lease.signal.reason
-      : new StorageError(ErrorCode.Transient, 'the group\'s lock is no longer held by this job', { op: 'lock' });
+      : new StorageError(ErrorCode.Transient, `lock ${JSON.stringify(this.lock)} lost: another holder has it`);
   }
 }

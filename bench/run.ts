@@ -12,6 +12,7 @@ import { compileCases, dd, openssl, progress, randomFile, settle, teePipeline, w
 import { metricsBench } from './metrics.js';
 import { largeStoreBench, queueBench } from './queue.js';
 import { sessionBench } from './session.js';
+import { groupCommitBench } from './group-commit.js';
 import { GiB, MiB, mb, mbRange, mbps, ratio, secs, size, stats, table, verdict, type Stats } from './table.js';
 
 const RUNS = 3;
@@ -288,6 +289,9 @@ if (process.argv.includes('--migrate')) {
 } else if (process.argv.includes('--server')) {
   // `npm run bench -- --server`: only the HTTP server section (bench/server.ts).
   process.stdout.write(`${await (await import('./server.js')).serverBench()}\n`);
+} else if (process.argv.includes('--group')) {
+  // `npm run bench -- --group`: only group commit against one rewrite per edit (bench/group-commit.ts).
+  process.stdout.write(`${await groupCommitBench()}\n`);
 } else if (process.argv.includes('--session')) {
   // `npm run bench -- --session`: only the session archive section (bench/session.ts).
   process.stdout.write(`${await sessionBench()}\n`);

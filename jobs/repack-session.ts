@@ -1,12 +1,13 @@
-import { Transform, type Readable } from 'node:stream';
+import { Transform } from 'node:stream';
 import { z } from 'zod';
 import { ErrorCode, StorageError } from '../src/errors.js';
-import { BackendName, Sha256, StagingPath, type JobDeps, type Lease } from '../src/payload.js';
+import { BackendName, Sha256, StagingPath, type GroupHolder, type GroupMember, type JobDeps, type Lease } from '../src/payload.js';
 import { CONTENT_TYPE, GZIP_LEVEL, readArchive, rewriteArchive, type SeekableInput } from '../src/session/archive.js';
 import { dirtySegments, rewriteSegments } from '../src/session/seek-edit.js';
 import { ArchiveReplaced, openSeekable } from '../src/session/seek-read.js';
 import { OpPath, SessionId, sessionKey, sessionLockName } from '../src/session/ids.js';
-import { EditPlan, SpoolNeeded, type Body, type PlanOp } from '../src/session/plan.js';
+import { OpFailed, SpoolNeeded, type Body, type PlanOp } from '../src/session/plan.js';
+import { BatchPlan, MAX_BATCH_JOBS, Withdrawn, decodeOutcome, encodeOutcome, fitBatch, type BatchJob } from '../src/session/batch.js';
 import type { Bucket, PutOptions } from '../src/storage/bucket.js';
 import type { ObjectInfo } from '../src/storage/driver.js';
 
@@ -19,9 +20,12 @@ const MAX_COMMIT_TRIES = 4;
 const MAX_SPOOL_RERUNS = 16;
 /** Object metadata listing the jobs whose edits the archive holds: a redelivered job finds its own. */
 export const APPLIED_META = 'applied_jobs';
-const APPLIED_KEEP = 16;
+/** Marks kept: every job of the largest batch (MAX_BATCH_JOBS), and those of the batch before it. */
+const APPLIED_KEEP = 2 * MAX_BATCH_JOBS;
 /** Metadata is 2 KB in all on every backend: the list stays well under it whatever the ids' lengths. */
 const APPLIED_MAX_CHARS = 1000;
+/** A batch's marks: half the list, so the batch before it keeps all of its marks (see MAX_BATCH_JOBS). */
+const BATCH_MARK_CHARS = APPLIED_MAX_CHARS / 2;
 const APPLIED_ID = /^[\u0021-\u007e]{1,100}$/;
 
 const Mode = z.number().int().min(0).max(0o7777);
@@ -56,6 +60,8 @@ export interface RepackResult {
   entries: number;
   /** Paths of deletes that found nothing. */
   missing: string[];
+  /** Jobs whose edits this rewrite committed together with this one's (group commit), when more than one. */
+  batched?: number;
 }
 
 /**
@@ -65,38 +71,216 @@ export interface RepackResult {
  * conditional on the version read (ifMatch, or ifAbsent for a new session), which stores with
  * atomic conditional writes enforce and the others check by a stat first. A commit that finds
  * the archive replaced anyway (a writer without the lock) reads it again and re-applies.
+ *
+ * Group commit: a job waiting for the lock queues its ops in Redis (Locks.group); the job that
+ * gets the lock takes the session's queued jobs and applies them in as few rewrites as their
+ * bounds allow, in arrival order, then records each job's own result (or error) for it
+ * (src/session/batch.ts).
  */
 export async function repackSession(p: RepackPayload, d: JobDeps): Promise<RepackResult> {
-  const bucket = d.bucket(p.backend);
   const key = sessionKey(p.session);
   if (!d.locks) throw new StorageError(ErrorCode.Unknown, 'repack-session needs the worker\'s lock service (JobDeps.locks)', { op: 'repack', key });
-  const ops = await planOps(p, d);
-  const plan = new EditPlan(ops, new Date(d.enqueuedAt));
-  const jobMark = APPLIED_ID.test(`${d.jobId}@${d.enqueuedAt}`) ? `${d.jobId}@${d.enqueuedAt}` : undefined;
-  const lease = await d.locks.acquire(sessionLockName(p.session), d.signal);
+  // Known by its mark, so a later job reusing the id never meets this one's outcome.
+  const mark = `${d.jobId}@${d.enqueuedAt}`;
+  const self: BatchJob = { id: mark, mark, enqueuedAt: d.enqueuedAt, ops: await planOps(p, d), create: p.create ?? true };
+  const lockName = sessionLockName(p.session);
+  const group = d.locks.group;
+  if (!group || !APPLIED_ID.test(self.mark)) {
+    const lease = await d.locks.acquire(lockName, d.signal);
+    try {
+      return ownOutcome(await commitBatch(d.bucket(p.backend), key, [self], d, lease), self.id);
+    } finally {
+      await lease.release();
+    }
+  }
+  const entry: QueuedRepack = { jobId: d.jobId, enqueuedAt: d.enqueuedAt, payload: p };
+  const joined = await group.join(lockName, `session:${p.session}:${p.backend}`, { id: self.id, score: d.enqueuedAt, data: JSON.stringify(entry) }, d.signal);
+  if ('outcome' in joined) {
+    const result = decodeOutcome<RepackResult>(joined.outcome);
+    d.log.info({ key, size: result.size, batched: result.batched }, 'session repacked by the holder of its lock');
+    return result;
+  }
+  return holdBatch(joined.holder, p, self, d);
+}
+
+/** A job queued for the session's lock holder, as it waits in Redis. */
+const QueuedRepack = z.strictObject({ jobId: z.string(), enqueuedAt: z.number(), payload: RepackPayload });
+type QueuedRepack = z.infer<typeof QueuedRepack>;
+
+/** Per job of a batch: its result, its own error, or nothing (it withdrew: cancelled before the commit). */
+type Finished = Map<string, { result: RepackResult } | { error: StorageError } | undefined>;
+
+/**
+ * This job has the lock: it takes the session's queued jobs batch after batch (orphans first,
+ * then the queue in arrival order) until its own is done, and returns its own outcome.
+ */
+async function holdBatch(holder: GroupHolder, p: RepackPayload, self: BatchJob, d: JobDeps): Promise<RepackResult> {
   try {
-    const spool = new Set<string>();
-    for (let tries = 1, reruns = 0; ;) {
-      const signal = AbortSignal.any([d.signal, lease.signal]);
-      const outcome = await attempt(bucket, key, plan, spool, jobMark, signal, d, p.create ?? true).catch((err: unknown) => {
-        if (err instanceof SpoolNeeded && reruns < MAX_SPOOL_RERUNS && !spool.has(err.target)) return err;
-        throw lostOr(err, lease);
-      });
-      if (outcome instanceof SpoolNeeded) {
-        spool.add(outcome.target);
-        reruns++;
-        continue;
-      }
-      if (outcome !== 'conflict') {
-        d.log.info({ key, size: outcome.size, entries: outcome.entries, missing: outcome.missing.length, tries }, 'session repacked');
-        return outcome;
-      }
-      if (++tries > MAX_COMMIT_TRIES) throw new StorageError(ErrorCode.Transient, `the archive was replaced by other writers ${MAX_COMMIT_TRIES} times while repacking`, { op: 'repack', key });
-      d.log.warn({ key, tries }, 'session archive replaced while repacking; applying the edits again');
+    for (;;) {
+      const claimed = await holder.claim(MAX_BATCH_JOBS).catch((err: unknown) => { throw lostOr(err, holder.lease); });
+      // Another holder did this job between its last poll and its taking the lock.
+      if ('outcome' in claimed) return decodeOutcome<RepackResult>(claimed.outcome);
+      const finished = await applyBatch(holder, claimed.members, p, self, d);
+      if (finished.has(self.id)) return ownOutcome(finished, self.id);
     }
   } finally {
-    await lease.release();
+    await holder.lease.release();
   }
+}
+
+/**
+ * One batch: the claimed jobs that fit one rewrite, applied and committed, each one's outcome
+ * recorded for it. Jobs past the batch's bounds wait for the next batch; when the batch fails, its
+ * jobs wait again for the next holder, except those sealed into a commit that may have happened
+ * (a put that failed after its last byte, a lock lost meanwhile): they stay sealed, and the next
+ * holder settles them by their marks.
+ */
+async function applyBatch(holder: GroupHolder, members: readonly GroupMember[], p: RepackPayload, self: BatchJob, d: JobDeps): Promise<Finished> {
+  const key = sessionKey(p.session);
+  const finished: Finished = new Map();
+  const sealed = new Set<string>();
+  const record = async (): Promise<void> => {
+    const outcomes = new Map<string, string>();
+    for (const [id, o] of finished) outcomes.set(id, o ? encodeOutcome(o) : '');
+    await holder.finish(outcomes).catch((err: unknown) => d.log.warn({ err, key }, 'could not record the outcomes of the batch\'s jobs: they find their edits in the archive'));
+  };
+  try {
+    const read = await Promise.all(members.map(async (m) => {
+      if (m.id === self.id) return { ...self, unsure: m.unsure ?? false };
+      try {
+        return await absorbed(m, p, d);
+      } catch (err) {
+        if (!(err instanceof StorageError) || d.signal.aborted) throw err;
+        finished.set(m.id, m.unsure ? await settledByMark(d.bucket(p.backend), key, m.id, err, holder.lease.signal) : { error: err });
+        return undefined;
+      }
+    }));
+    const { take, rest } = fitBatch(read.filter((j) => j !== undefined), { maxOps: MAX_OPS, maxInlineBytes: BATCH_INLINE_TIMES * d.limits.maxInlineBytes, maxMarkChars: BATCH_MARK_CHARS });
+    await holder.giveBack(rest.map((j) => j.id));
+    d.log.info({ key, jobs: take.map((j) => j.id), left: rest.length }, 'applying a batch of queued repacks under the session lock');
+    const seal = async (ids: readonly string[]): Promise<() => Promise<void>> => {
+      const gone = await holder.seal(ids);
+      if (gone.length > 0) throw new Withdrawn(gone);
+      for (const id of ids) sealed.add(id);
+      return async () => {
+        await holder.unseal(ids);
+        for (const id of ids) sealed.delete(id);
+      };
+    };
+    for (const [id, o] of await commitBatch(d.bucket(p.backend), key, take, d, holder.lease, seal)) finished.set(id, o);
+  } catch (err) {
+    await holder.giveBack(members.filter((m) => m.id !== self.id && !finished.has(m.id) && !sealed.has(m.id)).map((m) => m.id)).catch(() => {});
+    // This job's own entry goes (it fails here), unless its commit may have happened.
+    if (!sealed.has(self.id)) finished.set(self.id, undefined);
+    await record();
+    throw lostOr(err, holder.lease);
+  }
+  await record();
+  return finished;
+}
+
+/**
+ * An unsure job (sealed by a holder that went away) whose ops can no longer be read, its staged
+ * file gone, say: the archive's marks say whether that holder committed it; if not, its own error.
+ */
+async function settledByMark(bucket: Bucket, key: string, mark: string, err: StorageError, signal: AbortSignal): Promise<{ result: RepackResult } | { error: StorageError }> {
+  const info = await bucket.stat(key).catch(() => undefined);
+  if (!(info?.metadata[APPLIED_META] ?? '').split(' ').includes(mark)) return { error: err };
+  return { result: { ...await currentArchive(bucket, key, signal), missing: [] } };
+}
+
+/** Inline bytes one batch holds, in units of what one job may carry. */
+const BATCH_INLINE_TIMES = 8;
+
+/** A queued job's ops, checked as the job itself checked them (its staged files are in the shared staging area). */
+async function absorbed(m: GroupMember, p: RepackPayload, d: JobDeps): Promise<BatchJob> {
+  let data: unknown;
+  try {
+    data = JSON.parse(m.data);
+  } catch {
+    data = undefined;
+  }
+  const parsed = QueuedRepack.safeParse(data);
+  if (!parsed.success || `${parsed.data.jobId}@${parsed.data.enqueuedAt}` !== m.id || parsed.data.payload.session !== p.session || parsed.data.payload.backend !== p.backend) {
+    throw new StorageError(ErrorCode.InvalidInput, 'the queued repack does not match its batch', { op: 'repack', key: sessionKey(p.session) });
+  }
+  const { enqueuedAt, payload } = parsed.data;
+  return { id: m.id, mark: m.id, enqueuedAt, ops: await planOps(payload, d), create: payload.create ?? true, unsure: m.unsure ?? false };
+}
+
+function ownOutcome(finished: Finished, id: string): RepackResult {
+  const o = finished.get(id);
+  if (!o) throw new StorageError(ErrorCode.Unknown, 'the batch ended without this job\'s outcome', { op: 'repack' });
+  if ('error' in o) throw o.error;
+  return o.result;
+}
+
+/**
+ * Applies the jobs' ops in one rewrite and commit, each job all or none: a job whose ops fail
+ * (a condition, a path conflict) or that must not create the session leaves the batch with its
+ * error and the rest are applied again without it; one whose mark the archive holds already
+ * (redelivered after a commit) is complete without applying again. `seal` runs right before
+ * the commit (the last bytes held back), and returns what undoes it when the commit fails.
+ */
+async function commitBatch(bucket: Bucket, key: string, jobs: readonly BatchJob[], d: JobDeps, lease: Lease, seal?: (ids: readonly string[]) => Promise<() => Promise<void>>): Promise<Finished> {
+  const finished: Finished = new Map();
+  const applied = new Set<string>();
+  let active = [...jobs];
+  const spool = new Set<string>();
+  let committed: Omit<RepackResult, 'missing'> | undefined;
+  for (let tries = 1, reruns = 0; active.length > 0;) {
+    const batch = new BatchPlan(active);
+    const signal = AbortSignal.any([d.signal, lease.signal]);
+    let unseal: (() => Promise<void>) | undefined;
+    const beforeCommit = seal ? async () => { unseal = await seal(active.map((j) => j.id)); } : undefined;
+    const outcome = await attempt(bucket, key, batch, spool, signal, d, beforeCommit).catch((err: unknown) => {
+      if (lease.signal.aborted) throw lease.signal.reason;
+      if (err instanceof SpoolNeeded && reruns < MAX_SPOOL_RERUNS && !spool.has(err.target)) return err;
+      if (err instanceof OpFailed || err instanceof Withdrawn) return err;
+      throw err;
+    });
+    if (outcome instanceof SpoolNeeded) {
+      spool.add(outcome.target);
+      reruns++;
+      continue;
+    }
+    if (outcome instanceof OpFailed) {
+      const { job, error } = batch.blame(outcome);
+      finished.set(job.id, { error });
+      active = active.filter((j) => j !== job);
+      continue;
+    }
+    if (outcome instanceof Withdrawn) {
+      for (const id of outcome.ids) finished.set(id, undefined);
+      active = active.filter((j) => !outcome.ids.includes(j.id));
+      continue;
+    }
+    if (outcome === 'conflict') {
+      await unseal?.();
+      if (++tries > MAX_COMMIT_TRIES) throw new StorageError(ErrorCode.Transient, `the archive was replaced by other writers ${MAX_COMMIT_TRIES} times while repacking`, { op: 'repack', key });
+      d.log.warn({ key, tries }, 'session archive replaced while repacking; applying the edits again');
+      continue;
+    }
+    if ('drop' in outcome) {
+      for (const [id, o] of outcome.drop) {
+        if (o === 'applied') applied.add(id);
+        else finished.set(id, { error: o });
+      }
+      active = active.filter((j) => !outcome.drop.has(j.id));
+      continue;
+    }
+    const { result, missing } = outcome;
+    active.forEach((j, i) => finished.set(j.id, { result: { ...result, missing: missing(...batch.range(i)), ...(active.length > 1 ? { batched: active.length } : {}) } }));
+    committed = result;
+    d.log.info({ key, size: result.size, entries: result.entries, jobs: active.map((j) => j.id), tries }, 'session repacked');
+    break;
+  }
+  if (applied.size > 0) {
+    // Redelivered jobs whose edits the archive holds: the deletes' findings of their first run are not recorded.
+    const now = committed ?? await currentArchive(bucket, key, AbortSignal.any([d.signal, lease.signal]));
+    for (const id of applied) finished.set(id, { result: { ...now, missing: [] } });
+  }
+  return finished;
 }
 
 /** A job that lost its lock stops with that as its reason (Transient: retried), whatever failed under it. */
@@ -130,11 +314,19 @@ async function planOps(p: RepackPayload, d: JobDeps): Promise<PlanOp[]> {
   return out;
 }
 
+/** One pass that committed: the archive written, and the deletes of ops `from`..`to` that found nothing. */
+interface Committed {
+  result: Omit<RepackResult, 'missing'>;
+  missing(from: number, to: number): string[];
+}
+
 /**
- * One read-rewrite-commit pass. Resolves with the result, or 'conflict' when the conditional
- * commit found the archive replaced since it was read.
+ * One read-rewrite-commit pass. Resolves with the commit, 'conflict' when the conditional commit
+ * found the archive replaced since it was read, or the jobs to drop before trying again (their
+ * error, or 'applied': the archive holds their edits already).
  */
-async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: ReadonlySet<string>, jobMark: string | undefined, signal: AbortSignal, d: JobDeps, create: boolean): Promise<RepackResult | 'conflict'> {
+async function attempt(bucket: Bucket, key: string, batch: BatchPlan, spool: ReadonlySet<string>, signal: AbortSignal, d: JobDeps, beforeCommit?: () => Promise<void>): Promise<Committed | 'conflict' | { drop: Map<string, StorageError | 'applied'> }> {
+  const plan = batch.plan;
   const notFound = (err: unknown): undefined => {
     if (err instanceof StorageError && err.code === ErrorCode.NotFound) return undefined;
     throw err;
@@ -148,24 +340,37 @@ async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: Reado
     throw err;
   }
   const appliedIn = (info: ObjectInfo): string[] => (info.metadata[APPLIED_META] ?? '').split(' ').filter(Boolean);
-  const redelivered = (info: ObjectInfo): boolean => jobMark !== undefined && appliedIn(info).includes(jobMark);
+  const redelivered = (info: ObjectInfo): boolean => appliedIn(info).some((m) => batch.jobs.some((j) => j.mark === m));
   // A seekable archive is read only as its segments, each checked against the index's digest
   // (the index against the footer's): the whole-object digest would hash the same bytes again.
-  // A redelivered job reads the archive whole, so its read keeps that check.
+  // A batch with a redelivered job reads the archive whole (currentArchive), so that read keeps the check.
   const partsChecked = view !== undefined && !redelivered(view.info);
   const current = await bucket.get(key, { signal, partsChecked }).catch(notFound);
   if (view && (!current || current.info.etag !== view.info.etag || current.info.size !== view.info.size || redelivered(current.info) !== redelivered(view.info))) {
     current?.stream.destroy();
     return 'conflict';
   }
-  if (!current && !create) throw new StorageError(ErrorCode.NotFound, 'no such session (the job asked not to create one)', { op: 'session', key });
-  const seekable: SeekableInput | undefined = view ? { index: view.index, key } : undefined;
   const applied = current ? appliedIn(current.info) : [];
-  if (current && redelivered(current.info)) return alreadyApplied(key, current.stream, current.info, signal);
+  const drop = new Map<string, StorageError | 'applied'>();
+  for (const j of batch.jobs) if (applied.includes(j.mark)) drop.set(j.id, 'applied');
+  if (!current) {
+    // Jobs that must not create the session fail until one that may has created it.
+    for (const j of batch.jobs) {
+      if (j.create) break;
+      drop.set(j.id, new StorageError(ErrorCode.NotFound, 'no such session (the job asked not to create one)', { op: 'session', key }));
+    }
+  }
+  if (drop.size > 0) {
+    current?.stream.destroy();
+    return { drop };
+  }
   if (current && current.info.sha256 === undefined) d.log.warn({ key }, 'session archive has no recorded digest: read unverified (gzip CRC only)');
+  const seekable: SeekableInput | undefined = view ? { index: view.index, key } : undefined;
   const run = plan.start(spool);
-  // The new archive's bytes on their way to the store, counted for the job's progress.
+  // The new archive's bytes on their way to the store, counted for the job's progress; the last
+  // of them wait for `beforeCommit`, so nothing commits before it agreed.
   let written = 0;
+  let sealFailed: unknown;
   const out = new Transform({
     highWaterMark: 1 << 20,
     transform(chunk: Buffer, _enc, cb) {
@@ -173,11 +378,18 @@ async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: Reado
       d.progress(written);
       cb(null, chunk);
     },
+    flush(cb) {
+      if (!beforeCommit) return cb();
+      beforeCommit().then(() => cb(), (err: unknown) => {
+        sealFailed = err;
+        cb(err as Error);
+      });
+    },
   });
   const stopRewrite = new AbortController();
   const opts: PutOptions = {
     contentType: CONTENT_TYPE,
-    metadata: jobMark ? { [APPLIED_META]: appliedList(applied, jobMark) } : {},
+    metadata: { [APPLIED_META]: appliedList(applied, batch.jobs.map((j) => j.mark)) },
     signal,
     ...(current ? (current.info.etag !== undefined ? { ifMatch: current.info.etag } : {}) : { ifAbsent: true }),
   };
@@ -200,9 +412,13 @@ async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: Reado
   try {
     const [rewrote, info] = await Promise.allSettled([rewriting, putting]);
     if (run.conditionFailed) throw run.conditionFailed;
+    if (sealFailed) throw sealFailed;
     if (rewrote.status === 'fulfilled' && info.status === 'fulfilled') {
       d.log.info({ key, reused: rewrote.value.reused, compressed: rewrote.value.compressed }, 'session segments copied and compressed');
-      return { key, size: info.value.size, sha256: info.value.sha256!, entries: rewrote.value.entries, missing: run.missing() };
+      return {
+        result: { key, size: info.value.size, sha256: info.value.sha256!, entries: rewrote.value.entries },
+        missing: (from, to) => run.missing(from, to),
+      };
     }
     const err = first === 'put' && info.status === 'rejected' ? info.reason : rewrote.status === 'rejected' ? rewrote.reason : (info as PromiseRejectedResult).reason;
     if (first === 'put' && err instanceof StorageError && err.code === ErrorCode.PreconditionFailed) return 'conflict';
@@ -213,16 +429,16 @@ async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: Reado
   }
 }
 
-/** The newest job marks, this job's last, bounded in count and length. */
-function appliedList(applied: string[], mark: string): string {
-  const marks = [...applied.filter((m) => m !== mark && APPLIED_ID.test(m)), mark].slice(-APPLIED_KEEP);
-  while (marks.join(' ').length > APPLIED_MAX_CHARS) marks.shift();
-  return marks.join(' ');
+/** The newest job marks, the batch's last (all of them: a batch fits BATCH_MARK_CHARS), bounded in count and length. */
+function appliedList(applied: string[], marks: string[]): string {
+  const list = [...applied.filter((m) => !marks.includes(m) && APPLIED_ID.test(m)), ...marks].slice(-APPLIED_KEEP);
+  while (list.join(' ').length > APPLIED_MAX_CHARS) list.shift();
+  return list.join(' ');
 }
 
-/** A redelivered job whose edits the archive already holds: its result, without writing again. */
-async function alreadyApplied(key: string, stream: Readable, info: ObjectInfo, signal: AbortSignal): Promise<RepackResult> {
+/** The stored archive as a result (redelivered jobs whose edits it holds), read once to count its entries. */
+async function currentArchive(bucket: Bucket, key: string, signal: AbortSignal): Promise<Omit<RepackResult, 'missing'>> {
+  const { stream, info } = await bucket.get(key, { signal });
   const { entries } = await readArchive(stream, () => {}, { signal });
-  // The deletes' findings of the first run are not recorded; the edits themselves are there.
-  return { key, size: info.size, sha256: info.sha256!, entries, missing: [] };
+  return { key, size: info.size, sha256: info.sha256!, entries };
 }

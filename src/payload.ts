@@ -94,6 +94,56 @@ export interface Lease {
 export interface Locks {
   /** Waits (bounded) for the lock; Transient when it stays busy, or when `signal` aborts the wait. */
   acquire(name: string, signal: AbortSignal): Promise<Lease>;
+  /** Group commit: jobs waiting for a lock hand their work to its holder (absent: each job takes the lock in turn). */
+  readonly group?: GroupCommit;
+}
+
+/** One job's work as queued for a lock's holder: ordered by `score` (its arrival), then by `id`'s bytes. */
+export interface GroupMember {
+  id: string;
+  score: number;
+  /** The work itself, as the holder will read it (JSON). */
+  data: string;
+  /** Sealed into the commit of a holder that went away: that commit may have happened. */
+  unsure?: boolean;
+}
+
+/**
+ * Jobs that need the same lock queue their work in Redis while they wait; whoever gets the lock
+ * takes the queue, does it all at once, and hands each job its outcome (src/queue/group-commit.ts).
+ */
+export interface GroupCommit {
+  /**
+   * Queues `member`'s work under lock `lock` (queue `group`) and waits: resolves with the outcome
+   * a holder recorded for it, or with a holder of its own once it has the lock (its own work is
+   * then queued with the rest). When `signal` aborts, the work is withdrawn unless a holder has
+   * already sealed it into a commit, in which case the outcome is awaited while that holder keeps
+   * the lock. Transient when the lock stays busy with the work unclaimed for the lock's wait time.
+   */
+  join(lock: string, group: string, member: GroupMember, signal: AbortSignal): Promise<{ outcome: string } | { holder: GroupHolder }>;
+}
+
+/** The lock's holder and the members it took from the queue. Members it does not finish go back to the queue. */
+export interface GroupHolder {
+  readonly lease: Lease;
+  /**
+   * Takes up to `max` members in queue order: orphans (claimed or sealed by a holder that went
+   * away) first, then a prefix of the waiting ones; its own member is among them once the prefix
+   * reaches it. Resolves with its own member's outcome instead when another holder recorded one.
+   */
+  claim(max: number): Promise<{ outcome: string } | { members: GroupMember[] }>;
+  /**
+   * Right before a commit: returns the claimed members among `ids` that can no longer come (they
+   * withdrew, or stopped polling: gone); when none did, the rest can no longer withdraw and wait
+   * for their outcome instead.
+   */
+  seal(ids: readonly string[]): Promise<string[]>;
+  /** The commit surely did not happen: the members may withdraw again. */
+  unseal(ids: readonly string[]): Promise<void>;
+  /** Records each member's outcome (kept for a while in Redis; none when empty) and lets them go. */
+  finish(outcomes: ReadonlyMap<string, string>): Promise<void>;
+  /** Members wait again, in place, for the lock's next holder; one that withdrew goes. */
+  giveBack(ids: readonly string[]): Promise<void>;
 }
 
 const storageRule = (check: (v: string) => unknown) => (v: string, ctx: z.RefinementCtx) => {

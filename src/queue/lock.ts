@@ -1,10 +1,16 @@
 import { randomBytes } from 'node:crypto';
 import type { Redis } from 'ioredis';
 import { ErrorCode, StorageError } from '../errors.js';
-import type { Lease, Locks } from '../payload.js';
+import type { GroupCommit, Lease, Locks } from '../payload.js';
+import { RedisGroupCommit } from './group-commit.js';
 
-/** Renews only our own lock: a lock that expired and was taken by another holder is left alone. */
-const RENEW = `if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end`;
+/**
+ * Renews only our own lock: a lock that expired and was taken by another holder is left alone.
+ * KEYS[2..] are keys the holder keeps alive with it (ARGV[3]: their TTL).
+ */
+const RENEW = `if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+for i = 2, #KEYS do redis.call('pexpire', KEYS[i], ARGV[3]) end
+return redis.call('pexpire', KEYS[1], ARGV[2])`;
 /** Releases only our own lock. */
 const RELEASE = `if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end`;
 
@@ -40,11 +46,14 @@ export class RedisLocks implements Locks {
   private readonly ttlMs: number;
   private readonly waitMs: number;
   private readonly callTimeoutMs: number;
+  /** Work queued for a lock's holder by the jobs waiting for it (src/queue/group-commit.ts). */
+  readonly group: GroupCommit;
 
   constructor(private readonly redis: LockRedis, private readonly opts: RedisLocksOptions) {
     this.ttlMs = opts.ttlMs ?? 30_000;
     this.waitMs = opts.waitMs ?? 60_000;
     this.callTimeoutMs = opts.callTimeoutMs ?? Math.min(5_000, Math.max(50, Math.floor(this.ttlMs / 3)));
+    this.group = new RedisGroupCommit(redis, this, { prefix: opts.prefix, queue: opts.queue, waitMs: this.waitMs, ttlMs: this.ttlMs, call: (p) => this.call(p) });
   }
 
   /** The Redis key of lock `name`. */
@@ -53,13 +62,12 @@ export class RedisLocks implements Locks {
   }
 
   async acquire(name: string, signal: AbortSignal): Promise<Lease> {
-    const key = this.key(name);
     const token = randomBytes(16).toString('hex');
     const deadline = Date.now() + this.waitMs;
     for (let delay = 20; ; delay = Math.min(delay * 2, 500)) {
       if (signal.aborted) throw new StorageError(ErrorCode.Transient, `waiting for lock ${name} aborted`, { op: 'lock', cause: signal.reason });
-      const got = await this.call(this.redis.set(key, token, 'PX', this.ttlMs, 'NX')).catch(() => null);
-      if (got === 'OK') return this.lease(name, key, token);
+      const got = await this.tryAcquire(name, token);
+      if (got) return got.lease;
       const left = deadline - Date.now();
       if (left <= 0) throw new StorageError(ErrorCode.Transient, `lock ${name} still busy after ${this.waitMs} ms`, { op: 'lock' });
       // Full jitter, so waiters do not retry in step.
@@ -67,7 +75,17 @@ export class RedisLocks implements Locks {
     }
   }
 
-  private lease(name: string, key: string, token: string): Lease {
+  /**
+   * One try: the lease and its token (what Redis holds under the key) when the lock was free, else
+   * undefined. `keep`: keys (in the lock's slot) whose TTL each renewal refreshes while the lock is ours.
+   */
+  async tryAcquire(name: string, token = randomBytes(16).toString('hex'), keep?: { keys: string[]; ttlMs: number }): Promise<{ lease: Lease; token: string } | undefined> {
+    const key = this.key(name);
+    const got = await this.call(this.redis.set(key, token, 'PX', this.ttlMs, 'NX')).catch(() => null);
+    return got === 'OK' ? { lease: this.lease(name, key, token, keep), token } : undefined;
+  }
+
+  private lease(name: string, key: string, token: string, keep?: { keys: string[]; ttlMs: number }): Lease {
     const lost = new AbortController();
     let lastOk = Date.now();
     let released = false;
@@ -84,7 +102,8 @@ export class RedisLocks implements Locks {
       inFlight = true;
       const started = Date.now();
       try {
-        const n = await this.call(this.redis.eval(RENEW, 1, key, token, String(this.ttlMs)));
+        const also = keep?.keys ?? [];
+        const n = await this.call(this.redis.eval(RENEW, 1 + also.length, key, ...also, token, String(this.ttlMs), String(keep?.ttlMs ?? 0)));
         if (released) return;
         if (Number(n) === 1) lastOk = started;
         else lose('another holder has it (it expired)');
@@ -108,7 +127,8 @@ export class RedisLocks implements Locks {
     };
   }
 
-  private call<T>(p: Promise<T>): Promise<T> {
+  /** A Redis call bounded by `callTimeoutMs`. */
+  call<T>(p: Promise<T>): Promise<T> {
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(() => reject(new Error(`redis call over ${this.callTimeoutMs} ms`)), this.callTimeoutMs);
@@ -117,7 +137,7 @@ export class RedisLocks implements Locks {
   }
 }
 
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
+export function sleep(ms: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
     const done = (): void => { clearTimeout(timer); signal.removeEventListener('abort', done); resolve(); };
     const timer = setTimeout(done, ms);

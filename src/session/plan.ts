@@ -11,8 +11,9 @@ import type { Edit, NewEntry, TarEntry, TreeView } from '../archive/transform.js
 /** A put's new content: bytes carried by the payload, or a staged file streamed in. */
 export type Body = { bytes: Buffer } | { file: string; size: number };
 
+/** A put's `mtime`: its own job's enqueue time when ops of several jobs share a plan (the plan's otherwise). */
 export type PlanOp =
-  | { op: 'put'; path: string; body: Body; mode?: number | undefined; ifSha256?: string | undefined }
+  | { op: 'put'; path: string; body: Body; mode?: number | undefined; ifSha256?: string | undefined; mtime?: Date | undefined }
   | { op: 'delete'; path: string; ifSha256?: string | undefined };
 
 const NEW_FILE_MODE = 0o644;
@@ -26,6 +27,16 @@ const NEW_DIR_MODE = 0o755;
 export class SpoolNeeded extends StorageError {
   constructor(readonly target: string) {
     super(ErrorCode.Unknown, `a hard link needs the removed file ${JSON.stringify(target)}: run again with it spooled`, { op: 'repack' });
+  }
+}
+
+/**
+ * An op that cannot apply (its condition, or a path the archive holds otherwise): carries the
+ * op's index, so a batch of several jobs' ops can tell whose op it was.
+ */
+export class OpFailed extends StorageError {
+  constructor(code: ErrorCode, readonly index: number, readonly why: string) {
+    super(code, `ops.${index}: ${why}`, { op: 'repack' });
   }
 }
 
@@ -113,6 +124,11 @@ export class EditPlan {
     return this.modes.get(k)!;
   }
 
+  /** The mtime of put `k`'s new entries (the file, and the parent directories it creates). */
+  mtimeOf(k: number): Date {
+    return (this.ops[k] as Extract<PlanOp, { op: 'put' }>).mtime ?? this.mtime;
+  }
+
   deleteHitByPut(k: number): boolean {
     return this.hitByPut.has(k);
   }
@@ -151,7 +167,7 @@ export class PlanRun {
     const fp = plan.finalPut.get(p);
     if (fp !== undefined && deletes.length === 0) {
       if (type === 'directory') {
-        throw new StorageError(ErrorCode.InvalidInput, `ops.${fp}: "${p}" is a directory in the archive; delete it first to put a file there`, { op: 'repack' });
+        throw new OpFailed(ErrorCode.InvalidInput, fp, `"${p}" is a directory in the archive; delete it first to put a file there`);
       }
       // A second entry of the same path (tar's "the later one wins") goes: the new content stands once.
       if (this.replaced.has(p)) return 'drop';
@@ -196,17 +212,17 @@ export class PlanRun {
     for (const [path, k] of news) {
       const parents = prefixes(path).slice(0, -1);
       for (const dir of parents) {
-        if (tree.kind(dir) === undefined) yield { header: { name: dir, type: 'directory', mode: NEW_DIR_MODE, mtime: plan.mtime } };
+        if (tree.kind(dir) === undefined) yield { header: { name: dir, type: 'directory', mode: NEW_DIR_MODE, mtime: plan.mtimeOf(k) } };
       }
       yield this.newFile(k, path, NEW_FILE_MODE, {});
     }
   }
 
-  /** Paths of deletes that found nothing, in op order. */
-  missing(): string[] {
+  /** Paths of deletes that found nothing, in op order; of ops `from` to `to` (excluded) only when given. */
+  missing(from = 0, to = this.plan.ops.length): string[] {
     const out: string[] = [];
     this.plan.ops.forEach((o, k) => {
-      if (o.op === 'delete' && !this.hit.has(k) && !this.plan.deleteHitByPut(k) && !out.includes(o.path)) out.push(o.path);
+      if (k >= from && k < to && o.op === 'delete' && !this.hit.has(k) && !this.plan.deleteHitByPut(k) && !out.includes(o.path)) out.push(o.path);
     });
     return out;
   }
@@ -218,10 +234,10 @@ export class PlanRun {
   private newFile(k: number, name: string, inherited: number, owner: { uid?: number; gid?: number; uname?: string; gname?: string }): NewEntry {
     const o = this.plan.ops[k] as Extract<PlanOp, { op: 'put' }>;
     const m = this.plan.mode(k);
-    const header = { ...owner, name, type: 'file' as const, mode: m === 'inherit' ? inherited : m, mtime: this.plan.mtime };
+    const header = { ...owner, name, type: 'file' as const, mode: m === 'inherit' ? inherited : m, mtime: this.plan.mtimeOf(k) };
     if ('bytes' in o.body) return { header, data: o.body.bytes };
     // O_NOFOLLOW: a staged file swapped for a symlink after its check is refused, never read.
-    return { header: { ...header, size: o.body.size }, data: readStaged(o.body.file) };
+    return { header: { ...header, size: o.body.size }, data: readStaged(o.body.file, k) };
   }
 
   private async checkConditions(): Promise<void> {
@@ -230,11 +246,11 @@ export class PlanRun {
       if (o.ifSha256 === undefined) continue;
       const j = plan.previousPut(o.path, k);
       let current: string | undefined;
-      if (j !== undefined) current = await bodyDigest((plan.ops[j] as Extract<PlanOp, { op: 'put' }>).body);
+      if (j !== undefined) current = await bodyDigest((plan.ops[j] as Extract<PlanOp, { op: 'put' }>).body, j);
       else if (!plan.coveredBetween(o.path, -1, k)) current = this.original.get(o.path);
       if (current !== o.ifSha256) {
-        this.conditionFailed = new StorageError(ErrorCode.PreconditionFailed,
-          `ops.${k}: "${o.path}" ${current === undefined ? 'is not a regular file in the session' : `has sha256 ${current}`}, not ifSha256 ${o.ifSha256}; nothing applied`, { op: 'repack' });
+        this.conditionFailed = new OpFailed(ErrorCode.PreconditionFailed, k,
+          `"${o.path}" ${current === undefined ? 'is not a regular file in the session' : `has sha256 ${current}`}, not ifSha256 ${o.ifSha256}; nothing applied`);
         throw this.conditionFailed;
       }
     }
@@ -256,14 +272,30 @@ export class PlanRun {
   }
 }
 
-/** A staged file's bytes, opened only when the transform reaches it (a run that fails earlier opens nothing). */
-async function* readStaged(file: string): AsyncGenerator<Buffer> {
-  const fh = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW);
+/**
+ * A staged file's bytes, opened only when the transform reaches it (a run that fails earlier opens
+ * nothing). A file that cannot be opened or read (gone since its check, swapped for a link) fails
+ * put `k` alone, so a batch of several jobs' ops knows whose it was.
+ */
+async function* readStaged(file: string, k: number): AsyncGenerator<Buffer> {
+  const fh = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW).catch((err: unknown) => { throw stagedFailed(err, k); });
   try {
-    for await (const chunk of fh.createReadStream({ autoClose: false, highWaterMark: 1 << 20 })) yield chunk as Buffer;
+    const chunks = fh.createReadStream({ autoClose: false, highWaterMark: 1 << 20 });
+    try {
+      for await (const chunk of chunks) yield chunk as Buffer;
+    } catch (err) {
+      throw stagedFailed(err, k);
+    }
   } finally {
     await fh.close();
   }
+}
+
+/** A staged file's fs error as the failure of the put that reads it (other errors pass as they are). */
+function stagedFailed(err: unknown, k: number): unknown {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  if (typeof code !== 'string' || err instanceof StorageError) return err;
+  return new OpFailed(ErrorCode.NotFound, k, `its staged file cannot be read (${code})`);
 }
 
 async function digestOf(data: AsyncIterable<Buffer>): Promise<string> {
@@ -272,7 +304,8 @@ async function digestOf(data: AsyncIterable<Buffer>): Promise<string> {
   return h.digest('hex');
 }
 
-async function bodyDigest(body: Body): Promise<string> {
+/** The digest of put `k`'s content; its staged file unreadable fails that put alone. */
+async function bodyDigest(body: Body, k: number): Promise<string> {
   if ('bytes' in body) return createHash('sha256').update(body.bytes).digest('hex');
-  return (await hashFile(body.file)).sha256;
+  return (await hashFile(body.file).catch((err: unknown) => { throw stagedFailed(err, k); })).sha256;
 }

@@ -190,6 +190,50 @@ describe('migrate: filesystem and s3rver', () => {
     await big.close();
   }, 60_000);
 
+  it('a failing run aborts as its chunks finish: once the tally crosses the threshold, chunks not started never run, and the parent fails with the dominant code', async () => {
+    const src = new MemoryDriver();
+    const seed = new Bucket(src, { name: 'ab' });
+    const n = 60;
+    for (let i = 0; i < n; i++) await seed.put(`ab/${String(i).padStart(2, '0')}`, Buffer.from(`object ${i}`));
+    let asleep!: () => void;
+    const parentAsleep = new Promise<void>((r) => { asleep = r; });
+    const tried = new Set<string>();
+    buckets.set('ab-src', new Bucket(overrideDriver(src, {
+      // Every object fails for good, and none before the parent has listed everything and sleeps
+      // in waiting-children: the case the parent's own checks cannot see.
+      get: async (key) => {
+        await parentAsleep;
+        tried.add(key);
+        throw new StorageError('PermissionDenied', 'denied by the test', { op: 'get', key });
+      },
+    }), { name: 'ab-src' }));
+    buckets.set('ab-out', new Bucket(new MemoryDriver(), { name: 'ab-out' }));
+    // Chunks of 5 keys, all 12 added at once, 2 jobs at a time, the threshold after 10 objects.
+    const ab = await inProcessWorker(redis.url, buckets, join(tmp.path, 'staging'), { concurrency: 2, fanout: { chunkKeys: 5, window: 100, lanes: 5, abortAfter: 10 } });
+    const ran = new Set<string>();
+    ab.worker.on('active', (job) => { if (job.name === 'migrate-chunk') ran.add(String(job.id)); });
+    try {
+      await ab.client.ready();
+      const id = await ab.client.migrate({ from: 'ab-src', to: 'ab-out' });
+      const outcome = ab.client.result(id).then(() => undefined, (e: unknown) => e as Error & { code?: string });
+      const parent = (await ab.client.queue.getJob(id))!;
+      for (let i = 0; i < 400 && (await parent.getState()) !== 'waiting-children'; i++) await new Promise((r) => setTimeout(r, 25));
+      expect(await parent.getState()).toBe('waiting-children');
+      asleep();
+      const err = await outcome;
+      expect(err?.code).toBe('PermissionDenied');
+      expect(err?.message).toMatch(/^PermissionDenied: aborted: (\d+) of \1 objects failed \(more than 50% after 10\)/);
+      // The two chunks that started first cross it (10 objects); a third may have taken the slot
+      // the first freed. No chunk started after the crossing: of 12, at most 3 ever ran.
+      expect(ran.size).toBeGreaterThanOrEqual(2);
+      expect(ran.size).toBeLessThanOrEqual(3);
+      expect(tried.size).toBe(ran.size * 5);
+      expect(await ab.client.queue.getJobCounts('waiting', 'delayed', 'active')).toEqual({ waiting: 0, delayed: 0, active: 0 });
+    } finally {
+      await ab.close();
+    }
+  });
+
   it('the staging sweep removes records not written for 30 days and keeps those of a migration running now, which its re-run still trusts', async () => {
     const records = join(tmp.path, 'staging', STAGING_RECORDS);
     const files = async (dir = records) => (await readdir(dir, { recursive: true, withFileTypes: true }).catch(() => [])).filter((e) => e.isFile()).map((e) => join(e.parentPath, e.name));

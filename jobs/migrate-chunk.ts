@@ -159,10 +159,11 @@ async function migrateOne(x: Ctx, { src: s, dst: listed }: Listed): Promise<void
     if (s.sha256 === undefined && (src.driver.listHasDigest || (await io(() => src.stat(s.key))).sha256 === undefined)) c.missingDigest += 1;
     return;
   }
-  // A source without a digest going to a store that needs it before the first byte (S3, GCS):
-  // hashing it in a first read (as rclone does for S3) is cheaper than the spool to a temp file a
-  // put of unknown digest makes. The copy checks the second read against that digest.
-  const first = s.sha256 === undefined && !dst.driver.metadataAtEnd && src.driver.listHasDigest ? await io(() => hashWhole(src, s.key, d.signal)) : undefined;
+  // A source without a digest going to a store that needs it before the first byte (S3 above its
+  // single-PutObject size, GCS): hashing it in a first read (as rclone does for S3) is cheaper than
+  // the spool to a temp file a put of unknown digest makes. The copy checks the second read
+  // against that digest. Smaller objects to S3 are hashed as the upload buffers them: one read.
+  const first = s.sha256 === undefined && dst.digestFirst(s.size) && src.driver.listHasDigest ? await io(() => hashWhole(src, s.key, d.signal)) : undefined;
   const out = await io(() => copyObject(src, s.key, dst, s.key, { signal: d.signal, sha256: first }));
   c.copied += 1;
   c.bytes += out.size;

@@ -14,11 +14,11 @@ import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import type { S3DriverOptions } from '../src/backends/s3.js';
 
-export const CASES = ['fs-put', 'fs-get', 'naive-copy', 's3-put', 's3-upload'] as const;
+export const CASES = ['fs-put', 'fs-get', 'naive-copy', 's3-put', 's3-upload', 'session-edit'] as const;
 export type CaseName = (typeof CASES)[number];
 
 export interface CaseArgs {
-  /** Source file for puts and copies. */
+  /** Source file for puts and copies; session-edit's staging folder. */
   file?: string | undefined;
   /** Filesystem backend root (fs-put, fs-get) or target directory (naive-copy). */
   root?: string | undefined;
@@ -32,6 +32,9 @@ export interface CaseArgs {
   chunk?: number | undefined;
   /** `off` turns the FsDriver's fsync off, to show what durability costs. @defaultValue on */
   fsync?: 'on' | 'off' | undefined;
+  /** session-edit: the Redis the session locks live in, and the session whose archive is under `root`. */
+  redis?: string | undefined;
+  session?: string | undefined;
 }
 
 export interface CaseResult {
@@ -88,6 +91,24 @@ async function prepare(name: CaseName, a: CaseArgs, key: string): Promise<() => 
         hash.digest('hex');
         return bytes;
       };
+    case 'session-edit': {
+      // A one-file repack-session edit, as a worker runs it: the peak RSS is the job's, not the bench's.
+      const { FsDriver } = await import('../src/backends/fs.js');
+      const { RepackPayload, repackSession } = await import('../jobs/repack-session.js');
+      const { parsePayload } = await import('../src/payload.js');
+      const { Redis } = await import('ioredis');
+      const { jobDeps } = await import('../test/session/helpers.js');
+      const bucket = new Bucket(new FsDriver({ root: need(a.root, 'root') }));
+      const redis = new Redis(need(a.redis, 'redis'), { maxRetriesPerRequest: null });
+      const payload = parsePayload(RepackPayload, { session: need(a.session, 'session'), ops: [{ op: 'put', path: key, text: `// edited in a child at ${Date.now()}\n` }] });
+      return async () => {
+        try {
+          return (await repackSession(payload, jobDeps(bucket, redis, need(a.file, 'file'), { jobId: `child-${process.pid}`, enqueuedAt: Date.now() }))).size;
+        } finally {
+          await redis.quit();
+        }
+      };
+    }
     case 's3-put': {
       const { S3Driver } = await import('../src/backends/s3.js');
       const bucket = new Bucket(new S3Driver(JSON.parse(need(a.s3, 's3')) as S3DriverOptions));
@@ -142,7 +163,7 @@ export function caseArgv(name: CaseName, args: CaseArgs): string[] {
 
 async function main(): Promise<void> {
   const { values: v } = parseArgs({
-    options: Object.fromEntries(['case', 'file', 'root', 'key', 'sha256', 's3', 'chunk', 'fsync'].map((k) => [k, { type: 'string' }])),
+    options: Object.fromEntries(['case', 'file', 'root', 'key', 'sha256', 's3', 'chunk', 'fsync', 'redis', 'session'].map((k) => [k, { type: 'string' }])),
   }) as { values: Record<string, string | undefined> };
   const name = v.case as CaseName;
   if (!CASES.includes(name)) throw new Error(`--case must be one of ${CASES.join(', ')}`);

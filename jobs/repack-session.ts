@@ -147,15 +147,21 @@ async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: Reado
     if (err instanceof ArchiveReplaced) return 'conflict';
     throw err;
   }
-  const current = await bucket.get(key, { signal }).catch(notFound);
-  if (view && (!current || current.info.etag !== view.info.etag || current.info.size !== view.info.size)) {
+  const appliedIn = (info: ObjectInfo): string[] => (info.metadata[APPLIED_META] ?? '').split(' ').filter(Boolean);
+  const redelivered = (info: ObjectInfo): boolean => jobMark !== undefined && appliedIn(info).includes(jobMark);
+  // A seekable archive is read only as its segments, each checked against the index's digest
+  // (the index against the footer's): the whole-object digest would hash the same bytes again.
+  // A redelivered job reads the archive whole, so its read keeps that check.
+  const partsChecked = view !== undefined && !redelivered(view.info);
+  const current = await bucket.get(key, { signal, partsChecked }).catch(notFound);
+  if (view && (!current || current.info.etag !== view.info.etag || current.info.size !== view.info.size || redelivered(current.info) !== redelivered(view.info))) {
     current?.stream.destroy();
     return 'conflict';
   }
   if (!current && !create) throw new StorageError(ErrorCode.NotFound, 'no such session (the job asked not to create one)', { op: 'session', key });
   const seekable: SeekableInput | undefined = view ? { index: view.index, key } : undefined;
-  const applied = (current?.info.metadata[APPLIED_META] ?? '').split(' ').filter(Boolean);
-  if (current && jobMark && applied.includes(jobMark)) return alreadyApplied(key, current.stream, current.info, signal);
+  const applied = current ? appliedIn(current.info) : [];
+  if (current && redelivered(current.info)) return alreadyApplied(key, current.stream, current.info, signal);
   if (current && current.info.sha256 === undefined) d.log.warn({ key }, 'session archive has no recorded digest: read unverified (gzip CRC only)');
   const run = plan.start(spool);
   // The new archive's bytes on their way to the store, counted for the job's progress.

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { createHash, webcrypto } from 'node:crypto';
 import { deflateRawSync, inflateRawSync } from 'node:zlib';
 import { z } from 'zod';
 import { ErrorCode, StorageError } from '../errors.js';
@@ -89,7 +89,11 @@ const Stored = z.strictObject({
   crc: z.number().int().min(0).max(0xffffffff),
 });
 
-/** The index as stored: deflated JSON, entry starts as deltas (they compress far better). */
+/**
+ * The index as stored: deflated JSON, entry starts as deltas (they compress far better). Level 6,
+ * not 9: on a 5,207-entry index (313 segments) level 9 took 50-200 ms of every write, level 6
+ * 14-40 ms, for 7% more bytes (58 against 54 KB, still inside the tail a read takes first).
+ */
 export function encodeIndex(ix: SeekIndex): Buffer {
   let prev = 0;
   const stored: z.infer<typeof Stored> = {
@@ -102,7 +106,7 @@ export function encodeIndex(ix: SeekIndex): Buffer {
     }),
     crc: ix.crc,
   };
-  return deflateRawSync(JSON.stringify(stored), { level: 9 });
+  return deflateRawSync(JSON.stringify(stored), { level: 6 });
 }
 
 const corrupt = (why: string, key?: string): StorageError => new StorageError(ErrorCode.InvalidInput, `seekable index: ${why}`, { op: 'session', ...(key ? { key } : {}) });
@@ -167,6 +171,14 @@ export function readBlobMembers(id: 'i' | 'd' | 'f', bytes: Buffer): Buffer | un
 }
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
+
+/**
+ * A segment's sha256 (hex), computed on the libuv pool (WebCrypto's digest is an async job), so
+ * the segments in flight are checked on the other core while the main thread reads and writes.
+ */
+export async function segmentSha256(c: Buffer): Promise<string> {
+  return Buffer.from(await webcrypto.subtle.digest('SHA-256', c)).toString('hex');
+}
 
 /** The trailer of the first member, then the digest and index members, then the footer. */
 export function tail(ix: SeekIndex): Buffer {

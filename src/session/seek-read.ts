@@ -1,10 +1,9 @@
-import { createHash } from 'node:crypto';
 import { promisify } from 'node:util';
 import { constants as zc, crc32, inflateRaw } from 'node:zlib';
 import { ErrorCode, StorageError } from '../errors.js';
 import type { Bucket } from '../storage/bucket.js';
 import type { ObjectInfo } from '../storage/driver.js';
-import { checkBlob, decodeIndex, FOOTER_BYTES, parseFooter, readBlobMembers, type SeekIndex, type Segment } from './seek-format.js';
+import { checkBlob, decodeIndex, segmentSha256, FOOTER_BYTES, parseFooter, readBlobMembers, type SeekIndex, type Segment } from './seek-format.js';
 
 const inflate = promisify(inflateRaw) as (buf: Buffer, opts: object) => Promise<Buffer>;
 /** The first read from the end: the footer and, for sessions of a few thousand files, the whole index. */
@@ -88,7 +87,7 @@ export async function readSegments(bucket: Bucket, view: SeekView, first: number
   let have = 0;
   const bad = (seg: Segment, why: string): StorageError => new StorageError(ErrorCode.ChecksumMismatch, `segment at ${seg.cOff} ${why}`, { op: 'session', key: view.key });
   const done = async (seg: Segment, c: Buffer): Promise<void> => {
-    if (createHash('sha256').update(c).digest('hex') !== seg.sha256) throw bad(seg, 'does not match the index\'s sha256');
+    if ((await segmentSha256(c)) !== seg.sha256) throw bad(seg, 'does not match the index\'s sha256');
     let u: Buffer;
     try {
       u = await inflate(c, { finishFlush: zc.Z_SYNC_FLUSH, maxOutputLength: seg.uLen + 1 });

@@ -1,9 +1,8 @@
-import { createHash } from 'node:crypto';
 import { Readable } from 'node:stream';
 import { promisify } from 'node:util';
 import { constants as zc, crc32, inflateRaw } from 'node:zlib';
 import { ErrorCode, StorageError } from '../errors.js';
-import type { SeekIndex, Segment } from './seek-format.js';
+import { segmentSha256, type SeekIndex, type Segment } from './seek-format.js';
 import type { SegmentSource } from './seek-writer.js';
 
 const inflate = promisify(inflateRaw) as (buf: Buffer, opts: object) => Promise<Buffer>;
@@ -16,6 +15,13 @@ const IN_FLIGHT = 4;
 const KEEP_BYTES = 24 << 20;
 
 const EMPTY = Buffer.alloc(0);
+
+/**
+ * A segment's bytes as a buffer of their own when they are a small view of a larger read chunk
+ * (kept, they would hold the whole chunk); a segment that fills most of its buffer (a large
+ * file's, joined from two chunks) is kept as it is, sparing a copy per byte of the archive.
+ */
+const own = (c: Buffer): Buffer => (c.length * 2 >= c.buffer.byteLength ? c : Buffer.from(c));
 
 interface Kept { u: Buffer; c: Buffer; sha256: string; crc: number }
 
@@ -50,7 +56,7 @@ export class SegmentPool implements SegmentSource {
  * A stored seekable archive read whole, once, as its segments: each split out by the index,
  * checked against its sha256, length and CRC-32 and inflated on its own (several at once, on the
  * libuv pool), in order. A segment that fails its check fails the read InvalidInput (a corrupt
- * stored archive); the whole object's digest is still checked by the Bucket when `raw` ends.
+ * stored archive). Every byte used is checked so: `raw` may come from a get with `partsChecked`.
  */
 export async function* sourceSegments(raw: Readable, index: SeekIndex, key: string, inflateIt: (i: number) => boolean = () => true): AsyncGenerator<Kept & { i: number }> {
   const bad = (why: string): StorageError => new StorageError(ErrorCode.InvalidInput, `stored archive is corrupt: ${why}`, { op: 'repack', key });
@@ -75,7 +81,7 @@ export async function* sourceSegments(raw: Readable, index: SeekIndex, key: stri
     return all.subarray(0, n);
   };
   const open = async (seg: Segment, c: Buffer, i: number): Promise<Kept & { i: number }> => {
-    const sha256 = createHash('sha256').update(c).digest('hex');
+    const sha256 = await segmentSha256(c);
     if (sha256 !== seg.sha256) throw bad(`segment at ${seg.cOff} does not match its sha256`);
     // A segment copied as it is needs only its digest checked: its bytes are never looked at.
     if (!inflateIt(i)) return { u: EMPTY, c, sha256, crc: seg.crc, i };
@@ -93,7 +99,7 @@ export async function* sourceSegments(raw: Readable, index: SeekIndex, key: stri
     while (queue.length < IN_FLIGHT && next < index.segments.length) {
       const i = next++;
       const seg = index.segments[i]!;
-      const bytes = reading.then(async () => Buffer.from(await take(seg.cLen)));
+      const bytes = reading.then(async () => own(await take(seg.cLen)));
       reading = bytes.then(() => {}, () => {});
       const p = bytes.then((c) => open(seg, c, i));
       p.catch(() => {});

@@ -89,17 +89,25 @@ export interface GetOptions {
   progress?: ((bytes: number) => void) | undefined;
   /** Expected SHA-256 of the whole object, checked in the same pass as the recorded one (whole reads only). */
   sha256?: string | undefined;
+  /**
+   * The caller checks every byte it uses against digests of its own (a seekable session archive's
+   * segments against its index): a whole read is then only counted, not hashed against the
+   * recorded digest, which would be a second pass of SHA-256 over the same bytes (its size is
+   * still checked). Bytes the caller does not check must not be used. Excludes `sha256`.
+   * @defaultValue false
+   */
+  partsChecked?: boolean | undefined;
 }
 
 export interface GetResult {
   /**
    * The object's bytes. A full read is verified against the recorded digest (and `sha256` if
-   * given): on a mismatch the stream errors with ChecksumMismatch at its end, so treat the bytes
+   * given), unless `partsChecked`: on a mismatch the stream errors with ChecksumMismatch at its end, so treat the bytes
    * as unverified until 'end'.
    */
   stream: Readable;
   info: ObjectInfo;
-  /** Digest and size of what a whole read delivered, once `stream` has ended. */
+  /** Digest and size of what a whole read delivered, once `stream` has ended (not with `partsChecked`). */
   digest(): Digest;
 }
 
@@ -183,6 +191,9 @@ export class Bucket {
     if (expected !== undefined && range) {
       throw new StorageError(ErrorCode.InvalidInput, 'sha256 is the whole object\'s digest and cannot check a range', { op: 'get', key });
     }
+    if (expected !== undefined && opts.partsChecked) {
+      throw new StorageError(ErrorCode.InvalidInput, 'sha256 and partsChecked exclude each other', { op: 'get', key });
+    }
     const { stream, info } = await this.guard('get', key, () => this.driver.get(this.prefix + key, range, opts.signal));
     // One rule for every store (decision 2): `{start: 0}` of an empty object is its zero bytes, a
     // start past the last byte is refused (some stores answer 416, some an empty 206).
@@ -196,8 +207,11 @@ export class Bucket {
     }
     // Only a whole read can be checked against the whole object's digest; a range is only counted.
     const whole = !range || (range.start === 0 && (range.end === undefined || range.end >= info.size - 1));
-    const check = whole ? info.sha256 ?? expected : undefined;
-    const out = new HashingStream({ sha256: check, size: check === undefined ? undefined : info.size, hash: whole, op: 'get', key, onBytes: opts.progress });
+    const hash = whole && !opts.partsChecked;
+    const check = hash ? info.sha256 ?? expected : undefined;
+    // The size is checked either way: free, and a short read is never taken for a whole one.
+    const size = check !== undefined || (whole && opts.partsChecked) ? info.size : undefined;
+    const out = new HashingStream({ sha256: check, size, hash, op: 'get', key, onBytes: opts.progress });
     stream.on('error', (err) => {
       const wrapped = this.wrap('get', key, err);
       // A precondition failing mid-read (Azure resumes a broken download only if the ETag still

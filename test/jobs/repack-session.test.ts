@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Redis } from 'ioredis';
@@ -11,6 +11,7 @@ import { Bucket, type PutOptions, type PutSource } from '../../src/storage/bucke
 import type { ObjectInfo } from '../../src/storage/driver.js';
 import { sessionKey } from '../../src/session/ids.js';
 import { listSession } from '../../src/session/read.js';
+import { openSeekable, segmentAt } from '../../src/session/seek-read.js';
 import { LONG_FILE, makeTree, members, run } from '../archive/corpus.js';
 import { tempDir } from '../harness/process.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
@@ -325,5 +326,43 @@ describe('repack-session', () => {
     const after = await listSession(bucket, s);
     expect([after.verified, after.sha256]).toEqual([true, result.sha256]);
     expect(after.entries.length).toBe(before.entries.length + 1);
+  });
+
+  describe('a seekable archive is read as its segments, each checked against the index (not hashed whole again)', () => {
+    /** A seekable session: a small file, and a 400 kB one in segments of its own. */
+    const seekableSession = async (): Promise<{ s: string; big: { cOff: number; cLen: number } }> => {
+      const s = await session();
+      await repack(s, [{ op: 'put', path: 'a.txt', text: 'a\n' }, { op: 'put', path: 'big.bin', base64: randomBytes(400_000).toString('base64') }], { jobId: `make-${s}` });
+      const ix = (await openSeekable(bucket, sessionKey(s), undefined))!.index;
+      const start = ix.entries.find((e) => e.path === 'big.bin')!.start;
+      return { s, big: ix.segments[segmentAt(ix, start + 1024)]! };
+    };
+    /** Bit rot: one byte flipped in place, the recorded digest kept. */
+    const flip = async (s: string, at: number): Promise<Buffer> => {
+      const bytes = await readFile(stored(s));
+      bytes[at]! ^= 0x01;
+      await writeFile(stored(s), bytes, { flag: 'r+' });
+      return bytes;
+    };
+
+    it('a rotten segment the edit would copy fails InvalidInput and leaves the archive untouched', async () => {
+      const { s, big } = await seekableSession();
+      const rotten = await flip(s, big.cOff + (big.cLen >> 1));
+      expect(await codeOf(repack(s, [{ op: 'put', path: 'a.txt', text: 'edited\n' }]))).toBe('InvalidInput');
+      expect(Buffer.compare(await readFile(stored(s)), rotten)).toBe(0);
+    });
+
+    it('a byte no rewrite uses (the gzip header\'s OS byte) fails only a whole read: a redelivered job ChecksumMismatch, an edit writes it anew', async () => {
+      const { s } = await seekableSession();
+      const rotten = await flip(s, 9);
+      expect(await codeOf(repack(s, [], { jobId: `make-${s}` }))).toBe('ChecksumMismatch');
+      expect(Buffer.compare(await readFile(stored(s)), rotten)).toBe(0);
+      const edited = await repack(s, [{ op: 'put', path: 'a.txt', text: 'edited\n' }]);
+      const bytes = await readFile(stored(s));
+      expect(bytes[9]).toBe(3);
+      expect(sha(bytes)).toBe(edited.sha256);
+      const { tree } = await readEveryWay(stored(s), join(tmp.path, `x-${s}`));
+      expect(tree['a.txt']).toMatch(/^file 644 /);
+    });
   });
 });

@@ -2,7 +2,7 @@ import { z } from 'zod';
 import { ErrorCode, StorageError } from '../src/errors.js';
 import { failureOf, mergeFailures, type Failure } from '../src/fanout/failures.js';
 import type { Listed } from '../src/fanout/listing.js';
-import type { ChunkResult } from '../src/fanout/parent.js';
+import { reportChunk, type ChunkResult } from '../src/fanout/parent.js';
 import { VerifiedRecord } from '../src/fanout/record.js';
 import { codeOf, retrying } from '../src/fanout/retry.js';
 import { BackendName, Key, type JobDeps } from '../src/payload.js';
@@ -56,8 +56,9 @@ export async function migrateChunk(p: MigrateChunkPayload, d: JobDeps): Promise<
   const dst = d.bucket(p.to);
   const items = p.items.map(decodeItem);
   const c: Record<MigrateCounter, number> = { scanned: 0, copied: 0, skipped: 0, failed: 0, bytes: 0, missingDigest: 0, deleted: 0 };
+  const last = items[items.length - 1]!.src.key;
   let failures: Failure[] = [];
-  const record = await VerifiedRecord.open(d.staging.root, p.from, p.to, items[0]!.src.key, items[items.length - 1]!.src.key);
+  const record = await VerifiedRecord.open(d.staging.root, p.from, p.to, items[0]!.src.key, last);
   // Run before by this very job (a worker died mid-chunk): objects it copied are not in the
   // listing's view of the destination, so the destination is looked at before copying.
   const again = record.ranBefore(d.jobId);
@@ -86,8 +87,8 @@ export async function migrateChunk(p: MigrateChunkPayload, d: JobDeps): Promise<
     if (flusher) clearInterval(flusher);
     if (!p.dryRun) await record.flush().catch((err: unknown) => d.log.warn({ err }, 'migration record not written'));
   }
-  await d.fanout?.report(c);
-  return { ...c, failures, last: items[items.length - 1]!.src.key };
+  await reportChunk(d, c, 'failed');
+  return { ...c, failures, last };
 }
 
 interface Ctx {
@@ -158,10 +159,11 @@ async function migrateOne(x: Ctx, { src: s, dst: listed }: Listed): Promise<void
     if (s.sha256 === undefined && (src.driver.listHasDigest || (await io(() => src.stat(s.key))).sha256 === undefined)) c.missingDigest += 1;
     return;
   }
-  // A source without a digest going to a store that needs it before the first byte (S3, GCS):
-  // hashing it in a first read (as rclone does for S3) is cheaper than the spool to a temp file a
-  // put of unknown digest makes. The copy checks the second read against that digest.
-  const first = s.sha256 === undefined && !dst.driver.metadataAtEnd && src.driver.listHasDigest ? await io(() => hashWhole(src, s.key, d.signal)) : undefined;
+  // A source without a digest going to a store that needs it before the first byte (S3 above its
+  // single-PutObject size, GCS): hashing it in a first read (as rclone does for S3) is cheaper than
+  // the spool to a temp file a put of unknown digest makes. The copy checks the second read
+  // against that digest. Smaller objects to S3 are hashed as the upload buffers them: one read.
+  const first = s.sha256 === undefined && dst.digestFirst(s.size) && src.driver.listHasDigest ? await io(() => hashWhole(src, s.key, d.signal)) : undefined;
   const out = await io(() => copyObject(src, s.key, dst, s.key, { signal: d.signal, sha256: first }));
   c.copied += 1;
   c.bytes += out.size;

@@ -1,7 +1,7 @@
 import { z } from 'zod';
 import { ErrorCode } from '../src/errors.js';
 import { failureOf, mergeFailures, type Failure } from '../src/fanout/failures.js';
-import type { ChunkResult } from '../src/fanout/parent.js';
+import { reportChunk, type ChunkResult } from '../src/fanout/parent.js';
 import { codeOf, retrying } from '../src/fanout/retry.js';
 import { BackendName, Key, type JobDeps } from '../src/payload.js';
 import type { VerifyCounter } from './verify.js';
@@ -57,6 +57,6 @@ export async function verifyChunk(p: VerifyChunkPayload, d: JobDeps): Promise<Ch
     }
   };
   await Promise.all(Array.from({ length: Math.max(1, Math.min(d.fanout?.limits.lanes ?? 8, p.items.length)) }, lane));
-  await d.fanout?.report(c);
+  await reportChunk(d, c);
   return { ...c, failures, last: p.items[p.items.length - 1]![0] };
 }

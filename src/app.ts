@@ -83,7 +83,7 @@ export function composeApp(config: Config, opts: AppOptions): App {
     },
     async sweep() {
       const opened = await app.buckets().catch(() => new Map<string, Bucket>());
-      const sweeps: Array<[string, Promise<number>]> = [['staging', staging.sweep({ maxAgeMs: config.sweepAfterMs })]];
+      const sweeps: Array<[string, Promise<number>]> = [['staging', staging.sweep({ maxAgeMs: config.sweepAfterMs, recordsMaxAgeMs: config.migrateRecordsDays * 86_400_000 })]];
       // Only drivers that leave temp files behind have a sweep (the filesystem).
       for (const [name, b] of opened) if (b.driver.sweep) sweeps.push([`backend ${name}`, b.driver.sweep(config.sweepAfterMs)]);
       await Promise.all(sweeps.map(([where, done]) => done.then(

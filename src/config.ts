@@ -47,6 +47,8 @@ const Schema = z.object({
   stalledIntervalMs: int(1_000, 3_600_000),
   /** How long a temp file or tree must stay unchanged before a sweep counts it as a killed writer's leftover. */
   sweepAfterMs: int(1_000, 30 * 86_400_000),
+  /** Days a migration's record of verified copies is kept after its last write (a re-run older than that reads again). */
+  migrateRecordsDays: int(1, 36_500),
   /** Recorded on each job as `processedBy`. */
   workerName: z.string().min(1).max(200),
   logLevel: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']),
@@ -110,6 +112,7 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
     lockDurationMs: env.STEVEDORE_LOCK_DURATION_MS || 30_000,
     stalledIntervalMs: env.STEVEDORE_STALLED_INTERVAL_MS || 30_000,
     sweepAfterMs: env.STEVEDORE_SWEEP_AFTER_MS || 3_600_000,
+    migrateRecordsDays: env.STEVEDORE_MIGRATE_RECORDS_DAYS || 30,
     workerName: env.STEVEDORE_WORKER_NAME || `${hostname()}-${process.pid}`,
     logLevel: env.LOG_LEVEL || 'info',
     keepCompleted: env.STEVEDORE_KEEP_COMPLETED || DEFAULT_RETENTION.keepCompleted,
@@ -134,6 +137,7 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
       redisUrl: 'REDIS_URL', redisClusterNodes: 'REDIS_CLUSTER_NODES', queue: 'STEVEDORE_QUEUE', prefix: 'STEVEDORE_PREFIX', concurrency: 'STEVEDORE_CONCURRENCY',
       backends: 'STEVEDORE_BACKENDS', stagingDir: 'STEVEDORE_STAGING_DIR', maxInlineBytes: 'STEVEDORE_MAX_INLINE_BYTES',
       shutdownTimeoutMs: 'STEVEDORE_SHUTDOWN_TIMEOUT_MS', lockDurationMs: 'STEVEDORE_LOCK_DURATION_MS', stalledIntervalMs: 'STEVEDORE_STALLED_INTERVAL_MS', sweepAfterMs: 'STEVEDORE_SWEEP_AFTER_MS',
+      migrateRecordsDays: 'STEVEDORE_MIGRATE_RECORDS_DAYS',
       workerName: 'STEVEDORE_WORKER_NAME', logLevel: 'LOG_LEVEL', keepCompleted: 'STEVEDORE_KEEP_COMPLETED', keepFailed: 'STEVEDORE_KEEP_FAILED',
       fanoutChunkKeys: 'STEVEDORE_CHUNK_KEYS', fanoutChunkBytes: 'STEVEDORE_CHUNK_BYTES', fanoutWindow: 'STEVEDORE_CHUNK_WINDOW', fanoutLanes: 'STEVEDORE_CHUNK_LANES',
       webhookUrl: 'STEVEDORE_WEBHOOK_URL', webhookSecret: 'STEVEDORE_WEBHOOK_SECRET', webhookScheduleMs: 'STEVEDORE_WEBHOOK_SCHEDULE_MS',

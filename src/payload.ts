@@ -35,6 +35,8 @@ export interface FanOutLimits {
   window: number;
   /** Objects one chunk works on at once. @defaultValue 8 */
   lanes: number;
+  /** Objects finished before a migration may abort for failing (more than half of them). @defaultValue 1000 */
+  abortAfter: number;
 }
 
 /** Counters summed over a parent's chunks (the results' numeric fields). */
@@ -72,9 +74,12 @@ export interface FanOut {
   tally(): Promise<Counters>;
   /**
    * A child adds its counters to its parent's tally, once per child id whatever its retries, and
-   * the parent's progress becomes the new tally (so it moves as chunks finish).
+   * the parent's progress becomes the new tally (so it moves as chunks finish). Returns the
+   * parent's tally as it stands after this report (empty for a job without a parent).
    */
-  report(counters: Counters): Promise<void>;
+  report(counters: Counters): Promise<Counters>;
+  /** A child removes its parent's children that have not started (its siblings); running ones stay. */
+  removePendingSiblings(): Promise<void>;
   /**
    * Sets this (parent) job's progress to its tally and listing state, in the same step as the
    * reports so an older tally is never stored after a newer one; `counters` are created at 0.

@@ -23,10 +23,18 @@ export interface SweepOptions {
    * long while first. @defaultValue 24 hours
    */
   incomingMaxAgeMs?: number | undefined;
+  /**
+   * Age (by mtime) past which a migration's record of verified copies (under STAGING_RECORDS) is
+   * removed. @defaultValue 30 days
+   */
+  recordsMaxAgeMs?: number | undefined;
 }
 
 /** Folder of the staging area where the CLI stages the files it enqueues `store` jobs for. */
 export const STAGING_INCOMING = 'incoming';
+
+/** Folder of the staging area holding migrations' records of verified copies (src/fanout/record.ts). */
+export const STAGING_RECORDS = 'migrate-records';
 
 /**
  * The staging area shared by producers and workers. Payload paths are relative to it; anything
@@ -148,18 +156,24 @@ export class Staging {
 
   /**
    * Removes what killed workers left in the staging area: temp files and trees (STAGING_TMP) in
-   * which nothing changed for `maxAgeMs`; and the CLI's staged copies under `incoming/` older than
-   * `incomingMaxAgeMs`. A temp tree counts as changed while any entry in it is newer, so a long
-   * extraction is never swept from under its worker. Age is judged by ctime, which `utimes` cannot
-   * set back: extraction gives files the archive's mtimes (often 1970). Symlinks are never
-   * followed. Returns how many leftovers it removed. A number is `maxAgeMs`.
+   * which nothing changed for `maxAgeMs`; the CLI's staged copies under `incoming/` older than
+   * `incomingMaxAgeMs`; and migration records not written for `recordsMaxAgeMs`. A temp tree
+   * counts as changed while any entry in it is newer, so a long extraction is never swept from
+   * under its worker. Age is judged by ctime, which `utimes` cannot set back: extraction gives
+   * files the archive's mtimes (often 1970). Records are the exception, judged by mtime: only our
+   * own writer makes them, whole each time (temp file, rename), so their mtime is their last
+   * write; and a chunk writes its record as it starts, so a running migration's is fresh (one
+   * swept anyway is written again whole at the chunk's next flush). Symlinks are never followed.
+   * Returns how many leftovers it removed. A number is `maxAgeMs`.
    */
   async sweep(options: number | SweepOptions = {}): Promise<number> {
     const opts = typeof options === 'number' ? { maxAgeMs: options } : options;
     const now = Date.now();
     const cutoff = now - (opts.maxAgeMs ?? 60 * 60_000);
     const incomingCutoff = now - (opts.incomingMaxAgeMs ?? 24 * 60 * 60_000);
+    const recordsCutoff = now - (opts.recordsMaxAgeMs ?? 30 * 24 * 60 * 60_000);
     const incoming = join(this.root, STAGING_INCOMING);
+    const records = join(this.root, STAGING_RECORDS);
     let removed = 0;
     const visit = async (dir: string): Promise<void> => {
       const entries = await readdir(dir, { withFileTypes: true }).catch(() => [] as Dirent[]);
@@ -173,6 +187,12 @@ export class Staging {
         } else if (dir === incoming && e.isFile()) {
           const st = await lstat(path).catch(() => undefined);
           if (st && st.ctimeMs <= incomingCutoff) {
+            await rm(path, { force: true });
+            removed++;
+          }
+        } else if (e.isFile() && (dir === records || dir.startsWith(records + sep))) {
+          const st = await lstat(path).catch(() => undefined);
+          if (st && st.mtimeMs <= recordsCutoff) {
             await rm(path, { force: true });
             removed++;
           }

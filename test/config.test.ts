@@ -26,6 +26,14 @@ describe('configuration from the environment', () => {
     expect(() => loadConfig({ STEVEDORE_KEEP_COMPLETED: '-1', STEVEDORE_KEEP_FAILED: 'x' })).toThrow(/STEVEDORE_KEEP_COMPLETED: .*\n\s+STEVEDORE_KEEP_FAILED: /);
   });
 
+  it('keeps migration records 30 days unless told otherwise, and refuses a count of days that is not 1 to 36500', () => {
+    expect(loadConfig({}).migrateRecordsDays).toBe(30);
+    expect(loadConfig({ STEVEDORE_MIGRATE_RECORDS_DAYS: '7' }).migrateRecordsDays).toBe(7);
+    for (const bad of ['0', 'x', '36501', '1.5']) {
+      expect(() => loadConfig({ STEVEDORE_MIGRATE_RECORDS_DAYS: bad }), bad).toThrow(/invalid configuration:\n\s+STEVEDORE_MIGRATE_RECORDS_DAYS: /);
+    }
+  });
+
   it('connects to a Redis Cluster through REDIS_CLUSTER_NODES instead of REDIS_URL', () => {
     const c = loadConfig({ REDIS_URL: 'redis://ignored:1', REDIS_CLUSTER_NODES: '10.0.0.1:7000, redis://:pw@10.0.0.2:7001,rediss://h3', STEVEDORE_PREFIX: '{stevedore}' });
     expect(redisTarget(c)).toEqual({ cluster: [

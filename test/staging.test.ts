@@ -2,7 +2,7 @@ import { mkdir, readdir, rename, symlink, utimes, writeFile } from 'node:fs/prom
 import { basename, join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { ErrorCode, StorageError, classifyCommon } from '../src/errors.js';
-import { STAGING_INCOMING, STAGING_TMP, Staging } from '../src/staging.js';
+import { STAGING_INCOMING, STAGING_RECORDS, STAGING_TMP, Staging } from '../src/staging.js';
 import { tempDir } from './harness/process.js';
 
 const codeOf = (p: Promise<unknown>) => p.then(() => 'resolved', (e: unknown) => (e as StorageError).code);
@@ -173,5 +173,27 @@ describe('sweeping the staging area', () => {
     expect(await sweepLater(staging, 25 * 3600_000)).toBe(1);
     expect(await readdir(join(root, STAGING_INCOMING))).toEqual([]);
     expect((await readdir(root, { recursive: true })).sort()).toEqual([STAGING_INCOMING, 'mine', `mine/${STAGING_INCOMING}`, `mine/${STAGING_INCOMING}/own.bin`, 'own.bin']);
+  });
+
+  it('removes migration records not written for the records age (30 days), by mtime, and nothing else', async () => {
+    const root = join(dir.path, 'staging');
+    const staging = new Staging(root);
+    const pair = join(root, STAGING_RECORDS, '0123456789abcdef');
+    await mkdir(pair, { recursive: true });
+    await mkdir(join(root, 'mine'), { recursive: true });
+    await writeFile(join(pair, 'old.json'), '{}');
+    await writeFile(join(pair, 'fresh.json'), '{}');
+    await writeFile(join(root, 'mine', 'old.bin'), 'user');
+    // mtime is what our record writer sets (each write is a whole new file): set back, it reads as a record last written then.
+    const days = (n: number) => new Date(Date.now() - n * 86_400_000);
+    await utimes(join(pair, 'old.json'), days(31), days(31));
+    await utimes(join(pair, 'fresh.json'), days(29), days(29));
+    await utimes(join(root, 'mine', 'old.bin'), days(400), days(400));
+
+    expect(await staging.sweep({ recordsMaxAgeMs: 40 * 86_400_000 })).toBe(0);
+    expect(await staging.sweep()).toBe(1);
+    expect((await readdir(root, { recursive: true })).sort()).toEqual([STAGING_RECORDS, `${STAGING_RECORDS}/0123456789abcdef`, `${STAGING_RECORDS}/0123456789abcdef/fresh.json`, 'mine', 'mine/old.bin']);
+    expect(await staging.sweep({ recordsMaxAgeMs: 86_400_000 })).toBe(1);
+    expect(await readdir(pair)).toEqual([]);
   });
 });

@@ -2,6 +2,7 @@ import {
   AbortMultipartUploadCommand, CompleteMultipartUploadCommand, CreateMultipartUploadCommand, PutObjectCommand, UploadPartCommand,
   type S3Client,
 } from '@aws-sdk/client-s3';
+import { ErrorCode, StorageError } from '../errors.js';
 import type { DriverPutOptions, ObjectInfo, PutBody } from '../storage/driver.js';
 import { SHA256_META } from '../storage/driver.js';
 import { inLanes } from '../storage/lanes.js';
@@ -14,6 +15,8 @@ export interface UploadTarget {
   client: S3Client;
   bucket: string;
   partSize: number;
+  /** Largest body of known size sent as one PutObject (held whole); at least partSize. */
+  singlePutSize: number;
   /** Parts uploaded at once. */
   queueSize: number;
   /** Send If-None-Match / If-Match; false for stores that ignore them (the Bucket then checks first). */
@@ -21,7 +24,12 @@ export interface UploadTarget {
 }
 
 /**
- * One PutObject for a body that fits in a part, else a multipart upload. The bytes are pulled
+ * One PutObject for a body of known size up to `singlePutSize` (or any body that fits in a part),
+ * else a multipart upload. A single PutObject is one request where a multipart upload of the same
+ * bytes is at least three, and the store need not concatenate parts; its buffer is no larger than
+ * the part buffers a multipart upload holds (the default singlePutSize is partSize x (queueSize +
+ * 1)). Such a body may come without its digest: it is hashed as it fills the buffer, and the
+ * digest goes into the metadata of the PutObject sent after. The bytes are pulled
  * into at most `queueSize + 1` part buffers, reused from part to part: one filling (and hashing)
  * while up to `queueSize` upload. lib-storage's Upload copies every part into a fresh buffer
  * (Buffer.concat), 4 GiB of allocation for a 2 GiB object, and its memory grew with the size.
@@ -31,15 +39,16 @@ export interface UploadTarget {
  * while it is read fails that check, so no request ever commits bytes other than the digest's.
  */
 export async function uploadObject(t: UploadTarget, key: string, body: PutBody, opts: DriverPutOptions): Promise<ObjectInfo> {
-  if (body.sha256 === undefined) throw new Error('S3Driver.put needs the digest before the upload (metadataAtEnd is false)');
+  const single = body.size !== undefined && body.size <= Math.max(t.partSize, t.singlePutSize);
+  if (body.sha256 === undefined && !single) throw new Error('S3Driver.put needs the digest before a multipart upload (see digestAtEndUpTo)');
   const { client, bucket } = t;
   const signal = opts.signal;
   // A known size may need bigger parts to stay within S3's part count.
   const partSize = body.size === undefined ? t.partSize : Math.max(t.partSize, Math.ceil(body.size / MAX_PARTS));
-  const target = {
+  const target = (sha256: string) => ({
     Bucket: bucket, Key: key, ContentType: opts.contentType,
-    Metadata: { ...opts.metadata, [SHA256_META]: body.sha256 },
-  };
+    Metadata: { ...opts.metadata, [SHA256_META]: sha256 },
+  });
   // Sent on PutObject and CompleteMultipartUpload: the object appears only if the key is free
   // (If-None-Match) or still holds the version the caller read (If-Match).
   const conditions = {
@@ -47,8 +56,8 @@ export async function uploadObject(t: UploadTarget, key: string, body: PutBody, 
     IfMatch: t.conditionalWrites ? opts.ifMatch : undefined,
   };
   const free: Buffer[] = [];
-  // A body of known size up to a part gets a buffer one byte longer, so one read sees its end.
-  const take = () => free.pop() ?? Buffer.allocUnsafeSlow(body.size !== undefined && body.size <= partSize ? body.size + 1 : partSize);
+  // A body sent whole gets a buffer one byte longer than its size, so one read sees its end.
+  const take = () => free.pop() ?? Buffer.allocUnsafeSlow(single ? body.size! + 1 : partSize);
 
   const first = take();
   const firstLength = await fillPart(body, first, signal);
@@ -57,10 +66,13 @@ export async function uploadObject(t: UploadTarget, key: string, body: PutBody, 
   let etag: string | undefined;
   if (secondLength === 0) {
     etag = (await client.send(new PutObjectCommand({
-      ...target, ...conditions, Body: first.subarray(0, firstLength), ContentLength: firstLength,
+      ...target(body.sha256 ?? body.digest().sha256), ...conditions, Body: first.subarray(0, firstLength), ContentLength: firstLength,
     }), { abortSignal: signal })).ETag;
+  } else if (body.sha256 === undefined) {
+    // Longer than its size, so it would fail its check at its end anyway: nothing was sent.
+    throw new StorageError(ErrorCode.ChecksumMismatch, `size: more than the expected ${body.size!} bytes`, { op: 'put', key });
   } else {
-    const { UploadId } = await client.send(new CreateMultipartUploadCommand(target), { abortSignal: signal });
+    const { UploadId } = await client.send(new CreateMultipartUploadCommand(target(body.sha256)), { abortSignal: signal });
     try {
       const etags: string[] = [];
       const filled = [{ buf: first, n: firstLength }, { buf: second!, n: secondLength }];
@@ -100,7 +112,7 @@ export async function uploadObject(t: UploadTarget, key: string, body: PutBody, 
     }
   }
   return {
-    key, size: body.digest().size, sha256: body.sha256, etag, contentType: opts.contentType,
+    key, size: body.digest().size, sha256: body.digest().sha256, etag, contentType: opts.contentType,
     metadata: { ...opts.metadata },
     // Neither PutObject nor CompleteMultipartUpload report LastModified; a HEAD would cost a
     // request and could see a later writer's object.

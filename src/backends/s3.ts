@@ -41,6 +41,12 @@ export interface S3DriverOptions {
   /** Parts uploaded at once; an upload holds `queueSize + 1` part buffers (one filling). @defaultValue 4 */
   queueSize?: number | undefined;
   /**
+   * Largest body of known size uploaded as one PutObject, held whole in memory; such a body needs
+   * no digest before it is read (it is hashed as it fills its buffer). At least partSize.
+   * @defaultValue partSize x (queueSize + 1): no more memory than a multipart upload holds (40 MiB)
+   */
+  singlePutSize?: number | undefined;
+  /**
    * Time for one request to get its response headers (a part upload included), and the longest a
    * response body may stall. @defaultValue 120000
    */
@@ -82,6 +88,7 @@ export function s3OptionsFromUrl(url: URL): S3DriverOptions {
       case 'checksums': opts.checksums = oneOf(name, v, ['when_supported', 'when_required'] as const); break;
       case 'partSize': opts.partSize = int(name, v, MIN_PART_SIZE); break;
       case 'queueSize': opts.queueSize = int(name, v, 1); break;
+      case 'singlePutSize': opts.singlePutSize = int(name, v, 0); break;
       case 'requestTimeoutMs': opts.requestTimeoutMs = int(name, v, 1); break;
       case 'maxAttempts': opts.maxAttempts = int(name, v, 1); break;
       default: unknown(name);
@@ -99,6 +106,8 @@ export class S3Driver implements Driver {
   readonly kind = 's3';
   /** Object metadata is fixed when the upload starts, so the Bucket must know the digest first. */
   readonly metadataAtEnd = false;
+  /** Bodies sent as one PutObject are hashed before it is sent (see uploadObject). */
+  readonly digestAtEndUpTo: number;
   readonly atomicIfAbsent: boolean;
   readonly atomicIfMatch: boolean;
   /** ListObjectsV2 carries no user metadata: a digest costs a HEAD per object. */
@@ -108,6 +117,7 @@ export class S3Driver implements Driver {
   readonly client: S3Client;
   readonly conditionalWrites: boolean;
   readonly queueSize: number;
+  readonly singlePutSize: number;
   readonly maxCopyObject: number;
   readonly copyPartSize: number;
 
@@ -119,6 +129,8 @@ export class S3Driver implements Driver {
     this.partSize = opts.partSize ?? 8 * MiB;
     if (this.partSize < MIN_PART_SIZE) throw new StorageError(ErrorCode.InvalidInput, `partSize must be at least ${MIN_PART_SIZE}`, { op: 'config' });
     this.queueSize = opts.queueSize ?? 4;
+    this.singlePutSize = Math.max(this.partSize, opts.singlePutSize ?? this.partSize * (this.queueSize + 1));
+    this.digestAtEndUpTo = this.singlePutSize;
     this.maxCopyObject = opts.maxCopyObject ?? MAX_COPY_OBJECT;
     this.copyPartSize = Math.max(MIN_PART_SIZE, opts.copyPartSize ?? 512 * MiB);
     const checksums = opts.checksums === 'when_required' ? 'WHEN_REQUIRED' : 'WHEN_SUPPORTED';

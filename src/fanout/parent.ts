@@ -1,5 +1,5 @@
 import { ErrorCode, StorageError } from '../errors.js';
-import type { FanOut, JobDeps } from '../payload.js';
+import type { Counters, FanOut, FanOutLimits, JobDeps } from '../payload.js';
 import { chunked } from './listing.js';
 import { mergeFailures, type Failure } from './failures.js';
 
@@ -10,9 +10,10 @@ export type Summary<C extends string> = Record<C, number> & { failures: Failure[
 export type ChunkResult<C extends string> = Summary<C> & { last: string };
 
 /**
- * The migration aborts once, past ABORT_MIN_SCANNED objects finished, more than ABORT_RATIO of
- * them failed: S3 Batch Operations' rule (50% after 1,000 tasks). Below that a run always finishes
- * and reports what failed.
+ * The migration aborts once, past ABORT_MIN_SCANNED objects finished (FanOutLimits.abortAfter),
+ * more than ABORT_RATIO of them failed: S3 Batch Operations' rule (50% after 1,000 tasks). Below
+ * that a run always finishes and reports what failed. Checked by each chunk as it finishes
+ * (reportChunk) and by the parent while it lists and when it wakes.
  */
 export const ABORT_MIN_SCANNED = 1000;
 export const ABORT_RATIO = 0.5;
@@ -60,10 +61,10 @@ export async function runParent<I, C extends string>(spec: ParentSpec<I, C>, d: 
   const checkAbort = async () => {
     if (!spec.abortOn) return;
     const tally = await fan.tally();
-    if (!overThreshold(tally.scanned ?? 0, tally[spec.abortOn] ?? 0)) return;
+    if (!overThreshold(fan.limits, tally, spec.abortOn)) return;
     await fan.removePending().catch(() => {});
     const { completed } = await fan.children();
-    throw aborted(tally.scanned ?? 0, tally[spec.abortOn] ?? 0, (completed as Array<Partial<ChunkResult<C>>>).flatMap((r) => r.failures ?? []));
+    throw aborted(fan.limits, tally.scanned ?? 0, tally[spec.abortOn] ?? 0, (completed as Array<Partial<ChunkResult<C>>>).flatMap((r) => r.failures ?? []));
   };
   const stopIfAborted = async () => {
     if (!d.signal.aborted) return;
@@ -86,6 +87,8 @@ export async function runParent<I, C extends string>(spec: ParentSpec<I, C>, d: 
             await checkAbort();
           }
         }
+        // A chunk may have found the run past the threshold: no chunk is added after that.
+        await checkAbort();
         const ours = spec.key(items[items.length - 1]!);
         const added = await fan.addChild(spec.child, `${d.jobId}-${spec.child}-${next}`, spec.chunk(items));
         // A chunk of that number exists (a parent restarted between adding it and its checkpoint):
@@ -127,20 +130,36 @@ async function finish<I, C extends string>(spec: ParentSpec<I, C>, fan: FanOut, 
   out.scanned = listed;
   failures = mergeFailures(failures, failed.map((reason) => ({ key: '', code: codeOf(reason), message: `a chunk failed: ${reason}`.slice(0, 500) })));
   const result = { ...out, failures } as Summary<C>;
-  if (spec.abortOn && overThreshold(out.scanned, out[spec.abortOn]!)) throw aborted(out.scanned, out[spec.abortOn]!, failures);
+  if (spec.abortOn && overThreshold(fan.limits, out, spec.abortOn)) throw aborted(fan.limits, out.scanned, out[spec.abortOn]!, failures);
   await fan.progress({ ...out, listed, listingDone: true });
   await fan.clear();
   return result;
 }
 
-function overThreshold(scanned: number, failed: number): boolean {
-  return scanned >= ABORT_MIN_SCANNED && failed > ABORT_RATIO * scanned;
+/**
+ * A chunk's end: adds its counters to its parent's tally (FanOut.report) and, when the tally that
+ * report made is past the abort threshold, removes its siblings not started yet. The parent,
+ * asleep in waiting-children once its listing is done, then wakes as soon as the chunks still
+ * running finish, instead of after every remaining chunk ran, and fails as checkAbort says.
+ */
+export async function reportChunk<C extends string>(d: JobDeps, counters: Record<C, number>, abortOn?: C): Promise<void> {
+  const fan = d.fanout;
+  if (!fan) return;
+  const tally = await fan.report(counters);
+  if (!abortOn || !overThreshold(fan.limits, tally, abortOn)) return;
+  d.log.warn({ scanned: tally.scanned, [abortOn]: tally[abortOn] }, 'migration past its abort threshold: removing its chunks not started');
+  await fan.removePendingSiblings();
+}
+
+function overThreshold(limits: FanOutLimits, tally: Counters, on: string): boolean {
+  const scanned = tally.scanned ?? 0;
+  return scanned >= limits.abortAfter && (tally[on] ?? 0) > ABORT_RATIO * scanned;
 }
 
 /** The error an aborted run fails with: the code most of its failures had. */
-function aborted(scanned: number, failed: number, failures: Failure[]): StorageError {
+function aborted(limits: FanOutLimits, scanned: number, failed: number, failures: Failure[]): StorageError {
   const first = failures[0] ? `${failures[0].key}: ${failures[0].message}` : 'none recorded';
-  return new StorageError(dominantCode(failures), `aborted: ${failed} of ${scanned} objects failed (more than ${ABORT_RATIO * 100}% after ${ABORT_MIN_SCANNED}); first: ${first}`);
+  return new StorageError(dominantCode(failures), `aborted: ${failed} of ${scanned} objects failed (more than ${ABORT_RATIO * 100}% after ${limits.abortAfter}); first: ${first}`);
 }
 
 function zero<C extends string>(counters: readonly C[]): Record<C, number> {

@@ -1,11 +1,8 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { STAGING_TMP } from '../staging.js';
+import { STAGING_RECORDS, STAGING_TMP } from '../staging.js';
 import type { ObjectInfo } from '../storage/driver.js';
-
-/** Folder of the records under the staging area (shared by the workers, like staged files). */
-export const RECORDS_DIR = 'migrate-records';
 
 /** What one verified copy proved: source size, mtime (ms) and etag as listed, destination etag, sha256. */
 type Entry = [number, number, string, string, string];
@@ -18,7 +15,8 @@ const hash = (...parts: string[]) => createHash('sha256').update(parts.join('\0'
  * an object without reading or HEADing it when the source as listed has the recorded size,
  * modification time and etag and the destination as listed has the recorded etag (S3 ETag, GCS
  * generation, Azure ETag, filesystem mtime+size+inode): both sides are then the very versions
- * whose bytes were hashed equal. It is a cache: lost or stale, it costs reads, never a wrong skip.
+ * whose bytes were hashed equal. It is a cache: lost or stale, it costs reads, never a wrong skip;
+ * the staging sweep removes records not written for STEVEDORE_MIGRATE_RECORDS_DAYS.
  */
 export class VerifiedRecord {
   private dirty = false;
@@ -27,7 +25,7 @@ export class VerifiedRecord {
 
   /** Opens the record of the chunk `first`..`last` of `from` -> `to` (empty when there is none or it is unreadable). */
   static async open(stagingRoot: string, from: string, to: string, first: string, last: string): Promise<VerifiedRecord> {
-    const path = join(stagingRoot, RECORDS_DIR, hash(from, to).slice(0, 16), `${hash(first, last).slice(0, 32)}.json`);
+    const path = join(stagingRoot, STAGING_RECORDS, hash(from, to).slice(0, 16), `${hash(first, last).slice(0, 32)}.json`);
     try {
       const doc = JSON.parse(await readFile(path, 'utf8')) as { job?: string; entries?: Record<string, Entry> };
       return new VerifiedRecord(path, new Map(Object.entries(doc.entries ?? {})), doc.job);
@@ -64,7 +62,7 @@ export class VerifiedRecord {
     this.dirty = true;
   }
 
-  /** Marks the record as this chunk job's before it copies anything (see ranBefore). */
+  /** Marks the record as this chunk job's before it copies anything (see ranBefore); the write also keeps it from the sweep while the chunk runs. */
   async claim(jobId: string): Promise<void> {
     if (this.job === jobId) return;
     this.job = jobId;

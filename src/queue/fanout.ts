@@ -1,9 +1,10 @@
 import { Job, Queue, WaitingChildrenError, type JobsOptions } from 'bullmq';
+import { ABORT_MIN_SCANNED } from '../fanout/parent.js';
 import type { Counters, FanOut, FanOutLimits } from '../payload.js';
 import type { RedisClient } from './connection.js';
 
 /** @defaultValue of FanOutLimits: the issue's "a thousand keys or a GiB" per chunk. */
-export const DEFAULT_FANOUT_LIMITS: FanOutLimits = { chunkKeys: 1000, chunkBytes: 1 << 30, window: 16, lanes: 8 };
+export const DEFAULT_FANOUT_LIMITS: FanOutLimits = { chunkKeys: 1000, chunkBytes: 1 << 30, window: 16, lanes: 8, abortAfter: ABORT_MIN_SCANNED };
 
 /** A parent's checkpoint and tally outlive it by at most this (a parent removed by retention leaves them). */
 const STATE_TTL_S = 7 * 24 * 3600;
@@ -14,7 +15,8 @@ const STATE_TTL_S = 7 * 24 * 3600;
  * same script, so reports from chunks finishing at once on several workers can never store or
  * announce an older tally after a newer one. The progress write is BullMQ's own updateProgress
  * script (updateProgress-3.lua: HSET progress, XADD a progress event, capped at the queue's
- * maxLenEvents), inlined for that atomicity; a parent already gone gets none.
+ * maxLenEvents), inlined for that atomicity; a parent already gone gets none. Returns the state
+ * hash as it stands after the report, so the reporting chunk sees the tally its report made.
  * KEYS: state hash, reported-children set, parent job hash, events stream, queue meta.
  * ARGV: ttl, child id ('' for the parent itself: its counters are only created, at 0), parent id,
  * then name/value pairs.
@@ -80,8 +82,9 @@ export function bullFanOut(queue: Queue, connection: RedisClient, job: Job, toke
   const tallyScript = async (of: string, from: string, counters: Counters) => {
     const args = Object.entries(counters).flatMap(([k, v]) => [k, String(Math.trunc(v))]);
     const q = job.queueQualifiedName;
-    await connection.eval(REPORT, 5, stateKey(of), seenKey(of), `${q}:${of}`, `${q}:events`, `${q}:meta`, STATE_TTL_S, from, of, ...args);
+    return await connection.eval(REPORT, 5, stateKey(of), seenKey(of), `${q}:${of}`, `${q}:events`, `${q}:meta`, STATE_TTL_S, from, of, ...args) as string[];
   };
+  const stateOf = async (of: string) => splitState(await connection.hgetall(stateKey(of)).then((h) => Object.entries(h).flat()));
   return {
     limits,
     parentId,
@@ -106,8 +109,13 @@ export function bullFanOut(queue: Queue, connection: RedisClient, job: Job, toke
     async removePending() {
       await job.removeUnprocessedChildren();
     },
+    async removePendingSiblings() {
+      // BullMQ's script skips locked (running) children, this chunk among them.
+      const parent = parentId ? await Job.fromId(queue, parentId) : undefined;
+      await parent?.removeUnprocessedChildren();
+    },
     async checkpoint() {
-      return splitState(await connection.hgetall(stateKey(id)).then((h) => Object.entries(h).flat())).checkpoint;
+      return (await stateOf(id)).checkpoint;
     },
     async setCheckpoint(fields) {
       const flat = Object.entries(fields).flatMap(([k, v]) => [`cp.${k}`, v]);
@@ -115,10 +123,10 @@ export function bullFanOut(queue: Queue, connection: RedisClient, job: Job, toke
       await connection.multi().hset(stateKey(id), ...flat).expire(stateKey(id), STATE_TTL_S).exec();
     },
     async tally() {
-      return splitState(await connection.hgetall(stateKey(id)).then((h) => Object.entries(h).flat())).tally;
+      return (await stateOf(id)).tally;
     },
     async report(counters) {
-      if (parentId) await tallyScript(parentId, id, counters);
+      return parentId ? splitState(await tallyScript(parentId, id, counters)).tally : {};
     },
     async publish(counters) {
       await tallyScript(id, '', counters);

@@ -241,6 +241,16 @@ export class Bucket {
     }
   }
 
+  /**
+   * True when a put of this many bytes (undefined: unknown) without a caller's digest makes the
+   * Bucket work the digest out before the first byte: a first pass over a file, a spool of a
+   * stream. False where the driver records the digest after the bytes (metadataAtEnd, or a size
+   * within its digestAtEndUpTo).
+   */
+  digestFirst(size: number | undefined): boolean {
+    return !this.driver.metadataAtEnd && !(size !== undefined && size <= (this.driver.digestAtEndUpTo ?? -1));
+  }
+
   /** True when `put`/`delete` with `ifMatch` are atomic in this store; otherwise a stat guards them, not race-free. */
   get atomicIfMatch(): boolean {
     return this.driver.atomicIfMatch;
@@ -404,14 +414,14 @@ export class Bucket {
       const open = await openFile(source.path);
       const close = () => open.file.close().catch(() => {});
       try {
-        const known = expected === undefined && !this.driver.metadataAtEnd ? await hashOpen(open) : undefined;
+        const known = expected === undefined && this.digestFirst(open.size) ? await hashOpen(open) : undefined;
         return { sha256: expected ?? known?.sha256, size: open.size, source: { open }, cleanup: close };
       } catch (err) {
         await close();
         throw err;
       }
     }
-    if (expected !== undefined || this.driver.metadataAtEnd) {
+    if (expected !== undefined || !this.digestFirst(streamSize)) {
       return { sha256: expected, size: streamSize, source: { stream: source }, cleanup: none };
     }
     const dir = await mkdtemp(join(this.spoolDir, 'stevedore-spool-'));

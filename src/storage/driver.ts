@@ -101,6 +101,12 @@ export interface Driver {
    * Azure commit-time metadata). When false, the Bucket works the digest out first.
    */
   readonly metadataAtEnd: boolean;
+  /**
+   * Where `metadataAtEnd` is false: bodies of known size up to this many bytes may still come
+   * without their digest, which the driver works out before it commits them (S3 holds such a body
+   * whole and sends one PutObject once it is read and hashed). Unset: none.
+   */
+  readonly digestAtEndUpTo?: number | undefined;
   /** True when `ifAbsent` is enforced atomically by the store itself. */
   readonly atomicIfAbsent: boolean;
   /** True when `ifMatch` (put and delete) is enforced atomically by the store itself. */

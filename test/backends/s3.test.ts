@@ -150,6 +150,50 @@ describe('s3 driver', () => {
     }
   });
 
+  it('sends a body of known size up to singlePutSize as one PutObject, taking its digest as it is read; the Bucket neither hashes first nor spools it', async () => {
+    const P = target.multipartThreshold;
+    const d = await target.newDriver({ singlePutSize: 3 * P });
+    expect(d.digestAtEndUpTo).toBe(3 * P);
+    const seen = recordRequests(d);
+    const bytes = randomBytes(2 * P + 77);
+    // No digest from anyone: a stream of known size, as copyObject hands over a legacy source.
+    const b = new SourceBody({ stream: Readable.from([bytes.subarray(0, P), bytes.subarray(P)]) }, undefined, bytes.length, { size: bytes.length, op: 'put', key: 'whole' });
+    expect(await d.put('whole', b, noOpts)).toMatchObject({ size: bytes.length, sha256: sha(bytes) });
+    expect(seen.map((r) => r.command)).toEqual(['PutObjectCommand']);
+    expect(await d.stat('whole')).toMatchObject({ size: bytes.length, sha256: sha(bytes) });
+
+    // A spool folder that cannot exist: a put that spooled would fail.
+    const bucket = new Bucket(d, { spoolDir: '/proc/no-spool-here' });
+    expect(bucket.digestFirst(3 * P)).toBe(false);
+    expect(bucket.digestFirst(3 * P + 1)).toBe(true);
+    expect(bucket.digestFirst(undefined)).toBe(true);
+    seen.length = 0;
+    const other = randomBytes(P + 5);
+    expect(await bucket.put('via-bucket', Readable.from([other]), { size: other.length })).toMatchObject({ sha256: sha(other), size: other.length });
+    expect(seen.map((r) => r.command)).toEqual(['PutObjectCommand']);
+    // Over singlePutSize a stream of unknown digest is spooled (here: refused) and would go multipart, as before.
+    const big = randomBytes(3 * P + 1);
+    await expect(bucket.put('spooled', Readable.from([big]), { size: big.length })).rejects.toMatchObject({ code: ErrorCode.NotFound, message: expect.stringContaining('ENOENT') });
+  });
+
+  it('refuses a body of unknown digest that runs past its size, sending nothing', async () => {
+    const d = await target.newDriver({ singlePutSize: 2 * target.multipartThreshold });
+    const seen = recordRequests(d);
+    const bytes = randomBytes(1000);
+    const b = new SourceBody({ stream: Readable.from([bytes]) }, undefined, 999, { size: 999, op: 'put', key: 'k' });
+    await expect(d.put('k', b, noOpts)).rejects.toMatchObject({ code: ErrorCode.ChecksumMismatch });
+    expect(seen).toEqual([]);
+    expect(d.classify(await d.stat('k').catch((e: unknown) => e))).toBe(ErrorCode.NotFound);
+  });
+
+  it('defaults singlePutSize to the memory of a multipart upload, partSize x (queueSize + 1), and never below partSize', () => {
+    const opts = { bucket: 'b', endpoint: 'http://127.0.0.1:1', credentials: S3RVER_CREDENTIALS };
+    expect(new S3Driver(opts).singlePutSize).toBe(40 * 1024 * 1024);
+    expect(new S3Driver({ ...opts, partSize: 16 * 1024 * 1024, queueSize: 2 }).singlePutSize).toBe(48 * 1024 * 1024);
+    expect(new S3Driver({ ...opts, partSize: 16 * 1024 * 1024, singlePutSize: 1 }).singlePutSize).toBe(16 * 1024 * 1024);
+    expect(s3OptionsFromUrl(new URL('s3://b?singlePutSize=67108864')).singlePutSize).toBe(64 * 1024 * 1024);
+  });
+
   it('rejects, rather than hangs, when the body closes without ending', async () => {
     const d = await target.newDriver();
     let sent = 0;

@@ -223,7 +223,8 @@ export function s3ConformanceTarget(opts: { partSize?: number } = {}): S3Target 
   const newDriver = async (extra: Partial<S3DriverOptions> = {}) => {
     const s = await s3rver();
     const bucket = extra.bucket ?? (await s.bucket());
-    const d = new S3Driver({ ...s.driverOptions(bucket), partSize, maxAttempts: 2, ...extra, bucket });
+    // A single PutObject only up to a part, so objects over the threshold go multipart.
+    const d = new S3Driver({ ...s.driverOptions(bucket), partSize, singlePutSize: partSize, maxAttempts: 2, ...extra, bucket });
     drivers.add(d);
     return d;
   };

@@ -1,10 +1,11 @@
-import { readdir, writeFile } from 'node:fs/promises';
+import { readdir, stat, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FsDriver } from '../../src/backends/fs.js';
 import { MemoryDriver } from '../../src/backends/memory.js';
 import { StorageError } from '../../src/errors.js';
 import { S3Driver } from '../../src/backends/s3.js';
+import { STAGING_RECORDS } from '../../src/staging.js';
 import { Bucket } from '../../src/storage/bucket.js';
 import type { Driver } from '../../src/storage/driver.js';
 import { overrideDriver } from '../fixtures/override-driver.js';
@@ -51,8 +52,11 @@ describe('migrate: filesystem and s3rver', () => {
     await tmp?.remove();
   });
 
-  it('copies a legacy tree (no sidecars) to S3 with awkward keys, each digest computed on the way and counted missingDigest', async () => {
+  it('copies a legacy tree (no sidecars) to S3 with awkward keys, each digest computed on the way (one read of each source) and counted missingDigest', async () => {
+    calls.clear();
     const r = await w.client.run('migrate', { from: 'legacy', to: 's3' });
+    // Objects within the S3 driver's single-PutObject size are hashed as the upload buffers them: no first read.
+    expect(count('legacy.get')).toBe(tree.size);
     expect(r).toMatchObject({ scanned: tree.size, copied: tree.size, skipped: 0, failed: 0, missingDigest: tree.size, deleted: 0, failures: [] });
     expect(r.bytes).toBe([...tree.values()].reduce((n, b) => n + b.length, 0));
     const got = await contents(buckets.get('s3')!);
@@ -188,6 +192,108 @@ describe('migrate: filesystem and s3rver', () => {
     for (let i = 0; i < 100 && ((await big.client.queue.getJobCounts('active')).active ?? 0) > 0; i++) await new Promise((r) => setTimeout(r, 50));
     await big.close();
   }, 60_000);
+
+  it('a failing run aborts as its chunks finish: once the tally crosses the threshold, chunks not started never run, and the parent fails with the dominant code', async () => {
+    const src = new MemoryDriver();
+    const seed = new Bucket(src, { name: 'ab' });
+    const n = 60;
+    for (let i = 0; i < n; i++) await seed.put(`ab/${String(i).padStart(2, '0')}`, Buffer.from(`object ${i}`));
+    let asleep!: () => void;
+    const parentAsleep = new Promise<void>((r) => { asleep = r; });
+    const tried = new Set<string>();
+    buckets.set('ab-src', new Bucket(overrideDriver(src, {
+      // Every object fails for good, and none before the parent has listed everything and sleeps
+      // in waiting-children: the case the parent's own checks cannot see.
+      get: async (key) => {
+        await parentAsleep;
+        tried.add(key);
+        throw new StorageError('PermissionDenied', 'denied by the test', { op: 'get', key });
+      },
+    }), { name: 'ab-src' }));
+    buckets.set('ab-out', new Bucket(new MemoryDriver(), { name: 'ab-out' }));
+    // Chunks of 5 keys, all 12 added at once, 2 jobs at a time, the threshold after 10 objects.
+    const ab = await inProcessWorker(redis.url, buckets, join(tmp.path, 'staging'), { concurrency: 2, fanout: { chunkKeys: 5, window: 100, lanes: 5, abortAfter: 10 } });
+    const ran = new Set<string>();
+    ab.worker.on('active', (job) => { if (job.name === 'migrate-chunk') ran.add(String(job.id)); });
+    try {
+      await ab.client.ready();
+      const id = await ab.client.migrate({ from: 'ab-src', to: 'ab-out' });
+      const outcome = ab.client.result(id).then(() => undefined, (e: unknown) => e as Error & { code?: string });
+      const parent = (await ab.client.queue.getJob(id))!;
+      for (let i = 0; i < 400 && (await parent.getState()) !== 'waiting-children'; i++) await new Promise((r) => setTimeout(r, 25));
+      expect(await parent.getState()).toBe('waiting-children');
+      asleep();
+      const err = await outcome;
+      expect(err?.code).toBe('PermissionDenied');
+      expect(err?.message).toMatch(/^PermissionDenied: aborted: (\d+) of \1 objects failed \(more than 50% after 10\)/);
+      // The two chunks that started first cross it (10 objects); a third may have taken the slot
+      // the first freed. No chunk started after the crossing: of 12, at most 3 ever ran.
+      expect(ran.size).toBeGreaterThanOrEqual(2);
+      expect(ran.size).toBeLessThanOrEqual(3);
+      expect(tried.size).toBe(ran.size * 5);
+      expect(await ab.client.queue.getJobCounts('waiting', 'delayed', 'active')).toEqual({ waiting: 0, delayed: 0, active: 0 });
+    } finally {
+      await ab.close();
+    }
+  });
+
+  it('the staging sweep removes records not written for 30 days and keeps those of a migration running now, which its re-run still trusts', async () => {
+    const records = join(tmp.path, 'staging', STAGING_RECORDS);
+    const files = async (dir = records) => (await readdir(dir, { recursive: true, withFileTypes: true }).catch(() => [])).filter((e) => e.isFile()).map((e) => join(e.parentPath, e.name));
+    const dirs = async () => new Set(await readdir(records).catch(() => [] as string[]));
+    const src = new MemoryDriver();
+    const out = new MemoryDriver();
+    let release!: () => void;
+    const gate = new Promise<void>((r) => { release = r; });
+    let held!: () => void;
+    const blocked = new Promise<void>((r) => { held = r; });
+    let gated = false;
+    buckets.set('rec', new Bucket(src, { name: 'rec' }));
+    buckets.set('rec-elsewhere', new Bucket(new MemoryDriver(), { name: 'rec-elsewhere' }));
+    buckets.set('rec-out', new Bucket(overrideDriver(out, {
+      put: async (key, body, opts) => {
+        if (gated && key === 'k/1') {
+          held();
+          await gate;
+        }
+        return out.put(key, body, opts);
+      },
+    }), { name: 'rec-out' }));
+    const rec = buckets.get('rec')!;
+    for (let i = 0; i < 4; i++) await rec.put(`k/${i}`, Buffer.from(`record test ${i}`));
+    const d0 = await dirs();
+    expect(await w.client.run('migrate', { from: 'rec', to: 'rec-elsewhere' })).toMatchObject({ copied: 4 });
+    const d1 = await dirs();
+    expect(await w.client.run('migrate', { from: 'rec', to: 'rec-out' })).toMatchObject({ copied: 4 });
+    const elsewhere = join(records, [...d1].find((d) => !d0.has(d))!);
+    const here = join(records, [...await dirs()].find((d) => !d1.has(d))!);
+    // Both pairs' records (one chunk of 4 keys each) last written 31 days ago.
+    expect((await files(elsewhere)).length).toBe(1);
+    expect((await files(here)).length).toBe(1);
+    const old = new Date(Date.now() - 31 * 86_400_000);
+    for (const f of await files()) await utimes(f, old, old);
+
+    // A re-run, held inside its chunk's copy of a changed object: that chunk is live.
+    await rec.put('k/1', Buffer.from('changed'));
+    gated = true;
+    const run = w.client.run('migrate', { from: 'rec', to: 'rec-out' });
+    await blocked;
+    expect(await w.staging.sweep()).toBeGreaterThanOrEqual(1);
+    expect(await files(elsewhere)).toEqual([]);
+    // The live chunk wrote its record as it started.
+    const live = await files(here);
+    expect(live).toHaveLength(1);
+    expect((await stat(live[0]!)).mtimeMs).toBeGreaterThan(Date.now() - 60_000);
+    release();
+    expect(await run).toMatchObject({ scanned: 4, copied: 1, skipped: 3, failed: 0 });
+
+    // The records still spare the next run every read and HEAD.
+    calls.clear();
+    buckets.set('rec', new Bucket(counted('rec', src), { name: 'rec' }));
+    buckets.set('rec-out', new Bucket(counted('rec-out', out), { name: 'rec-out' }));
+    expect(await w.client.run('migrate', { from: 'rec', to: 'rec-out' })).toMatchObject({ scanned: 4, skipped: 4, copied: 0 });
+    for (const m of ['get', 'stat', 'put', 'copy']) expect(count(`rec.${m}`) + count(`rec-out.${m}`), m).toBe(0);
+  });
 
   it('verify finds flipped bytes in s3rver\'s data files', async () => {
     const b = buckets.get('s3')!;

@@ -156,7 +156,7 @@ export async function serverBench(): Promise<string> {
       ['server peak RSS', mb(rss), mb(await peakRssKiB(bare.child.pid!)), '', `< 150 MB ${rss < 150 * 1024 ? 'ok' : 'MISSED'}`],
     ], [
       'ratio = bare time / stevedore time (1.00x is as fast as the bare server).',
-      'stevedore PUT with ?wait: the body is counted and hashed into the staging area (no fsync there: the job carries the received digest), then the store job (a worker process of its own) links the staged file into the backend (source.consume: same filesystem), reads it once to hash it and fsyncs it before the answer; the bare server writes the file once.',
+      'stevedore PUT with ?wait (no X-Content-SHA256): the body is counted into the staging area, not hashed, and fsynced as it arrives (an fdatasync every 64 MiB, then a last fsync), then the store job (a worker process of its own) links the staged file into the backend (source.consume: same filesystem) and reads it once to hash it (its fdatasync finds the file clean) before the answer; the bare server writes the file once and fsyncs it at the end.',
       `worker peak RSS ${mb(workerRss)}.`,
     ]);
 

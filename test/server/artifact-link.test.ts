@@ -1,5 +1,6 @@
 // Issue 11, "an artifact is written once": on the filesystem backend the store job of an HTTP
 // artifact PUT links the staged file into place (the object IS the staged inode) instead of copying it.
+import { createHash } from 'node:crypto';
 import { lstat, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -33,6 +34,10 @@ describe('artifact PUT on the filesystem backend: the staged file is linked, not
     const [staged, ...more] = await stagedFiles(t.stagingDir);
     expect(more).toEqual([]);
     const stagedIno = (await lstat(staged!)).ino;
+    // Without X-Content-SHA256 the server did not hash the body: the job hashes it as it stores it.
+    const data = (await t.app.client().getJob(id))!.data as { source: unknown; sha256?: string };
+    expect(data.source).toEqual({ path: expect.stringMatching(/^incoming\/http-/), consume: true });
+    expect(data.sha256).toBeUndefined();
 
     await t.startWorker();
     await eventually(async () => {
@@ -64,6 +69,16 @@ describe('artifact PUT on the filesystem backend: the staged file is linked, not
     expect((await lstat(join(root, 'sites/linked/artifacts/b2.tar.gz'))).nlink).toBe(1);
     const got = await fetchDigest(`${t.url}/sites/linked/artifacts/b2`, t.auth);
     expect(got).toMatchObject({ status: 200, size: SIZE, sha256: body.sha256() });
+  });
+
+  it('with X-Content-SHA256 the server checks the body and the job gets the received digest', async () => {
+    const body = Buffer.from('checked as it arrives');
+    const sha = createHash('sha256').update(body).digest('hex');
+    const put = await send(`${t.url}/sites/linked/artifacts/b4`, 'PUT', body, { ...t.auth, 'x-content-sha256': sha });
+    expect(put.status, put.body).toBe(202);
+    const job = (await t.app.client().getJob((JSON.parse(put.body) as { id: string }).id))!;
+    expect(job.data).toMatchObject({ sha256: sha, source: { consume: true } });
+    await expect(t.app.client().result(job.id!)).resolves.toMatchObject({ sha256: sha, size: body.length });
   });
 
   it('a wrong X-Content-SHA256 stores nothing', async () => {

@@ -1,10 +1,14 @@
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { lstat, readdir, readlink, writeFile } from 'node:fs/promises';
 import { get as httpGet } from 'node:http';
 import { join } from 'node:path';
+import { Queue } from 'bullmq';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { webhookQueueName } from '../../src/webhooks/publisher.js';
+import { freePort } from '../harness/process.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
 import { startS3rver, S3RVER_CREDENTIALS, type S3rver } from '../harness/s3.js';
+import { startReceiver } from '../harness/webhook-receiver.js';
 import { fetchDigest, randomBody, send } from './http.js';
 import { eventually, stagedFiles, testServer, TOKEN, type TestServer } from './harness.js';
 
@@ -190,7 +194,7 @@ describe('artifact routes (the build service)', () => {
     expect(health.json()).toMatchObject({ status: 'ok', backends: { default: 'ok', s3: 'ok' } });
   });
 
-  it('never writes the token or cloud keys into a log line or a response (RELIABILITY #24)', async () => {
+  it('never writes the token, a backend password, cloud keys or the webhook secret into a log line, a failed reason or a response (RELIABILITY #24)', async () => {
     await t.server.inject({ method: 'GET', url: '/jobs/1', headers: { authorization: `Bearer ${TOKEN}` } });
     await t.server.inject({ method: 'GET', url: '/jobs/1', headers: { authorization: 'Bearer not-the-token-123456' } });
     const logs = t.logs();
@@ -198,5 +202,54 @@ describe('artifact routes (the build service)', () => {
     expect(logs).not.toContain(TOKEN);
     expect(logs).not.toContain('not-the-token-123456');
     expect(logs).not.toContain(S3RVER_CREDENTIALS.secretAccessKey);
+
+    // A server of its own: a backend whose endpoint carries a password and answers nobody, and
+    // webhooks to a receiver that keeps failing, with a token in its URL.
+    const password = 'backend-pw-never-shown-42';
+    const secret = `whsec_${randomBytes(32).toString('base64')}`;
+    const hookToken = 'hook-query-token-never-shown';
+    const rx = await startReceiver();
+    rx.answer = () => ({ status: 503 });
+    const hookUrl = new URL(rx.url);
+    hookUrl.searchParams.set('token', hookToken);
+    const u = await testServer(redis.url, {
+      backends: `default=file:./objects,locked=s3://b/pre?endpoint=http://locked-user:${password}@127.0.0.1:${await freePort()}&forcePathStyle=true&maxAttempts=1`,
+      env: { STEVEDORE_WEBHOOK_URL: hookUrl.toString(), STEVEDORE_WEBHOOK_SECRET: secret, STEVEDORE_WEBHOOK_SCHEDULE_MS: '0,50' },
+    });
+    try {
+      const secrets = [password, secret, secret.slice('whsec_'.length), hookToken, TOKEN, S3RVER_CREDENTIALS.secretAccessKey];
+      const clean = (text: string, what: string) => { for (const x of secrets) expect(text, what).not.toContain(x); };
+      // A store to that backend fails (its connection refused); its reason names no secret.
+      const batch = await u.server.inject({ method: 'POST', url: '/jobs', headers: u.auth, payload: { jobs: [{ type: 'store', data: { backend: 'locked', key: 'k', source: { base64: 'aGk=' } }, opts: { attempts: 1 } }] } });
+      const [{ id }] = (batch.json() as { results: Array<{ id: string }> }).results as [{ id: string }];
+      let job: { state: string; failedReason?: string } = { state: '' };
+      await eventually(async () => (job = (await u.server.inject({ method: 'GET', url: `/jobs/${id}`, headers: u.auth })).json()).state === 'failed', 'the store job failed', 30_000);
+      expect(job.failedReason).toMatch(/^Transient: /);
+      clean(job.failedReason!, 'failed reason');
+      // Its webhook fails twice and gives up: neither the POSTs nor the delivery's reason carry a secret.
+      const posts = await rx.until((rs) => rs.length >= 2);
+      for (const r of posts) clean(r.body + JSON.stringify(r.headers), 'webhook POST');
+      expect(JSON.parse(posts[0]!.body)).toMatchObject({ type: 'job.failed', data: { jobId: id, failedReason: job.failedReason } });
+      const deliveries = new Queue(webhookQueueName(u.app.config.queue), { connection: u.app.connect('producer'), prefix: u.app.config.prefix });
+      let failed: Awaited<ReturnType<typeof deliveries.getFailed>> = [];
+      await eventually(async () => (failed = await deliveries.getFailed()).length === 1, 'the delivery gave up');
+      expect(failed[0]!.failedReason).toMatch(/^Transient: webhook endpoint .* answered 503/);
+      clean(failed[0]!.failedReason, 'delivery failed reason');
+      await deliveries.close();
+      // HTTP error answers: that backend down, a read from it, a refused token.
+      const answers = await Promise.all([
+        u.server.inject({ method: 'GET', url: '/health' }),
+        u.server.inject({ method: 'GET', url: '/sites/s/artifacts/b?backend=locked', headers: u.auth }),
+        u.server.inject({ method: 'GET', url: '/sites/s/versions?backend=locked', headers: u.auth }),
+        u.server.inject({ method: 'GET', url: '/jobs/1', headers: { authorization: `Bearer ${secret}` } }),
+      ]);
+      expect(answers.map((a) => a.statusCode)).toEqual([503, 503, 503, 401]);
+      for (const a of answers) clean(a.body + JSON.stringify(a.headers), `answer ${a.statusCode}`);
+      expect(u.logs()).toContain('webhook delivery gave up');
+      clean(u.logs(), 'log lines');
+    } finally {
+      await u.close();
+      await rx.close();
+    }
   });
 });

@@ -9,6 +9,7 @@ import { loadConfig } from '../../src/config.js';
 import { createLogger } from '../../src/logger.js';
 import { startWorker } from '../../src/queue/worker.js';
 import { buildServer } from '../../src/server/server.js';
+import { startWebhooks } from '../../src/webhooks/start.js';
 import { tempDir } from '../harness/process.js';
 
 export const TOKEN = 'test-token-0123456789abcdef';
@@ -32,7 +33,8 @@ export interface TestServer {
 
 /**
  * A server and an in-process worker on one App (a fresh queue name), against a real Redis and the
- * backends `backends` names (`default` is a filesystem root in a temp dir unless given).
+ * backends `backends` names (`default` is a filesystem root in a temp dir unless given); with
+ * STEVEDORE_WEBHOOK_URL in `env`, the worker's webhooks run too.
  */
 export async function testServer(redisUrl: string, opts: { backends?: string; env?: Record<string, string>; token?: string | null; worker?: boolean } = {}): Promise<TestServer> {
   const tmp = await tempDir('stevedore-server-');
@@ -54,8 +56,11 @@ export async function testServer(redisUrl: string, opts: { backends?: string; en
   const log = createLogger(config.logLevel, sink);
   const app = composeApp(config, { cwd: tmp.path, env, log });
   const buckets = await app.buckets();
+  // As a worker process does when STEVEDORE_WEBHOOK_URL is set: its jobs' ends are delivered.
+  const webhooks = startWebhooks(app, log);
   const spawn = () => startWorker(app.connect('worker'), {
     queue: config.queue, prefix: config.prefix, concurrency: 4, stalledIntervalMs: 5_000, retention: app.retention,
+    ...(webhooks ? { hooks: [webhooks.hooks] } : {}),
   }, { buckets, staging: app.staging, log, limits: { maxInlineBytes: config.maxInlineBytes }, locks: app.locks(), progressIntervalMs: 0 });
   const worker = spawn();
   const extra: Worker[] = [];
@@ -79,6 +84,7 @@ export async function testServer(redisUrl: string, opts: { backends?: string; en
     async close() {
       await server.close();
       await Promise.all([worker, ...extra].map((w) => w.close()));
+      await webhooks?.close(1_000);
       await app.close();
       await tmp.remove();
     },

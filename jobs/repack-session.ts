@@ -5,6 +5,7 @@ import { BackendName, Sha256, StagingPath, type JobDeps, type Lease } from '../s
 import { CONTENT_TYPE, GZIP_LEVEL, readArchive, rewriteArchive, type SeekableInput } from '../src/session/archive.js';
 import { dirtySegments, rewriteSegments } from '../src/session/seek-edit.js';
 import { ArchiveReplaced, openSeekable } from '../src/session/seek-read.js';
+import { SpliceUnsupported, shouldSplice, spliceRewrite } from '../src/session/seek-splice.js';
 import { OpPath, SessionId, sessionKey, sessionLockName } from '../src/session/ids.js';
 import { EditPlan, SpoolNeeded, type Body, type PlanOp } from '../src/session/plan.js';
 import type { Bucket, PutOptions } from '../src/storage/bucket.js';
@@ -76,12 +77,19 @@ export async function repackSession(p: RepackPayload, d: JobDeps): Promise<Repac
   const lease = await d.locks.acquire(sessionLockName(p.session), d.signal);
   try {
     const spool = new Set<string>();
+    let splice = true;
     for (let tries = 1, reruns = 0; ;) {
       const signal = AbortSignal.any([d.signal, lease.signal]);
-      const outcome = await attempt(bucket, key, plan, spool, jobMark, signal, d, p.create ?? true).catch((err: unknown) => {
+      const outcome = await attempt(bucket, key, plan, spool, jobMark, signal, d, p.create ?? true, splice).catch((err: unknown) => {
         if (err instanceof SpoolNeeded && reruns < MAX_SPOOL_RERUNS && !spool.has(err.target)) return err;
+        if (err instanceof SpliceUnsupported && splice) return err;
         throw lostOr(err, lease);
       });
+      if (outcome instanceof SpliceUnsupported) {
+        d.log.info({ key }, 'the store cannot splice; writing the edit whole');
+        splice = false;
+        continue;
+      }
       if (outcome instanceof SpoolNeeded) {
         spool.add(outcome.target);
         reruns++;
@@ -132,9 +140,10 @@ async function planOps(p: RepackPayload, d: JobDeps): Promise<PlanOp[]> {
 
 /**
  * One read-rewrite-commit pass. Resolves with the result, or 'conflict' when the conditional
- * commit found the archive replaced since it was read.
+ * commit found the archive replaced since it was read. An edit the index places is spliced
+ * inside the store where it can (`splice`), else streamed to it.
  */
-async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: ReadonlySet<string>, jobMark: string | undefined, signal: AbortSignal, d: JobDeps, create: boolean): Promise<RepackResult | 'conflict'> {
+async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: ReadonlySet<string>, jobMark: string | undefined, signal: AbortSignal, d: JobDeps, create: boolean, splice: boolean): Promise<RepackResult | 'conflict'> {
   const notFound = (err: unknown): undefined => {
     if (err instanceof StorageError && err.code === ErrorCode.NotFound) return undefined;
     throw err;
@@ -157,6 +166,19 @@ async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: Reado
   const applied = (current?.info.metadata[APPLIED_META] ?? '').split(' ').filter(Boolean);
   if (current && jobMark && applied.includes(jobMark)) return alreadyApplied(key, current.stream, current.info, signal);
   if (current && current.info.sha256 === undefined) d.log.warn({ key }, 'session archive has no recorded digest: read unverified (gzip CRC only)');
+  const metadata: Record<string, string> = jobMark ? { [APPLIED_META]: appliedList(applied, jobMark) } : {};
+  // Edits the index can place rewrite only their segments; anything else goes through the full transform.
+  const groups = view && current ? dirtySegments(plan.ops, view.index) : undefined;
+  if (splice && groups && current && view && shouldSplice(bucket, current.info, view.index, plan.ops, groups)) {
+    try {
+      const r = await spliceRewrite(bucket, key, current, view.index, plan.ops, plan.mtime, groups, { metadata, signal, progress: d.progress });
+      d.log.info({ key, reused: r.reused, compressed: r.compressed }, 'session segments spliced in the store and compressed');
+      return { key, size: r.info.size, sha256: r.info.sha256!, entries: r.entries, missing: [] };
+    } catch (err) {
+      if (err instanceof StorageError && err.code === ErrorCode.PreconditionFailed) return 'conflict';
+      throw err;
+    }
+  }
   const run = plan.start(spool);
   // The new archive's bytes on their way to the store, counted for the job's progress.
   let written = 0;
@@ -171,7 +193,7 @@ async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: Reado
   const stopRewrite = new AbortController();
   const opts: PutOptions = {
     contentType: CONTENT_TYPE,
-    metadata: jobMark ? { [APPLIED_META]: appliedList(applied, jobMark) } : {},
+    metadata,
     signal,
     ...(current ? (current.info.etag !== undefined ? { ifMatch: current.info.etag } : {}) : { ifAbsent: true }),
   };
@@ -183,8 +205,6 @@ async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: Reado
     throw err;
   });
   const rewriteSignal = AbortSignal.any([signal, stopRewrite.signal]);
-  // Edits the index can place rewrite only their segments; anything else goes through the full transform.
-  const groups = view && current ? dirtySegments(plan.ops, view.index) : undefined;
   const rewriting = (groups && current && view
     ? rewriteSegments(current.stream, view.index, key, plan.ops, plan.mtime, groups, out, GZIP_LEVEL, rewriteSignal)
     : rewriteArchive(current?.stream ?? null, out, run, { signal: rewriteSignal, seekable })).catch((err: unknown) => {

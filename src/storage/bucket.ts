@@ -10,7 +10,7 @@ import { SourceBody, hashOpen, openFile, type BodySource } from './body.js';
 
 // Jobs hash staged files with the same code a put uses.
 export { hashFile } from './body.js';
-import type { ByteRange, Driver, ObjectInfo } from './driver.js';
+import type { ByteRange, Driver, ObjectInfo, SplicePiece } from './driver.js';
 import { SHA256_META } from './driver.js';
 import { CHUNK, HashingStream, type Digest } from './hashing.js';
 import { validateContentType, validateKey, validateMetadata, validatePrefix, validateSha256 } from './keys.js';
@@ -59,6 +59,17 @@ export interface PutOptions {
    * a buffer of that size, not a part-sized one). Ignored for files and bytes, which are measured.
    */
   size?: number | undefined;
+}
+
+export interface SpliceOptions {
+  /** The version replaced, whose ranges the `copy` pieces name (an etag from `stat` or `get`). */
+  ifMatch: string;
+  /** The assembled object's SHA-256 (hex) and size: the caller hashed it in order before. */
+  sha256: string;
+  size: number;
+  contentType?: string | undefined;
+  metadata?: Record<string, string> | undefined;
+  signal?: AbortSignal | undefined;
 }
 
 export interface DeleteOptions {
@@ -230,6 +241,36 @@ export class Bucket {
   /** True when `put`/`delete` with `ifMatch` are atomic in this store; otherwise a stat guards them, not race-free. */
   get atomicIfMatch(): boolean {
     return this.driver.atomicIfMatch;
+  }
+
+  /** True when `splice` can be tried: the driver has it, it is not turned off, and the store has not refused it. */
+  get canSplice(): boolean {
+    return this.driver.splice !== undefined && this.driver.spliceable !== false;
+  }
+
+  /**
+   * Replaces `key` with pieces: ranges of the version `ifMatch` names, copied inside the store,
+   * and new bytes (see Driver.splice). The recorded digest is the caller's, who hashed the
+   * assembled bytes in order (ranges read from that same version); every copy is conditional on
+   * it, so a replaced source fails PreconditionFailed, never mixes versions. Undefined, with
+   * nothing written, when the store cannot splice: write the object another way.
+   */
+  async splice(key: string, pieces: readonly SplicePiece[], opts: SpliceOptions): Promise<ObjectInfo | undefined> {
+    validateKey(key, 'splice');
+    const metadata = validateMetadata(opts.metadata, SHA256_META);
+    const contentType = validateContentType(opts.contentType) ?? DEFAULT_CONTENT_TYPE;
+    const sha256 = validateSha256(opts.sha256)!;
+    const total = pieces.reduce((n, p) => n + ('copy' in p ? p.copy.length : p.bytes.length), 0);
+    if (total !== opts.size || pieces.some((p) => 'copy' in p && !(Number.isSafeInteger(p.copy.offset) && p.copy.offset >= 0 && Number.isSafeInteger(p.copy.length) && p.copy.length > 0))) {
+      throw new StorageError(ErrorCode.InvalidInput, `splice pieces do not make ${opts.size} bytes of valid ranges`, { op: 'splice', key });
+    }
+    const splice = this.driver.splice?.bind(this.driver);
+    if (!splice || !this.canSplice) return undefined;
+    return this.guard('splice', key, async () => {
+      if (!this.driver.atomicIfMatch) await this.assertEtag('splice', key, opts.ifMatch, false);
+      const info = await splice(this.prefix + key, pieces, { ifMatch: opts.ifMatch, sha256, size: opts.size, contentType, metadata, signal: opts.signal });
+      return info && this.outside(info);
+    });
   }
 
   /** True when `put` with `ifAbsent` is atomic in this store. */

@@ -1,0 +1,126 @@
+import { createHash } from 'node:crypto';
+import { Writable, type Readable } from 'node:stream';
+import { ErrorCode, StorageError } from '../errors.js';
+import type { Bucket } from '../storage/bucket.js';
+import type { ObjectInfo, SplicePiece } from '../storage/driver.js';
+import { CONTENT_TYPE, GZIP_LEVEL } from './archive.js';
+import type { PlanOp } from './plan.js';
+import { rewriteSegments } from './seek-edit.js';
+import { GZIP_HEADER, type SeekIndex } from './seek-format.js';
+import type { CopiedSegment } from './seek-writer.js';
+
+/**
+ * Archives under this are rewritten by the streaming put: splicing saves at most the archive's
+ * size, a few MiB, and costs a multipart upload and ranged reads to pad its parts.
+ */
+export const SPLICE_MIN_ARCHIVE = 10 << 20;
+/** New bytes a splice holds in memory at most (the dirty segments and the puts' bodies); a larger edit streams. */
+const SPLICE_MAX_NEW = 64 << 20;
+
+/** The store refused to splice (remembered by its driver): the edit is written by the streaming put instead. */
+export class SpliceUnsupported extends Error {}
+
+/** Whether an edit placed by `dirtySegments` should be spliced inside the store rather than streamed to it. */
+export function shouldSplice(bucket: Bucket, current: ObjectInfo, ix: SeekIndex, ops: readonly PlanOp[], groups: Map<number, number>): boolean {
+  if (!bucket.canSplice || current.etag === undefined || current.size < SPLICE_MIN_ARCHIVE) return false;
+  let fresh = 0;
+  for (const [first, last] of groups) for (let i = first; i <= last; i++) fresh += ix.segments[i]!.uLen;
+  for (const o of ops) if (o.op === 'put') fresh += 'bytes' in o.body ? o.body.bytes.length : o.body.size;
+  return fresh <= SPLICE_MAX_NEW;
+}
+
+/**
+ * The new archive as it flows, hashed in order and recorded as pieces: the bytes the writer
+ * copied from the source (told by its onCopy marks) as ranges of the source, merged where they
+ * are contiguous there, the rest kept as new bytes.
+ */
+class PieceRecorder extends Writable {
+  readonly pieces: SplicePiece[] = [];
+  size = 0;
+  private readonly hash = createHash('sha256');
+  private readonly marks: CopiedSegment[] = [];
+  private fresh: Buffer[] = [];
+
+  constructor(private readonly progress: (bytes: number) => void) {
+    super({ highWaterMark: 1 << 20 });
+  }
+
+  /** The next bytes at `copy.at` are the source's at `copy.from`; marks come in output order. */
+  mark(copy: CopiedSegment): void {
+    this.marks.push(copy);
+  }
+
+  get sha256(): string {
+    return this.hash.copy().digest('hex');
+  }
+
+  override _write(chunk: Buffer, _enc: BufferEncoding, cb: (err?: Error | null) => void): void {
+    this.hash.update(chunk);
+    for (let off = 0; off < chunk.length;) {
+      const m = this.marks[0];
+      if (m && this.size >= m.at) {
+        const n = Math.min(chunk.length - off, m.at + m.length - this.size);
+        this.copied(m.from + (this.size - m.at), n);
+        if (this.size + n === m.at + m.length) this.marks.shift();
+        off += n;
+        this.size += n;
+      } else {
+        const n = Math.min(chunk.length - off, m ? m.at - this.size : Infinity);
+        this.fresh.push(chunk.subarray(off, off + n));
+        off += n;
+        this.size += n;
+      }
+    }
+    this.progress(this.size);
+    cb();
+  }
+
+  override _final(cb: (err?: Error | null) => void): void {
+    this.endFresh();
+    cb();
+  }
+
+  private copied(offset: number, length: number): void {
+    this.endFresh();
+    const last = this.pieces.at(-1);
+    if (last && 'copy' in last && last.copy.offset + last.copy.length === offset) last.copy = { offset: last.copy.offset, length: last.copy.length + length };
+    else this.pieces.push({ copy: { offset, length } });
+  }
+
+  private endFresh(): void {
+    if (this.fresh.length === 0) return;
+    this.pieces.push({ bytes: Buffer.concat(this.fresh) });
+    this.fresh = [];
+  }
+}
+
+/**
+ * An edit `dirtySegments` placed, spliced inside the store: the stored archive is read once (its
+ * whole digest and each segment's checked, as the streaming edit does) to hash the new archive
+ * in order, which the store needs in the metadata before the first part; then the store
+ * assembles it from its own unchanged ranges and the new segments (Bucket.splice). Only the new
+ * bytes, and the old bytes the store's part rules need beside them, are uploaded. The source's
+ * etag conditions every copied range, so a source replaced meanwhile fails PreconditionFailed.
+ * Throws SpliceUnsupported, nothing written, when the store cannot splice.
+ */
+export async function spliceRewrite(bucket: Bucket, key: string, current: { stream: Readable; info: ObjectInfo }, ix: SeekIndex, ops: readonly PlanOp[], mtime: Date, groups: Map<number, number>,
+  opts: { metadata: Record<string, string>; signal: AbortSignal; progress: (bytes: number) => void }): Promise<{ info: ObjectInfo; entries: number; reused: number; compressed: number }> {
+  const etag = current.info.etag!;
+  const recorder = new PieceRecorder(opts.progress);
+  // The writer's gzip header is copied too where the source has the same one (ours always do).
+  if ((await sourceHead(bucket, key, etag, opts.signal).catch((err: unknown) => { current.stream.destroy(); throw err; })).equals(GZIP_HEADER)) {
+    recorder.mark({ at: 0, from: 0, length: GZIP_HEADER.length });
+  }
+  const rewrote = await rewriteSegments(current.stream, ix, key, ops, mtime, groups, recorder, GZIP_LEVEL, opts.signal, (c) => recorder.mark(c));
+  const info = await bucket.splice(key, recorder.pieces, { ifMatch: etag, sha256: recorder.sha256, size: recorder.size, contentType: CONTENT_TYPE, metadata: opts.metadata, signal: opts.signal });
+  if (!info) throw new SpliceUnsupported('the store cannot splice');
+  return { info, ...rewrote };
+}
+
+async function sourceHead(bucket: Bucket, key: string, etag: string, signal: AbortSignal): Promise<Buffer> {
+  const got = await bucket.get(key, { range: { start: 0, end: GZIP_HEADER.length - 1 }, signal });
+  const parts: Buffer[] = [];
+  for await (const c of got.stream) parts.push(c as Buffer);
+  if (got.info.etag !== etag) throw new StorageError(ErrorCode.PreconditionFailed, 'the archive was replaced while it was read', { op: 'repack', key });
+  return Buffer.concat(parts);
+}

@@ -25,8 +25,12 @@ const require = createRequire(import.meta.url);
  *   object, and a range of an empty object announces a byte it never sends; S3 answers 416 there.
  * - UploadPartCopy: s3rver answers NotImplemented. Here a part is copied from the source's range,
  *   refused with 412 when x-amz-copy-source-if-match no longer matches the source, as S3 does.
+ *   `uploadPartCopy: false` leaves s3rver's NotImplemented, for the fallbacks that meet it.
+ * And one addition, no fix: `GET /__shim/stats` answers the request bodies uploaded so far
+ * (PutObject and UploadPart, by their declared length) and the parts copied, so tests and the
+ * bench can count what a worker sent.
  */
-const S3RVER_SHIM = (storePath: string, binPath: string, objectCtrlPath: string, errorPath: string) => `'use strict';
+const S3RVER_SHIM = (storePath: string, binPath: string, objectCtrlPath: string, errorPath: string, uploadPartCopy: boolean) => `'use strict';
 const crypto = require('node:crypto');
 const fs = require('node:fs');
 const path = require('node:path');
@@ -100,8 +104,18 @@ Store.prototype.getObject = async function (bucket, key, options) {
 // the header is renamed on arrival so the request reaches uploadPart below.
 const http = require('node:http');
 const emit = http.Server.prototype.emit;
+const stats = { uploadedBytes: 0, copiedParts: 0 };
 http.Server.prototype.emit = function (event, req, ...rest) {
-  if (event === 'request' && req.headers['x-amz-copy-source'] && /[?&]uploadId=/.test(req.url)) {
+  if (event === 'request' && req.url === '/__shim/stats') {
+    rest[0].setHeader('content-type', 'application/json');
+    rest[0].end(JSON.stringify(stats));
+    return true;
+  }
+  if (event === 'request' && req.method === 'PUT') {
+    if (req.headers['x-amz-copy-source']) stats.copiedParts += /[?&]uploadId=/.test(req.url) ? 1 : 0;
+    else stats.uploadedBytes += Number(req.headers['x-amz-decoded-content-length'] || req.headers['content-length'] || 0);
+  }
+  if (${uploadPartCopy} && event === 'request' && req.headers['x-amz-copy-source'] && /[?&]uploadId=/.test(req.url)) {
     req.headers['x-shim-copy-source'] = req.headers['x-amz-copy-source'];
     delete req.headers['x-amz-copy-source'];
   }
@@ -134,6 +148,8 @@ require(${JSON.stringify(binPath)});
 export interface S3rver {
   /** `http://127.0.0.1:<port>`, for path-style requests. */
   endpoint: string;
+  /** Request bodies uploaded so far (PutObject and UploadPart, all buckets), and UploadPartCopy parts. */
+  stats(): Promise<{ uploadedBytes: number; copiedParts: number }>;
   server: ServerProcess;
   /** A raw client on the server, for setup behind the driver's back. */
   client: S3Client;
@@ -146,8 +162,11 @@ export interface S3rver {
   stop(): Promise<void>;
 }
 
-/** Starts s3rver as a child process on a free loopback port, storing in a temp dir. */
-export async function startS3rver(): Promise<S3rver> {
+/**
+ * Starts s3rver as a child process on a free loopback port, storing in a temp dir. With
+ * `uploadPartCopy: false` it answers UploadPartCopy NotImplemented, as plain s3rver does.
+ */
+export async function startS3rver(opts: { uploadPartCopy?: boolean } = {}): Promise<S3rver> {
   const port = await freePort();
   const dir = await tempDir('stevedore-s3rver-');
   let server: ServerProcess;
@@ -155,7 +174,7 @@ export async function startS3rver(): Promise<S3rver> {
     const shim = join(dir.path, 's3rver-fixed.cjs');
     await writeFile(shim, S3RVER_SHIM(
       require.resolve('s3rver/lib/stores/filesystem.js'), require.resolve('s3rver/bin/s3rver.js'),
-      require.resolve('s3rver/lib/controllers/object.js'), require.resolve('s3rver/lib/models/error.js'),
+      require.resolve('s3rver/lib/controllers/object.js'), require.resolve('s3rver/lib/models/error.js'), opts.uploadPartCopy ?? true,
     ));
     await mkdir(join(dir.path, 'data'));
     server = await startServerProcess({
@@ -183,6 +202,10 @@ export async function startS3rver(): Promise<S3rver> {
   });
   return {
     endpoint,
+    async stats() {
+      const res = await fetch(`${endpoint}/__shim/stats`);
+      return (await res.json()) as { uploadedBytes: number; copiedParts: number };
+    },
     server,
     client,
     dataDir: join(dir.path, 'data'),

@@ -1,0 +1,203 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Writable } from 'node:stream';
+import { GetObjectCommand, HeadObjectCommand, PutObjectCommand } from '@aws-sdk/client-s3';
+import type { Redis } from 'ioredis';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { RepackPayload, repackSession } from '../../jobs/repack-session.js';
+import { S3Driver } from '../../src/backends/s3.js';
+import { parsePayload } from '../../src/payload.js';
+import { redisConnection } from '../../src/queue/connection.js';
+import { Bucket } from '../../src/storage/bucket.js';
+import { SHA256_META } from '../../src/storage/driver.js';
+import { sessionKey } from '../../src/session/ids.js';
+import { catSession } from '../../src/session/read.js';
+import { run } from '../archive/corpus.js';
+import { overrideDriver } from '../fixtures/override-driver.js';
+import { tempDir } from '../harness/process.js';
+import { startRedis, type TestRedis } from '../harness/redis.js';
+import { startS3rver, type S3rver } from '../harness/s3.js';
+import { jobDeps, plain, readEveryWay } from './helpers.js';
+
+const MiB = 1024 * 1024;
+const sha = (b: string | Buffer): string => createHash('sha256').update(b).digest('hex');
+const EDITED = 'm/pkg-10/mod-3.txt';
+
+// Edits of a ~30 MB seekable session on s3rver, whose shim (test/harness/s3.ts) has
+// UploadPartCopy with source ranges and counts the bytes each request uploads.
+describe('server-side splicing of session edits (S3)', () => {
+  let redis: TestRedis;
+  let conn: Redis;
+  let s3: S3rver;
+  let plainS3: S3rver;
+  let tmp: Awaited<ReturnType<typeof tempDir>>;
+  let staging: string;
+  let bucketName: string;
+  /** The converted session's archive: its bytes on disk, and the session every test copies. */
+  let seekable: string;
+  let archiveSize: number;
+  const base = 'splice__repo__base';
+  let n = 0;
+
+  const newBucket = (server: S3rver, name: string, extra: Partial<ConstructorParameters<typeof S3Driver>[0]> = {}): Bucket =>
+    new Bucket(new S3Driver({ ...server.driverOptions(name), ...extra }), { name: 's3' });
+  const repack = (bucket: Bucket, session: string, ops: unknown[]) =>
+    repackSession(parsePayload(RepackPayload, { session, ops }), jobDeps(bucket, conn, staging, { jobId: `s${++n}`, enqueuedAt: Date.parse('2026-12-03T10:00:00Z') + n }));
+  const cat = async (bucket: Bucket, session: string, path: string): Promise<string> => {
+    const parts: Buffer[] = [];
+    await catSession(bucket, session, path, new Writable({ write: (c: Buffer, _e, cb) => { parts.push(c); cb(); } }));
+    return Buffer.concat(parts).toString('utf8');
+  };
+  /** The stored object's bytes, written to `file`; its recorded digest. */
+  const download = async (server: S3rver, bucket: string, session: string, file: string): Promise<string | undefined> => {
+    const res = await server.client.send(new GetObjectCommand({ Bucket: bucket, Key: sessionKey(session) }));
+    await writeFile(file, Buffer.from(await res.Body!.transformToByteArray()));
+    return res.Metadata?.[SHA256_META];
+  };
+  /** A copy of the converted session under a new id. */
+  const fresh = async (bucket: Bucket): Promise<string> => {
+    const s = `splice__repo__s${++n}`;
+    await bucket.put(sessionKey(s), { path: seekable });
+    return s;
+  };
+
+  beforeAll(async () => {
+    [redis, s3, plainS3, tmp] = await Promise.all([startRedis(), startS3rver(), startS3rver({ uploadPartCopy: false }), tempDir('stevedore-splice-')]);
+    conn = redisConnection(redis.url, 'worker');
+    staging = join(tmp.path, 'staging');
+    await mkdir(staging, { recursive: true });
+    bucketName = await s3.bucket();
+    // 600 text files between incompressible binaries: an edit in the middle has megabytes of
+    // untouched segments on both sides.
+    const src = join(tmp.path, 'src');
+    await mkdir(join(src, 'a'), { recursive: true });
+    await mkdir(join(src, 'z'), { recursive: true });
+    await writeFile(join(src, 'a/blob-0.bin'), randomBytes(9 * MiB));
+    await writeFile(join(src, 'a/blob-1.bin'), randomBytes(5 * MiB));
+    for (let d = 0; d < 30; d++) {
+      await mkdir(join(src, `m/pkg-${d}`), { recursive: true });
+      for (let f = 0; f < 20; f++) await writeFile(join(src, `m/pkg-${d}/mod-${f}.txt`), `${d}/${f}\n${randomBytes(1500).toString('base64')}\n`);
+    }
+    await writeFile(join(src, 'z/blob-2.bin'), randomBytes(9 * MiB));
+    await writeFile(join(src, 'z/blob-3.bin'), randomBytes(6 * MiB));
+    const gnu = join(tmp.path, 'gnu.tgz');
+    await run('tar', ['--sort=name', '-czf', gnu, '-C', src, '.']);
+    // The first repack converts it (streamed: it has no index yet).
+    const bucket = newBucket(s3, bucketName);
+    await bucket.put(sessionKey(base), { path: gnu });
+    await repack(bucket, base, [{ op: 'put', path: 'NOTES.md', text: 'converted\n' }]);
+    seekable = join(tmp.path, 'seekable.tgz');
+    await download(s3, bucketName, base, seekable);
+    archiveSize = (await readFile(seekable)).length;
+  }, 120_000);
+  afterAll(async () => {
+    await conn?.quit();
+    await Promise.all([redis?.stop(), s3?.stop(), plainS3?.stop()]);
+    await tmp?.remove();
+  });
+
+  it('a one-file edit uploads under 3 x 5 MiB plus the file, and every reader reads the archive as before plus the edit', async () => {
+    expect(archiveSize).toBeGreaterThan(28 * MiB);
+    const bucket = newBucket(s3, bucketName);
+    const s = await fresh(bucket);
+    const text = `edited\n${randomBytes(20_000).toString('hex')}\n`;
+    const before = await s3.stats();
+    const result = await repack(bucket, s, [{ op: 'put', path: EDITED, text }]);
+    const after = await s3.stats();
+    const uploaded = after.uploadedBytes - before.uploadedBytes;
+    expect(uploaded).toBeLessThanOrEqual(3 * 5 * MiB + text.length);
+    // The untouched bytes were copied inside the store: at least one part on each side of the edit.
+    expect(after.copiedParts - before.copiedParts).toBeGreaterThanOrEqual(2);
+
+    const file = join(tmp.path, `${s}.tgz`);
+    const recorded = await download(s3, bucketName, s, file);
+    const bytes = await readFile(file);
+    expect(recorded).toBe(sha(bytes));
+    expect(result.sha256).toBe(sha(bytes));
+    expect(result.size).toBe(bytes.length);
+    expect((await bucket.stat(sessionKey(s))).sha256).toBe(sha(bytes));
+
+    // GNU tar, bsdtar, Python r:gz and r|gz, gzip -t, Node: every member as before but the edited one.
+    const was = await readEveryWay(seekable, join(tmp.path, 'x-before'));
+    const now = await readEveryWay(file, join(tmp.path, 'x-after'));
+    const others = (ms: typeof was.members) => ms.filter((m) => plain(m.name) !== EDITED);
+    expect(others(now.members)).toEqual(others(was.members));
+    expect(now.members.map((m) => m.name)).toEqual(was.members.map((m) => m.name));
+    const edited = now.members.find((m) => plain(m.name) === EDITED)!;
+    expect({ size: edited.size, sha256: edited.sha256 }).toEqual({ size: text.length, sha256: sha(text) });
+    expect(await cat(bucket, s, EDITED)).toBe(text);
+    expect(await cat(bucket, s, 'm/pkg-29/mod-19.txt')).toBe(await readFile(join(tmp.path, 'x-after/gnu/m/pkg-29/mod-19.txt'), 'utf8'));
+
+    // A spliced archive splices again: another file, elsewhere.
+    const second = await s3.stats();
+    await repack(bucket, s, [{ op: 'put', path: 'm/pkg-2/mod-7.txt', text: 'second\n' }]);
+    expect((await s3.stats()).uploadedBytes - second.uploadedBytes).toBeLessThanOrEqual(3 * 5 * MiB + 7);
+    expect(await cat(bucket, s, 'm/pkg-2/mod-7.txt')).toBe('second\n');
+    expect(await cat(bucket, s, EDITED)).toBe(text);
+    const again = join(tmp.path, `${s}-2.tgz`);
+    expect(await download(s3, bucketName, s, again)).toBe(sha(await readFile(again)));
+  }, 120_000);
+
+  it('a source replaced between the read and the splice fails the copy, and the edit is applied again on the new archive', async () => {
+    const plainBucket = newBucket(s3, bucketName);
+    const s = await fresh(plainBucket);
+    // The replacement: the same session with another file edited, by another writer.
+    const other = await fresh(plainBucket);
+    await repack(plainBucket, other, [{ op: 'put', path: 'm/pkg-20/mod-1.txt', text: 'the other writer\n' }]);
+    const replacement = await s3.client.send(new GetObjectCommand({ Bucket: bucketName, Key: sessionKey(other) }));
+    const replacementBytes = Buffer.from(await replacement.Body!.transformToByteArray());
+    const driver = new S3Driver(s3.driverOptions(bucketName));
+    let splices = 0;
+    const racing = overrideDriver(driver, {
+      splice: async (key, pieces, opts) => {
+        if (++splices === 1) {
+          // Behind the lock's back (a writer without it), after the stat and before the first part.
+          await s3.client.send(new PutObjectCommand({ Bucket: bucketName, Key: key, Body: replacementBytes, Metadata: replacement.Metadata, ContentType: replacement.ContentType }));
+        }
+        return driver.splice(key, pieces, opts);
+      },
+    });
+    const bucket = new Bucket(racing, { name: 's3' });
+    const result = await repack(bucket, s, [{ op: 'put', path: EDITED, text: 'mine\n' }]);
+    expect(splices).toBe(2);
+    expect(await cat(bucket, s, EDITED)).toBe('mine\n');
+    expect(await cat(bucket, s, 'm/pkg-20/mod-1.txt')).toBe('the other writer\n');
+    const file = join(tmp.path, `${s}.tgz`);
+    expect(await download(s3, bucketName, s, file)).toBe(sha(await readFile(file)));
+    expect(result.sha256).toBe(sha(await readFile(file)));
+  }, 120_000);
+
+  it('splice=0, and a store without UploadPartCopy (remembered), take the streaming put', async () => {
+    const off = newBucket(s3, bucketName, { splice: false });
+    expect(off.canSplice).toBe(false);
+    const s = await fresh(off);
+    const before = await s3.stats();
+    await repack(off, s, [{ op: 'put', path: EDITED, text: 'off\n' }]);
+    const after = await s3.stats();
+    expect(after.copiedParts).toBe(before.copiedParts);
+    expect(after.uploadedBytes - before.uploadedBytes).toBeGreaterThan(archiveSize - MiB);
+    expect(await cat(off, s, EDITED)).toBe('off\n');
+
+    const name = await plainS3.bucket();
+    const bucket = newBucket(plainS3, name);
+    expect(bucket.canSplice).toBe(true);
+    const t = `splice__repo__plain${++n}`;
+    await bucket.put(sessionKey(t), { path: seekable });
+    const p0 = await plainS3.stats();
+    await repack(bucket, t, [{ op: 'put', path: EDITED, text: 'plain\n' }]);
+    const p1 = await plainS3.stats();
+    // It tried (NotImplemented), then streamed the whole archive; the driver remembers.
+    expect(p1.copiedParts - p0.copiedParts).toBeGreaterThanOrEqual(1);
+    expect(p1.uploadedBytes - p0.uploadedBytes).toBeGreaterThan(archiveSize - MiB);
+    expect(bucket.canSplice).toBe(false);
+    expect(await cat(bucket, t, EDITED)).toBe('plain\n');
+    await repack(bucket, t, [{ op: 'put', path: EDITED, text: 'plain again\n' }]);
+    expect((await plainS3.stats()).copiedParts).toBe(p1.copiedParts);
+    expect(await cat(bucket, t, EDITED)).toBe('plain again\n');
+    const head = await plainS3.client.send(new HeadObjectCommand({ Bucket: name, Key: sessionKey(t) }));
+    const file = join(tmp.path, `${t}.tgz`);
+    await download(plainS3, name, t, file);
+    expect(head.Metadata?.[SHA256_META]).toBe(sha(await readFile(file)));
+  }, 120_000);
+});

@@ -288,6 +288,9 @@ if (process.argv.includes('--migrate')) {
 } else if (process.argv.includes('--server')) {
   // `npm run bench -- --server`: only the HTTP server section (bench/server.ts).
   process.stdout.write(`${await (await import('./server.js')).serverBench()}\n`);
+} else if (process.argv.includes('--session-s3')) {
+  // `npm run bench -- --session-s3`: only the S3 one-file edits of the session section, spliced and streamed.
+  process.stdout.write(`${await sessionBench({ fs: false })}\n`);
 } else if (process.argv.includes('--session')) {
   // `npm run bench -- --session`: only the session archive section (bench/session.ts).
   process.stdout.write(`${await sessionBench()}\n`);

@@ -7,17 +7,22 @@ import { ErrorCode, StorageError } from '../errors.js';
 import type { DriverSpliceOptions, ObjectInfo, SplicePiece } from '../storage/driver.js';
 import { SHA256_META } from '../storage/driver.js';
 import { inLanes } from '../storage/lanes.js';
-import { MAX_COPY_OBJECT } from './s3-copy.js';
 import { MAX_PARTS, MIN_PART_SIZE, type UploadTarget } from './s3-upload.js';
 
 /** One part of a spliced upload: a range copied inside the store, or bytes sent (new ones and old ones read to pad them). */
 export type SplicePart = { copy: { offset: number; length: number } } | { upload: SplicePiece[]; length: number };
 
+/**
+ * Copied runs go as parts of at most this, so the store copies a long run several parts at once
+ * (queueSize) rather than in one request; S3's own limit is 5 GiB a part.
+ */
+const COPY_PART = 64 * 1024 * 1024;
+
 const pieceLength = (p: SplicePiece): number => ('copy' in p ? p.copy.length : p.bytes.length);
 
 /**
  * The parts S3's rules allow for `pieces`: every part but the last at least 5 MiB, a copied part
- * at most 5 GiB. A copied run of 5 MiB or more becomes UploadPartCopy parts; new bytes are
+ * at most 64 MiB (COPY_PART). A copied run of 5 MiB or more becomes UploadPartCopy parts; new bytes are
  * padded up to 5 MiB with the old bytes that follow them (read and sent, never copied: a copy
  * cannot share a part with sent bytes), and a copied run too short to stand as a part is sent
  * with its neighbours. So each stretch of new bytes costs at most 5 MiB more than itself, plus
@@ -84,7 +89,7 @@ export function planSplice(pieces: readonly SplicePiece[], partSize: number): Sp
       continue;
     }
     flush();
-    const count = Math.ceil(length / MAX_COPY_OBJECT);
+    const count = Math.ceil(length / COPY_PART);
     for (let i = 0, at = offset; i < count; i++) {
       const n = Math.floor(length / count) + (i < length % count ? 1 : 0);
       parts.push({ copy: { offset: at, length: n } });

@@ -168,6 +168,25 @@ describe('server-side splicing of session edits (S3)', () => {
     expect(result.sha256).toBe(sha(await readFile(file)));
   }, 120_000);
 
+  it('concurrent spliced edits of one session keep every edit; a redelivered job splices nothing', async () => {
+    const bucket = newBucket(s3, bucketName);
+    const s = await fresh(bucket);
+    const before = await s3.stats();
+    const paths = [0, 5, 11, 17, 23, 29].map((d) => `m/pkg-${d}/mod-${d % 20}.txt`);
+    const deps = paths.map((_, i) => jobDeps(bucket, conn, staging, { jobId: `c${i}`, enqueuedAt: Date.parse('2026-12-03T11:00:00Z') + i }));
+    await Promise.all(paths.map((path, i) => repackSession(parsePayload(RepackPayload, { session: s, ops: [{ op: 'put', path, text: `edit ${i}\n` }] }), deps[i]!)));
+    const after = await s3.stats();
+    // Serialised by the session's lock, each one spliced: copied parts on both sides of every edit.
+    expect(after.uploadedBytes - before.uploadedBytes).toBeLessThanOrEqual(paths.length * (3 * 5 * MiB + 10));
+    expect(after.copiedParts - before.copiedParts).toBeGreaterThanOrEqual(2 * paths.length);
+    for (const [i, path] of paths.entries()) expect(await cat(bucket, s, path)).toBe(`edit ${i}\n`);
+    const again = await repackSession(parsePayload(RepackPayload, { session: s, ops: [{ op: 'put', path: paths.at(-1)!, text: 'edit 5\n' }] }), deps.at(-1)!);
+    expect((await s3.stats()).uploadedBytes).toBe(after.uploadedBytes);
+    const file = join(tmp.path, `${s}.tgz`);
+    expect(await download(s3, bucketName, s, file)).toBe(sha(await readFile(file)));
+    expect(again.sha256).toBe(sha(await readFile(file)));
+  }, 120_000);
+
   it('splice=0, and a store without UploadPartCopy (remembered), take the streaming put', async () => {
     const off = newBucket(s3, bucketName, { splice: false });
     expect(off.canSplice).toBe(false);

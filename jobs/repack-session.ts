@@ -171,7 +171,7 @@ async function attempt(bucket: Bucket, key: string, plan: EditPlan, spool: Reado
   const groups = view && current ? dirtySegments(plan.ops, view.index) : undefined;
   if (splice && groups && current && view && shouldSplice(bucket, current.info, view.index, plan.ops, groups)) {
     try {
-      const r = await spliceRewrite(bucket, key, current, view.index, plan.ops, plan.mtime, groups, { metadata, signal, progress: d.progress });
+      const r = await spliceRewrite(bucket, key, current, view.index, plan.ops, plan.mtime, groups, { metadata, signal, progress: d.progress, warn: (msg, err) => d.log.warn({ key, err }, msg) });
       d.log.info({ key, reused: r.reused, compressed: r.compressed }, 'session segments spliced in the store and compressed');
       return { key, size: r.info.size, sha256: r.info.sha256!, entries: r.entries, missing: [] };
     } catch (err) {

@@ -1,10 +1,11 @@
 import {
-  AbortMultipartUploadCommand, CompleteMultipartUploadCommand, CreateMultipartUploadCommand, GetObjectCommand, UploadPartCommand,
-  UploadPartCopyCommand,
+  AbortMultipartUploadCommand, CompleteMultipartUploadCommand, CreateMultipartUploadCommand, GetObjectCommand, HeadObjectCommand,
+  UploadPartCommand, UploadPartCopyCommand,
 } from '@aws-sdk/client-s3';
+import { createHash } from 'node:crypto';
 import { Readable } from 'node:stream';
 import { ErrorCode, StorageError } from '../errors.js';
-import type { DriverSpliceOptions, ObjectInfo, SplicePiece } from '../storage/driver.js';
+import type { CheckedRange, DriverSpliceOptions, ObjectInfo, SplicePiece } from '../storage/driver.js';
 import { SHA256_META } from '../storage/driver.js';
 import { inLanes } from '../storage/lanes.js';
 import { MAX_PARTS, MIN_PART_SIZE, type UploadTarget } from './s3-upload.js';
@@ -26,9 +27,10 @@ const pieceLength = (p: SplicePiece): number => ('copy' in p ? p.copy.length : p
  * padded up to 5 MiB with the old bytes that follow them (read and sent, never copied: a copy
  * cannot share a part with sent bytes), and a copied run too short to stand as a part is sent
  * with its neighbours. So each stretch of new bytes costs at most 5 MiB more than itself, plus
- * the tail of the run after it when that tail is under 5 MiB.
+ * the tail of the run after it when that tail is under 5 MiB. Undefined when that takes more
+ * than S3's 10,000 parts: such an object is written whole.
  */
-export function planSplice(pieces: readonly SplicePiece[], partSize: number): SplicePart[] {
+export function planSplice(pieces: readonly SplicePiece[], partSize: number): SplicePart[] | undefined {
   const parts: SplicePart[] = [];
   let pending: SplicePiece[] = [];
   let pendingLen = 0;
@@ -97,8 +99,7 @@ export function planSplice(pieces: readonly SplicePiece[], partSize: number): Sp
     }
   }
   flush();
-  if (parts.length > MAX_PARTS) throw new StorageError(ErrorCode.InvalidInput, `a splice of ${parts.length} parts is over S3's ${MAX_PARTS}`, { op: 'splice' });
-  return parts;
+  return parts.length > MAX_PARTS ? undefined : parts;
 }
 
 /** The store answered that it has no UploadPartCopy (s3rver: 501 NotImplemented). */
@@ -107,26 +108,103 @@ function notImplemented(err: unknown): boolean {
   return e?.name === 'NotImplemented' || e?.Code === 'NotImplemented' || e?.$metadata?.httpStatusCode === 501;
 }
 
+/** The source is gone (deleted meanwhile): for the caller that is a replaced version, not a missing object. */
+function missing(err: unknown): boolean {
+  const e = err as { name?: unknown; Code?: unknown; $metadata?: { httpStatusCode?: number } } | null;
+  return e?.name === 'NoSuchKey' || e?.Code === 'NoSuchKey' || e?.name === 'NotFound' || e?.$metadata?.httpStatusCode === 404;
+}
+
 const unquote = (etag: string | undefined): string => (etag ?? '').replace(/"/g, '');
 
 /**
- * Replaces `key` by a multipart upload of the parts planSplice gives: copied parts are
- * UploadPartCopy of the current version's ranges, each conditional on its ETag; sent parts are
- * assembled from the new bytes and ranged GETs of that same version (If-Match, and the answer's
- * ETag compared, for stores that ignore the header). The upload starts with the caller's digest
- * in its metadata and completes with If-Match where the store enforces it. Undefined, the upload
- * aborted, when the store has no UploadPartCopy. A failed or aborted splice aborts its upload
- * (best effort: s3rver has no abort, and lifecycle rules reap what is left).
+ * The checked ranges that together cover `[offset, offset + length)`, in order: a padding read
+ * fetches them whole so each is checked against the digest the first read checked.
  */
-export async function spliceObject(t: UploadTarget, key: string, pieces: readonly SplicePiece[], opts: DriverSpliceOptions): Promise<ObjectInfo | undefined> {
+function covering(checked: readonly CheckedRange[], offset: number, length: number): CheckedRange[] | undefined {
+  let lo = 0;
+  for (let hi = checked.length; lo < hi;) {
+    const mid = (lo + hi) >> 1;
+    if (checked[mid]!.offset + checked[mid]!.length <= offset) lo = mid + 1;
+    else hi = mid;
+  }
+  const out: CheckedRange[] = [];
+  for (let at = offset, i = lo; at < offset + length; i++) {
+    const r = checked[i];
+    if (!r || r.offset > at) return undefined;
+    out.push(r);
+    at = r.offset + r.length;
+  }
+  return out;
+}
+
+/**
+ * Replaces `key` by a multipart upload of `parts` (planSplice): copied parts are UploadPartCopy
+ * of the current version's ranges, each conditional on its ETag; sent parts are assembled from
+ * the new bytes and ranged GETs of that same version (If-Match, and the answer's ETag compared,
+ * for stores that ignore the header), each GET widened to whole `checked` ranges and each of
+ * those checked against its digest, so the old bytes sent are those the caller hashed. The
+ * upload starts with the caller's digest in its metadata and completes once the parts add up to
+ * `size`, with If-Match where the store enforces it, else after a stat. Undefined, the upload
+ * aborted, when the store has no UploadPartCopy. A source replaced or deleted meanwhile fails
+ * PreconditionFailed. A failed splice aborts its upload (best effort: s3rver has no abort, and
+ * lifecycle rules reap what is left; a failed abort is told to `opts.warn`).
+ */
+export async function spliceObject(t: UploadTarget, key: string, parts: readonly SplicePart[], opts: DriverSpliceOptions): Promise<ObjectInfo | undefined> {
   const { client, bucket } = t;
   const signal = opts.signal;
-  const parts = planSplice(pieces, t.partSize);
   const copySource = `${bucket}/${key.split('/').map(encodeURIComponent).join('/')}`;
-  const replaced = (): StorageError => new StorageError(ErrorCode.PreconditionFailed, `object changed while it was spliced (expected etag ${opts.ifMatch})`, { op: 'splice', key });
-  const { UploadId } = await client.send(new CreateMultipartUploadCommand({
+  const replaced = (cause?: unknown): StorageError => new StorageError(ErrorCode.PreconditionFailed, `object changed while it was spliced (expected etag ${opts.ifMatch})`, { op: 'splice', key, cause });
+  const total = parts.reduce((n, p) => n + ('copy' in p ? p.copy.length : p.length), 0);
+  if (total !== opts.size) throw new StorageError(ErrorCode.Unknown, `the splice's parts make ${total} bytes, not ${opts.size}`, { op: 'splice', key });
+  /** Old bytes `[offset, offset + length)` into `body` at `at`, read as whole checked ranges and checked. */
+  const readOld = async (offset: number, length: number, body: Buffer, at: number): Promise<void> => {
+    const ranges = covering(opts.checked, offset, length);
+    if (!ranges) throw new StorageError(ErrorCode.Unknown, `old bytes ${offset}+${length} to send have no digest to check them by`, { op: 'splice', key });
+    const first = ranges[0]!.offset;
+    const last = ranges.at(-1)!;
+    const res = await client.send(new GetObjectCommand({
+      Bucket: bucket, Key: key, IfMatch: opts.ifMatch, Range: `bytes=${first}-${last.offset + last.length - 1}`,
+    }), { abortSignal: signal });
+    if (!(res.Body instanceof Readable)) throw new StorageError(ErrorCode.Unknown, 'S3 GetObject returned no Node stream', { op: 'splice', key });
+    if (unquote(res.ETag) !== unquote(opts.ifMatch)) {
+      res.Body.destroy();
+      throw replaced();
+    }
+    let pos = first;
+    let r = 0;
+    let hash = createHash('sha256');
+    for await (const chunk of res.Body as AsyncIterable<Buffer>) {
+      for (let off = 0; off < chunk.length;) {
+        const range = ranges[r];
+        if (!range) throw new StorageError(ErrorCode.Transient, 'a ranged read returned more than its range', { op: 'splice', key });
+        const n = Math.min(chunk.length - off, range.offset + range.length - pos);
+        const piece = chunk.subarray(off, off + n);
+        hash.update(piece);
+        // The part of the piece inside the wanted bytes.
+        const from = Math.max(pos, offset);
+        const to = Math.min(pos + n, offset + length);
+        if (from < to) piece.copy(body, at + from - offset, from - pos, to - pos);
+        pos += n;
+        off += n;
+        if (pos === range.offset + range.length) {
+          if (hash.digest('hex') !== range.sha256) {
+            throw new StorageError(ErrorCode.ChecksumMismatch, `old bytes ${range.offset}+${range.length} read to pad a part differ from those hashed before`, { op: 'splice', key });
+          }
+          hash = createHash('sha256');
+          r++;
+        }
+      }
+    }
+    if (r !== ranges.length) throw new StorageError(ErrorCode.Transient, 'a ranged read ended early', { op: 'splice', key });
+  };
+  const created = await client.send(new CreateMultipartUploadCommand({
     Bucket: bucket, Key: key, ContentType: opts.contentType, Metadata: { ...opts.metadata, [SHA256_META]: opts.sha256 },
-  }), { abortSignal: signal });
+  }), { abortSignal: signal }).catch((err: unknown) => {
+    if (notImplemented(err)) return undefined;
+    throw err;
+  });
+  if (!created) return undefined;
+  const { UploadId } = created;
   let etag: string | undefined;
   try {
     const etags: string[] = [];
@@ -147,24 +225,11 @@ export async function spliceObject(t: UploadTarget, key: string, pieces: readonl
       const body = Buffer.allocUnsafe(part.length);
       let at = 0;
       for (const p of part.upload) {
-        if ('bytes' in p) {
-          at += p.bytes.copy(body, at);
-          continue;
+        if ('bytes' in p) at += p.bytes.copy(body, at);
+        else {
+          await readOld(p.copy.offset, p.copy.length, body, at);
+          at += p.copy.length;
         }
-        const res = await client.send(new GetObjectCommand({
-          Bucket: bucket, Key: key, IfMatch: opts.ifMatch, Range: `bytes=${p.copy.offset}-${p.copy.offset + p.copy.length - 1}`,
-        }), { abortSignal: signal });
-        if (!(res.Body instanceof Readable)) throw new Error('S3 GetObject returned no Node stream');
-        if (unquote(res.ETag) !== unquote(opts.ifMatch)) {
-          res.Body.destroy();
-          throw replaced();
-        }
-        const end = at + p.copy.length;
-        for await (const chunk of res.Body as AsyncIterable<Buffer>) {
-          if (at + chunk.length > end) throw new StorageError(ErrorCode.Transient, 'a ranged read returned more than its range', { op: 'splice', key });
-          at += chunk.copy(body, at);
-        }
-        if (at !== end) throw new StorageError(ErrorCode.Transient, 'a ranged read ended early', { op: 'splice', key });
       }
       return async () => {
         const res = await client.send(new UploadPartCommand({
@@ -175,14 +240,21 @@ export async function spliceObject(t: UploadTarget, key: string, pieces: readonl
     });
     // A job that lost its lock meanwhile must not commit.
     signal?.throwIfAborted();
+    if (!t.conditionalWrites) {
+      // The store would not condition the complete: the version is checked as late as it can be (not race-free).
+      const head = await client.send(new HeadObjectCommand({ Bucket: bucket, Key: key }), { abortSignal: signal });
+      if (unquote(head.ETag) !== unquote(opts.ifMatch)) throw replaced();
+    }
     etag = (await client.send(new CompleteMultipartUploadCommand({
       Bucket: bucket, Key: key, UploadId, IfMatch: t.conditionalWrites ? opts.ifMatch : undefined,
       MultipartUpload: { Parts: etags.map((ETag, i) => ({ ETag, PartNumber: i + 1 })) },
     }), { abortSignal: signal })).ETag;
   } catch (err) {
-    const aborting = client.send(new AbortMultipartUploadCommand({ Bucket: bucket, Key: key, UploadId }), { abortSignal: AbortSignal.timeout(10_000) }).catch(() => {});
+    const aborting = client.send(new AbortMultipartUploadCommand({ Bucket: bucket, Key: key, UploadId }), { abortSignal: AbortSignal.timeout(10_000) })
+      .catch((abortErr: unknown) => { if (!notImplemented(abortErr)) opts.warn?.('a failed splice could not abort its multipart upload (a lifecycle rule reaps its parts)', abortErr); });
     if (!signal?.aborted) await aborting;
     if (notImplemented(err)) return undefined;
+    if (missing(err)) throw replaced(err);
     throw err;
   }
   return {

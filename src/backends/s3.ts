@@ -8,7 +8,7 @@ import { backendUrl } from './url-params.js';
 import type { ByteRange, Driver, DriverDeleteOptions, DriverGetResult, DriverPutOptions, DriverSpliceOptions, ListPage, ObjectInfo, PutBody, SplicePiece } from '../storage/driver.js';
 import { SHA256_META } from '../storage/driver.js';
 import { MAX_COPY_OBJECT, copyObject } from './s3-copy.js';
-import { spliceObject } from './s3-splice.js';
+import { planSplice, spliceObject } from './s3-splice.js';
 import { MIN_PART_SIZE, uploadObject } from './s3-upload.js';
 
 const MiB = 1024 * 1024;
@@ -223,7 +223,9 @@ export class S3Driver implements Driver {
 
   /** See spliceObject: UploadPartCopy of the unchanged ranges, the new bytes padded to S3's part floor. */
   async splice(key: string, pieces: readonly SplicePiece[], opts: DriverSpliceOptions): Promise<ObjectInfo | undefined> {
-    const info = await spliceObject(this, key, pieces, opts);
+    const parts = planSplice(pieces, this.partSize);
+    if (!parts) return undefined;
+    const info = await spliceObject(this, key, parts, opts);
     if (!info) this.spliceRefused = true;
     return info;
   }

@@ -88,6 +88,13 @@ export interface DriverGetResult {
  */
 export type SplicePiece = { copy: { offset: number; length: number } } | { bytes: Buffer };
 
+/** A range of the version being replaced whose bytes the caller read and checked against this digest. */
+export interface CheckedRange {
+  offset: number;
+  length: number;
+  sha256: string;
+}
+
 export interface DriverSpliceOptions {
   /**
    * The version being replaced, whose ranges `copy` pieces name: each copy is conditional on it
@@ -97,9 +104,17 @@ export interface DriverSpliceOptions {
   /** Digest and size of the assembled object, worked out by the caller before the first request. */
   sha256: string;
   size: number;
+  /**
+   * Ranges of that version the caller hashed (sorted, not overlapping), covering every `copy`
+   * piece: old bytes a driver sends rather than copies are read as whole such ranges and checked
+   * against them, so what it sends is what the digest was computed over.
+   */
+  checked: readonly CheckedRange[];
   contentType: string | undefined;
   metadata: Record<string, string>;
   signal: AbortSignal | undefined;
+  /** Told of a failure that is not the splice's, such as an upload left unaborted. */
+  warn?: ((message: string, err: unknown) => void) | undefined;
 }
 
 export interface ListPage {
@@ -144,8 +159,9 @@ export interface Driver {
    * Replaces `key` with an object assembled from ranges of its current version and new bytes,
    * the ranges copied inside the store (S3 UploadPartCopy): only the new bytes, and what the
    * store's part rules make it pad them with, pass through the worker. Only drivers whose store
-   * has such a copy define it. Resolves undefined, with nothing written, when the store answered
-   * that it cannot; `spliceable` is false from then on.
+   * has such a copy define it. Resolves undefined, with nothing written, when it cannot: the
+   * store answered that it has no such copy (`spliceable` is false from then on), or these pieces
+   * would break the store's limits (S3's 10,000 parts).
    */
   splice?(key: string, pieces: readonly SplicePiece[], opts: DriverSpliceOptions): Promise<ObjectInfo | undefined>;
   /** Whether `splice` is worth calling: false when configured off or once the store refused it. */

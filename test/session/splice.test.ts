@@ -2,7 +2,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
-import { GetObjectCommand, HeadObjectCommand, PutObjectCommand } from '@aws-sdk/client-s3';
+import { GetObjectCommand, HeadObjectCommand } from '@aws-sdk/client-s3';
 import type { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RepackPayload, repackSession } from '../../jobs/repack-session.js';
@@ -10,19 +10,25 @@ import { S3Driver } from '../../src/backends/s3.js';
 import { parsePayload } from '../../src/payload.js';
 import { redisConnection } from '../../src/queue/connection.js';
 import { Bucket } from '../../src/storage/bucket.js';
-import { SHA256_META } from '../../src/storage/driver.js';
+import { SHA256_META, type ObjectInfo } from '../../src/storage/driver.js';
 import { sessionKey } from '../../src/session/ids.js';
 import { catSession } from '../../src/session/read.js';
-import { run } from '../archive/corpus.js';
-import { overrideDriver } from '../fixtures/override-driver.js';
+import type { SeekIndex } from '../../src/session/seek-format.js';
+import { openSeekable, segmentAt } from '../../src/session/seek-read.js';
+import { ErrorCode } from '../../src/errors.js';
+import { shouldSplice } from '../../src/session/seek-splice.js';
+import { members, run } from '../archive/corpus.js';
 import { tempDir } from '../harness/process.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
 import { startS3rver, type S3rver } from '../harness/s3.js';
-import { jobDeps, plain, readEveryWay } from './helpers.js';
+import { jobDeps, nodeMembers, plain, readEveryWay } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const sha = (b: string | Buffer): string => createHash('sha256').update(b).digest('hex');
 const EDITED = 'm/pkg-10/mod-3.txt';
+const OTHER = 'm/pkg-20/mod-1.txt';
+/** A rewritten segment (cut near 256 KiB of tar) compressed, and the index of 600 entries: well under this. */
+const NEW_SEGMENT_AND_INDEX = 512 * 1024;
 
 // Edits of a ~30 MB seekable session on s3rver, whose shim (test/harness/s3.ts) has
 // UploadPartCopy with source ranges and counts the bytes each request uploads.
@@ -60,6 +66,25 @@ describe('server-side splicing of session edits (S3)', () => {
     const s = `splice__repo__s${++n}`;
     await bucket.put(sessionKey(s), { path: seekable });
     return s;
+  };
+
+  /** Another writer's version of the session: the converted one with another file edited (made once). */
+  let other: string | undefined;
+  const otherWriter = async (): Promise<string> => {
+    if (other) return other;
+    const bucket = newBucket(s3, bucketName);
+    const o = await fresh(bucket);
+    await repack(bucket, o, [{ op: 'put', path: OTHER, text: 'the other writer\n' }]);
+    other = o;
+    return o;
+  };
+  /** The session holds this job's edit and the other writer's, and the digests check out. */
+  const expectBothEdits = async (bucket: Bucket, s: string, result: { sha256: string }): Promise<void> => {
+    expect(await cat(bucket, s, EDITED)).toBe('mine\n');
+    expect(await cat(bucket, s, OTHER)).toBe('the other writer\n');
+    const file = join(tmp.path, `${s}.tgz`);
+    expect(await download(s3, bucketName, s, file)).toBe(result.sha256);
+    expect(sha(await readFile(file))).toBe(result.sha256);
   };
 
   beforeAll(async () => {
@@ -106,7 +131,8 @@ describe('server-side splicing of session edits (S3)', () => {
     const result = await repack(bucket, s, [{ op: 'put', path: EDITED, text }]);
     const after = await s3.stats();
     const uploaded = after.uploadedBytes - before.uploadedBytes;
-    expect(uploaded).toBeLessThanOrEqual(3 * 5 * MiB + text.length);
+    // The README's bound: the new segment and the index, plus at most 2 x 5 MiB of old bytes beside them.
+    expect(uploaded).toBeLessThanOrEqual(2 * 5 * MiB + text.length + NEW_SEGMENT_AND_INDEX);
     // The untouched bytes were copied inside the store: at least one part on each side of the edit.
     expect(after.copiedParts - before.copiedParts).toBeGreaterThanOrEqual(2);
 
@@ -118,12 +144,13 @@ describe('server-side splicing of session edits (S3)', () => {
     expect(result.size).toBe(bytes.length);
     expect((await bucket.stat(sessionKey(s))).sha256).toBe(sha(bytes));
 
-    // GNU tar, bsdtar, Python r:gz and r|gz, gzip -t, Node: every member as before but the edited one.
-    const was = await readEveryWay(seekable, join(tmp.path, 'x-before'));
+    // GNU tar, bsdtar, Python r:gz and r|gz, gzip -t, Node read it alike (the one readEveryWay of
+    // this file); every member's header and bytes as before but the edited one.
     const now = await readEveryWay(file, join(tmp.path, 'x-after'));
-    const others = (ms: typeof was.members) => ms.filter((m) => plain(m.name) !== EDITED);
-    expect(others(now.members)).toEqual(others(was.members));
-    expect(now.members.map((m) => m.name)).toEqual(was.members.map((m) => m.name));
+    const was = await members(seekable, 'r:gz');
+    const others = (ms: typeof was) => ms.filter((m) => plain(m.name) !== EDITED);
+    expect(others(now.members)).toEqual(others(was));
+    expect(now.members.map((m) => m.name)).toEqual(was.map((m) => m.name));
     const edited = now.members.find((m) => plain(m.name) === EDITED)!;
     expect({ size: edited.size, sha256: edited.sha256 }).toEqual({ size: text.length, sha256: sha(text) });
     expect(await cat(bucket, s, EDITED)).toBe(text);
@@ -132,41 +159,75 @@ describe('server-side splicing of session edits (S3)', () => {
     // A spliced archive splices again: another file, elsewhere.
     const second = await s3.stats();
     await repack(bucket, s, [{ op: 'put', path: 'm/pkg-2/mod-7.txt', text: 'second\n' }]);
-    expect((await s3.stats()).uploadedBytes - second.uploadedBytes).toBeLessThanOrEqual(3 * 5 * MiB + 7);
+    expect((await s3.stats()).uploadedBytes - second.uploadedBytes).toBeLessThanOrEqual(2 * 5 * MiB + 7 + NEW_SEGMENT_AND_INDEX);
     expect(await cat(bucket, s, 'm/pkg-2/mod-7.txt')).toBe('second\n');
     expect(await cat(bucket, s, EDITED)).toBe(text);
     const again = join(tmp.path, `${s}-2.tgz`);
     expect(await download(s3, bucketName, s, again)).toBe(sha(await readFile(again)));
   }, 120_000);
 
-  it('a source replaced between the read and the splice fails the copy, and the edit is applied again on the new archive', async () => {
-    const plainBucket = newBucket(s3, bucketName);
-    const s = await fresh(plainBucket);
-    // The replacement: the same session with another file edited, by another writer.
-    const other = await fresh(plainBucket);
-    await repack(plainBucket, other, [{ op: 'put', path: 'm/pkg-20/mod-1.txt', text: 'the other writer\n' }]);
-    const replacement = await s3.client.send(new GetObjectCommand({ Bucket: bucketName, Key: sessionKey(other) }));
-    const replacementBytes = Buffer.from(await replacement.Body!.transformToByteArray());
-    const driver = new S3Driver(s3.driverOptions(bucketName));
-    let splices = 0;
-    const racing = overrideDriver(driver, {
-      splice: async (key, pieces, opts) => {
-        if (++splices === 1) {
-          // Behind the lock's back (a writer without it), after the stat and before the first part.
-          await s3.client.send(new PutObjectCommand({ Bucket: bucketName, Key: key, Body: replacementBytes, Metadata: replacement.Metadata, ContentType: replacement.ContentType }));
-        }
-        return driver.splice(key, pieces, opts);
-      },
-    });
-    const bucket = new Bucket(racing, { name: 's3' });
+  it('a source replaced after the padding reads fails the next copy (412), and the edit is applied again on the new archive', async () => {
+    const bucket = newBucket(s3, bucketName);
+    const s = await fresh(bucket);
+    // Part 1 copies the head, part 2 sends the new segment padded by a ranged GET, part 3 copies
+    // the rest: the other writer replaces the archive as that second copy arrives, after every GET.
+    await s3.arm({ bucket: bucketName, key: sessionKey(s), from: sessionKey(await otherWriter()), on: 'copy', nth: 2 });
+    const before = await s3.stats();
     const result = await repack(bucket, s, [{ op: 'put', path: EDITED, text: 'mine\n' }]);
-    expect(splices).toBe(2);
+    expect((await s3.stats()).copiesRefused - before.copiesRefused).toBe(1);
+    await expectBothEdits(bucket, s, result);
+  }, 60_000);
+
+  it('a source replaced after the last copy is seen by the stat before the complete (a store without If-Match)', async () => {
+    const bucket = newBucket(s3, bucketName);
+    const s = await fresh(bucket);
+    // s3rver conditions no complete: the other writer's version lands just before the stat that stands in for it.
+    await s3.arm({ bucket: bucketName, key: sessionKey(s), from: sessionKey(await otherWriter()), on: 'head', nth: 2 });
+    const result = await repack(bucket, s, [{ op: 'put', path: EDITED, text: 'mine\n' }]);
+    await expectBothEdits(bucket, s, result);
+  }, 60_000);
+
+  it('a source deleted mid-splice (404 on a copy) is a conflict: the edit lands on a new session, not lost', async () => {
+    const bucket = newBucket(s3, bucketName);
+    const s = await fresh(bucket);
+    await s3.arm({ bucket: bucketName, key: sessionKey(s), on: 'copy', nth: 2 });
+    const before = await s3.stats();
+    const result = await repack(bucket, s, [{ op: 'put', path: EDITED, text: 'mine\n' }]);
+    expect((await s3.stats()).copiesMissing - before.copiesMissing).toBe(1);
     expect(await cat(bucket, s, EDITED)).toBe('mine\n');
-    expect(await cat(bucket, s, 'm/pkg-20/mod-1.txt')).toBe('the other writer\n');
     const file = join(tmp.path, `${s}.tgz`);
-    expect(await download(s3, bucketName, s, file)).toBe(sha(await readFile(file)));
-    expect(result.sha256).toBe(sha(await readFile(file)));
-  }, 120_000);
+    expect(await download(s3, bucketName, s, file)).toBe(result.sha256);
+    expect(sha(await readFile(file))).toBe(result.sha256);
+    expect((await nodeMembers(file)).filter((m) => m.type === 'file').map((m) => plain(m.name))).toEqual([EDITED]);
+  }, 60_000);
+
+  it('old bytes read to pad a part are checked against the segment digests the first read checked (rot between the reads)', async () => {
+    const bucket = newBucket(s3, bucketName);
+    const s = await fresh(bucket);
+    const ix = (await openSeekable(bucket, sessionKey(s), undefined))!.index;
+    const entry = ix.entries.find((e) => plain(e.path) === EDITED)!;
+    // The segment after the edited one is the first the padding reads.
+    const rot = ix.segments[segmentAt(ix, entry.start) + 1]!.cOff + 100;
+    await s3.arm({ bucket: bucketName, key: sessionKey(s), rot, on: 'create' });
+    const was = await bucket.stat(sessionKey(s));
+    await expect(repack(bucket, s, [{ op: 'put', path: EDITED, text: 'mine\n' }])).rejects.toMatchObject({ code: ErrorCode.ChecksumMismatch });
+    const now = await bucket.stat(sessionKey(s));
+    expect({ etag: now.etag, sha256: now.sha256 }).toEqual({ etag: was.etag, sha256: was.sha256 });
+  }, 60_000);
+
+  it('splices only when the most it can upload, (2 x groups + 1) x 5 MiB plus the new bytes, is under the archive', () => {
+    const bucket = newBucket(s3, bucketName);
+    const ix = { segments: Array.from({ length: 8 }, () => ({ uLen: 100_000 })) } as unknown as SeekIndex;
+    const ops = [{ op: 'put' as const, path: EDITED, body: { bytes: Buffer.alloc(1000) } }];
+    const at = (size: number): ObjectInfo => ({ key: 'k', size, sha256: undefined, etag: '"e"', contentType: undefined, metadata: {}, modified: new Date(0) });
+    const one = new Map([[2, 2]]);
+    const three = new Map([[0, 0], [3, 3], [6, 6]]);
+    expect(shouldSplice(bucket, at(30 * MiB), ix, ops, one)).toBe(true);
+    expect(shouldSplice(bucket, at(15 * MiB + 101_000), ix, ops, one)).toBe(false);
+    expect(shouldSplice(bucket, at(15 * MiB + 101_001), ix, ops, one)).toBe(true);
+    expect(shouldSplice(bucket, at(30 * MiB), ix, ops, three)).toBe(false);
+    expect(shouldSplice(bucket, at(36 * MiB), ix, ops, three)).toBe(true);
+  });
 
   it('concurrent spliced edits of one session keep every edit; a redelivered job splices nothing', async () => {
     const bucket = newBucket(s3, bucketName);

@@ -292,6 +292,9 @@ if (process.argv.includes('--migrate')) {
 } else if (process.argv.includes('--group')) {
   // `npm run bench -- --group`: only group commit against one rewrite per edit (bench/group-commit.ts).
   process.stdout.write(`${await groupCommitBench()}\n`);
+} else if (process.argv.includes('--session-s3')) {
+  // `npm run bench -- --session-s3`: only the S3 one-file edits of the session section, spliced and streamed.
+  process.stdout.write(`${await sessionBench({ fs: false })}\n`);
 } else if (process.argv.includes('--session')) {
   // `npm run bench -- --session`: only the session archive section (bench/session.ts).
   process.stdout.write(`${await sessionBench()}\n`);

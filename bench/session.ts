@@ -1,7 +1,9 @@
 /**
  * `npm run bench -- --session`: repack-session on the seekable format beside GNU tar measured in
  * the same run (extract then create: the naive repack), on a 5,000-file session (~18 MiB) and the
- * same plus four 48 MiB binaries (~200 MB), on the filesystem backend. Goals are printed, never asserted.
+ * same plus four 48 MiB binaries (~200 MB), on the filesystem backend; then the same one-file edit
+ * on s3rver (the test suite's shim, which has UploadPartCopy and counts uploaded bytes), spliced
+ * beside the streaming put. `--session-s3` runs the S3 rows alone. Goals are printed, never asserted.
  */
 import { randomBytes } from 'node:crypto';
 import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
@@ -10,12 +12,14 @@ import { Writable, type Readable } from 'node:stream';
 import { Redis } from 'ioredis';
 import { RepackPayload, repackSession } from '../jobs/repack-session.js';
 import { FsDriver } from '../src/backends/fs.js';
+import { S3Driver } from '../src/backends/s3.js';
 import { parsePayload } from '../src/payload.js';
 import { Bucket } from '../src/storage/bucket.js';
 import { sessionKey } from '../src/session/ids.js';
 import { catSession } from '../src/session/read.js';
 import { overrideDriver } from '../test/fixtures/override-driver.js';
 import { freePort, startServerProcess, tempDir } from '../test/harness/process.js';
+import { startS3rver, type S3rver } from '../test/harness/s3.js';
 import { run as sh } from '../test/archive/corpus.js';
 import { jobDeps } from '../test/session/helpers.js';
 import { compileCases, dd, progress, randomFile, settle } from './proc.js';
@@ -45,14 +49,49 @@ async function timed<T>(f: () => Promise<T>): Promise<{ ms: number; value: T }> 
 }
 
 const median = (xs: number[]): number => stats(xs).median;
+const EDIT_PATH = 'src/pkg-50/lib/mod-25.ts';
 
-export async function sessionBench(): Promise<string> {
+/**
+ * The one-file edit of the seekable archive at `archive` on S3, spliced and by the streaming put:
+ * time and the bytes the worker uploaded (counted by the s3rver shim), medians of RUNS.
+ */
+async function s3Rows(s3: S3rver, archive: string, archiveSize: number, repack: (bucket: Bucket, session: string, ops: unknown[]) => Promise<unknown>): Promise<string[][]> {
+  const rows: string[][] = [];
+  const name = await s3.bucket();
+  for (const splice of [false, true]) {
+    const bucket = new Bucket(new S3Driver({ ...s3.driverOptions(name), splice }), { name: 's3' });
+    const ms: number[] = [];
+    const up: number[] = [];
+    let editBytes = 0;
+    for (let r = 0; r < RUNS; r++) {
+      const s = `bench__s3__${splice ? 'splice' : 'stream'}${r}`;
+      await bucket.put(sessionKey(s), { path: archive });
+      await settle();
+      const text = `// edited on S3 in round ${r}
+`;
+      editBytes = text.length;
+      const before = await s3.stats();
+      ms.push((await timed(() => repack(bucket, s, [{ op: 'put', path: EDIT_PATH, text }]))).ms);
+      up.push((await s3.stats()).uploadedBytes - before.uploadedBytes);
+    }
+    const goal = 3 * 5 * MiB + editBytes;
+    rows.push(splice
+      ? ['S3 one-file edit, splice on (spliced where shouldSplice picks it)', secs(median(ms)), `${size(median(up))} uploaded (${((median(up) / archiveSize) * 100).toFixed(1)}%)`, '<= 3 x 5 MiB + file', verdict(median(up) / goal, 1)]
+      : ['S3 one-file edit, streaming put (splice=0)', secs(median(ms)), `${size(median(up))} uploaded (${((median(up) / archiveSize) * 100).toFixed(1)}%)`, '', '']);
+  }
+  return rows;
+}
+
+export async function sessionBench(opts: { fs?: boolean } = {}): Promise<string> {
+  const withFs = opts.fs ?? true;
   const dir = await tempDir('stevedore-bench-session-');
   const port = await freePort();
   const redisProc = await startServerProcess({ command: 'redis-server', args: ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], port });
   const redis = new Redis(`redis://127.0.0.1:${port}`, { maxRetriesPerRequest: null });
   const out: string[] = [];
+  let s3: S3rver | undefined;
   try {
+    s3 = await startS3rver();
     const staging = join(dir.path, 'staging');
     await mkdir(staging, { recursive: true });
     const fs = new FsDriver({ root: join(dir.path, 'objects') });
@@ -68,7 +107,8 @@ export async function sessionBench(): Promise<string> {
     // The edit once more in a fresh process, for a worker's peak RSS (this one holds the corpora).
     const child = await compileCases(join(dir.path, 'compiled'));
     let job = 0;
-    const repack = (session: string, ops: unknown[]) => repackSession(parsePayload(RepackPayload, { session, ops }), jobDeps(bucket, redis, staging, { jobId: `b${++job}`, enqueuedAt: Date.now() }));
+    const repackOn = (b: Bucket, session: string, ops: unknown[]) => repackSession(parsePayload(RepackPayload, { session, ops }), jobDeps(b, redis, staging, { jobId: `b${++job}`, enqueuedAt: Date.now() }));
+    const repack = (session: string, ops: unknown[]) => repackOn(bucket, session, ops);
 
     for (const big of [false, true]) {
       const label = big ? '~200 MB session (5,000 files + 4 x 48 MiB binaries)' : '5,000-file session';
@@ -80,6 +120,16 @@ export async function sessionBench(): Promise<string> {
       await sh('tar', ['-czf', gnu, '-C', tree, '.']);
       const gnuSize = (await stat(gnu)).size;
       progress(`${label}: GNU tar -czf made ${size(gnuSize)}`);
+      if (!withFs) {
+        const s = `bench__session__s3${big ? 'big' : ''}`;
+        await bucket.put(sessionKey(s), { path: gnu });
+        await repack(s, [{ op: 'put', path: 'NOTES.md', text: 'converted\n' }]);
+        const seekable = join(dir.path, 'objects', sessionKey(s));
+        const seekSize = (await stat(seekable)).size;
+        out.push(table(`Session archives: ${label}, one-file edit on S3 (s3rver + shim), medians of ${RUNS}`, ['case', 'time', 'ratio / figure', 'goal', ''], await s3Rows(s3, seekable, seekSize, repackOn)));
+        await rm(tree, { recursive: true, force: true });
+        continue;
+      }
 
       const gnuMs: number[] = [];
       const convMs: number[] = [];
@@ -105,7 +155,7 @@ export async function sessionBench(): Promise<string> {
         seekSize = (await bucket.stat(sessionKey(s))).size;
         // A one-file edit of the seekable archive.
         await settle();
-        editMs.push((await timed(() => repack(s, [{ op: 'put', path: 'src/pkg-50/lib/mod-25.ts', text: `// edited in round ${r}\n` }]))).ms);
+        editMs.push((await timed(() => repack(s, [{ op: 'put', path: EDIT_PATH, text: `// edited in round ${r}\n` }]))).ms);
         await settle();
         const worker = await child('session-edit', { root: join(dir.path, 'objects'), file: staging, redis: `redis://127.0.0.1:${port}`, session: s, key: 'src/pkg-51/lib/mod-26.ts' });
         rss = { base: Math.max(rss.base, worker.baseRssKiB * 1024), peak: Math.max(rss.peak, worker.maxRssKiB * 1024) };
@@ -138,11 +188,13 @@ export async function sessionBench(): Promise<string> {
         ['session cat, small file', secs(median(catMs)), `${size(catBytes)} read (${((catBytes / seekSize) * 100).toFixed(2)}%)`, '', ''],
         ['tar -xzOf, same file', secs(median(tarCatMs)), `cat ${ratio(median(catMs), median(tarCatMs))}`, '', ''],
         ['edit in a fresh process: peak RSS', `${size(rss.base)} loaded`, `peak ${size(rss.peak)} (+${size(rss.peak - rss.base)})`, '< 150 MB', verdict(rss.peak / (150e6), 1)],
+        ...await s3Rows(s3, join(dir.path, 'objects', sessionKey(s0)), (await stat(join(dir.path, 'objects', sessionKey(s0)))).size, repackOn),
       );
       out.push(table(`Session archives: ${label}, filesystem, medians of ${RUNS}`, ['case', 'time', 'ratio / figure', 'goal', ''], rows));
       await rm(tree, { recursive: true, force: true });
     }
   } finally {
+    await s3?.stop();
     await redis.quit().catch(() => {});
     await redisProc.stop();
     await dir.remove();

@@ -5,6 +5,7 @@ import { BackendName, Sha256, StagingPath, type GroupHolder, type GroupMember, t
 import { CONTENT_TYPE, GZIP_LEVEL, readArchive, rewriteArchive, type SeekableInput } from '../src/session/archive.js';
 import { dirtySegments, rewriteSegments } from '../src/session/seek-edit.js';
 import { ArchiveReplaced, openSeekable } from '../src/session/seek-read.js';
+import { SpliceUnsupported, shouldSplice, spliceRewrite } from '../src/session/seek-splice.js';
 import { OpPath, SessionId, sessionKey, sessionLockName } from '../src/session/ids.js';
 import { OpFailed, SpoolNeeded, type Body, type PlanOp } from '../src/session/plan.js';
 import { BatchPlan, MAX_BATCH_JOBS, Withdrawn, decodeOutcome, encodeOutcome, fitBatch, type BatchJob } from '../src/session/batch.js';
@@ -228,17 +229,26 @@ async function commitBatch(bucket: Bucket, key: string, jobs: readonly BatchJob[
   let active = [...jobs];
   const spool = new Set<string>();
   let committed: Omit<RepackResult, 'missing'> | undefined;
+  let splice = true;
   for (let tries = 1, reruns = 0; active.length > 0;) {
     const batch = new BatchPlan(active);
     const signal = AbortSignal.any([d.signal, lease.signal]);
     let unseal: (() => Promise<void>) | undefined;
     const beforeCommit = seal ? async () => { unseal = await seal(active.map((j) => j.id)); } : undefined;
-    const outcome = await attempt(bucket, key, batch, spool, signal, d, beforeCommit).catch((err: unknown) => {
+    const outcome = await attempt(bucket, key, batch, spool, signal, d, splice, beforeCommit).catch((err: unknown) => {
       if (lease.signal.aborted) throw lease.signal.reason;
       if (err instanceof SpoolNeeded && reruns < MAX_SPOOL_RERUNS && !spool.has(err.target)) return err;
       if (err instanceof OpFailed || err instanceof Withdrawn) return err;
+      if (err instanceof SpliceUnsupported && splice) return err;
       throw err;
     });
+    if (outcome instanceof SpliceUnsupported) {
+      // Nothing was written: the same batch goes again, streamed, unsealed until then.
+      await unseal?.();
+      d.log.info({ key }, 'the store cannot splice; writing the edit whole');
+      splice = false;
+      continue;
+    }
     if (outcome instanceof SpoolNeeded) {
       spool.add(outcome.target);
       reruns++;
@@ -323,9 +333,10 @@ interface Committed {
 /**
  * One read-rewrite-commit pass. Resolves with the commit, 'conflict' when the conditional commit
  * found the archive replaced since it was read, or the jobs to drop before trying again (their
- * error, or 'applied': the archive holds their edits already).
+ * error, or 'applied': the archive holds their edits already). An edit the index places is spliced
+ * inside the store where it can (`splice`), else streamed to it.
  */
-async function attempt(bucket: Bucket, key: string, batch: BatchPlan, spool: ReadonlySet<string>, signal: AbortSignal, d: JobDeps, beforeCommit?: () => Promise<void>): Promise<Committed | 'conflict' | { drop: Map<string, StorageError | 'applied'> }> {
+async function attempt(bucket: Bucket, key: string, batch: BatchPlan, spool: ReadonlySet<string>, signal: AbortSignal, d: JobDeps, splice: boolean, beforeCommit?: () => Promise<void>): Promise<Committed | 'conflict' | { drop: Map<string, StorageError | 'applied'> }> {
   const plan = batch.plan;
   const notFound = (err: unknown): undefined => {
     if (err instanceof StorageError && err.code === ErrorCode.NotFound) return undefined;
@@ -366,6 +377,19 @@ async function attempt(bucket: Bucket, key: string, batch: BatchPlan, spool: Rea
   }
   if (current && current.info.sha256 === undefined) d.log.warn({ key }, 'session archive has no recorded digest: read unverified (gzip CRC only)');
   const seekable: SeekableInput | undefined = view ? { index: view.index, key } : undefined;
+  const metadata = { [APPLIED_META]: appliedList(applied, batch.jobs.map((j) => j.mark)) };
+  // Edits the index can place rewrite only their segments; anything else goes through the full transform.
+  const groups = view && current ? dirtySegments(plan.ops, view.index) : undefined;
+  if (splice && groups && current && view && shouldSplice(bucket, current.info, view.index, plan.ops, groups)) {
+    try {
+      const r = await spliceRewrite(bucket, key, current, view.index, plan.ops, plan.mtime, groups, { metadata, signal, progress: d.progress, warn: (msg, err) => d.log.warn({ key, err }, msg), beforeCommit });
+      d.log.info({ key, reused: r.reused, compressed: r.compressed }, 'session segments spliced in the store and compressed');
+      return { result: { key, size: r.info.size, sha256: r.info.sha256!, entries: r.entries }, missing: () => [] };
+    } catch (err) {
+      if (err instanceof StorageError && err.code === ErrorCode.PreconditionFailed) return 'conflict';
+      throw err;
+    }
+  }
   const run = plan.start(spool);
   // The new archive's bytes on their way to the store, counted for the job's progress; the last
   // of them wait for `beforeCommit`, so nothing commits before it agreed.
@@ -389,7 +413,7 @@ async function attempt(bucket: Bucket, key: string, batch: BatchPlan, spool: Rea
   const stopRewrite = new AbortController();
   const opts: PutOptions = {
     contentType: CONTENT_TYPE,
-    metadata: { [APPLIED_META]: appliedList(applied, batch.jobs.map((j) => j.mark)) },
+    metadata,
     signal,
     ...(current ? (current.info.etag !== undefined ? { ifMatch: current.info.etag } : {}) : { ifAbsent: true }),
   };
@@ -401,8 +425,6 @@ async function attempt(bucket: Bucket, key: string, batch: BatchPlan, spool: Rea
     throw err;
   });
   const rewriteSignal = AbortSignal.any([signal, stopRewrite.signal]);
-  // Edits the index can place rewrite only their segments; anything else goes through the full transform.
-  const groups = view && current ? dirtySegments(plan.ops, view.index) : undefined;
   const rewriting = (groups && current && view
     ? rewriteSegments(current.stream, view.index, key, plan.ops, plan.mtime, groups, out, GZIP_LEVEL, rewriteSignal)
     : rewriteArchive(current?.stream ?? null, out, run, { signal: rewriteSignal, seekable })).catch((err: unknown) => {

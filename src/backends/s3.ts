@@ -5,9 +5,10 @@ import {
 import { ErrorCode, StorageError, codeForHttpStatus } from '../errors.js';
 import { emptyObjectRange } from './empty-range.js';
 import { backendUrl } from './url-params.js';
-import type { ByteRange, Driver, DriverDeleteOptions, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
+import type { ByteRange, Driver, DriverDeleteOptions, DriverGetResult, DriverPutOptions, DriverSpliceOptions, ListPage, ObjectInfo, PutBody, SplicePiece } from '../storage/driver.js';
 import { SHA256_META } from '../storage/driver.js';
 import { MAX_COPY_OBJECT, copyObject } from './s3-copy.js';
+import { planSplice, spliceObject } from './s3-splice.js';
 import { MIN_PART_SIZE, uploadObject } from './s3-upload.js';
 
 const MiB = 1024 * 1024;
@@ -58,6 +59,13 @@ export interface S3DriverOptions {
   maxCopyObject?: number | undefined;
   /** Bytes per part of a multipart copy, all server-side. @defaultValue 512 MiB */
   copyPartSize?: number | undefined;
+  /**
+   * Edits of seekable session archives are spliced inside the store (UploadPartCopy of the
+   * unchanged ranges) instead of uploading the whole new archive. A store that answers
+   * NotImplemented is remembered and written the ordinary way; `false` never tries.
+   * @defaultValue true
+   */
+  splice?: boolean | undefined;
   /** Attempts per request, the SDK's own retry with backoff. @defaultValue 3 */
   maxAttempts?: number | undefined;
   /**
@@ -91,6 +99,7 @@ export function s3OptionsFromUrl(url: URL): S3DriverOptions {
       case 'singlePutSize': opts.singlePutSize = int(name, v, 0); break;
       case 'requestTimeoutMs': opts.requestTimeoutMs = int(name, v, 1); break;
       case 'maxAttempts': opts.maxAttempts = int(name, v, 1); break;
+      case 'splice': opts.splice = bool(name, v); break;
       default: unknown(name);
     }
   }
@@ -120,6 +129,9 @@ export class S3Driver implements Driver {
   readonly singlePutSize: number;
   readonly maxCopyObject: number;
   readonly copyPartSize: number;
+  private readonly spliceOn: boolean;
+  /** Set once the store answered NotImplemented to UploadPartCopy. */
+  private spliceRefused = false;
 
   constructor(opts: S3DriverOptions) {
     this.bucket = opts.bucket;
@@ -133,6 +145,7 @@ export class S3Driver implements Driver {
     this.digestAtEndUpTo = this.singlePutSize;
     this.maxCopyObject = opts.maxCopyObject ?? MAX_COPY_OBJECT;
     this.copyPartSize = Math.max(MIN_PART_SIZE, opts.copyPartSize ?? 512 * MiB);
+    this.spliceOn = opts.splice ?? true;
     const checksums = opts.checksums === 'when_required' ? 'WHEN_REQUIRED' : 'WHEN_SUPPORTED';
     const timeout = opts.requestTimeoutMs ?? 120_000;
     this.client = new S3Client({
@@ -214,6 +227,19 @@ export class S3Driver implements Driver {
   async copy(src: string, dst: string, opts: { ifAbsent: boolean; ifMatch?: string | undefined }): Promise<ObjectInfo> {
     await copyObject(this, src, dst, opts);
     return this.stat(dst);
+  }
+
+  get spliceable(): boolean {
+    return this.spliceOn && !this.spliceRefused;
+  }
+
+  /** See spliceObject: UploadPartCopy of the unchanged ranges, the new bytes padded to S3's part floor. */
+  async splice(key: string, pieces: readonly SplicePiece[], opts: DriverSpliceOptions): Promise<ObjectInfo | undefined> {
+    const parts = planSplice(pieces, this.partSize);
+    if (!parts) return undefined;
+    const info = await spliceObject(this, key, parts, opts);
+    if (!info) this.spliceRefused = true;
+    return info;
   }
 
   async health(): Promise<void> {

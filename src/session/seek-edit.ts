@@ -5,7 +5,7 @@ import { EditPlan, type PlanOp } from './plan.js';
 import type { SeekIndex } from './seek-format.js';
 import { segmentAt } from './seek-read.js';
 import { sourceSegments } from './seek-source.js';
-import { SeekableWriter } from './seek-writer.js';
+import { SeekableWriter, type CopiedSegment } from './seek-writer.js';
 
 const END_OF_TAR = 1024;
 
@@ -52,10 +52,11 @@ export function dirtySegments(ops: readonly PlanOp[], ix: SeekIndex): Map<number
  * Rewrites a seekable archive whose edits `dirtySegments` placed: the segments outside the dirty
  * groups are checked against their digests and copied as compressed bytes, never inflated; each
  * dirty group is inflated and goes through the tar-to-tar transform on its own with the ops that
- * land in it. Resolves with the segment counts.
+ * land in it. `onCopy` hears where each copied segment lands in the output (a splice copies
+ * those bytes inside the store). Resolves with the segment counts.
  */
-export async function rewriteSegments(raw: Readable, ix: SeekIndex, key: string, ops: readonly PlanOp[], mtime: Date, groups: Map<number, number>, output: Writable, level: number, signal?: AbortSignal): Promise<{ entries: number; reused: number; compressed: number }> {
-  const writer = new SeekableWriter(output, { level, signal });
+export async function rewriteSegments(raw: Readable, ix: SeekIndex, key: string, ops: readonly PlanOp[], mtime: Date, groups: Map<number, number>, output: Writable, level: number, signal?: AbortSignal, onCopy?: (copy: CopiedSegment) => void): Promise<{ entries: number; reused: number; compressed: number }> {
+  const writer = new SeekableWriter(output, { level, signal, onCopy });
   const inGroup = new Set<number>();
   for (const [f, l] of groups) for (let i = f; i <= l; i++) inGroup.add(i);
   const lastSeg = ix.segments.length - 1;

@@ -26,6 +26,13 @@ export interface SegmentSource {
   match(u: Buffer, crc: number): { c: Buffer; sha256: string } | undefined;
 }
 
+/** A segment `copySegment` wrote: `length` bytes at output offset `at`, which are the source's at `from`. */
+export interface CopiedSegment {
+  at: number;
+  from: number;
+  length: number;
+}
+
 const TYPES: Record<string, IndexEntryType> = { '0': 'file', '\0': 'file', '7': 'contiguous-file', '5': 'directory', '2': 'symlink', '1': 'link' };
 
 /**
@@ -52,7 +59,7 @@ export class SeekableWriter extends Writable {
   private lastCut = false;
   private readonly entries: IndexEntry[] = [];
   private readonly segments: Segment[] = [];
-  private readonly inFlight: Promise<{ c: Buffer; uLen: number; crc: number; sha256?: string }>[] = [];
+  private readonly inFlight: Promise<{ c: Buffer; uLen: number; crc: number; sha256?: string; from?: number }>[] = [];
   private cOff = GZIP_HEADER.length;
   private crc = 0;
   private started = false;
@@ -61,11 +68,13 @@ export class SeekableWriter extends Writable {
   reused = 0;
   compressed = 0;
   private readonly source: SegmentSource | undefined;
+  private readonly onCopy: ((copy: CopiedSegment) => void) | undefined;
 
-  constructor(private readonly out: Writable, opts: { level: number; source?: SegmentSource | undefined; signal?: AbortSignal | undefined }) {
+  constructor(private readonly out: Writable, opts: { level: number; source?: SegmentSource | undefined; signal?: AbortSignal | undefined; onCopy?: ((copy: CopiedSegment) => void) | undefined }) {
     super({ highWaterMark: 1 << 20 });
     this.level = opts.level;
     this.source = opts.source;
+    this.onCopy = opts.onCopy;
     // As a pipeline would: the output's failure is seen through send() and the consumer; destroying
     // it with ours must not surface as an unhandled error once its consumer has gone.
     out.on('error', () => {});
@@ -113,7 +122,7 @@ export class SeekableWriter extends Writable {
     await this.cutAndWait();
     const shift = this.uOff - seg.uOff;
     for (const e of entries) this.entries.push({ ...e, start: e.start + shift });
-    this.inFlight.push(Promise.resolve({ c, uLen: seg.uLen, crc: seg.crc, sha256: seg.sha256 }));
+    this.inFlight.push(Promise.resolve({ c, uLen: seg.uLen, crc: seg.crc, sha256: seg.sha256, from: seg.cOff }));
     this.uOff += seg.uLen;
     this.reused++;
     this.lastBig = true;
@@ -244,7 +253,8 @@ export class SeekableWriter extends Writable {
   }
 
   private async emitOne(): Promise<void> {
-    const { c, uLen, crc, sha256 } = await this.inFlight.shift()!;
+    const { c, uLen, crc, sha256, from } = await this.inFlight.shift()!;
+    if (from !== undefined) this.onCopy?.({ at: this.cOff, from, length: c.length });
     const uOff = this.segments.length === 0 ? 0 : this.segments.at(-1)!.uOff + this.segments.at(-1)!.uLen;
     this.segments.push({ cOff: this.cOff, cLen: c.length, uOff, uLen, crc, sha256: sha256 ?? createHash('sha256').update(c).digest('hex') });
     this.crc = crc32Combine(this.crc, crc, uLen);

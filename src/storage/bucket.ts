@@ -10,7 +10,7 @@ import { SourceBody, hashOpen, openFile, type BodySource } from './body.js';
 
 // Jobs hash staged files with the same code a put uses.
 export { hashFile } from './body.js';
-import type { ByteRange, Driver, ObjectInfo } from './driver.js';
+import type { ByteRange, CheckedRange, Driver, ObjectInfo, SplicePiece } from './driver.js';
 import { SHA256_META } from './driver.js';
 import { CHUNK, HashingStream, type Digest } from './hashing.js';
 import { validateContentType, validateKey, validateMetadata, validatePrefix, validateSha256 } from './keys.js';
@@ -59,6 +59,20 @@ export interface PutOptions {
    * a buffer of that size, not a part-sized one). Ignored for files and bytes, which are measured.
    */
   size?: number | undefined;
+}
+
+export interface SpliceOptions {
+  /** The version replaced, whose ranges the `copy` pieces name (an etag from `stat` or `get`). */
+  ifMatch: string;
+  /** The assembled object's SHA-256 (hex) and size: the caller hashed it in order before. */
+  sha256: string;
+  size: number;
+  /** Ranges of that version the caller hashed, covering every `copy` piece (see DriverSpliceOptions). */
+  checked: readonly CheckedRange[];
+  contentType?: string | undefined;
+  metadata?: Record<string, string> | undefined;
+  signal?: AbortSignal | undefined;
+  warn?: ((message: string, err: unknown) => void) | undefined;
 }
 
 export interface DeleteOptions {
@@ -254,6 +268,39 @@ export class Bucket {
   /** True when `put`/`delete` with `ifMatch` are atomic in this store; otherwise a stat guards them, not race-free. */
   get atomicIfMatch(): boolean {
     return this.driver.atomicIfMatch;
+  }
+
+  /** True when `splice` can be tried: the driver has it, it is not turned off, and the store has not refused it. */
+  get canSplice(): boolean {
+    return this.driver.splice !== undefined && this.driver.spliceable !== false;
+  }
+
+  /**
+   * Replaces `key` with pieces: ranges of the version `ifMatch` names, copied inside the store,
+   * and new bytes (see Driver.splice). The recorded digest is the caller's, who hashed the
+   * assembled bytes in order (ranges read from that same version); every copy is conditional on
+   * it, so a replaced source fails PreconditionFailed, never mixes versions. Undefined, with
+   * nothing written, when this splice cannot be done (the store cannot splice, or the pieces do
+   * not make `size` bytes of valid ranges, which would be the caller's fault): write the object
+   * another way, which loses nothing.
+   */
+  async splice(key: string, pieces: readonly SplicePiece[], opts: SpliceOptions): Promise<ObjectInfo | undefined> {
+    validateKey(key, 'splice');
+    const metadata = validateMetadata(opts.metadata, SHA256_META);
+    const contentType = validateContentType(opts.contentType) ?? DEFAULT_CONTENT_TYPE;
+    const sha256 = validateSha256(opts.sha256)!;
+    const range = (r: { offset: number; length: number }): boolean => Number.isSafeInteger(r.offset) && r.offset >= 0 && Number.isSafeInteger(r.length) && r.length > 0;
+    const total = pieces.reduce((n, p) => n + ('copy' in p ? p.copy.length : p.bytes.length), 0);
+    if (total !== opts.size || pieces.some((p) => 'copy' in p && !range(p.copy)) || !opts.checked.every(range)) return undefined;
+    const splice = this.driver.splice?.bind(this.driver);
+    if (!splice || !this.canSplice) return undefined;
+    return this.guard('splice', key, async () => {
+      if (!this.driver.atomicIfMatch) await this.assertEtag('splice', key, opts.ifMatch, false);
+      const info = await splice(this.prefix + key, pieces, {
+        ifMatch: opts.ifMatch, sha256, size: opts.size, checked: opts.checked, contentType, metadata, signal: opts.signal, warn: opts.warn,
+      });
+      return info && this.outside(info);
+    });
   }
 
   /** True when `put` with `ifAbsent` is atomic in this store. */

@@ -82,6 +82,41 @@ export interface DriverGetResult {
   info: ObjectInfo;
 }
 
+/**
+ * One piece of an object `splice` assembles: a range of the version being replaced (copied by the
+ * store), or bytes the caller sends.
+ */
+export type SplicePiece = { copy: { offset: number; length: number } } | { bytes: Buffer };
+
+/** A range of the version being replaced whose bytes the caller read and checked against this digest. */
+export interface CheckedRange {
+  offset: number;
+  length: number;
+  sha256: string;
+}
+
+export interface DriverSpliceOptions {
+  /**
+   * The version being replaced, whose ranges `copy` pieces name: each copy is conditional on it
+   * (S3 `x-amz-copy-source-if-match`), and so is the commit where the store enforces `If-Match`.
+   */
+  ifMatch: string;
+  /** Digest and size of the assembled object, worked out by the caller before the first request. */
+  sha256: string;
+  size: number;
+  /**
+   * Ranges of that version the caller hashed (sorted, not overlapping), covering every `copy`
+   * piece: old bytes a driver sends rather than copies are read as whole such ranges and checked
+   * against them, so what it sends is what the digest was computed over.
+   */
+  checked: readonly CheckedRange[];
+  contentType: string | undefined;
+  metadata: Record<string, string>;
+  signal: AbortSignal | undefined;
+  /** Told of a failure that is not the splice's, such as an upload left unaborted. */
+  warn?: ((message: string, err: unknown) => void) | undefined;
+}
+
 export interface ListPage {
   objects: ObjectInfo[];
   /** Opaque token for the next page; undefined on the last page. */
@@ -126,6 +161,17 @@ export interface Driver {
   delete(key: string, opts?: DriverDeleteOptions): Promise<void>;
   /** Server-side copy within this backend, metadata (including the digest) included. */
   copy(src: string, dst: string, opts: { ifAbsent: boolean; ifMatch?: string | undefined }): Promise<ObjectInfo>;
+  /**
+   * Replaces `key` with an object assembled from ranges of its current version and new bytes,
+   * the ranges copied inside the store (S3 UploadPartCopy): only the new bytes, and what the
+   * store's part rules make it pad them with, pass through the worker. Only drivers whose store
+   * has such a copy define it. Resolves undefined, with nothing written, when it cannot: the
+   * store answered that it has no such copy (`spliceable` is false from then on), or these pieces
+   * would break the store's limits (S3's 10,000 parts).
+   */
+  splice?(key: string, pieces: readonly SplicePiece[], opts: DriverSpliceOptions): Promise<ObjectInfo | undefined>;
+  /** Whether `splice` is worth calling: false when configured off or once the store refused it. */
+  readonly spliceable?: boolean;
   /** Throws when the backend cannot be reached or used. */
   health(): Promise<void>;
   /** Maps an SDK-specific error to a code; undefined falls back to the common mapping. */

@@ -25,8 +25,13 @@ const require = createRequire(import.meta.url);
  *   object, and a range of an empty object announces a byte it never sends; S3 answers 416 there.
  * - UploadPartCopy: s3rver answers NotImplemented. Here a part is copied from the source's range,
  *   refused with 412 when x-amz-copy-source-if-match no longer matches the source, as S3 does.
+ *   `uploadPartCopy: false` leaves s3rver's NotImplemented, for the fallbacks that meet it.
+ * And additions, no fixes: `GET /__shim/stats` answers the request bodies uploaded so far
+ * (PutObject and UploadPart, by their declared length) and the parts copied (and refused), so
+ * tests and the bench can count what a worker sent; `GET /__shim/arm` sets up a race another
+ * writer would cause, at a request chosen by the test (S3rver.arm).
  */
-const S3RVER_SHIM = (storePath: string, binPath: string, objectCtrlPath: string, errorPath: string) => `'use strict';
+const S3RVER_SHIM = (storePath: string, binPath: string, objectCtrlPath: string, errorPath: string, uploadPartCopy: boolean) => `'use strict';
 const crypto = require('node:crypto');
 const fs = require('node:fs');
 const path = require('node:path');
@@ -100,8 +105,40 @@ Store.prototype.getObject = async function (bucket, key, options) {
 // the header is renamed on arrival so the request reaches uploadPart below.
 const http = require('node:http');
 const emit = http.Server.prototype.emit;
+const stats = { uploadedBytes: 0, copiedParts: 0, copiesRefused: 0, copiesMissing: 0 };
+// The armed race (GET /__shim/arm): see S3rver.arm.
+let hook;
+async function fire(ctx) {
+  const h = hook;
+  hook = undefined;
+  if (h.rot !== undefined) {
+    // Bit rot: one byte flipped in place, the stored ETag and metadata kept.
+    const fd = await fs.promises.open(ctx.store.getResourcePath(h.bucket, h.key, 'object'), 'r+');
+    const b = Buffer.alloc(1);
+    await fd.read(b, 0, 1, h.rot);
+    b[0] ^= 0xff;
+    await fd.write(b, 0, 1, h.rot);
+    await fd.close();
+  } else if (h.from) await ctx.store.copyObject(h.bucket, h.from, h.bucket, h.key);
+  else await ctx.store.deleteObject(h.bucket, h.key);
+}
 http.Server.prototype.emit = function (event, req, ...rest) {
-  if (event === 'request' && req.headers['x-amz-copy-source'] && /[?&]uploadId=/.test(req.url)) {
+  if (event === 'request' && req.url === '/__shim/stats') {
+    rest[0].setHeader('content-type', 'application/json');
+    rest[0].end(JSON.stringify(stats));
+    return true;
+  }
+  if (event === 'request' && req.url.startsWith('/__shim/arm?')) {
+    const q = new URL(req.url, 'http://shim').searchParams;
+    hook = { bucket: q.get('bucket'), key: q.get('key'), from: q.get('from'), rot: q.has('rot') ? Number(q.get('rot')) : undefined, on: q.get('on'), nth: Number(q.get('nth')), copies: 0 };
+    rest[0].end();
+    return true;
+  }
+  if (event === 'request' && req.method === 'PUT') {
+    if (req.headers['x-amz-copy-source']) stats.copiedParts += /[?&]uploadId=/.test(req.url) ? 1 : 0;
+    else stats.uploadedBytes += Number(req.headers['x-amz-decoded-content-length'] || req.headers['content-length'] || 0);
+  }
+  if (${uploadPartCopy} && event === 'request' && req.headers['x-amz-copy-source'] && /[?&]uploadId=/.test(req.url)) {
     req.headers['x-shim-copy-source'] = req.headers['x-amz-copy-source'];
     delete req.headers['x-amz-copy-source'];
   }
@@ -117,15 +154,31 @@ objectCtrl.uploadPart = async function (ctx) {
   const [srcBucket, ...rest] = source.split('/');
   const srcKey = rest.join('/');
   const range = /^bytes=(\\d+)-(\\d+)$/.exec(ctx.headers['x-amz-copy-source-range'] || '');
+  if (hook && hook.bucket === srcBucket && hook.key === srcKey && ++hook.copies === hook.nth && hook.on === 'copy') await fire(ctx);
   const object = await ctx.store.getObject(srcBucket, srcKey, range ? { start: Number(range[1]), end: Number(range[2]) } : undefined);
-  if (!object) throw new S3Error('NoSuchKey', 'The specified key does not exist.', { Key: srcKey });
+  if (!object) {
+    stats.copiesMissing++;
+    throw new S3Error('NoSuchKey', 'The specified key does not exist.', { Key: srcKey });
+  }
   const ifMatch = ctx.headers['x-amz-copy-source-if-match'];
   if (ifMatch && ifMatch.replace(/"/g, '') !== String(object.metadata.etag).replace(/"/g, '')) {
     if (object.content) object.content.destroy();
+    stats.copiesRefused++;
     throw new S3Error('PreconditionFailed', 'At least one of the pre-conditions you specified did not hold', { Condition: 'x-amz-copy-source-If-Match' });
   }
   const { md5 } = await ctx.store.putPart(ctx.params.bucket, ctx.query.uploadId, ctx.query.partNumber, object.content);
   ctx.body = { CopyPartResult: { LastModified: new Date().toISOString(), ETag: JSON.stringify(md5) } };
+};
+
+const { initiateMultipartUpload } = objectCtrl;
+objectCtrl.initiateMultipartUpload = async function (ctx) {
+  if (hook && hook.on === 'create' && hook.bucket === ctx.params.bucket && hook.key === ctx.params.key) await fire(ctx);
+  return initiateMultipartUpload.call(this, ctx);
+};
+const { getObject: getObjectCtrl } = objectCtrl;
+objectCtrl.getObject = async function (ctx) {
+  if (hook && hook.on === 'head' && ctx.method === 'HEAD' && hook.bucket === ctx.params.bucket && hook.key === ctx.params.key && hook.copies >= hook.nth) await fire(ctx);
+  return getObjectCtrl.call(this, ctx);
 };
 
 require(${JSON.stringify(binPath)});
@@ -134,6 +187,19 @@ require(${JSON.stringify(binPath)});
 export interface S3rver {
   /** `http://127.0.0.1:<port>`, for path-style requests. */
   endpoint: string;
+  /**
+   * Request bodies uploaded so far (PutObject and UploadPart, all buckets), UploadPartCopy
+   * requests, and those of them refused for a changed (412) or missing (404) source.
+   */
+  stats(): Promise<{ uploadedBytes: number; copiedParts: number; copiesRefused: number; copiesMissing: number }>;
+  /**
+   * Arms a race, fired once: `key` is replaced by a copy of `from`, or has its byte at `rot`
+   * flipped in place (ETag kept), or else is deleted, just before the `nth` UploadPartCopy from
+   * it is served (`on: 'copy'`), just before the first HEAD of it once `nth` such copies were
+   * served (`on: 'head'`: the stat before a complete), or as a multipart upload to it starts
+   * (`on: 'create'`).
+   */
+  arm(race: { bucket: string; key: string; from?: string; rot?: number; on: 'copy' | 'head' | 'create'; nth?: number }): Promise<void>;
   server: ServerProcess;
   /** A raw client on the server, for setup behind the driver's back. */
   client: S3Client;
@@ -146,8 +212,11 @@ export interface S3rver {
   stop(): Promise<void>;
 }
 
-/** Starts s3rver as a child process on a free loopback port, storing in a temp dir. */
-export async function startS3rver(): Promise<S3rver> {
+/**
+ * Starts s3rver as a child process on a free loopback port, storing in a temp dir. With
+ * `uploadPartCopy: false` it answers UploadPartCopy NotImplemented, as plain s3rver does.
+ */
+export async function startS3rver(opts: { uploadPartCopy?: boolean } = {}): Promise<S3rver> {
   const port = await freePort();
   const dir = await tempDir('stevedore-s3rver-');
   let server: ServerProcess;
@@ -155,7 +224,7 @@ export async function startS3rver(): Promise<S3rver> {
     const shim = join(dir.path, 's3rver-fixed.cjs');
     await writeFile(shim, S3RVER_SHIM(
       require.resolve('s3rver/lib/stores/filesystem.js'), require.resolve('s3rver/bin/s3rver.js'),
-      require.resolve('s3rver/lib/controllers/object.js'), require.resolve('s3rver/lib/models/error.js'),
+      require.resolve('s3rver/lib/controllers/object.js'), require.resolve('s3rver/lib/models/error.js'), opts.uploadPartCopy ?? true,
     ));
     await mkdir(join(dir.path, 'data'));
     server = await startServerProcess({
@@ -183,6 +252,17 @@ export async function startS3rver(): Promise<S3rver> {
   });
   return {
     endpoint,
+    async stats() {
+      const res = await fetch(`${endpoint}/__shim/stats`);
+      return (await res.json()) as { uploadedBytes: number; copiedParts: number; copiesRefused: number; copiesMissing: number };
+    },
+    async arm(race) {
+      const q = new URLSearchParams({
+        bucket: race.bucket, key: race.key, on: race.on, nth: String(race.nth ?? 0), ...(race.from ? { from: race.from } : {}), ...(race.rot !== undefined ? { rot: String(race.rot) } : {}),
+      });
+      const res = await fetch(`${endpoint}/__shim/arm?${q}`);
+      if (!res.ok) throw new Error(`arming the shim failed: ${res.status}`);
+    },
     server,
     client,
     dataDir: join(dir.path, 'data'),

@@ -429,9 +429,14 @@ async function attempt(bucket: Bucket, key: string, batch: BatchPlan, spool: Rea
   }
 }
 
-/** The newest job marks, the batch's last (all of them: a batch fits BATCH_MARK_CHARS), bounded in count and length. */
+/**
+ * The newest job marks, the batch's last (all of them: a batch fits BATCH_MARK_CHARS), bounded in
+ * count and length. A mark APPLIED_ID refuses (a job id with control characters, which S3, GCS and
+ * Azure metadata reject, or one long enough to push the others out) is left out: its job took the
+ * path without a group and is not found by its mark when redelivered.
+ */
 function appliedList(applied: string[], marks: string[]): string {
-  const list = [...applied.filter((m) => !marks.includes(m) && APPLIED_ID.test(m)), ...marks].slice(-APPLIED_KEEP);
+  const list = [...applied.filter((m) => !marks.includes(m)), ...marks].filter((m) => APPLIED_ID.test(m)).slice(-APPLIED_KEEP);
   while (list.join(' ').length > APPLIED_MAX_CHARS) list.shift();
   return list.join(' ');
 }

@@ -166,6 +166,18 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     expect((await bucket.stat(sessionKey(s))).sha256).toBe(results[0]!.sha256);
   });
 
+  it('leaves out of the metadata a mark that is no valid mark (control characters, a 485-character id); the others stay', async () => {
+    const s = `octo__repo__marks-${++n}`;
+    const first = job(s, [{ op: 'put', path: 'a.txt', text: 'a\n' }]);
+    await first.done;
+    const bell = job(s, [{ op: 'put', path: 'b.txt', text: 'b\n' }], { id: 'bell\u0007id' });
+    await bell.done;
+    const huge = job(s, [{ op: 'put', path: 'c.txt', text: 'c\n' }], { id: 'h'.repeat(485) });
+    await huge.done;
+    expect((await listSession(bucket, s)).entries.map((e) => e.path)).toEqual(['a.txt', 'b.txt', 'c.txt']);
+    expect((await bucket.stat(sessionKey(s))).metadata[APPLIED_META]).toBe(first.mark);
+  });
+
   it('fails only the job whose ifSha256 does not hold; the rest of its batch commits', async () => {
     const s = `octo__repo__cond-${++n}`;
     await job(s, [{ op: 'put', path: 'shared.txt', text: 'v1\n' }]).done;

@@ -144,6 +144,8 @@ async function applyBatch(holder: GroupHolder, members: readonly GroupMember[], 
     for (const [id, o] of finished) outcomes.set(id, o ? encodeOutcome(o) : '');
     await holder.finish(outcomes).catch((err: unknown) => d.log.warn({ err, key }, 'could not record the outcomes of the batch\'s jobs: they find their edits in the archive'));
   };
+  // Members whose ops could not be read for a passing reason: given back, never a 15-minute Transient outcome.
+  const retry: string[] = [];
   try {
     const read = await Promise.all(members.map(async (m) => {
       if (m.id === self.id) return { ...self, unsure: m.unsure ?? false };
@@ -151,12 +153,13 @@ async function applyBatch(holder: GroupHolder, members: readonly GroupMember[], 
         return await absorbed(m, p, d);
       } catch (err) {
         if (!(err instanceof StorageError) || d.signal.aborted) throw err;
-        finished.set(m.id, m.unsure ? await settledByMark(d.bucket(p.backend), key, m.id, err, holder.lease.signal) : { error: err });
+        if (err.code === ErrorCode.Transient) retry.push(m.id);
+        else finished.set(m.id, m.unsure ? await settledByMark(d.bucket(p.backend), key, m.id, err, holder.lease.signal) : { error: err });
         return undefined;
       }
     }));
     const { take, rest } = fitBatch(read.filter((j) => j !== undefined), { maxOps: MAX_OPS, maxInlineBytes: BATCH_INLINE_TIMES * d.limits.maxInlineBytes, maxMarkChars: BATCH_MARK_CHARS });
-    await holder.giveBack(rest.map((j) => j.id));
+    await holder.giveBack([...rest.map((j) => j.id), ...retry]);
     d.log.info({ key, jobs: take.map((j) => j.id), left: rest.length }, 'applying a batch of queued repacks under the session lock');
     const seal = async (ids: readonly string[]): Promise<() => Promise<void>> => {
       const gone = await holder.seal(ids);

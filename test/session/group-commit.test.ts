@@ -1,5 +1,5 @@
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
-import { rmSync } from 'node:fs';
+import { mkdirSync, rmSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
@@ -14,6 +14,7 @@ import { redisConnection } from '../../src/queue/connection.js';
 import { StevedoreClient } from '../../src/queue/client.js';
 import { RedisLocks } from '../../src/queue/lock.js';
 import { sessionKey, sessionLockName } from '../../src/session/ids.js';
+import { OpFailed, stagedFailed } from '../../src/session/plan.js';
 import { catSession, listSession } from '../../src/session/read.js';
 import { Bucket } from '../../src/storage/bucket.js';
 import { run } from '../archive/corpus.js';
@@ -266,6 +267,33 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     ]);
     expect((await one.done).missing).toEqual([]);
     expect((await listSession(bucket, s)).entries.map((e) => e.path)).toEqual(['one.txt']);
+  });
+
+  it('a staged file swapped for a directory fails its job with its own code (not NotFound); the rest commits', async () => {
+    const s = `octo__repo__isdir-${++n}`;
+    for (const f of ['one', 'dir']) await writeFile(join(staging, `${f}-${s}`), `${f}\n`);
+    const lease = await block(s);
+    const dir = job(s, [{ op: 'put', path: 'dir.txt', source: { path: `dir-${s}` } }], { neverHolds: true });
+    await queued(s, 1);
+    const swap = (): void => { rmSync(join(staging, `dir-${s}`)); mkdirSync(join(staging, `dir-${s}`)); };
+    const one = job(s, [{ op: 'put', path: 'one.txt', source: { path: `one-${s}` } }], { log: onLog('applying a batch of queued repacks under the session lock', swap) });
+    await queued(s, 2);
+    await lease.release();
+    await expect(dir.done).rejects.toMatchObject({ code: 'InvalidInput', message: expect.stringContaining('ops.0: its staged file cannot be read (EISDIR)') });
+    expect((await one.done).missing).toEqual([]);
+    expect((await listSession(bucket, s)).entries.map((e) => e.path)).toEqual(['one.txt']);
+  });
+
+  it('maps a staged file error: gone is NotFound for that op, a passing one (EMFILE, EIO) Transient for the pass, not the op', () => {
+    const errno = (code: string) => Object.assign(new Error(code), { code });
+    for (const code of ['ENOENT', 'ENOTDIR', 'ELOOP']) expect(stagedFailed(errno(code), 2)).toMatchObject({ code: 'NotFound', index: 2 });
+    expect(stagedFailed(errno('EACCES'), 1)).toMatchObject({ code: 'PermissionDenied', index: 1 });
+    for (const code of ['EMFILE', 'EIO']) {
+      const e = stagedFailed(errno(code), 3);
+      expect(e).toBeInstanceOf(StorageError);
+      expect(e).not.toBeInstanceOf(OpFailed);
+      expect(e).toMatchObject({ code: 'Transient', message: expect.stringContaining(`ops.3: its staged file cannot be read (${code})`) });
+    }
   });
 
   it("gives each put its own job's enqueue time as mtime, in a batch too", async () => {

@@ -284,6 +284,34 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     expect((await listSession(bucket, s)).entries.map((e) => e.path)).toEqual(['one.txt']);
   });
 
+  it('segment edits of a batch blame the job whose op failed (its index in the whole plan, not in its segment group)', async () => {
+    const s = `octo__repo__segblame-${++n}`;
+    // x spans segments of its own (over SEGMENT_MAX), so y is in another dirty group than x.
+    await writeFile(join(staging, `x-${s}`), randomBytes(1536 * 1024));
+    await job(s, [{ op: 'put', path: 'x.bin', source: { path: `x-${s}` } }, { op: 'put', path: 'y.txt', text: 'y1\n' }]).done;
+    await writeFile(join(staging, `y-${s}`), 'y2\n');
+    const lease = await block(s);
+    const a = job(s, [{ op: 'put', path: 'x.bin', text: 'x2\n' }], { neverHolds: true });
+    const b = job(s, [{ op: 'put', path: 'y.txt', source: { path: `y-${s}` } }], { neverHolds: true });
+    await queued(s, 2);
+    let segments = 0;
+    const drop = (): void => rmSync(join(staging, `y-${s}`));
+    const log = pino({ level: 'info', hooks: { logMethod(args, method) {
+      if ((args as unknown[]).includes('applying a batch of queued repacks under the session lock')) drop();
+      if ((args as unknown[]).includes('session segments copied and compressed')) segments++;
+      method.apply(this, args);
+    } } }, { write() {} });
+    const holder = job(s, [], { log });
+    await queued(s, 3);
+    await lease.release();
+    await expect(b.done).rejects.toMatchObject({ code: 'NotFound', message: expect.stringContaining('ops.0: its staged file cannot be read (ENOENT)') });
+    expect((await a.done).batched).toBe(2);
+    await holder.done;
+    expect(segments).toBeGreaterThan(0);
+    expect(await fileText(s, 'x.bin')).toBe('x2\n');
+    expect(await fileText(s, 'y.txt')).toBe('y1\n');
+  });
+
   it('maps a staged file error: gone is NotFound for that op, a passing one (EMFILE, EIO) Transient for the pass, not the op', () => {
     const errno = (code: string) => Object.assign(new Error(code), { code });
     for (const code of ['ENOENT', 'ENOTDIR', 'ELOOP']) expect(stagedFailed(errno(code), 2)).toMatchObject({ code: 'NotFound', index: 2 });

@@ -575,8 +575,9 @@ describe('group commit in Redis (RedisGroupCommit on a real Redis)', () => {
 
   it('a sealed member waits for its outcome while the holder keeps the lock, past every wait bound; once the holder is gone it is unsure, and the next holder takes it first', async () => {
     const { lock, group } = names();
-    // waitMs + ttlMs (1.6 s) was how long a sealed member waited before it gave up.
-    const short = { waitMs: 1000, ttlMs: 600 };
+    // waitMs + ttlMs (4 s) was how long a sealed member waited before it gave up; a lock TTL of
+    // 3 s keeps the holder's renewals (every second) well ahead of it on a loaded machine.
+    const short = { waitMs: 1000, ttlMs: 3000 };
     const stopA = new AbortController();
     const stopB = new AbortController();
     const h = await holderOf(new RedisLocks(conn, opts(short)), lock, group, 'h@1', 1);
@@ -589,7 +590,7 @@ describe('group commit in Redis (RedisGroupCommit on a real Redis)', () => {
     stopB.abort(new Error('Cancelled'));
     let settled = false;
     void a.then(() => { settled = true; }, () => { settled = true; });
-    await new Promise((r) => setTimeout(r, 2_500));
+    await new Promise((r) => setTimeout(r, 4_500));
     expect(settled).toBe(false);
     await h.finish(new Map([['a@5', 'done'], ['h@1', '']]));
     await expect(a).resolves.toEqual({ outcome: 'done' });
@@ -612,17 +613,19 @@ describe('group commit in Redis (RedisGroupCommit on a real Redis)', () => {
     const { lock, group } = names();
     const [w1, w2] = [killable(conn), killable(conn)];
     // The dead members' own loops end on their own once their bounds pass (their Redis calls fail meanwhile).
-    void never({ waitMs: 1000, ttlMs: 1000 }, w1.redis).join(lock, group, member('d1@1', 1), new AbortController().signal).catch(() => undefined);
-    void never({ waitMs: 10_000, ttlMs: 1000 }, w2.redis).join(lock, group, member('d2@2', 2), new AbortController().signal).catch(() => undefined);
+    // A liveness window of 5 s: a live member under load (polling every 250 ms at most) is never taken for dead.
+    const live = 5000;
+    void never({ waitMs: 1000, ttlMs: live }, w1.redis).join(lock, group, member('d1@1', 1), new AbortController().signal).catch(() => undefined);
+    void never({ waitMs: 30_000, ttlMs: live }, w2.redis).join(lock, group, member('d2@2', 2), new AbortController().signal).catch(() => undefined);
     await waitQueued(group, ['d1@1', 'd2@2']);
     w1.kill();
     // A member silent for the holder's lock TTL counts as gone.
-    await quietFor(group, 'd1@1', 1000);
-    const h = await holderOf(new RedisLocks(conn, opts({ ttlMs: 1000 })), lock, group, 'h@3', 3);
+    await quietFor(group, 'd1@1', live);
+    const h = await holderOf(new RedisLocks(conn, opts({ ttlMs: live })), lock, group, 'h@3', 3);
     expect((await claimed(h)).map((m) => m.id)).toEqual(['d2@2', 'h@3']);
     expect(await conn.hget(key(group, 'data'), 'd1@1')).toBeNull();
     w2.kill();
-    await quietFor(group, 'd2@2', 1000);
+    await quietFor(group, 'd2@2', live);
     expect(await h.seal(['d2@2', 'h@3'])).toEqual(['d2@2']);
     expect(await queuedIds(group)).toEqual(['h@3']);
     expect(await h.seal(['h@3'])).toEqual([]);

@@ -1,6 +1,6 @@
 import { Transform } from 'node:stream';
 import { z } from 'zod';
-import { ErrorCode, StorageError } from '../src/errors.js';
+import { ErrorCode, StorageError, isRetryable } from '../src/errors.js';
 import { BackendName, Sha256, StagingPath, type GroupHolder, type GroupMember, type JobDeps, type Lease } from '../src/payload.js';
 import { CONTENT_TYPE, GZIP_LEVEL, readArchive, rewriteArchive, type SeekableInput } from '../src/session/archive.js';
 import { dirtySegments, rewriteSegments } from '../src/session/seek-edit.js';
@@ -233,11 +233,27 @@ async function commitBatch(bucket: Bucket, key: string, jobs: readonly BatchJob[
   let committed: Omit<RepackResult, 'missing'> | undefined;
   for (let tries = 1, reruns = 0; active.length > 0;) {
     const batch = new BatchPlan(active);
-    const signal = AbortSignal.any([d.signal, lease.signal]);
+    // Once sealed, the jobs' commit is promised to them (a later holder would apply them): only a
+    // lost lease stops it, never this job's cancel.
+    // (From the seal's call on: it may have landed in Redis before its reply.)
+    const stop = new AbortController();
+    let sealing = false;
+    const follow = (s: AbortSignal, unlessSealed: boolean): void => {
+      const go = (): void => { if (!unlessSealed || !sealing) stop.abort(s.reason); };
+      if (s.aborted) go();
+      else s.addEventListener('abort', go, { once: true });
+    };
     let unseal: (() => Promise<void>) | undefined;
-    const beforeCommit = seal ? async () => { unseal = await seal(active.map((j) => j.id)); } : undefined;
-    const outcome = await attempt(bucket, key, batch, spool, signal, d, beforeCommit).catch((err: unknown) => {
+    follow(lease.signal, false);
+    follow(d.signal, true);
+    const beforeCommit = seal ? async () => {
+      sealing = true;
+      unseal = await seal(active.map((j) => j.id));
+    } : undefined;
+    const outcome = await attempt(bucket, key, batch, spool, stop.signal, d, beforeCommit).catch(async (err: unknown) => {
       if (lease.signal.aborted) throw lease.signal.reason;
+      // Refused for good (not Transient, not Unknown), the put surely did not commit: the seal is undone.
+      if (unseal && err instanceof StorageError && !isRetryable(err.code)) await unseal();
       if (err instanceof SpoolNeeded && reruns < MAX_SPOOL_RERUNS && !spool.has(err.target)) return err;
       if (err instanceof OpFailed || err instanceof Withdrawn) return err;
       throw err;

@@ -234,6 +234,38 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     expect(await groupKeys(s).then((ks) => ks.filter((k) => !k.includes(':outcome:')))).toEqual([]);
   });
 
+  it('a holder cancelled right after its seal still commits its batch (its put is stopped only by a lost lease)', async () => {
+    const s = `octo__repo__sealcancel-${++n}`;
+    await job(s, [{ op: 'put', path: 'base.txt', text: 'base\n' }]).done;
+    const lease = await block(s);
+    const other = job(s, [{ op: 'put', path: 'other.txt', text: 'o\n' }], { neverHolds: true });
+    await queued(s, 1);
+    const stop = new AbortController();
+    // The cancel lands as the holder's seal returns, before the put's last bytes are released.
+    const gated = new Proxy(conn, {
+      get(t, k) {
+        const v = Reflect.get(t, k) as unknown;
+        if (typeof v !== 'function') return v;
+        const f = v as (...a: unknown[]) => unknown;
+        if (k !== 'eval') return f.bind(t);
+        return async (...a: unknown[]) => {
+          const out = await f.apply(t, a);
+          if (typeof a[0] === 'string' && a[0].includes("redis.call('hset', KEYS[5], ARGV[i], ARGV[1])")) stop.abort(new Error('Cancelled: the job was cancelled by a request'));
+          return out;
+        };
+      },
+    });
+    const holder = job(s, [{ op: 'put', path: 'holder.txt', text: 'h\n' }], { redis: gated, signal: stop.signal });
+    await queued(s, 2);
+    await lease.release();
+    const [h, o] = await Promise.all([holder.done, other.done]);
+    expect(stop.signal.aborted).toBe(true);
+    expect(h.batched).toBe(2);
+    expect(o.sha256).toBe(h.sha256);
+    expect((await listSession(bucket, s)).entries.map((e) => e.path).sort()).toEqual(['base.txt', 'holder.txt', 'other.txt']);
+    expect(await groupKeys(s).then((ks) => ks.filter((k) => !k.includes(':outcome:')))).toEqual([]);
+  });
+
   it('a job failing on its own staged file (gone) fails alone', async () => {
     const s = `octo__repo__staged-${++n}`;
     await writeFile(join(staging, `one-${s}`), 'one\n');

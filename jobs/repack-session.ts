@@ -8,6 +8,7 @@ import { ArchiveReplaced, openSeekable } from '../src/session/seek-read.js';
 import { OpPath, SessionId, sessionKey, sessionLockName } from '../src/session/ids.js';
 import { OpFailed, SpoolNeeded, type Body, type PlanOp } from '../src/session/plan.js';
 import { BatchPlan, MAX_BATCH_JOBS, Withdrawn, decodeOutcome, encodeOutcome, fitBatch, type BatchJob } from '../src/session/batch.js';
+import { SealedUnsure } from '../src/queue/group-commit.js';
 import type { Bucket, PutOptions } from '../src/storage/bucket.js';
 import type { ObjectInfo } from '../src/storage/driver.js';
 
@@ -94,13 +95,35 @@ export async function repackSession(p: RepackPayload, d: JobDeps): Promise<Repac
     }
   }
   const entry: QueuedRepack = { jobId: d.jobId, enqueuedAt: d.enqueuedAt, payload: p };
-  const joined = await group.join(lockName, `session:${p.session}:${p.backend}`, { id: self.id, score: d.enqueuedAt, data: JSON.stringify(entry) }, d.signal);
+  const groupName = `session:${p.session}:${p.backend}`;
+  const joined = await group.join(lockName, groupName, { id: self.id, score: d.enqueuedAt, data: JSON.stringify(entry) }, d.signal).catch(async (err: unknown) => {
+    if (!(err instanceof SealedUnsure) || !d.signal.aborted) throw err;
+    return { outcome: undefined, settled: await settleCancelled(d.bucket(p.backend), key, self.mark, lockName, groupName, d, err) };
+  });
+  if ('settled' in joined) return joined.settled;
   if ('outcome' in joined) {
     const result = decodeOutcome<RepackResult>(joined.outcome);
     d.log.info({ key, size: result.size, batched: result.batched }, 'session repacked by the holder of its lock');
     return result;
   }
   return holdBatch(joined.holder, p, self, d);
+}
+
+/**
+ * A cancelled job sealed into the commit of a holder that went away: under the session's lock (no
+ * holder can apply it meanwhile) its mark says whether that holder committed it. Committed, it
+ * succeeded; if not, it leaves the group so no later holder applies it, and only then ends cancelled.
+ */
+async function settleCancelled(bucket: Bucket, key: string, mark: string, lockName: string, groupName: string, d: JobDeps, cancelled: StorageError): Promise<RepackResult> {
+  // The job's own signal has aborted: the lock's own wait bound applies.
+  const lease = await d.locks!.acquire(lockName, new AbortController().signal);
+  try {
+    if (await marked(bucket, key, mark)) return { ...await currentArchive(bucket, key, lease.signal), missing: [] };
+    await d.locks!.group!.forget(lockName, groupName, mark);
+    throw cancelled;
+  } finally {
+    await lease.release();
+  }
 }
 
 /** A job queued for the session's lock holder, as it waits in Redis. */
@@ -187,9 +210,17 @@ async function applyBatch(holder: GroupHolder, members: readonly GroupMember[], 
  * file gone, say: the archive's marks say whether that holder committed it; if not, its own error.
  */
 async function settledByMark(bucket: Bucket, key: string, mark: string, err: StorageError, signal: AbortSignal): Promise<{ result: RepackResult } | { error: StorageError }> {
-  const info = await bucket.stat(key).catch(() => undefined);
-  if (!(info?.metadata[APPLIED_META] ?? '').split(' ').includes(mark)) return { error: err };
+  if (!await marked(bucket, key, mark)) return { error: err };
   return { result: { ...await currentArchive(bucket, key, signal), missing: [] } };
+}
+
+/** Whether the stored archive's metadata holds `mark` (no archive: no); a stat that fails otherwise throws. */
+async function marked(bucket: Bucket, key: string, mark: string): Promise<boolean> {
+  const info = await bucket.stat(key).catch((err: unknown) => {
+    if (err instanceof StorageError && err.code === ErrorCode.NotFound) return undefined;
+    throw err;
+  });
+  return (info?.metadata[APPLIED_META] ?? '').split(' ').includes(mark);
 }
 
 /** Inline bytes one batch holds, in units of what one job may carry. */

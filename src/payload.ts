@@ -126,6 +126,8 @@ export interface GroupCommit {
    * the lock. Transient when the lock stays busy with the work unclaimed for the lock's wait time.
    */
   join(lock: string, group: string, member: GroupMember, signal: AbortSignal): Promise<{ outcome: string } | { holder: GroupHolder }>;
+  /** Takes member `id` out of the group whatever its state, so no holder applies it: only while holding `lock`. */
+  forget(lock: string, group: string, id: string): Promise<void>;
 }
 
 /** The lock's holder and the members it took from the queue. Members it does not finish go back to the queue. */

@@ -259,6 +259,11 @@ export class RedisGroupCommit implements GroupCommit {
     }
   }
 
+  async forget(lock: string, group: string, id: string): Promise<void> {
+    const k = this.keys(lock, group);
+    await this.run(FINISH, [...k.all, k.outcome(id)], [OUTCOME_TTL_MS, id, '']);
+  }
+
   /**
    * Takes the member out of the group. One sealed into the commit of a live holder waits for its
    * outcome as long as that holder keeps the lock (its renewals are the liveness); one sealed by a
@@ -272,13 +277,22 @@ export class RedisGroupCommit implements GroupCommit {
       const state = await this.run(WITHDRAW, keys, [id, GROUP_TTL_MS]).catch(() => undefined) as State;
       if (state?.[0] === 'outcome') return { outcome: state[1]! };
       if (state?.[0] === 'withdrawn') return undefined;
-      if (state?.[0] === 'unsure') {
-        throw new StorageError(ErrorCode.Transient, 'the holder that sealed this job into its commit went away: whether it committed is settled by the next holder', { op: 'lock' });
-      }
+      if (state?.[0] === 'unsure') throw new SealedUnsure();
       if (state?.[0] === 'sealed') deadline = Date.now() + this.opts.waitMs + this.opts.ttlMs;
       else if (Date.now() > deadline) return undefined;
       await new Promise((r) => setTimeout(r, POLL_MAX_MS));
     }
+  }
+}
+
+/**
+ * A withdrawing member sealed by a holder that went away: it may have been committed. The job
+ * must not end as cancelled while a later holder could still apply it: it settles itself under
+ * the lock (GroupCommit.forget) or stays Transient.
+ */
+export class SealedUnsure extends StorageError {
+  constructor() {
+    super(ErrorCode.Transient, 'the holder that sealed this job into its commit went away: whether it committed is settled by the next holder', { op: 'lock' });
   }
 }
 

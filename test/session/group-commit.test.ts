@@ -266,6 +266,35 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     expect(await groupKeys(s).then((ks) => ks.filter((k) => !k.includes(':outcome:')))).toEqual([]);
   });
 
+  it('a job cancelled while sealed by a holder that died uncommitted settles under the lock: it leaves the group, no later holder applies it', async () => {
+    const s = `octo__repo__unsurecancel-${++n}`;
+    await job(s, [{ op: 'put', path: 'base.txt', text: 'base\n' }]).done;
+    const stop = new AbortController();
+    const c = job(s, [{ op: 'put', path: 'cancelled.txt', text: 'no\n' }], { neverHolds: true, signal: stop.signal });
+    await queued(s, 1);
+    // A holder that claims and seals c, then goes without committing.
+    const lockName = sessionLockName(s);
+    const groupName = `session:${s}:default`;
+    const joined = await locks().group.join(lockName, groupName, { id: 'h@1', score: 1, data: '{}' }, new AbortController().signal);
+    if (!('holder' in joined)) throw new Error('the fake holder did not get the lock');
+    const got = await joined.holder.claim(32);
+    if ('outcome' in got) throw new Error('unexpected outcome');
+    expect(got.members.map((m) => m.id).sort()).toEqual([c.mark, 'h@1'].sort());
+    expect(await joined.holder.seal([c.mark, 'h@1'])).toEqual([]);
+    stop.abort(new Error('Cancelled: the job was cancelled by a request'));
+    const settled = expect(c.done).rejects.toMatchObject({ code: 'Transient', message: expect.stringContaining('went away') });
+    holds.allowed = true;
+    await joined.holder.lease.release();
+    await settled;
+    expect(await conn.zscore(gkey(s, 'queue'), c.mark)).toBeNull();
+    expect(await conn.hget(gkey(s, 'sealed'), c.mark)).toBeNull();
+    const lease = await block(s);
+    await locks().group.forget(lockName, groupName, 'h@1');
+    await lease.release();
+    await job(s, [{ op: 'put', path: 'later.txt', text: 'l\n' }]).done;
+    expect((await listSession(bucket, s)).entries.map((e) => e.path).sort()).toEqual(['base.txt', 'later.txt']);
+  });
+
   it('a job failing on its own staged file (gone) fails alone', async () => {
     const s = `octo__repo__staged-${++n}`;
     await writeFile(join(staging, `one-${s}`), 'one\n');

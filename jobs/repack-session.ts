@@ -1,7 +1,7 @@
 import { Transform } from 'node:stream';
 import { z } from 'zod';
 import { ErrorCode, StorageError, isRetryable } from '../src/errors.js';
-import { BackendName, Sha256, StagingPath, type GroupHolder, type GroupMember, type JobDeps, type Lease } from '../src/payload.js';
+import { BackendName, Sha256, StagingPath, type GroupHolder, type GroupMember, type JobDeps, type Lease, type Locks } from '../src/payload.js';
 import { CONTENT_TYPE, GZIP_LEVEL, readArchive, rewriteArchive, type SeekableInput } from '../src/session/archive.js';
 import { dirtySegments, rewriteSegments } from '../src/session/seek-edit.js';
 import { ArchiveReplaced, openSeekable } from '../src/session/seek-read.js';
@@ -95,7 +95,7 @@ export async function repackSession(p: RepackPayload, d: JobDeps): Promise<Repac
     }
   }
   const entry: QueuedRepack = { jobId: d.jobId, enqueuedAt: d.enqueuedAt, payload: p };
-  const groupName = `session:${p.session}:${p.backend}`;
+  const groupName = sessionGroup(p.session, p.backend);
   const joined = await group.join(lockName, groupName, { id: self.id, score: d.enqueuedAt, data: JSON.stringify(entry) }, d.signal).catch(async (err: unknown) => {
     if (!(err instanceof SealedUnsure) || !d.signal.aborted) throw err;
     return { outcome: undefined, settled: await settleCancelled(d.bucket(p.backend), key, self.mark, lockName, groupName, d, err) };
@@ -118,12 +118,35 @@ async function settleCancelled(bucket: Bucket, key: string, mark: string, lockNa
   // The job's own signal has aborted: the lock's own wait bound applies.
   const lease = await d.locks!.acquire(lockName, new AbortController().signal);
   try {
-    if (await marked(bucket, key, mark)) return { ...await currentArchive(bucket, key, lease.signal), missing: [] };
+    if ((await storedMarks(bucket, key)).includes(mark)) return { ...await currentArchive(bucket, key, lease.signal), missing: [] };
     await d.locks!.group!.forget(lockName, groupName, mark);
     throw cancelled;
   } finally {
     await lease.release();
   }
+}
+
+/** The group a session's repacks on one backend queue in. */
+const sessionGroup = (session: string, backend: string): string => `session:${session}:${backend}`;
+
+/**
+ * For a whole-session write (upload, delete), while it holds the session's lock: the jobs sealed
+ * by a holder that went away are settled first, as the next holder would (their marks say
+ * whether that holder committed them). Committed ones get their outcome, so a redelivery does
+ * not apply them again onto what the write leaves; the others leave the group (their jobs,
+ * retried, queue again after the write).
+ */
+export async function settleSealed(bucket: Bucket, session: string, locks: Locks): Promise<void> {
+  if (!locks.group) return;
+  const lockName = sessionLockName(session);
+  const group = sessionGroup(session, bucket.name);
+  const orphans = await locks.group.sealedOrphans(lockName, group);
+  if (orphans.length === 0) return;
+  const key = sessionKey(session);
+  const marks = await storedMarks(bucket, key);
+  const done = new Set(orphans.filter((id) => marks.includes(id)));
+  const now = done.size > 0 ? encodeOutcome({ result: { ...await currentArchive(bucket, key, new AbortController().signal), missing: [] } }) : '';
+  for (const id of orphans) await locks.group.forget(lockName, group, id, done.has(id) ? now : '');
 }
 
 /** A job queued for the session's lock holder, as it waits in Redis. */
@@ -210,17 +233,17 @@ async function applyBatch(holder: GroupHolder, members: readonly GroupMember[], 
  * file gone, say: the archive's marks say whether that holder committed it; if not, its own error.
  */
 async function settledByMark(bucket: Bucket, key: string, mark: string, err: StorageError, signal: AbortSignal): Promise<{ result: RepackResult } | { error: StorageError }> {
-  if (!await marked(bucket, key, mark)) return { error: err };
+  if (!(await storedMarks(bucket, key)).includes(mark)) return { error: err };
   return { result: { ...await currentArchive(bucket, key, signal), missing: [] } };
 }
 
-/** Whether the stored archive's metadata holds `mark` (no archive: no); a stat that fails otherwise throws. */
-async function marked(bucket: Bucket, key: string, mark: string): Promise<boolean> {
+/** The marks the stored archive's metadata holds (no archive: none); a stat that fails otherwise throws. */
+async function storedMarks(bucket: Bucket, key: string): Promise<string[]> {
   const info = await bucket.stat(key).catch((err: unknown) => {
     if (err instanceof StorageError && err.code === ErrorCode.NotFound) return undefined;
     throw err;
   });
-  return (info?.metadata[APPLIED_META] ?? '').split(' ').includes(mark);
+  return (info?.metadata[APPLIED_META] ?? '').split(' ');
 }
 
 /** Inline bytes one batch holds, in units of what one job may carry. */

@@ -195,6 +195,14 @@ for i = 2, #ARGV do
 end
 return 1`;
 
+/** Members sealed by a holder that no longer has the lock (it died or lost it: they may be committed). KEYS as every script's. */
+const SEALED_ORPHANS = `
+local live = redis.call('get', KEYS[1])
+local out = {}
+local all = redis.call('hgetall', KEYS[5])
+for i = 1, #all, 2 do if all[i + 1] ~= live then table.insert(out, all[i]) end end
+return out`;
+
 interface Keys {
   /** lock queue data claims sealed withdrawn alive: every script's first keys. */
   all: string[];
@@ -259,9 +267,13 @@ export class RedisGroupCommit implements GroupCommit {
     }
   }
 
-  async forget(lock: string, group: string, id: string): Promise<void> {
+  async forget(lock: string, group: string, id: string, outcome = ''): Promise<void> {
     const k = this.keys(lock, group);
-    await this.run(FINISH, [...k.all, k.outcome(id)], [OUTCOME_TTL_MS, id, '']);
+    await this.run(FINISH, [...k.all, k.outcome(id)], [OUTCOME_TTL_MS, id, outcome]);
+  }
+
+  async sealedOrphans(lock: string, group: string): Promise<string[]> {
+    return await this.run(SEALED_ORPHANS, this.keys(lock, group).all, []) as string[];
   }
 
   /**

@@ -6,7 +6,7 @@ import { Writable } from 'node:stream';
 import type { Redis } from 'ioredis';
 import { pino } from 'pino';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { APPLIED_META, RepackPayload, repackSession, type RepackResult } from '../../jobs/repack-session.js';
+import { APPLIED_META, RepackPayload, repackSession, settleSealed, type RepackResult } from '../../jobs/repack-session.js';
 import { FsDriver } from '../../src/backends/fs.js';
 import { ErrorCode, StorageError } from '../../src/errors.js';
 import { parsePayload, type GroupHolder, type JobDeps, type Lease } from '../../src/payload.js';
@@ -293,6 +293,40 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     await lease.release();
     await job(s, [{ op: 'put', path: 'later.txt', text: 'l\n' }]).done;
     expect((await listSession(bucket, s)).entries.map((e) => e.path).sort()).toEqual(['base.txt', 'later.txt']);
+  });
+
+  it('a whole-session write settles the jobs a dead holder sealed first: a committed one keeps its outcome past a delete, an uncommitted one leaves', async () => {
+    const s = `octo__repo__wholesettle-${++n}`;
+    // done: committed, its mark in the archive; its holder "died" before recording its outcome.
+    const done = job(s, [{ op: 'put', path: 'done.txt', text: 'd\n' }]);
+    await done.done;
+    await conn.del(...await groupKeys(s));
+    const lockName = sessionLockName(s);
+    const groupName = `session:${s}:default`;
+    const stop = new AbortController();
+    const open = job(s, [{ op: 'put', path: 'open.txt', text: 'o\n' }], { neverHolds: true, signal: stop.signal });
+    const openEnded = open.done.catch(() => undefined);
+    await queued(s, 1);
+    const joined = await locks().group.join(lockName, groupName, { id: done.mark, score: done.enqueuedAt, data: '{}' }, new AbortController().signal);
+    if (!('holder' in joined)) throw new Error('the fake holder did not get the lock');
+    const got = await joined.holder.claim(32);
+    if ('outcome' in got) throw new Error('unexpected outcome');
+    expect(await joined.holder.seal([done.mark, open.mark])).toEqual([]);
+    await joined.holder.lease.release();
+    expect((await locks().group.sealedOrphans(lockName, groupName)).sort()).toEqual([done.mark, open.mark].sort());
+    // The HTTP delete's steps: under the lock, settle, then delete.
+    const lease = await block(s);
+    await settleSealed(bucket, s, locks());
+    await bucket.delete(sessionKey(s));
+    await lease.release();
+    expect(await conn.zcard(gkey(s, 'queue'))).toBe(0);
+    stop.abort(new Error('Cancelled'));
+    await openEnded;
+    // done redelivered: its outcome is there, the session does not come back.
+    holds.allowed = true;
+    const again = await job(s, [{ op: 'put', path: 'done.txt', text: 'd\n' }], { id: done.id, enqueuedAt: done.enqueuedAt }).done;
+    expect(again.entries).toBe(1);
+    await expect(bucket.stat(sessionKey(s))).rejects.toMatchObject({ code: 'NotFound' });
   });
 
   it('a job failing on its own staged file (gone) fails alone', async () => {

@@ -1,7 +1,7 @@
 import { Transform } from 'node:stream';
 import { z } from 'zod';
-import { ErrorCode, StorageError } from '../src/errors.js';
-import { BackendName, Sha256, StagingPath, type GroupHolder, type GroupMember, type JobDeps, type Lease } from '../src/payload.js';
+import { ErrorCode, StorageError, isRetryable } from '../src/errors.js';
+import { BackendName, Sha256, StagingPath, type GroupHolder, type GroupMember, type JobDeps, type Lease, type Locks } from '../src/payload.js';
 import { CONTENT_TYPE, GZIP_LEVEL, readArchive, rewriteArchive, type SeekableInput } from '../src/session/archive.js';
 import { dirtySegments, rewriteSegments } from '../src/session/seek-edit.js';
 import { ArchiveReplaced, openSeekable } from '../src/session/seek-read.js';
@@ -9,6 +9,7 @@ import { SpliceUnsupported, shouldSplice, spliceRewrite } from '../src/session/s
 import { OpPath, SessionId, sessionKey, sessionLockName } from '../src/session/ids.js';
 import { OpFailed, SpoolNeeded, type Body, type PlanOp } from '../src/session/plan.js';
 import { BatchPlan, MAX_BATCH_JOBS, Withdrawn, decodeOutcome, encodeOutcome, fitBatch, type BatchJob } from '../src/session/batch.js';
+import { SealedUnsure } from '../src/queue/group-commit.js';
 import type { Bucket, PutOptions } from '../src/storage/bucket.js';
 import type { ObjectInfo } from '../src/storage/driver.js';
 
@@ -95,13 +96,58 @@ export async function repackSession(p: RepackPayload, d: JobDeps): Promise<Repac
     }
   }
   const entry: QueuedRepack = { jobId: d.jobId, enqueuedAt: d.enqueuedAt, payload: p };
-  const joined = await group.join(lockName, `session:${p.session}:${p.backend}`, { id: self.id, score: d.enqueuedAt, data: JSON.stringify(entry) }, d.signal);
+  const groupName = sessionGroup(p.session, p.backend);
+  const joined = await group.join(lockName, groupName, { id: self.id, score: d.enqueuedAt, data: JSON.stringify(entry) }, d.signal).catch(async (err: unknown) => {
+    if (!(err instanceof SealedUnsure) || !d.signal.aborted) throw err;
+    return { outcome: undefined, settled: await settleCancelled(d.bucket(p.backend), key, self.mark, lockName, groupName, d, err) };
+  });
+  if ('settled' in joined) return joined.settled;
   if ('outcome' in joined) {
     const result = decodeOutcome<RepackResult>(joined.outcome);
     d.log.info({ key, size: result.size, batched: result.batched }, 'session repacked by the holder of its lock');
     return result;
   }
   return holdBatch(joined.holder, p, self, d);
+}
+
+/**
+ * A cancelled job sealed into the commit of a holder that went away: under the session's lock (no
+ * holder can apply it meanwhile) its mark says whether that holder committed it. Committed, it
+ * succeeded; if not, it leaves the group so no later holder applies it, and only then ends cancelled.
+ */
+async function settleCancelled(bucket: Bucket, key: string, mark: string, lockName: string, groupName: string, d: JobDeps, cancelled: StorageError): Promise<RepackResult> {
+  // The job's own signal has aborted: the lock's own wait bound applies.
+  const lease = await d.locks!.acquire(lockName, new AbortController().signal);
+  try {
+    if ((await storedMarks(bucket, key)).includes(mark)) return { ...await currentArchive(bucket, key, lease.signal), missing: [] };
+    await d.locks!.group!.forget(lockName, groupName, mark);
+    throw cancelled;
+  } finally {
+    await lease.release();
+  }
+}
+
+/** The group a session's repacks on one backend queue in. */
+const sessionGroup = (session: string, backend: string): string => `session:${session}:${backend}`;
+
+/**
+ * For a whole-session write (upload, delete), while it holds the session's lock: the jobs sealed
+ * by a holder that went away are settled first, as the next holder would (their marks say
+ * whether that holder committed them). Committed ones get their outcome, so a redelivery does
+ * not apply them again onto what the write leaves; the others leave the group (their jobs,
+ * retried, queue again after the write).
+ */
+export async function settleSealed(bucket: Bucket, session: string, locks: Locks): Promise<void> {
+  if (!locks.group) return;
+  const lockName = sessionLockName(session);
+  const group = sessionGroup(session, bucket.name);
+  const orphans = await locks.group.sealedOrphans(lockName, group);
+  if (orphans.length === 0) return;
+  const key = sessionKey(session);
+  const marks = await storedMarks(bucket, key);
+  const done = new Set(orphans.filter((id) => marks.includes(id)));
+  const now = done.size > 0 ? encodeOutcome({ result: { ...await currentArchive(bucket, key, new AbortController().signal), missing: [] } }) : '';
+  for (const id of orphans) await locks.group.forget(lockName, group, id, done.has(id) ? now : '');
 }
 
 /** A job queued for the session's lock holder, as it waits in Redis. */
@@ -145,6 +191,8 @@ async function applyBatch(holder: GroupHolder, members: readonly GroupMember[], 
     for (const [id, o] of finished) outcomes.set(id, o ? encodeOutcome(o) : '');
     await holder.finish(outcomes).catch((err: unknown) => d.log.warn({ err, key }, 'could not record the outcomes of the batch\'s jobs: they find their edits in the archive'));
   };
+  // Members whose ops could not be read for a passing reason: given back, never a 15-minute Transient outcome.
+  const retry: string[] = [];
   try {
     const read = await Promise.all(members.map(async (m) => {
       if (m.id === self.id) return { ...self, unsure: m.unsure ?? false };
@@ -152,12 +200,13 @@ async function applyBatch(holder: GroupHolder, members: readonly GroupMember[], 
         return await absorbed(m, p, d);
       } catch (err) {
         if (!(err instanceof StorageError) || d.signal.aborted) throw err;
-        finished.set(m.id, m.unsure ? await settledByMark(d.bucket(p.backend), key, m.id, err, holder.lease.signal) : { error: err });
+        if (err.code === ErrorCode.Transient) retry.push(m.id);
+        else finished.set(m.id, m.unsure ? await settledByMark(d.bucket(p.backend), key, m.id, err, holder.lease.signal) : { error: err });
         return undefined;
       }
     }));
     const { take, rest } = fitBatch(read.filter((j) => j !== undefined), { maxOps: MAX_OPS, maxInlineBytes: BATCH_INLINE_TIMES * d.limits.maxInlineBytes, maxMarkChars: BATCH_MARK_CHARS });
-    await holder.giveBack(rest.map((j) => j.id));
+    await holder.giveBack([...rest.map((j) => j.id), ...retry]);
     d.log.info({ key, jobs: take.map((j) => j.id), left: rest.length }, 'applying a batch of queued repacks under the session lock');
     const seal = async (ids: readonly string[]): Promise<() => Promise<void>> => {
       const gone = await holder.seal(ids);
@@ -185,9 +234,17 @@ async function applyBatch(holder: GroupHolder, members: readonly GroupMember[], 
  * file gone, say: the archive's marks say whether that holder committed it; if not, its own error.
  */
 async function settledByMark(bucket: Bucket, key: string, mark: string, err: StorageError, signal: AbortSignal): Promise<{ result: RepackResult } | { error: StorageError }> {
-  const info = await bucket.stat(key).catch(() => undefined);
-  if (!(info?.metadata[APPLIED_META] ?? '').split(' ').includes(mark)) return { error: err };
+  if (!(await storedMarks(bucket, key)).includes(mark)) return { error: err };
   return { result: { ...await currentArchive(bucket, key, signal), missing: [] } };
+}
+
+/** The marks the stored archive's metadata holds (no archive: none); a stat that fails otherwise throws. */
+async function storedMarks(bucket: Bucket, key: string): Promise<string[]> {
+  const info = await bucket.stat(key).catch((err: unknown) => {
+    if (err instanceof StorageError && err.code === ErrorCode.NotFound) return undefined;
+    throw err;
+  });
+  return (info?.metadata[APPLIED_META] ?? '').split(' ');
 }
 
 /** Inline bytes one batch holds, in units of what one job may carry. */
@@ -232,11 +289,27 @@ async function commitBatch(bucket: Bucket, key: string, jobs: readonly BatchJob[
   let splice = true;
   for (let tries = 1, reruns = 0; active.length > 0;) {
     const batch = new BatchPlan(active);
-    const signal = AbortSignal.any([d.signal, lease.signal]);
+    // Once sealed, the jobs' commit is promised to them (a later holder would apply them): only a
+    // lost lease stops it, never this job's cancel.
+    // (From the seal's call on: it may have landed in Redis before its reply.)
+    const stop = new AbortController();
+    let sealing = false;
+    const follow = (s: AbortSignal, unlessSealed: boolean): void => {
+      const go = (): void => { if (!unlessSealed || !sealing) stop.abort(s.reason); };
+      if (s.aborted) go();
+      else s.addEventListener('abort', go, { once: true });
+    };
     let unseal: (() => Promise<void>) | undefined;
-    const beforeCommit = seal ? async () => { unseal = await seal(active.map((j) => j.id)); } : undefined;
-    const outcome = await attempt(bucket, key, batch, spool, signal, d, splice, beforeCommit).catch((err: unknown) => {
+    follow(lease.signal, false);
+    follow(d.signal, true);
+    const beforeCommit = seal ? async () => {
+      sealing = true;
+      unseal = await seal(active.map((j) => j.id));
+    } : undefined;
+    const outcome = await attempt(bucket, key, batch, spool, stop.signal, d, splice, beforeCommit).catch(async (err: unknown) => {
       if (lease.signal.aborted) throw lease.signal.reason;
+      // Refused for good (not Transient, not Unknown), the put surely did not commit: the seal is undone.
+      if (unseal && err instanceof StorageError && !isRetryable(err.code)) await unseal();
       if (err instanceof SpoolNeeded && reruns < MAX_SPOOL_RERUNS && !spool.has(err.target)) return err;
       if (err instanceof OpFailed || err instanceof Withdrawn) return err;
       if (err instanceof SpliceUnsupported && splice) return err;
@@ -451,9 +524,14 @@ async function attempt(bucket: Bucket, key: string, batch: BatchPlan, spool: Rea
   }
 }
 
-/** The newest job marks, the batch's last (all of them: a batch fits BATCH_MARK_CHARS), bounded in count and length. */
+/**
+ * The newest job marks, the batch's last (all of them: a batch fits BATCH_MARK_CHARS), bounded in
+ * count and length. A mark APPLIED_ID refuses (a job id with control characters, which S3, GCS and
+ * Azure metadata reject, or one long enough to push the others out) is left out: its job took the
+ * path without a group and is not found by its mark when redelivered.
+ */
 function appliedList(applied: string[], marks: string[]): string {
-  const list = [...applied.filter((m) => !marks.includes(m) && APPLIED_ID.test(m)), ...marks].slice(-APPLIED_KEEP);
+  const list = [...applied.filter((m) => !marks.includes(m)), ...marks].filter((m) => APPLIED_ID.test(m)).slice(-APPLIED_KEEP);
   while (list.join(' ').length > APPLIED_MAX_CHARS) list.shift();
   return list.join(' ');
 }

@@ -126,6 +126,13 @@ export interface GroupCommit {
    * the lock. Transient when the lock stays busy with the work unclaimed for the lock's wait time.
    */
   join(lock: string, group: string, member: GroupMember, signal: AbortSignal): Promise<{ outcome: string } | { holder: GroupHolder }>;
+  /**
+   * Takes member `id` out of the group whatever its state, so no holder applies it, recording
+   * `outcome` for it when given: only while holding `lock`.
+   */
+  forget(lock: string, group: string, id: string, outcome?: string): Promise<void>;
+  /** Members sealed into the commit of a holder that no longer has `lock`: whether it committed them is for the caller to settle. */
+  sealedOrphans(lock: string, group: string): Promise<string[]>;
 }
 
 /** The lock's holder and the members it took from the queue. Members it does not finish go back to the queue. */

@@ -195,6 +195,14 @@ for i = 2, #ARGV do
 end
 return 1`;
 
+/** Members sealed by a holder that no longer has the lock (it died or lost it: they may be committed). KEYS as every script's. */
+const SEALED_ORPHANS = `
+local live = redis.call('get', KEYS[1])
+local out = {}
+local all = redis.call('hgetall', KEYS[5])
+for i = 1, #all, 2 do if all[i + 1] ~= live then table.insert(out, all[i]) end end
+return out`;
+
 interface Keys {
   /** lock queue data claims sealed withdrawn alive: every script's first keys. */
   all: string[];
@@ -259,6 +267,15 @@ export class RedisGroupCommit implements GroupCommit {
     }
   }
 
+  async forget(lock: string, group: string, id: string, outcome = ''): Promise<void> {
+    const k = this.keys(lock, group);
+    await this.run(FINISH, [...k.all, k.outcome(id)], [OUTCOME_TTL_MS, id, outcome]);
+  }
+
+  async sealedOrphans(lock: string, group: string): Promise<string[]> {
+    return await this.run(SEALED_ORPHANS, this.keys(lock, group).all, []) as string[];
+  }
+
   /**
    * Takes the member out of the group. One sealed into the commit of a live holder waits for its
    * outcome as long as that holder keeps the lock (its renewals are the liveness); one sealed by a
@@ -272,13 +289,22 @@ export class RedisGroupCommit implements GroupCommit {
       const state = await this.run(WITHDRAW, keys, [id, GROUP_TTL_MS]).catch(() => undefined) as State;
       if (state?.[0] === 'outcome') return { outcome: state[1]! };
       if (state?.[0] === 'withdrawn') return undefined;
-      if (state?.[0] === 'unsure') {
-        throw new StorageError(ErrorCode.Transient, 'the holder that sealed this job into its commit went away: whether it committed is settled by the next holder', { op: 'lock' });
-      }
+      if (state?.[0] === 'unsure') throw new SealedUnsure();
       if (state?.[0] === 'sealed') deadline = Date.now() + this.opts.waitMs + this.opts.ttlMs;
       else if (Date.now() > deadline) return undefined;
       await new Promise((r) => setTimeout(r, POLL_MAX_MS));
     }
+  }
+}
+
+/**
+ * A withdrawing member sealed by a holder that went away: it may have been committed. The job
+ * must not end as cancelled while a later holder could still apply it: it settles itself under
+ * the lock (GroupCommit.forget) or stays Transient.
+ */
+export class SealedUnsure extends StorageError {
+  constructor() {
+    super(ErrorCode.Transient, 'the holder that sealed this job into its commit went away: whether it committed is settled by the next holder', { op: 'lock' });
   }
 }
 

@@ -4,7 +4,7 @@ import { mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
-import { ErrorCode, StorageError } from '../errors.js';
+import { ErrorCode, StorageError, classifyCommon } from '../errors.js';
 import { hashFile } from '../storage/bucket.js';
 import type { Edit, NewEntry, TarEntry, TreeView } from '../archive/transform.js';
 
@@ -291,11 +291,23 @@ async function* readStaged(file: string, k: number): AsyncGenerator<Buffer> {
   }
 }
 
-/** A staged file's fs error as the failure of the put that reads it (other errors pass as they are). */
-function stagedFailed(err: unknown, k: number): unknown {
+/** Errno codes that mean a staged file is not there (gone, or swapped for a link): NotFound. */
+const STAGED_GONE = new Set(['ENOENT', 'ENOTDIR', 'ELOOP']);
+
+/**
+ * A staged file's fs error as the failure of the put that reads it (other errors pass as they
+ * are). Gone is NotFound; the rest keep the usual fs mapping, and a passing one (EMFILE, EIO) is
+ * no OpFailed: it is not that job's fault, so the whole pass fails Transient and is tried again.
+ * @internal exported for tests
+ */
+export function stagedFailed(err: unknown, k: number): unknown {
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
   if (typeof code !== 'string' || err instanceof StorageError) return err;
-  return new OpFailed(ErrorCode.NotFound, k, `its staged file cannot be read (${code})`);
+  const why = `its staged file cannot be read (${code})`;
+  if (STAGED_GONE.has(code)) return new OpFailed(ErrorCode.NotFound, k, why);
+  const mapped = classifyCommon(err) ?? ErrorCode.Unknown;
+  if (mapped === ErrorCode.Transient) return new StorageError(ErrorCode.Transient, `ops.${k}: ${why}`, { op: 'repack', cause: err });
+  return new OpFailed(mapped, k, why);
 }
 
 async function digestOf(data: AsyncIterable<Buffer>): Promise<string> {

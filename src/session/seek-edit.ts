@@ -1,7 +1,7 @@
 import { Readable, Writable } from 'node:stream';
 import { transformTar } from '../archive/transform.js';
 import { ErrorCode, StorageError } from '../errors.js';
-import { EditPlan, type PlanOp } from './plan.js';
+import { EditPlan, OpFailed, type PlanOp } from './plan.js';
 import type { SeekIndex } from './seek-format.js';
 import { segmentAt } from './seek-read.js';
 import { sourceSegments } from './seek-source.js';
@@ -85,11 +85,11 @@ export async function rewriteSegments(raw: Readable, ix: SeekIndex, key: string,
       group.parts.push(k.u);
       if (k.i < group.last) continue;
       const seg0 = ix.segments[k.i - group.parts.length + 1]!;
-      const inGroup = ops.filter((o) => {
+      const inGroup = ops.flatMap((o, j) => {
         const e = ix.entries.find((x) => x.path === o.path)!;
-        return e.start >= seg0.uOff && e.start < ix.segments[k.i]!.uOff + ix.segments[k.i]!.uLen;
+        return e.start >= seg0.uOff && e.start < ix.segments[k.i]!.uOff + ix.segments[k.i]!.uLen ? [j] : [];
       });
-      await editGroup(Buffer.concat(group.parts), inGroup, mtime, write);
+      await editGroup(Buffer.concat(group.parts), ops, inGroup, mtime, write);
       group = undefined;
     }
     await new Promise<void>((resolve, reject) => writer.end((err?: Error | null) => (err ? reject(err) : resolve())));
@@ -100,9 +100,13 @@ export async function rewriteSegments(raw: Readable, ix: SeekIndex, key: string,
   }
 }
 
-/** One dirty group's entries through the transform, its puts applied; the new entries' tar bytes go to `write`. */
-async function editGroup(tar: Buffer, ops: readonly PlanOp[], mtime: Date, write: (b: Buffer) => Promise<void>): Promise<void> {
-  const run = new EditPlan(ops, mtime).start(new Set());
+/**
+ * One dirty group's entries through the transform, its puts (ops `at` of the plan) applied; the
+ * new entries' tar bytes go to `write`. An op's failure names its index in the plan, not in the
+ * group, so a batch blames the job it came from.
+ */
+async function editGroup(tar: Buffer, ops: readonly PlanOp[], at: readonly number[], mtime: Date, write: (b: Buffer) => Promise<void>): Promise<void> {
+  const run = new EditPlan(at.map((j) => ops[j]!), mtime).start(new Set());
   // The transform ends its output with the two zero blocks of a tar's end: held back, the group goes on.
   let held = Buffer.alloc(0);
   const sink = new Writable({
@@ -117,6 +121,8 @@ async function editGroup(tar: Buffer, ops: readonly PlanOp[], mtime: Date, write
     await transformTar(Readable.from([tar, Buffer.alloc(END_OF_TAR)]), sink, (e) => run.edit(e), { gzip: false, append: (tree) => run.append(tree) });
     if (run.conditionFailed) throw run.conditionFailed;
     if (held.length !== END_OF_TAR || held.some((b) => b !== 0)) throw new StorageError(ErrorCode.Unknown, 'a segment group\'s rewrite did not end as a tar does', { op: 'repack' });
+  } catch (err) {
+    throw err instanceof OpFailed ? new OpFailed(err.code, at[err.index]!, err.why) : err;
   } finally {
     await run.close();
   }

@@ -1,12 +1,12 @@
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
-import { rmSync } from 'node:fs';
+import { mkdirSync, rmSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import type { Redis } from 'ioredis';
 import { pino } from 'pino';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { APPLIED_META, RepackPayload, repackSession, type RepackResult } from '../../jobs/repack-session.js';
+import { APPLIED_META, RepackPayload, repackSession, settleSealed, type RepackResult } from '../../jobs/repack-session.js';
 import { FsDriver } from '../../src/backends/fs.js';
 import { ErrorCode, StorageError } from '../../src/errors.js';
 import { parsePayload, type GroupHolder, type JobDeps, type Lease } from '../../src/payload.js';
@@ -14,6 +14,7 @@ import { redisConnection } from '../../src/queue/connection.js';
 import { StevedoreClient } from '../../src/queue/client.js';
 import { RedisLocks } from '../../src/queue/lock.js';
 import { sessionKey, sessionLockName } from '../../src/session/ids.js';
+import { OpFailed, stagedFailed } from '../../src/session/plan.js';
 import { catSession, listSession } from '../../src/session/read.js';
 import { Bucket } from '../../src/storage/bucket.js';
 import { run } from '../archive/corpus.js';
@@ -166,6 +167,18 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     expect((await bucket.stat(sessionKey(s))).sha256).toBe(results[0]!.sha256);
   });
 
+  it('leaves out of the metadata a mark that is no valid mark (control characters, a 485-character id); the others stay', async () => {
+    const s = `octo__repo__marks-${++n}`;
+    const first = job(s, [{ op: 'put', path: 'a.txt', text: 'a\n' }]);
+    await first.done;
+    const bell = job(s, [{ op: 'put', path: 'b.txt', text: 'b\n' }], { id: 'bell\u0007id' });
+    await bell.done;
+    const huge = job(s, [{ op: 'put', path: 'c.txt', text: 'c\n' }], { id: 'h'.repeat(485) });
+    await huge.done;
+    expect((await listSession(bucket, s)).entries.map((e) => e.path)).toEqual(['a.txt', 'b.txt', 'c.txt']);
+    expect((await bucket.stat(sessionKey(s))).metadata[APPLIED_META]).toBe(first.mark);
+  });
+
   it('fails only the job whose ifSha256 does not hold; the rest of its batch commits', async () => {
     const s = `octo__repo__cond-${++n}`;
     await job(s, [{ op: 'put', path: 'shared.txt', text: 'v1\n' }]).done;
@@ -221,6 +234,101 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     expect(await groupKeys(s).then((ks) => ks.filter((k) => !k.includes(':outcome:')))).toEqual([]);
   });
 
+  it('a holder cancelled right after its seal still commits its batch (its put is stopped only by a lost lease)', async () => {
+    const s = `octo__repo__sealcancel-${++n}`;
+    await job(s, [{ op: 'put', path: 'base.txt', text: 'base\n' }]).done;
+    const lease = await block(s);
+    const other = job(s, [{ op: 'put', path: 'other.txt', text: 'o\n' }], { neverHolds: true });
+    await queued(s, 1);
+    const stop = new AbortController();
+    // The cancel lands as the holder's seal returns, before the put's last bytes are released.
+    const gated = new Proxy(conn, {
+      get(t, k) {
+        const v = Reflect.get(t, k) as unknown;
+        if (typeof v !== 'function') return v;
+        const f = v as (...a: unknown[]) => unknown;
+        if (k !== 'eval') return f.bind(t);
+        return async (...a: unknown[]) => {
+          const out = await f.apply(t, a);
+          if (typeof a[0] === 'string' && a[0].includes("redis.call('hset', KEYS[5], ARGV[i], ARGV[1])")) stop.abort(new Error('Cancelled: the job was cancelled by a request'));
+          return out;
+        };
+      },
+    });
+    const holder = job(s, [{ op: 'put', path: 'holder.txt', text: 'h\n' }], { redis: gated, signal: stop.signal });
+    await queued(s, 2);
+    await lease.release();
+    const [h, o] = await Promise.all([holder.done, other.done]);
+    expect(stop.signal.aborted).toBe(true);
+    expect(h.batched).toBe(2);
+    expect(o.sha256).toBe(h.sha256);
+    expect((await listSession(bucket, s)).entries.map((e) => e.path).sort()).toEqual(['base.txt', 'holder.txt', 'other.txt']);
+    expect(await groupKeys(s).then((ks) => ks.filter((k) => !k.includes(':outcome:')))).toEqual([]);
+  });
+
+  it('a job cancelled while sealed by a holder that died uncommitted settles under the lock: it leaves the group, no later holder applies it', async () => {
+    const s = `octo__repo__unsurecancel-${++n}`;
+    await job(s, [{ op: 'put', path: 'base.txt', text: 'base\n' }]).done;
+    const stop = new AbortController();
+    const c = job(s, [{ op: 'put', path: 'cancelled.txt', text: 'no\n' }], { neverHolds: true, signal: stop.signal });
+    await queued(s, 1);
+    // A holder that claims and seals c, then goes without committing.
+    const lockName = sessionLockName(s);
+    const groupName = `session:${s}:default`;
+    const joined = await locks().group.join(lockName, groupName, { id: 'h@1', score: 1, data: '{}' }, new AbortController().signal);
+    if (!('holder' in joined)) throw new Error('the fake holder did not get the lock');
+    const got = await joined.holder.claim(32);
+    if ('outcome' in got) throw new Error('unexpected outcome');
+    expect(got.members.map((m) => m.id).sort()).toEqual([c.mark, 'h@1'].sort());
+    expect(await joined.holder.seal([c.mark, 'h@1'])).toEqual([]);
+    stop.abort(new Error('Cancelled: the job was cancelled by a request'));
+    const settled = expect(c.done).rejects.toMatchObject({ code: 'Transient', message: expect.stringContaining('went away') });
+    holds.allowed = true;
+    await joined.holder.lease.release();
+    await settled;
+    expect(await conn.zscore(gkey(s, 'queue'), c.mark)).toBeNull();
+    expect(await conn.hget(gkey(s, 'sealed'), c.mark)).toBeNull();
+    const lease = await block(s);
+    await locks().group.forget(lockName, groupName, 'h@1');
+    await lease.release();
+    await job(s, [{ op: 'put', path: 'later.txt', text: 'l\n' }]).done;
+    expect((await listSession(bucket, s)).entries.map((e) => e.path).sort()).toEqual(['base.txt', 'later.txt']);
+  });
+
+  it('a whole-session write settles the jobs a dead holder sealed first: a committed one keeps its outcome past a delete, an uncommitted one leaves', async () => {
+    const s = `octo__repo__wholesettle-${++n}`;
+    // done: committed, its mark in the archive; its holder "died" before recording its outcome.
+    const done = job(s, [{ op: 'put', path: 'done.txt', text: 'd\n' }]);
+    await done.done;
+    await conn.del(...await groupKeys(s));
+    const lockName = sessionLockName(s);
+    const groupName = `session:${s}:default`;
+    const stop = new AbortController();
+    const open = job(s, [{ op: 'put', path: 'open.txt', text: 'o\n' }], { neverHolds: true, signal: stop.signal });
+    const openEnded = open.done.catch(() => undefined);
+    await queued(s, 1);
+    const joined = await locks().group.join(lockName, groupName, { id: done.mark, score: done.enqueuedAt, data: '{}' }, new AbortController().signal);
+    if (!('holder' in joined)) throw new Error('the fake holder did not get the lock');
+    const got = await joined.holder.claim(32);
+    if ('outcome' in got) throw new Error('unexpected outcome');
+    expect(await joined.holder.seal([done.mark, open.mark])).toEqual([]);
+    await joined.holder.lease.release();
+    expect((await locks().group.sealedOrphans(lockName, groupName)).sort()).toEqual([done.mark, open.mark].sort());
+    // The HTTP delete's steps: under the lock, settle, then delete.
+    const lease = await block(s);
+    await settleSealed(bucket, s, locks());
+    await bucket.delete(sessionKey(s));
+    await lease.release();
+    expect(await conn.zcard(gkey(s, 'queue'))).toBe(0);
+    stop.abort(new Error('Cancelled'));
+    await openEnded;
+    // done redelivered: its outcome is there, the session does not come back.
+    holds.allowed = true;
+    const again = await job(s, [{ op: 'put', path: 'done.txt', text: 'd\n' }], { id: done.id, enqueuedAt: done.enqueuedAt }).done;
+    expect(again.entries).toBe(1);
+    await expect(bucket.stat(sessionKey(s))).rejects.toMatchObject({ code: 'NotFound' });
+  });
+
   it('a job failing on its own staged file (gone) fails alone', async () => {
     const s = `octo__repo__staged-${++n}`;
     await writeFile(join(staging, `one-${s}`), 'one\n');
@@ -254,6 +362,61 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     ]);
     expect((await one.done).missing).toEqual([]);
     expect((await listSession(bucket, s)).entries.map((e) => e.path)).toEqual(['one.txt']);
+  });
+
+  it('a staged file swapped for a directory fails its job with its own code (not NotFound); the rest commits', async () => {
+    const s = `octo__repo__isdir-${++n}`;
+    for (const f of ['one', 'dir']) await writeFile(join(staging, `${f}-${s}`), `${f}\n`);
+    const lease = await block(s);
+    const dir = job(s, [{ op: 'put', path: 'dir.txt', source: { path: `dir-${s}` } }], { neverHolds: true });
+    await queued(s, 1);
+    const swap = (): void => { rmSync(join(staging, `dir-${s}`)); mkdirSync(join(staging, `dir-${s}`)); };
+    const one = job(s, [{ op: 'put', path: 'one.txt', source: { path: `one-${s}` } }], { log: onLog('applying a batch of queued repacks under the session lock', swap) });
+    await queued(s, 2);
+    await lease.release();
+    await expect(dir.done).rejects.toMatchObject({ code: 'InvalidInput', message: expect.stringContaining('ops.0: its staged file cannot be read (EISDIR)') });
+    expect((await one.done).missing).toEqual([]);
+    expect((await listSession(bucket, s)).entries.map((e) => e.path)).toEqual(['one.txt']);
+  });
+
+  it('segment edits of a batch blame the job whose op failed (its index in the whole plan, not in its segment group)', async () => {
+    const s = `octo__repo__segblame-${++n}`;
+    // x spans segments of its own (over SEGMENT_MAX), so y is in another dirty group than x.
+    await writeFile(join(staging, `x-${s}`), randomBytes(1536 * 1024));
+    await job(s, [{ op: 'put', path: 'x.bin', source: { path: `x-${s}` } }, { op: 'put', path: 'y.txt', text: 'y1\n' }]).done;
+    await writeFile(join(staging, `y-${s}`), 'y2\n');
+    const lease = await block(s);
+    const a = job(s, [{ op: 'put', path: 'x.bin', text: 'x2\n' }], { neverHolds: true });
+    const b = job(s, [{ op: 'put', path: 'y.txt', source: { path: `y-${s}` } }], { neverHolds: true });
+    await queued(s, 2);
+    let segments = 0;
+    const drop = (): void => rmSync(join(staging, `y-${s}`));
+    const log = pino({ level: 'info', hooks: { logMethod(args, method) {
+      if ((args as unknown[]).includes('applying a batch of queued repacks under the session lock')) drop();
+      if ((args as unknown[]).includes('session segments copied and compressed')) segments++;
+      method.apply(this, args);
+    } } }, { write() {} });
+    const holder = job(s, [], { log });
+    await queued(s, 3);
+    await lease.release();
+    await expect(b.done).rejects.toMatchObject({ code: 'NotFound', message: expect.stringContaining('ops.0: its staged file cannot be read (ENOENT)') });
+    expect((await a.done).batched).toBe(2);
+    await holder.done;
+    expect(segments).toBeGreaterThan(0);
+    expect(await fileText(s, 'x.bin')).toBe('x2\n');
+    expect(await fileText(s, 'y.txt')).toBe('y1\n');
+  });
+
+  it('maps a staged file error: gone is NotFound for that op, a passing one (EMFILE, EIO) Transient for the pass, not the op', () => {
+    const errno = (code: string) => Object.assign(new Error(code), { code });
+    for (const code of ['ENOENT', 'ENOTDIR', 'ELOOP']) expect(stagedFailed(errno(code), 2)).toMatchObject({ code: 'NotFound', index: 2 });
+    expect(stagedFailed(errno('EACCES'), 1)).toMatchObject({ code: 'PermissionDenied', index: 1 });
+    for (const code of ['EMFILE', 'EIO']) {
+      const e = stagedFailed(errno(code), 3);
+      expect(e).toBeInstanceOf(StorageError);
+      expect(e).not.toBeInstanceOf(OpFailed);
+      expect(e).toMatchObject({ code: 'Transient', message: expect.stringContaining(`ops.3: its staged file cannot be read (${code})`) });
+    }
   });
 
   it("gives each put its own job's enqueue time as mtime, in a batch too", async () => {
@@ -507,8 +670,9 @@ describe('group commit in Redis (RedisGroupCommit on a real Redis)', () => {
 
   it('a sealed member waits for its outcome while the holder keeps the lock, past every wait bound; once the holder is gone it is unsure, and the next holder takes it first', async () => {
     const { lock, group } = names();
-    // waitMs + ttlMs (1.6 s) was how long a sealed member waited before it gave up.
-    const short = { waitMs: 1000, ttlMs: 600 };
+    // waitMs + ttlMs (4 s) was how long a sealed member waited before it gave up; a lock TTL of
+    // 3 s keeps the holder's renewals (every second) well ahead of it on a loaded machine.
+    const short = { waitMs: 1000, ttlMs: 3000 };
     const stopA = new AbortController();
     const stopB = new AbortController();
     const h = await holderOf(new RedisLocks(conn, opts(short)), lock, group, 'h@1', 1);
@@ -521,7 +685,7 @@ describe('group commit in Redis (RedisGroupCommit on a real Redis)', () => {
     stopB.abort(new Error('Cancelled'));
     let settled = false;
     void a.then(() => { settled = true; }, () => { settled = true; });
-    await new Promise((r) => setTimeout(r, 2_500));
+    await new Promise((r) => setTimeout(r, 4_500));
     expect(settled).toBe(false);
     await h.finish(new Map([['a@5', 'done'], ['h@1', '']]));
     await expect(a).resolves.toEqual({ outcome: 'done' });
@@ -544,17 +708,19 @@ describe('group commit in Redis (RedisGroupCommit on a real Redis)', () => {
     const { lock, group } = names();
     const [w1, w2] = [killable(conn), killable(conn)];
     // The dead members' own loops end on their own once their bounds pass (their Redis calls fail meanwhile).
-    void never({ waitMs: 1000, ttlMs: 1000 }, w1.redis).join(lock, group, member('d1@1', 1), new AbortController().signal).catch(() => undefined);
-    void never({ waitMs: 10_000, ttlMs: 1000 }, w2.redis).join(lock, group, member('d2@2', 2), new AbortController().signal).catch(() => undefined);
+    // A liveness window of 5 s: a live member under load (polling every 250 ms at most) is never taken for dead.
+    const live = 5000;
+    void never({ waitMs: 1000, ttlMs: live }, w1.redis).join(lock, group, member('d1@1', 1), new AbortController().signal).catch(() => undefined);
+    void never({ waitMs: 30_000, ttlMs: live }, w2.redis).join(lock, group, member('d2@2', 2), new AbortController().signal).catch(() => undefined);
     await waitQueued(group, ['d1@1', 'd2@2']);
     w1.kill();
     // A member silent for the holder's lock TTL counts as gone.
-    await quietFor(group, 'd1@1', 1000);
-    const h = await holderOf(new RedisLocks(conn, opts({ ttlMs: 1000 })), lock, group, 'h@3', 3);
+    await quietFor(group, 'd1@1', live);
+    const h = await holderOf(new RedisLocks(conn, opts({ ttlMs: live })), lock, group, 'h@3', 3);
     expect((await claimed(h)).map((m) => m.id)).toEqual(['d2@2', 'h@3']);
     expect(await conn.hget(key(group, 'data'), 'd1@1')).toBeNull();
     w2.kill();
-    await quietFor(group, 'd2@2', 1000);
+    await quietFor(group, 'd2@2', live);
     expect(await h.seal(['d2@2', 'h@3'])).toEqual(['d2@2']);
     expect(await queuedIds(group)).toEqual(['h@3']);
     expect(await h.seal(['h@3'])).toEqual([]);

@@ -1,6 +1,7 @@
 import { createReadStream } from 'node:fs';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { z } from 'zod';
+import { settleSealed } from '../../../jobs/repack-session.js';
 import { ErrorCode, StorageError } from '../../errors.js';
 import { CONTENT_TYPE, readArchive } from '../../session/archive.js';
 import { parseSessionId, sessionKey, sessionLockName, validateOpPath } from '../../session/ids.js';
@@ -58,10 +59,14 @@ async function statSession(bucket: Bucket, s: string) {
 
 /** The session service's routes, a drop-in for its clients (CONTRACT.md, Sessions). */
 export function sessionRoutes(ctx: RouteContext) {
-  /** Whole-session writes hold the lock repack-session takes, so none races an edit. */
-  const locked = async <T>(s: string, fn: (signal: AbortSignal) => Promise<T>): Promise<T> => {
+  /**
+   * Whole-session writes hold the lock repack-session takes, so none races an edit, and settle
+   * first the edits a holder that went away sealed (settleSealed), so none is applied after them.
+   */
+  const locked = async <T>(s: string, bucket: Bucket, fn: (signal: AbortSignal) => Promise<T>): Promise<T> => {
     const lease = await ctx.locks.acquire(sessionLockName(s), AbortSignal.timeout(120_000));
     try {
+      await settleSealed(bucket, s, ctx.locks);
       return await fn(lease.signal);
     } finally {
       await lease.release();
@@ -119,7 +124,7 @@ export function sessionRoutes(ctx: RouteContext) {
     server.delete('/:session', async (req) => {
       const s = session(req.params);
       const bucket = ctx.bucket(queryParam(req.query, 'backend'));
-      await locked(s, async () => {
+      await locked(s, bucket, async () => {
         await statSession(bucket, s);
         await bucket.delete(sessionKey(s));
       });
@@ -135,7 +140,7 @@ export function sessionRoutes(ctx: RouteContext) {
       const deleted: string[] = [];
       const notFound: string[] = [];
       for (const s of new Set(body.data.sessionPaths)) {
-        await locked(s, async () => {
+        await locked(s, bucket, async () => {
           const there = await bucket.stat(sessionKey(s)).then(() => true, (err: unknown) => {
             if (err instanceof StorageError && err.code === ErrorCode.NotFound) return false;
             throw err;
@@ -158,7 +163,7 @@ export function sessionRoutes(ctx: RouteContext) {
         await readArchive(createReadStream(staged.abs), async (e) => { for await (const _ of e.data) { /* drain */ } }).catch((err: unknown) => {
           throw new HttpError(400, 'invalid_archive', `InvalidInput: the upload is not a readable session tar.gz: ${(err as Error).message}`);
         });
-        const info = await locked(s, (signal) => bucket.put(sessionKey(s), { path: staged.abs }, { sha256: staged.sha256, contentType: CONTENT_TYPE, signal }));
+        const info = await locked(s, bucket, (signal) => bucket.put(sessionKey(s), { path: staged.abs }, { sha256: staged.sha256, contentType: CONTENT_TYPE, signal }));
         return { success: true, sessionPath: s, size: info.size, sha256: info.sha256 };
       } finally {
         await staged.remove();

@@ -7,7 +7,6 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RepackPayload, repackSession, type RepackResult } from '../../jobs/repack-session.js';
 import { FsDriver } from '../../src/backends/fs.js';
 import { parsePayload } from '../../src/payload.js';
-import { redisConnection } from '../../src/queue/connection.js';
 import { Bucket, type PutOptions, type PutSource } from '../../src/storage/bucket.js';
 import type { ObjectInfo } from '../../src/storage/driver.js';
 import { sessionKey } from '../../src/session/ids.js';
@@ -15,13 +14,14 @@ import { listSession } from '../../src/session/read.js';
 import { openSeekable, segmentAt } from '../../src/session/seek-read.js';
 import { LONG_FILE, makeTree, members, run } from '../archive/corpus.js';
 import { tempDir } from '../harness/process.js';
-import { startRedis, type TestRedis } from '../harness/redis.js';
-import { comparable, jobDeps, plain, readEveryWay } from './../session/helpers.js';
+import type { TestRedis } from '../harness/redis.js';
+import { comparable, jobDeps, plain, readEveryWay, sessionEnv, type SessionEnv } from '../session/helpers.js';
 
 const sha = (b: string | Buffer): string => createHash('sha256').update(b).digest('hex');
 const ENQUEUED = Date.parse('2026-11-30T09:00:00.000Z');
 
 describe('repack-session', () => {
+  let env: SessionEnv;
   let redis: TestRedis;
   let conn: Redis;
   let tmp: Awaited<ReturnType<typeof tempDir>>;
@@ -32,11 +32,8 @@ describe('repack-session', () => {
   let n = 0;
 
   beforeAll(async () => {
-    [redis, tmp] = await Promise.all([startRedis(), tempDir('stevedore-repack-')]);
-    conn = redisConnection(redis.url, 'worker');
-    root = join(tmp.path, 'objects');
-    staging = join(tmp.path, 'staging');
-    await mkdir(staging, { recursive: true });
+    env = await sessionEnv('stevedore-repack-');
+    ({ redis, conn, tmp, root, staging } = env);
     bucket = new Bucket(new FsDriver({ root }), { name: 'default' });
     const src = join(tmp.path, 'src');
     await mkdir(src);
@@ -47,9 +44,7 @@ describe('repack-session', () => {
     }
   });
   afterAll(async () => {
-    await conn?.quit();
-    await redis?.stop();
-    await tmp?.remove();
+    await env?.close();
   });
 
   /** A fresh session holding `archive` (a GNU tar corpus) as its stored archive. */

@@ -21,7 +21,7 @@ import { run } from '../archive/corpus.js';
 import { tempDir } from '../harness/process.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
 import { spawnWorker, stopAllWorkers, type WorkerProcess } from '../harness/worker-process.js';
-import { jobDeps } from './helpers.js';
+import { jobDeps, sessionEnv, type SessionEnv } from './helpers.js';
 
 // Issue 9, slice 3: repacks waiting for a session's lock hand their ops to its holder, which
 // applies them all in one rewrite. STEVEDORE_SOAK=1 runs the 30-way version across 3 processes.
@@ -82,6 +82,7 @@ class ReplyLost extends Bucket {
 const long = (tag: string, i: number): string => `${tag}${String(i).padStart(2, '0')}-${'x'.repeat(60)}`;
 
 describe('repack-session group commit (in-process, real Redis)', () => {
+  let env: SessionEnv;
   let redis: TestRedis;
   let conn: Redis;
   let tmp: Awaited<ReturnType<typeof tempDir>>;
@@ -91,17 +92,12 @@ describe('repack-session group commit (in-process, real Redis)', () => {
   let n = 0;
 
   beforeAll(async () => {
-    [redis, tmp] = await Promise.all([startRedis(), tempDir('stevedore-group-')]);
-    conn = redisConnection(redis.url, 'worker');
-    root = join(tmp.path, 'objects');
-    staging = join(tmp.path, 'staging');
-    await mkdir(staging, { recursive: true });
+    env = await sessionEnv('stevedore-group-');
+    ({ redis, conn, tmp, root, staging } = env);
     bucket = new Bucket(new FsDriver({ root }), { name: 'default' });
   });
   afterAll(async () => {
-    await conn?.quit();
-    await redis?.stop();
-    await tmp?.remove();
+    await env?.close();
   });
 
   const locks = () => new RedisLocks(conn, { prefix: 'bull', queue: QUEUE });

@@ -8,10 +8,40 @@ import type { Redis } from 'ioredis';
 import { pino } from 'pino';
 import { extract as tarExtract } from 'tar-stream';
 import type { JobDeps } from '../../src/payload.js';
+import { redisConnection } from '../../src/queue/connection.js';
 import { RedisLocks } from '../../src/queue/lock.js';
 import type { Bucket } from '../../src/storage/bucket.js';
 import { Staging } from '../../src/staging.js';
 import { members, run, type Member } from '../archive/corpus.js';
+import { tempDir } from '../harness/process.js';
+import { startRedis, type TestRedis } from '../harness/redis.js';
+
+/** What an in-process session test file runs on: its own Redis, a temp dir with an objects root and a staging folder. */
+export interface SessionEnv {
+  redis: TestRedis;
+  conn: Redis;
+  tmp: Awaited<ReturnType<typeof tempDir>>;
+  /** `<tmp>/objects`, for a filesystem backend (not created). */
+  root: string;
+  /** `<tmp>/staging`, created. */
+  staging: string;
+  close(): Promise<void>;
+}
+
+export async function sessionEnv(tag: string): Promise<SessionEnv> {
+  const [redis, tmp] = await Promise.all([startRedis(), tempDir(tag)]);
+  const conn = redisConnection(redis.url, 'worker');
+  const staging = join(tmp.path, 'staging');
+  await mkdir(staging, { recursive: true });
+  return {
+    redis, conn, tmp, root: join(tmp.path, 'objects'), staging,
+    close: async () => {
+      await conn.quit();
+      await redis.stop();
+      await tmp.remove();
+    },
+  };
+}
 
 /** Hand-built job deps on real Redis locks, for calling the handler directly. */
 export function jobDeps(bucket: Bucket, redis: Redis, stagingDir: string, opts: { jobId?: string; enqueuedAt?: number; queue?: string; signal?: AbortSignal; ttlMs?: number; waitMs?: number } = {}): JobDeps {

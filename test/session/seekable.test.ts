@@ -8,7 +8,6 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RepackPayload, repackSession } from '../../jobs/repack-session.js';
 import { FsDriver } from '../../src/backends/fs.js';
 import { parsePayload } from '../../src/payload.js';
-import { redisConnection } from '../../src/queue/connection.js';
 import { Bucket } from '../../src/storage/bucket.js';
 import { rewriteArchive } from '../../src/session/archive.js';
 import { crc32Combine } from '../../src/session/crc32.js';
@@ -22,8 +21,8 @@ import { openSeekable } from '../../src/session/seek-read.js';
 import { members, run } from '../archive/corpus.js';
 import { overrideDriver } from '../fixtures/override-driver.js';
 import { tempDir } from '../harness/process.js';
-import { startRedis, type TestRedis } from '../harness/redis.js';
-import { jobDeps, plain, readEveryWay } from './helpers.js';
+import type { TestRedis } from '../harness/redis.js';
+import { jobDeps, plain, readEveryWay, sessionEnv, type SessionEnv } from './helpers.js';
 
 const sha = (b: string | Buffer): string => createHash('sha256').update(b).digest('hex');
 const code = (p: Promise<unknown>) => p.then(() => 'ok', (err: { code?: string }) => { if (process.env.DBG) console.log(err); return err.code ?? String(err); });
@@ -38,6 +37,7 @@ function sink(): PassThrough & { bytes(): Buffer } {
 }
 
 describe('seekable session archives', () => {
+  let env: SessionEnv;
   let redis: TestRedis;
   let conn: Redis;
   let tmp: Awaited<ReturnType<typeof tempDir>>;
@@ -51,11 +51,8 @@ describe('seekable session archives', () => {
   const files: Record<string, string> = {};
 
   beforeAll(async () => {
-    [redis, tmp] = await Promise.all([startRedis(), tempDir('stevedore-seek-')]);
-    conn = redisConnection(redis.url, 'worker');
-    root = join(tmp.path, 'objects');
-    staging = join(tmp.path, 'staging');
-    await mkdir(staging, { recursive: true });
+    env = await sessionEnv('stevedore-seek-');
+    ({ redis, conn, tmp, root, staging } = env);
     const fs = new FsDriver({ root });
     const counted = overrideDriver(fs, {
       get: async (key, range, signal) => {
@@ -85,9 +82,7 @@ describe('seekable session archives', () => {
     await run('tar', ['--format=gnu', '-czf', gnuArchive, '-C', src, '.']);
   });
   afterAll(async () => {
-    await conn?.quit();
-    await redis?.stop();
-    await tmp?.remove();
+    await env?.close();
   });
 
   let n = 0;

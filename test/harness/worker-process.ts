@@ -153,3 +153,9 @@ export async function spawnWorker(env: Record<string, string>, opts: { startTime
 export async function stopAllWorkers(): Promise<void> {
   await Promise.all([...live].map((w) => w.stop()));
 }
+
+/** After a test: on failure, print the last `tail` characters of each worker's output; then forget the workers (they are stopped by the caller). */
+export function printWorkersOnFailure(ctx: { task: { result?: { state?: string } } }, spawned: WorkerProcess[], tail = 6000): void {
+  if (ctx.task.result?.state === 'fail') for (const w of spawned) console.error(`--- ${w.name} ---\n${w.output().slice(-tail)}`);
+  spawned.length = 0;
+}

@@ -8,7 +8,7 @@ import { Bucket } from '../../src/storage/bucket.js';
 import { tempDir } from '../harness/process.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
 import { S3RVER_CREDENTIALS, startS3rver, type S3rver } from '../harness/s3.js';
-import { spawnWorker, stopAllWorkers, type LogLine, type WorkerProcess } from '../harness/worker-process.js';
+import { printWorkersOnFailure, spawnWorker, stopAllWorkers, type LogLine, type WorkerProcess } from '../harness/worker-process.js';
 import { contents, mixedTree, sha, writeLegacyTree } from './fixtures.js';
 
 // One migration shared by worker processes (`stevedore worker`), killed with SIGKILL mid-run and
@@ -33,8 +33,7 @@ describe('migrate across worker processes', () => {
     await writeLegacyTree(legacy, tree);
   }, 120_000);
   afterEach(async (ctx) => {
-    if (ctx.task.result?.state === 'fail') for (const w of spawned) console.error(`--- ${w.name} ---\n${w.output().slice(-5000)}`);
-    spawned.length = 0;
+    printWorkersOnFailure(ctx, spawned, 5000);
     await stopAllWorkers();
     await Promise.all(clients.splice(0).map((c) => c.close().catch(() => {})));
   });

@@ -13,7 +13,7 @@ import { run } from '../archive/corpus.js';
 import { tempDir } from '../harness/process.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
 import { S3RVER_CREDENTIALS, startS3rver, type S3rver } from '../harness/s3.js';
-import { spawnWorker, stopAllWorkers, type WorkerProcess } from '../harness/worker-process.js';
+import { printWorkersOnFailure, spawnWorker, stopAllWorkers, type WorkerProcess } from '../harness/worker-process.js';
 
 // RELIABILITY #19: concurrent repacks of one session by several worker processes never lose an
 // edit, on the filesystem (conditional commit checked by a stat) and on s3rver (no conditional
@@ -52,8 +52,7 @@ describe('concurrent repacks of one session across worker processes', () => {
   /** The backend the workers call `name`, opened here (s3rver's credentials passed, never via process.env). */
   const bucketFor = (name: string): Bucket => name === 's3' ? new Bucket(new S3Driver(s3.driverOptions(s3Bucket))) : new Bucket(new FsDriver({ root }));
   afterEach(async (ctx) => {
-    if (ctx.task.result?.state === 'fail') for (const w of spawned) console.error(`--- ${w.name} ---\n${w.output().slice(-6000)}`);
-    spawned.length = 0;
+    printWorkersOnFailure(ctx, spawned);
     if (ctx.task.name.includes('on default')) return; // the s3 race reuses its workers and client
     await stopAllWorkers();
     await Promise.all(clients.splice(0).map((c) => c.close().catch(() => {})));

@@ -20,7 +20,7 @@ import { Bucket } from '../../src/storage/bucket.js';
 import { run } from '../archive/corpus.js';
 import { tempDir } from '../harness/process.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
-import { spawnWorker, stopAllWorkers, type WorkerProcess } from '../harness/worker-process.js';
+import { printWorkersOnFailure, spawnWorker, stopAllWorkers, type WorkerProcess } from '../harness/worker-process.js';
 import { jobDeps, sessionEnv, type SessionEnv } from './helpers.js';
 
 // Issue 9, slice 3: repacks waiting for a session's lock hand their ops to its holder, which
@@ -52,16 +52,21 @@ beforeEach(() => { holds.allowed = false; });
 /** A worker's Redis that can die: from `kill()` on, every lock and group call fails (its process is gone, as far as Redis sees). */
 function killable(c: Redis): { redis: Redis; kill(): void; readonly dead: boolean } {
   const state = { dead: false };
-  const redis = new Proxy(c, {
+  const redis = wrapCalls(c, ['eval', 'set'], (call) => (state.dead ? Promise.reject(new Error('this worker is dead')) : call()));
+  return { redis, kill: () => { state.dead = true; }, get dead() { return state.dead; } };
+}
+
+/** A Redis whose calls named in `names` go through `around(call, args)`; every other call is the connection's own. */
+function wrapCalls(c: Redis, names: string[], around: (call: () => Promise<unknown>, args: unknown[]) => Promise<unknown>): Redis {
+  return new Proxy(c, {
     get(t, k) {
       const v = Reflect.get(t, k) as unknown;
       if (typeof v !== 'function') return v;
-      const f = v as (...a: unknown[]) => unknown;
-      if (k === 'eval' || k === 'set') return (...a: unknown[]) => (state.dead ? Promise.reject(new Error('this worker is dead')) : f.apply(t, a));
-      return f.bind(t);
+      const f = v as (...a: unknown[]) => Promise<unknown>;
+      if (typeof k !== 'string' || !names.includes(k)) return f.bind(t);
+      return (...a: unknown[]) => around(() => f.apply(t, a), a);
     },
   });
-  return { redis, kill: () => { state.dead = true; }, get dead() { return state.dead; } };
 }
 
 /** A job logger that runs `fn` (synchronously, before the job goes on) when the job logs `msg`. */
@@ -204,20 +209,12 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     // The holder's first call naming the cancelled job (its seal) waits until the job has withdrawn:
     // the cancel lands between claim and seal whatever the machine's speed.
     let gate = true;
-    const gated = new Proxy(conn, {
-      get(t, k) {
-        const v = Reflect.get(t, k) as unknown;
-        if (typeof v !== 'function') return v;
-        const f = v as (...a: unknown[]) => unknown;
-        if (k !== 'eval') return f.bind(t);
-        return async (...a: unknown[]) => {
-          if (gate && a.includes(cancelled.mark)) {
-            gate = false;
-            await until('the cancelled job to withdraw', async () => (await conn.hexists(gkey(s, 'withdrawn'), cancelled.mark)) === 1);
-          }
-          return f.apply(t, a);
-        };
-      },
+    const gated = wrapCalls(conn, ['eval'], async (call, a) => {
+      if (gate && a.includes(cancelled.mark)) {
+        gate = false;
+        await until('the cancelled job to withdraw', async () => (await conn.hexists(gkey(s, 'withdrawn'), cancelled.mark)) === 1);
+      }
+      return call();
     });
     const a = job(s, [{ op: 'put', path: 'a.txt', text: 'a\n' }], { redis: gated, log: onLog('applying a batch of queued repacks under the session lock', () => stop.abort(new Error('Cancelled: the job was cancelled by a request'))) });
     await queued(s, 2);
@@ -238,18 +235,10 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     await queued(s, 1);
     const stop = new AbortController();
     // The cancel lands as the holder's seal returns, before the put's last bytes are released.
-    const gated = new Proxy(conn, {
-      get(t, k) {
-        const v = Reflect.get(t, k) as unknown;
-        if (typeof v !== 'function') return v;
-        const f = v as (...a: unknown[]) => unknown;
-        if (k !== 'eval') return f.bind(t);
-        return async (...a: unknown[]) => {
-          const out = await f.apply(t, a);
-          if (typeof a[0] === 'string' && a[0].includes("redis.call('hset', KEYS[5], ARGV[i], ARGV[1])")) stop.abort(new Error('Cancelled: the job was cancelled by a request'));
-          return out;
-        };
-      },
+    const gated = wrapCalls(conn, ['eval'], async (call, a) => {
+      const out = await call();
+      if (typeof a[0] === 'string' && a[0].includes("redis.call('hset', KEYS[5], ARGV[i], ARGV[1])")) stop.abort(new Error('Cancelled: the job was cancelled by a request'));
+      return out;
     });
     const holder = job(s, [{ op: 'put', path: 'holder.txt', text: 'h\n' }], { redis: gated, signal: stop.signal });
     await queued(s, 2);
@@ -521,8 +510,7 @@ describe('repack-session group commit across worker processes', () => {
     await mkdir(stagingDir, { recursive: true });
   });
   afterEach(async (ctx) => {
-    if (ctx.task.result?.state === 'fail') for (const w of spawned) console.error(`--- ${w.name} ---\n${w.output().slice(-6000)}`);
-    spawned.length = 0;
+    printWorkersOnFailure(ctx, spawned);
     await stopAllWorkers();
     await Promise.all(clients.splice(0).map((c) => c.close().catch(() => {})));
   });

@@ -1,12 +1,11 @@
 import { createHash } from 'node:crypto';
 import { Writable, type Readable } from 'node:stream';
-import { ErrorCode, StorageError } from '../errors.js';
 import type { Bucket } from '../storage/bucket.js';
 import type { CheckedRange, ObjectInfo, SplicePiece } from '../storage/driver.js';
 import { CONTENT_TYPE, GZIP_LEVEL } from './archive.js';
 import type { PlanOp } from './plan.js';
 import { rewriteSegments } from './seek-edit.js';
-import { GZIP_HEADER, type SeekIndex } from './seek-format.js';
+import { GZIP_HEADER, sha256Hex, type SeekIndex } from './seek-format.js';
 import type { CopiedSegment } from './seek-writer.js';
 
 /** New bytes a splice holds in memory at most (the dirty segments and the puts' bodies); a larger edit streams. */
@@ -112,14 +111,13 @@ export async function spliceRewrite(bucket: Bucket, key: string, current: { stre
   const etag = current.info.etag!;
   const recorder = new PieceRecorder(opts.progress);
   // The old bytes a splice may send: the segments, each checked against its digest as this read
-  // copies it, and the gzip header.
+  // copies it, and the gzip header, which rewriteSegments reports copied only when the source's
+  // is the writer's GZIP_HEADER (ours always are).
   const checked: CheckedRange[] = ix.segments.map((g) => ({ offset: g.cOff, length: g.cLen, sha256: g.sha256 }));
-  // The writer's gzip header is copied too where the source has the same one (ours always do).
-  if ((await sourceHead(bucket, key, etag, opts.signal).catch((err: unknown) => { current.stream.destroy(); throw err; })).equals(GZIP_HEADER)) {
-    recorder.mark({ at: 0, from: 0, length: GZIP_HEADER.length });
-    checked.unshift({ offset: 0, length: GZIP_HEADER.length, sha256: createHash('sha256').update(GZIP_HEADER).digest('hex') });
-  }
-  const rewrote = await rewriteSegments(current.stream, ix, key, ops, mtime, groups, recorder, GZIP_LEVEL, opts.signal, (c) => recorder.mark(c));
+  const rewrote = await rewriteSegments(current.stream, ix, key, ops, mtime, groups, recorder, GZIP_LEVEL, opts.signal, (c) => {
+    if (c.from === 0) checked.unshift({ offset: 0, length: GZIP_HEADER.length, sha256: sha256Hex(GZIP_HEADER) });
+    recorder.mark(c);
+  });
   // Group commit seals its batch here: from now on the store may hold the new version.
   await opts.beforeCommit?.();
   const info = await bucket.splice(key, recorder.pieces, {
@@ -127,16 +125,4 @@ export async function spliceRewrite(bucket: Bucket, key: string, current: { stre
   });
   if (!info) throw new SpliceUnsupported('the store cannot splice this edit');
   return { info, ...rewrote };
-}
-
-async function sourceHead(bucket: Bucket, key: string, etag: string, signal: AbortSignal): Promise<Buffer> {
-  const got = await bucket.get(key, { range: { start: 0, end: GZIP_HEADER.length - 1 }, signal }).catch((err: unknown) => {
-    // Deleted since it was read: another version for the caller, who reads again.
-    if (err instanceof StorageError && err.code === ErrorCode.NotFound) throw new StorageError(ErrorCode.PreconditionFailed, 'the archive was deleted while it was read', { op: 'repack', key, cause: err });
-    throw err;
-  });
-  const parts: Buffer[] = [];
-  for await (const c of got.stream) parts.push(c as Buffer);
-  if (got.info.etag !== etag) throw new StorageError(ErrorCode.PreconditionFailed, 'the archive was replaced while it was read', { op: 'repack', key });
-  return Buffer.concat(parts);
 }

@@ -295,7 +295,7 @@ export class Bucket {
     const splice = this.driver.splice?.bind(this.driver);
     if (!splice || !this.canSplice) return undefined;
     return this.guard('splice', key, async () => {
-      if (!this.driver.atomicIfMatch) await this.assertEtag('splice', key, opts.ifMatch, false);
+      // No stat first where ifMatch is not atomic: the driver checks the version right before its commit.
       const info = await splice(this.prefix + key, pieces, {
         ifMatch: opts.ifMatch, sha256, size: opts.size, checked: opts.checked, contentType, metadata, signal: opts.signal, warn: opts.warn,
       });

@@ -98,7 +98,8 @@ export interface CheckedRange {
 export interface DriverSpliceOptions {
   /**
    * The version being replaced, whose ranges `copy` pieces name: each copy is conditional on it
-   * (S3 `x-amz-copy-source-if-match`), and so is the commit where the store enforces `If-Match`.
+   * (S3 `x-amz-copy-source-if-match`), and so is the commit where the store enforces `If-Match`;
+   * where it does not (`atomicIfMatch` false), the driver stats the version right before its commit.
    */
   ifMatch: string;
   /** Digest and size of the assembled object, worked out by the caller before the first request. */

@@ -108,12 +108,6 @@ function notImplemented(err: unknown): boolean {
   return e?.name === 'NotImplemented' || e?.Code === 'NotImplemented' || e?.$metadata?.httpStatusCode === 501;
 }
 
-/** The source is gone (deleted meanwhile): for the caller that is a replaced version, not a missing object. */
-function missing(err: unknown): boolean {
-  const e = err as { name?: unknown; Code?: unknown; $metadata?: { httpStatusCode?: number } } | null;
-  return e?.name === 'NoSuchKey' || e?.Code === 'NoSuchKey' || e?.name === 'NotFound' || e?.$metadata?.httpStatusCode === 404;
-}
-
 const unquote = (etag: string | undefined): string => (etag ?? '').replace(/"/g, '');
 
 /**
@@ -145,8 +139,8 @@ function covering(checked: readonly CheckedRange[], offset: number, length: numb
  * those checked against its digest, so the old bytes sent are those the caller hashed. The
  * upload starts with the caller's digest in its metadata and completes once the parts add up to
  * `size`, with If-Match where the store enforces it, else after a stat. Undefined, the upload
- * aborted, when the store has no UploadPartCopy. A source replaced or deleted meanwhile fails
- * PreconditionFailed. A failed splice aborts its upload (best effort: s3rver has no abort, and
+ * aborted, when the store has no UploadPartCopy. A source replaced meanwhile fails
+ * PreconditionFailed (one deleted fails NotFound, which Bucket.splice makes PreconditionFailed). A failed splice aborts its upload (best effort: s3rver has no abort, and
  * lifecycle rules reap what is left; a failed abort is told to `opts.warn`).
  */
 export async function spliceObject(t: UploadTarget, key: string, parts: readonly SplicePart[], opts: DriverSpliceOptions): Promise<ObjectInfo | undefined> {
@@ -254,7 +248,6 @@ export async function spliceObject(t: UploadTarget, key: string, parts: readonly
       .catch((abortErr: unknown) => { if (!notImplemented(abortErr)) opts.warn?.('a failed splice could not abort its multipart upload (a lifecycle rule reaps its parts)', abortErr); });
     if (!signal?.aborted) await aborting;
     if (notImplemented(err)) return undefined;
-    if (missing(err)) throw replaced(err);
     throw err;
   }
   return {

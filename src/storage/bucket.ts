@@ -279,7 +279,7 @@ export class Bucket {
    * Replaces `key` with pieces: ranges of the version `ifMatch` names, copied inside the store,
    * and new bytes (see Driver.splice). The recorded digest is the caller's, who hashed the
    * assembled bytes in order (ranges read from that same version); every copy is conditional on
-   * it, so a replaced source fails PreconditionFailed, never mixes versions. Undefined, with
+   * it, so a replaced or deleted source fails PreconditionFailed, never mixes versions. Undefined, with
    * nothing written, when this splice cannot be done (the store cannot splice, or the pieces do
    * not make `size` bytes of valid ranges, which would be the caller's fault): write the object
    * another way, which loses nothing.
@@ -298,6 +298,10 @@ export class Bucket {
       // No stat first where ifMatch is not atomic: the driver checks the version right before its commit.
       const info = await splice(this.prefix + key, pieces, {
         ifMatch: opts.ifMatch, sha256, size: opts.size, checked: opts.checked, contentType, metadata, signal: opts.signal, warn: opts.warn,
+      }).catch((err: unknown) => {
+        // Deleted meanwhile (a 404 to a copy, a read or the stat before the commit): for the caller another version, to read again.
+        if (this.codeOf(err) === ErrorCode.NotFound) throw new StorageError(ErrorCode.PreconditionFailed, `object is gone (expected etag ${opts.ifMatch})`, { op: 'splice', key, cause: err });
+        throw err;
       });
       return info && this.outside(info);
     });

@@ -22,6 +22,13 @@ const COPY_PART = 64 * 1024 * 1024;
 const pieceLength = (p: SplicePiece): number => ('copy' in p ? p.copy.length : p.bytes.length);
 
 /**
+ * planSplice's bound on the old bytes a splice sends beside the new ones, when old bytes follow
+ * `stretches` stretches of new bytes: up to 5 MiB of padding and a run's short tail after each,
+ * and a short run at the start (a stretch at the object's end costs nothing).
+ */
+export const spliceOverhead = (stretches: number): number => (2 * stretches + 1) * MIN_PART_SIZE;
+
+/**
  * The parts S3's rules allow for `pieces`: every part but the last at least 5 MiB, a copied part
  * at most 64 MiB (COPY_PART). A copied run of 5 MiB or more becomes UploadPartCopy parts; new bytes are
  * padded up to 5 MiB with the old bytes that follow them (read and sent, never copied: a copy

@@ -8,7 +8,7 @@ import { backendUrl } from './url-params.js';
 import type { ByteRange, Driver, DriverDeleteOptions, DriverGetResult, DriverPutOptions, DriverSpliceOptions, ListPage, ObjectInfo, PutBody, SplicePiece } from '../storage/driver.js';
 import { SHA256_META } from '../storage/driver.js';
 import { MAX_COPY_OBJECT, copyObject } from './s3-copy.js';
-import { planSplice, spliceObject } from './s3-splice.js';
+import { planSplice, spliceObject, spliceOverhead } from './s3-splice.js';
 import { MIN_PART_SIZE, uploadObject } from './s3-upload.js';
 
 const MiB = 1024 * 1024;
@@ -231,6 +231,11 @@ export class S3Driver implements Driver {
 
   get spliceable(): boolean {
     return this.spliceOn && !this.spliceRefused;
+  }
+
+  /** (2 x stretches + 1) x 5 MiB: see spliceOverhead. */
+  spliceOverhead(stretches: number): number {
+    return spliceOverhead(stretches);
   }
 
   /** See spliceObject: UploadPartCopy of the unchanged ranges, the new bytes padded to S3's part floor. */

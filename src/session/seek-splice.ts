@@ -10,26 +10,24 @@ import type { CopiedSegment } from './seek-writer.js';
 
 /** New bytes a splice holds in memory at most (the dirty segments and the puts' bodies); a larger edit streams. */
 const SPLICE_MAX_NEW = 64 << 20;
-/** S3's part floor: what each stretch of new bytes may cost beside itself in a splice. */
-const PART_FLOOR = 5 << 20;
 
 /** The store refused to splice (remembered by its driver), or this splice cannot be done: the edit is written by the streaming put instead. */
 export class SpliceUnsupported extends Error {}
 
 /**
  * Whether an edit placed by `dirtySegments` should be spliced inside the store rather than
- * streamed to it: only when the most a splice can upload, the new bytes plus a part's padding
- * on both sides of each dirty group and a part for the end ((2 x groups + 1) x 5 MiB, the
- * planner's bound), is less than the archive the streaming put would upload. A larger margin
- * would stream one-group edits of archives just over 15 MiB, and those would then upload more
- * than the issue's 3 x 5 MiB plus the file.
+ * streamed to it: only when the most a splice can upload, the new bytes plus the old bytes the
+ * store's part rules send beside them (Bucket.spliceOverhead, old bytes following each dirty
+ * group; on S3 (2 x groups + 1) x 5 MiB), is less than the archive the streaming put would
+ * upload. A larger margin would stream one-group edits of archives just over 15 MiB on S3, and
+ * those would then upload more than the issue's 3 x 5 MiB plus the file.
  */
 export function shouldSplice(bucket: Bucket, current: ObjectInfo, ix: SeekIndex, ops: readonly PlanOp[], groups: Map<number, number>): boolean {
   if (!bucket.canSplice || current.etag === undefined) return false;
   let fresh = 0;
   for (const [first, last] of groups) for (let i = first; i <= last; i++) fresh += ix.segments[i]!.uLen;
   for (const o of ops) if (o.op === 'put') fresh += 'bytes' in o.body ? o.body.bytes.length : o.body.size;
-  return fresh <= SPLICE_MAX_NEW && fresh + (2 * groups.size + 1) * PART_FLOOR < current.size;
+  return fresh <= SPLICE_MAX_NEW && fresh + bucket.spliceOverhead(groups.size) < current.size;
 }
 
 /**

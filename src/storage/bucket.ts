@@ -276,6 +276,14 @@ export class Bucket {
   }
 
   /**
+   * The most old bytes `splice` uploads beside the new ones, when old bytes follow `stretches`
+   * stretches of new bytes (S3: (2 x stretches + 1) x 5 MiB); Infinity where the driver has no splice.
+   */
+  spliceOverhead(stretches: number): number {
+    return this.driver.spliceOverhead?.(stretches) ?? Infinity;
+  }
+
+  /**
    * Replaces `key` with pieces: ranges of the version `ifMatch` names, copied inside the store,
    * and new bytes (see Driver.splice). The recorded digest is the caller's, who hashed the
    * assembled bytes in order (ranges read from that same version); every copy is conditional on

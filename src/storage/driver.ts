@@ -173,6 +173,11 @@ export interface Driver {
   splice?(key: string, pieces: readonly SplicePiece[], opts: DriverSpliceOptions): Promise<ObjectInfo | undefined>;
   /** Whether `splice` is worth calling: false when configured off or once the store refused it. */
   readonly spliceable?: boolean;
+  /**
+   * With `splice`: the most old bytes a splice sends beside the new ones (the store's part rules
+   * make it pad them), when old bytes follow `stretches` stretches of new bytes.
+   */
+  spliceOverhead?(stretches: number): number;
   /** Throws when the backend cannot be reached or used. */
   health(): Promise<void>;
   /** Maps an SDK-specific error to a code; undefined falls back to the common mapping. */

@@ -144,19 +144,19 @@ function covering(checked: readonly CheckedRange[], offset: number, length: numb
  * the new bytes and ranged GETs of that same version (If-Match, and the answer's ETag compared,
  * for stores that ignore the header), each GET widened to whole `checked` ranges and each of
  * those checked against its digest, so the old bytes sent are those the caller hashed. The
- * upload starts with the caller's digest in its metadata and completes once the parts add up to
- * `size`, with If-Match where the store enforces it, else after a stat. Undefined, the upload
- * aborted, when the store has no UploadPartCopy. A source replaced meanwhile fails
- * PreconditionFailed (one deleted fails NotFound, which Bucket.splice makes PreconditionFailed). A failed splice aborts its upload (best effort: s3rver has no abort, and
- * lifecycle rules reap what is left; a failed abort is told to `opts.warn`).
+ * upload starts with the caller's digest in its metadata and completes with If-Match where the
+ * store enforces it, else after a stat (the parts make `size` bytes: Bucket.splice checked the
+ * pieces, whose bytes planSplice keeps). Undefined, the upload aborted, when the store has no
+ * UploadPartCopy. A source replaced meanwhile fails PreconditionFailed (one deleted fails
+ * NotFound, which Bucket.splice makes PreconditionFailed). A failed splice aborts its upload
+ * (best effort: s3rver has no abort, and lifecycle rules reap what is left; a failed abort is
+ * told to `opts.warn`).
  */
 export async function spliceObject(t: UploadTarget, key: string, parts: readonly SplicePart[], opts: DriverSpliceOptions): Promise<ObjectInfo | undefined> {
   const { client, bucket } = t;
   const signal = opts.signal;
   const copySource = `${bucket}/${key.split('/').map(encodeURIComponent).join('/')}`;
   const replaced = (cause?: unknown): StorageError => new StorageError(ErrorCode.PreconditionFailed, `object changed while it was spliced (expected etag ${opts.ifMatch})`, { op: 'splice', key, cause });
-  const total = parts.reduce((n, p) => n + ('copy' in p ? p.copy.length : p.length), 0);
-  if (total !== opts.size) throw new StorageError(ErrorCode.Unknown, `the splice's parts make ${total} bytes, not ${opts.size}`, { op: 'splice', key });
   /** Old bytes `[offset, offset + length)` into `body` at `at`, read as whole checked ranges and checked. */
   const readOld = async (offset: number, length: number, body: Buffer, at: number): Promise<void> => {
     const ranges = covering(opts.checked, offset, length);

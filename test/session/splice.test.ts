@@ -234,6 +234,19 @@ describe('server-side splicing of session edits (S3)', () => {
     expect(shouldSplice(off, at(30 * MiB), ix, ops, one)).toBe(false);
   });
 
+  it('a splice whose pieces do not make its size, or that names no range, fails InvalidInput before any request', async () => {
+    const bucket = newBucket(s3, bucketName);
+    const key = sessionKey(base);
+    const was = await bucket.stat(key);
+    const opts = { ifMatch: was.etag!, sha256: sha('eleven byte'), size: 11, checked: [{ offset: 0, length: 11, sha256: sha('eleven byte') }] };
+    const before = await s3.stats();
+    await expect(bucket.splice(key, [{ copy: { offset: 0, length: 10 } }], opts)).rejects.toMatchObject({ code: ErrorCode.InvalidInput });
+    await expect(bucket.splice(key, [{ copy: { offset: -1, length: 11 } }], opts)).rejects.toMatchObject({ code: ErrorCode.InvalidInput });
+    await expect(bucket.splice(key, [{ bytes: Buffer.from('eleven byte') }], { ...opts, checked: [{ offset: 0, length: 0, sha256: sha('') }] })).rejects.toMatchObject({ code: ErrorCode.InvalidInput });
+    expect(await s3.stats()).toEqual(before);
+    expect((await bucket.stat(key)).etag).toBe(was.etag);
+  });
+
   it('concurrent edits of one session keep every edit, each commit of one job spliced; a redelivered job splices nothing', async () => {
     const bucket = newBucket(s3, bucketName);
     const s = await fresh(bucket);

@@ -115,8 +115,6 @@ export class S3Driver implements Driver {
   readonly kind = 's3';
   /** Object metadata is fixed when the upload starts, so the Bucket must know the digest first. */
   readonly metadataAtEnd = false;
-  /** Bodies sent as one PutObject are hashed before it is sent (see uploadObject). */
-  readonly digestAtEndUpTo: number;
   readonly atomicIfAbsent: boolean;
   readonly atomicIfMatch: boolean;
   /** ListObjectsV2 carries no user metadata: a digest costs a HEAD per object. */
@@ -142,7 +140,6 @@ export class S3Driver implements Driver {
     if (this.partSize < MIN_PART_SIZE) throw new StorageError(ErrorCode.InvalidInput, `partSize must be at least ${MIN_PART_SIZE}`, { op: 'config' });
     this.queueSize = opts.queueSize ?? 4;
     this.singlePutSize = Math.max(this.partSize, opts.singlePutSize ?? this.partSize * (this.queueSize + 1));
-    this.digestAtEndUpTo = this.singlePutSize;
     this.maxCopyObject = opts.maxCopyObject ?? MAX_COPY_OBJECT;
     this.copyPartSize = Math.max(MIN_PART_SIZE, opts.copyPartSize ?? 512 * MiB);
     this.spliceOn = opts.splice ?? true;
@@ -159,6 +156,11 @@ export class S3Driver implements Driver {
       // Without throwOnRequestTimeout the handler only logs a warning when requestTimeout passes.
       requestHandler: { connectionTimeout: 10_000, requestTimeout: timeout, socketTimeout: timeout, throwOnRequestTimeout: true },
     });
+  }
+
+  /** Bodies sent as one PutObject (up to singlePutSize) are hashed before it is sent (see uploadObject). */
+  get digestAtEndUpTo(): number {
+    return this.singlePutSize;
   }
 
   /** See uploadObject: part buffers reused, nothing visible before the body passed its digest check. */

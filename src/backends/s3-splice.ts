@@ -17,9 +17,12 @@ export type SplicePart = { copy: { offset: number; length: number } } | { upload
  * Copied runs go as parts of at most this, so the store copies a long run several parts at once
  * (queueSize) rather than in one request; S3's own limit is 5 GiB a part.
  */
-const COPY_PART = 64 * 1024 * 1024;
+export const COPY_PART = 64 * 1024 * 1024;
 
 const pieceLength = (p: SplicePiece): number => ('copy' in p ? p.copy.length : p.bytes.length);
+/** `length` bytes of `p` from `from` on. */
+const slice = (p: SplicePiece, from: number, length: number): SplicePiece =>
+  ('copy' in p ? { copy: { offset: p.copy.offset + from, length } } : { bytes: p.bytes.subarray(from, from + length) });
 
 /**
  * planSplice's bound on the old bytes a splice sends beside the new ones, when old bytes follow
@@ -52,28 +55,23 @@ export function planSplice(pieces: readonly SplicePiece[], partSize: number): Sp
   const flush = (): void => {
     if (pendingLen === 0) return;
     const count = Math.max(1, Math.min(Math.ceil(pendingLen / partSize), Math.floor(pendingLen / MIN_PART_SIZE)));
-    let queue = pending;
+    // pending[q], or what is left of it once a part took its start.
+    let q = 0;
+    let rest = pending[0];
     for (let i = 0; i < count; i++) {
-      let want = Math.floor(pendingLen / count) + (i < pendingLen % count ? 1 : 0);
+      const length = Math.floor(pendingLen / count) + (i < pendingLen % count ? 1 : 0);
       const upload: SplicePiece[] = [];
-      const length = want;
-      while (want > 0) {
-        const p = queue[0]!;
+      for (let want = length; want > 0;) {
+        const p = rest!;
         const n = pieceLength(p);
-        if (n <= want) {
-          upload.push(p);
-          queue = queue.slice(1);
-          want -= n;
-          continue;
+        if (n > want) {
+          upload.push(slice(p, 0, want));
+          rest = slice(p, want, n - want);
+          break;
         }
-        if ('copy' in p) {
-          upload.push({ copy: { offset: p.copy.offset, length: want } });
-          queue = [{ copy: { offset: p.copy.offset + want, length: n - want } }, ...queue.slice(1)];
-        } else {
-          upload.push({ bytes: p.bytes.subarray(0, want) });
-          queue = [{ bytes: p.bytes.subarray(want) }, ...queue.slice(1)];
-        }
-        want = 0;
+        upload.push(p);
+        want -= n;
+        rest = pending[++q];
       }
       parts.push({ upload, length });
     }

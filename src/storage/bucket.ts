@@ -287,10 +287,10 @@ export class Bucket {
    * Replaces `key` with pieces: ranges of the version `ifMatch` names, copied inside the store,
    * and new bytes (see Driver.splice). The recorded digest is the caller's, who hashed the
    * assembled bytes in order (ranges read from that same version); every copy is conditional on
-   * it, so a replaced or deleted source fails PreconditionFailed, never mixes versions. Undefined, with
-   * nothing written, when the store cannot splice: write the object another way, which loses
-   * nothing. Pieces that do not make `size` bytes, or a range that is not one, fail InvalidInput
-   * before any request.
+   * it, so a replaced or deleted source fails PreconditionFailed, never mixes versions.
+   * Undefined, with nothing written, when the store cannot splice: write the object another way,
+   * which loses nothing. Pieces that do not make `size` bytes, or a range that is not one, fail
+   * InvalidInput before any request.
    */
   async splice(key: string, pieces: readonly SplicePiece[], opts: SpliceOptions): Promise<ObjectInfo | undefined> {
     validateKey(key, 'splice');
@@ -298,7 +298,7 @@ export class Bucket {
     const contentType = validateContentType(opts.contentType) ?? DEFAULT_CONTENT_TYPE;
     const sha256 = validateSha256(opts.sha256)!;
     const range = (r: { offset: number; length: number }): boolean => Number.isSafeInteger(r.offset) && r.offset >= 0 && Number.isSafeInteger(r.length) && r.length > 0;
-    const invalid = (why: string): StorageError => new StorageError(ErrorCode.InvalidInput, `splice: ${why}`, { op: 'splice', key });
+    const invalid = (why: string): StorageError => new StorageError(ErrorCode.InvalidInput, why, { op: 'splice', key });
     if (pieces.some((p) => 'copy' in p && !range(p.copy))) throw invalid('a copied piece is not a range of the object');
     if (!opts.checked.every(range)) throw invalid('a checked range is not a range of the object');
     const total = pieces.reduce((n, p) => n + ('copy' in p ? p.copy.length : p.bytes.length), 0);

@@ -104,8 +104,8 @@ export async function sessionBench(opts: { fs?: boolean } = {}): Promise<string>
       },
     });
     const bucket = new Bucket(counted, { name: 'bench' });
-    // The edit once more in a fresh process, for a worker's peak RSS (this one holds the corpora).
-    const child = await compileCases(join(dir.path, 'compiled'));
+    // The edit once more in a fresh process, for a worker's peak RSS (this one holds the corpora): compiled for the filesystem rows only.
+    let child: Awaited<ReturnType<typeof compileCases>> | undefined;
     let job = 0;
     const repackOn = (b: Bucket, session: string, ops: unknown[]) => repackSession(parsePayload(RepackPayload, { session, ops }), jobDeps(b, redis, staging, { jobId: `b${++job}`, enqueuedAt: Date.now() }));
     const repack = (session: string, ops: unknown[]) => repackOn(bucket, session, ops);
@@ -131,6 +131,7 @@ export async function sessionBench(opts: { fs?: boolean } = {}): Promise<string>
         continue;
       }
 
+      child ??= await compileCases(join(dir.path, 'compiled'));
       const gnuMs: number[] = [];
       const convMs: number[] = [];
       const editMs: number[] = [];

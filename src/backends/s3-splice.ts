@@ -17,9 +17,19 @@ export type SplicePart = { copy: { offset: number; length: number } } | { upload
  * Copied runs go as parts of at most this, so the store copies a long run several parts at once
  * (queueSize) rather than in one request; S3's own limit is 5 GiB a part.
  */
-const COPY_PART = 64 * 1024 * 1024;
+export const COPY_PART = 64 * 1024 * 1024;
 
 const pieceLength = (p: SplicePiece): number => ('copy' in p ? p.copy.length : p.bytes.length);
+/** `length` bytes of `p` from `from` on. */
+const slice = (p: SplicePiece, from: number, length: number): SplicePiece =>
+  ('copy' in p ? { copy: { offset: p.copy.offset + from, length } } : { bytes: p.bytes.subarray(from, from + length) });
+
+/**
+ * planSplice's bound on the old bytes a splice sends beside the new ones, when old bytes follow
+ * `stretches` stretches of new bytes: up to 5 MiB of padding and a run's short tail after each,
+ * and a short run at the start (a stretch at the object's end costs nothing).
+ */
+export const spliceOverhead = (stretches: number): number => (2 * stretches + 1) * MIN_PART_SIZE;
 
 /**
  * The parts S3's rules allow for `pieces`: every part but the last at least 5 MiB, a copied part
@@ -45,28 +55,23 @@ export function planSplice(pieces: readonly SplicePiece[], partSize: number): Sp
   const flush = (): void => {
     if (pendingLen === 0) return;
     const count = Math.max(1, Math.min(Math.ceil(pendingLen / partSize), Math.floor(pendingLen / MIN_PART_SIZE)));
-    let queue = pending;
+    // pending[q], or what is left of it once a part took its start.
+    let q = 0;
+    let rest = pending[0];
     for (let i = 0; i < count; i++) {
-      let want = Math.floor(pendingLen / count) + (i < pendingLen % count ? 1 : 0);
+      const length = Math.floor(pendingLen / count) + (i < pendingLen % count ? 1 : 0);
       const upload: SplicePiece[] = [];
-      const length = want;
-      while (want > 0) {
-        const p = queue[0]!;
+      for (let want = length; want > 0;) {
+        const p = rest!;
         const n = pieceLength(p);
-        if (n <= want) {
-          upload.push(p);
-          queue = queue.slice(1);
-          want -= n;
-          continue;
+        if (n > want) {
+          upload.push(slice(p, 0, want));
+          rest = slice(p, want, n - want);
+          break;
         }
-        if ('copy' in p) {
-          upload.push({ copy: { offset: p.copy.offset, length: want } });
-          queue = [{ copy: { offset: p.copy.offset + want, length: n - want } }, ...queue.slice(1)];
-        } else {
-          upload.push({ bytes: p.bytes.subarray(0, want) });
-          queue = [{ bytes: p.bytes.subarray(want) }, ...queue.slice(1)];
-        }
-        want = 0;
+        upload.push(p);
+        want -= n;
+        rest = pending[++q];
       }
       parts.push({ upload, length });
     }
@@ -108,12 +113,6 @@ function notImplemented(err: unknown): boolean {
   return e?.name === 'NotImplemented' || e?.Code === 'NotImplemented' || e?.$metadata?.httpStatusCode === 501;
 }
 
-/** The source is gone (deleted meanwhile): for the caller that is a replaced version, not a missing object. */
-function missing(err: unknown): boolean {
-  const e = err as { name?: unknown; Code?: unknown; $metadata?: { httpStatusCode?: number } } | null;
-  return e?.name === 'NoSuchKey' || e?.Code === 'NoSuchKey' || e?.name === 'NotFound' || e?.$metadata?.httpStatusCode === 404;
-}
-
 const unquote = (etag: string | undefined): string => (etag ?? '').replace(/"/g, '');
 
 /**
@@ -143,19 +142,19 @@ function covering(checked: readonly CheckedRange[], offset: number, length: numb
  * the new bytes and ranged GETs of that same version (If-Match, and the answer's ETag compared,
  * for stores that ignore the header), each GET widened to whole `checked` ranges and each of
  * those checked against its digest, so the old bytes sent are those the caller hashed. The
- * upload starts with the caller's digest in its metadata and completes once the parts add up to
- * `size`, with If-Match where the store enforces it, else after a stat. Undefined, the upload
- * aborted, when the store has no UploadPartCopy. A source replaced or deleted meanwhile fails
- * PreconditionFailed. A failed splice aborts its upload (best effort: s3rver has no abort, and
- * lifecycle rules reap what is left; a failed abort is told to `opts.warn`).
+ * upload starts with the caller's digest in its metadata and completes with If-Match where the
+ * store enforces it, else after a stat (the parts make `size` bytes: Bucket.splice checked the
+ * pieces, whose bytes planSplice keeps). Undefined, the upload aborted, when the store has no
+ * UploadPartCopy. A source replaced meanwhile fails PreconditionFailed (one deleted fails
+ * NotFound, which Bucket.splice makes PreconditionFailed). A failed splice aborts its upload
+ * (best effort: s3rver has no abort, and lifecycle rules reap what is left; a failed abort is
+ * told to `opts.warn`).
  */
 export async function spliceObject(t: UploadTarget, key: string, parts: readonly SplicePart[], opts: DriverSpliceOptions): Promise<ObjectInfo | undefined> {
   const { client, bucket } = t;
   const signal = opts.signal;
   const copySource = `${bucket}/${key.split('/').map(encodeURIComponent).join('/')}`;
   const replaced = (cause?: unknown): StorageError => new StorageError(ErrorCode.PreconditionFailed, `object changed while it was spliced (expected etag ${opts.ifMatch})`, { op: 'splice', key, cause });
-  const total = parts.reduce((n, p) => n + ('copy' in p ? p.copy.length : p.length), 0);
-  if (total !== opts.size) throw new StorageError(ErrorCode.Unknown, `the splice's parts make ${total} bytes, not ${opts.size}`, { op: 'splice', key });
   /** Old bytes `[offset, offset + length)` into `body` at `at`, read as whole checked ranges and checked. */
   const readOld = async (offset: number, length: number, body: Buffer, at: number): Promise<void> => {
     const ranges = covering(opts.checked, offset, length);
@@ -254,7 +253,6 @@ export async function spliceObject(t: UploadTarget, key: string, parts: readonly
       .catch((abortErr: unknown) => { if (!notImplemented(abortErr)) opts.warn?.('a failed splice could not abort its multipart upload (a lifecycle rule reaps its parts)', abortErr); });
     if (!signal?.aborted) await aborting;
     if (notImplemented(err)) return undefined;
-    if (missing(err)) throw replaced(err);
     throw err;
   }
   return {

@@ -24,8 +24,8 @@ export interface UploadTarget {
 }
 
 /**
- * One PutObject for a body of known size up to `singlePutSize` (or any body that fits in a part),
- * else a multipart upload. A single PutObject is one request where a multipart upload of the same
+ * One PutObject for a body of known size up to `singlePutSize` (at least a part), else a
+ * multipart upload. A single PutObject is one request where a multipart upload of the same
  * bytes is at least three, and the store need not concatenate parts; its buffer is no larger than
  * the part buffers a multipart upload holds (the default singlePutSize is partSize x (queueSize +
  * 1)). Such a body may come without its digest: it is hashed as it fills the buffer, and the
@@ -39,7 +39,7 @@ export interface UploadTarget {
  * while it is read fails that check, so no request ever commits bytes other than the digest's.
  */
 export async function uploadObject(t: UploadTarget, key: string, body: PutBody, opts: DriverPutOptions): Promise<ObjectInfo> {
-  const single = body.size !== undefined && body.size <= Math.max(t.partSize, t.singlePutSize);
+  const single = body.size !== undefined && body.size <= t.singlePutSize;
   if (body.sha256 === undefined && !single) throw new Error('S3Driver.put needs the digest before a multipart upload (see digestAtEndUpTo)');
   const { client, bucket } = t;
   const signal = opts.signal;

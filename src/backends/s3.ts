@@ -8,7 +8,7 @@ import { backendUrl } from './url-params.js';
 import type { ByteRange, Driver, DriverDeleteOptions, DriverGetResult, DriverPutOptions, DriverSpliceOptions, ListPage, ObjectInfo, PutBody, SplicePiece } from '../storage/driver.js';
 import { SHA256_META } from '../storage/driver.js';
 import { MAX_COPY_OBJECT, copyObject } from './s3-copy.js';
-import { planSplice, spliceObject } from './s3-splice.js';
+import { planSplice, spliceObject, spliceOverhead } from './s3-splice.js';
 import { MIN_PART_SIZE, uploadObject } from './s3-upload.js';
 
 const MiB = 1024 * 1024;
@@ -115,8 +115,6 @@ export class S3Driver implements Driver {
   readonly kind = 's3';
   /** Object metadata is fixed when the upload starts, so the Bucket must know the digest first. */
   readonly metadataAtEnd = false;
-  /** Bodies sent as one PutObject are hashed before it is sent (see uploadObject). */
-  readonly digestAtEndUpTo: number;
   readonly atomicIfAbsent: boolean;
   readonly atomicIfMatch: boolean;
   /** ListObjectsV2 carries no user metadata: a digest costs a HEAD per object. */
@@ -142,7 +140,6 @@ export class S3Driver implements Driver {
     if (this.partSize < MIN_PART_SIZE) throw new StorageError(ErrorCode.InvalidInput, `partSize must be at least ${MIN_PART_SIZE}`, { op: 'config' });
     this.queueSize = opts.queueSize ?? 4;
     this.singlePutSize = Math.max(this.partSize, opts.singlePutSize ?? this.partSize * (this.queueSize + 1));
-    this.digestAtEndUpTo = this.singlePutSize;
     this.maxCopyObject = opts.maxCopyObject ?? MAX_COPY_OBJECT;
     this.copyPartSize = Math.max(MIN_PART_SIZE, opts.copyPartSize ?? 512 * MiB);
     this.spliceOn = opts.splice ?? true;
@@ -159,6 +156,11 @@ export class S3Driver implements Driver {
       // Without throwOnRequestTimeout the handler only logs a warning when requestTimeout passes.
       requestHandler: { connectionTimeout: 10_000, requestTimeout: timeout, socketTimeout: timeout, throwOnRequestTimeout: true },
     });
+  }
+
+  /** Bodies sent as one PutObject (up to singlePutSize) are hashed before it is sent (see uploadObject). */
+  get digestAtEndUpTo(): number {
+    return this.singlePutSize;
   }
 
   /** See uploadObject: part buffers reused, nothing visible before the body passed its digest check. */
@@ -231,6 +233,11 @@ export class S3Driver implements Driver {
 
   get spliceable(): boolean {
     return this.spliceOn && !this.spliceRefused;
+  }
+
+  /** (2 x stretches + 1) x 5 MiB: see spliceOverhead. */
+  spliceOverhead(stretches: number): number {
+    return spliceOverhead(stretches);
   }
 
   /** See spliceObject: UploadPartCopy of the unchanged ranges, the new bytes padded to S3's part floor. */

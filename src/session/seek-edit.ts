@@ -2,7 +2,7 @@ import { Readable, Writable } from 'node:stream';
 import { transformTar } from '../archive/transform.js';
 import { ErrorCode, StorageError } from '../errors.js';
 import { EditPlan, OpFailed, type PlanOp } from './plan.js';
-import type { SeekIndex } from './seek-format.js';
+import { GZIP_HEADER, type SeekIndex } from './seek-format.js';
 import { segmentAt } from './seek-read.js';
 import { sourceSegments } from './seek-source.js';
 import { SeekableWriter, type CopiedSegment } from './seek-writer.js';
@@ -52,8 +52,9 @@ export function dirtySegments(ops: readonly PlanOp[], ix: SeekIndex): Map<number
  * Rewrites a seekable archive whose edits `dirtySegments` placed: the segments outside the dirty
  * groups are checked against their digests and copied as compressed bytes, never inflated; each
  * dirty group is inflated and goes through the tar-to-tar transform on its own with the ops that
- * land in it. `onCopy` hears where each copied segment lands in the output (a splice copies
- * those bytes inside the store). Resolves with the segment counts.
+ * land in it. `onCopy` hears where each copied segment lands in the output, and the gzip header
+ * (at 0) when the source's, as read, is the one the writer writes (a splice copies those bytes
+ * inside the store). Resolves with the segment counts.
  */
 export async function rewriteSegments(raw: Readable, ix: SeekIndex, key: string, ops: readonly PlanOp[], mtime: Date, groups: Map<number, number>, output: Writable, level: number, signal?: AbortSignal, onCopy?: (copy: CopiedSegment) => void): Promise<{ entries: number; reused: number; compressed: number }> {
   const writer = new SeekableWriter(output, { level, signal, onCopy });
@@ -70,7 +71,8 @@ export async function rewriteSegments(raw: Readable, ix: SeekIndex, key: string,
   try {
     let group: { last: number; parts: Buffer[] } | undefined;
     // Only the dirty groups and the archive's end (which the writer must see) are inflated.
-    for await (const k of sourceSegments(raw, ix, key, (i) => inGroup.has(i) || i === lastSeg)) {
+    const onHead = (head: Buffer): void => { if (head.equals(GZIP_HEADER)) onCopy?.({ at: 0, from: 0, length: head.length }); };
+    for await (const k of sourceSegments(raw, ix, key, (i) => inGroup.has(i) || i === lastSeg, onHead)) {
       signal?.throwIfAborted();
       const seg = ix.segments[k.i]!;
       const entries: typeof ix.entries = [];

@@ -57,8 +57,9 @@ export class SegmentPool implements SegmentSource {
  * checked against its sha256, length and CRC-32 and inflated on its own (several at once, on the
  * libuv pool), in order. A segment that fails its check fails the read InvalidInput (a corrupt
  * stored archive). Every byte used is checked so: `raw` may come from a get with `partsChecked`.
+ * `onHead` hears the bytes before the first segment (the gzip header) once they are read.
  */
-export async function* sourceSegments(raw: Readable, index: SeekIndex, key: string, inflateIt: (i: number) => boolean = () => true): AsyncGenerator<Kept & { i: number }> {
+export async function* sourceSegments(raw: Readable, index: SeekIndex, key: string, inflateIt: (i: number) => boolean = () => true, onHead?: (head: Buffer) => void): AsyncGenerator<Kept & { i: number }> {
   const bad = (why: string): StorageError => new StorageError(ErrorCode.InvalidInput, `stored archive is corrupt: ${why}`, { op: 'repack', key });
   const it = raw[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
   let buf: Buffer = Buffer.alloc(0);
@@ -91,6 +92,7 @@ export async function* sourceSegments(raw: Readable, index: SeekIndex, key: stri
   };
   const head = await take(index.segments[0]?.cOff ?? 10);
   if (head[0] !== 0x1f || head[1] !== 0x8b) throw bad('no gzip header');
+  onHead?.(head);
   const queue: Promise<Kept & { i: number }>[] = [];
   // Reads stay in order (one stream); only the inflating overlaps.
   let next = 0;

@@ -1,36 +1,33 @@
 import { createHash } from 'node:crypto';
 import { Writable, type Readable } from 'node:stream';
-import { ErrorCode, StorageError } from '../errors.js';
 import type { Bucket } from '../storage/bucket.js';
 import type { CheckedRange, ObjectInfo, SplicePiece } from '../storage/driver.js';
 import { CONTENT_TYPE, GZIP_LEVEL } from './archive.js';
 import type { PlanOp } from './plan.js';
 import { rewriteSegments } from './seek-edit.js';
-import { GZIP_HEADER, type SeekIndex } from './seek-format.js';
+import { GZIP_HEADER, sha256Hex, type SeekIndex } from './seek-format.js';
 import type { CopiedSegment } from './seek-writer.js';
 
 /** New bytes a splice holds in memory at most (the dirty segments and the puts' bodies); a larger edit streams. */
 const SPLICE_MAX_NEW = 64 << 20;
-/** S3's part floor: what each stretch of new bytes may cost beside itself in a splice. */
-const PART_FLOOR = 5 << 20;
 
 /** The store refused to splice (remembered by its driver), or this splice cannot be done: the edit is written by the streaming put instead. */
 export class SpliceUnsupported extends Error {}
 
 /**
  * Whether an edit placed by `dirtySegments` should be spliced inside the store rather than
- * streamed to it: only when the most a splice can upload, the new bytes plus a part's padding
- * on both sides of each dirty group and a part for the end ((2 x groups + 1) x 5 MiB, the
- * planner's bound), is less than the archive the streaming put would upload. A larger margin
- * would stream one-group edits of archives just over 15 MiB, and those would then upload more
- * than the issue's 3 x 5 MiB plus the file.
+ * streamed to it: only when the most a splice can upload, the new bytes plus the old bytes the
+ * store's part rules send beside them (Bucket.spliceOverhead, old bytes following each dirty
+ * group; on S3 (2 x groups + 1) x 5 MiB), is less than the archive the streaming put would
+ * upload. A larger margin would stream one-group edits of archives just over 15 MiB on S3, and
+ * those would then upload more than the issue's 3 x 5 MiB plus the file.
  */
 export function shouldSplice(bucket: Bucket, current: ObjectInfo, ix: SeekIndex, ops: readonly PlanOp[], groups: Map<number, number>): boolean {
   if (!bucket.canSplice || current.etag === undefined) return false;
   let fresh = 0;
   for (const [first, last] of groups) for (let i = first; i <= last; i++) fresh += ix.segments[i]!.uLen;
   for (const o of ops) if (o.op === 'put') fresh += 'bytes' in o.body ? o.body.bytes.length : o.body.size;
-  return fresh <= SPLICE_MAX_NEW && fresh + (2 * groups.size + 1) * PART_FLOOR < current.size;
+  return fresh <= SPLICE_MAX_NEW && fresh + bucket.spliceOverhead(groups.size) < current.size;
 }
 
 /**
@@ -112,14 +109,13 @@ export async function spliceRewrite(bucket: Bucket, key: string, current: { stre
   const etag = current.info.etag!;
   const recorder = new PieceRecorder(opts.progress);
   // The old bytes a splice may send: the segments, each checked against its digest as this read
-  // copies it, and the gzip header.
+  // copies it, and the gzip header, which rewriteSegments reports copied only when the source's
+  // is the writer's GZIP_HEADER (ours always are).
   const checked: CheckedRange[] = ix.segments.map((g) => ({ offset: g.cOff, length: g.cLen, sha256: g.sha256 }));
-  // The writer's gzip header is copied too where the source has the same one (ours always do).
-  if ((await sourceHead(bucket, key, etag, opts.signal).catch((err: unknown) => { current.stream.destroy(); throw err; })).equals(GZIP_HEADER)) {
-    recorder.mark({ at: 0, from: 0, length: GZIP_HEADER.length });
-    checked.unshift({ offset: 0, length: GZIP_HEADER.length, sha256: createHash('sha256').update(GZIP_HEADER).digest('hex') });
-  }
-  const rewrote = await rewriteSegments(current.stream, ix, key, ops, mtime, groups, recorder, GZIP_LEVEL, opts.signal, (c) => recorder.mark(c));
+  const rewrote = await rewriteSegments(current.stream, ix, key, ops, mtime, groups, recorder, GZIP_LEVEL, opts.signal, (c) => {
+    if (c.from === 0) checked.unshift({ offset: 0, length: GZIP_HEADER.length, sha256: sha256Hex(GZIP_HEADER) });
+    recorder.mark(c);
+  });
   // Group commit seals its batch here: from now on the store may hold the new version.
   await opts.beforeCommit?.();
   const info = await bucket.splice(key, recorder.pieces, {
@@ -127,16 +123,4 @@ export async function spliceRewrite(bucket: Bucket, key: string, current: { stre
   });
   if (!info) throw new SpliceUnsupported('the store cannot splice this edit');
   return { info, ...rewrote };
-}
-
-async function sourceHead(bucket: Bucket, key: string, etag: string, signal: AbortSignal): Promise<Buffer> {
-  const got = await bucket.get(key, { range: { start: 0, end: GZIP_HEADER.length - 1 }, signal }).catch((err: unknown) => {
-    // Deleted since it was read: another version for the caller, who reads again.
-    if (err instanceof StorageError && err.code === ErrorCode.NotFound) throw new StorageError(ErrorCode.PreconditionFailed, 'the archive was deleted while it was read', { op: 'repack', key, cause: err });
-    throw err;
-  });
-  const parts: Buffer[] = [];
-  for await (const c of got.stream) parts.push(c as Buffer);
-  if (got.info.etag !== etag) throw new StorageError(ErrorCode.PreconditionFailed, 'the archive was replaced while it was read', { op: 'repack', key });
-  return Buffer.concat(parts);
 }

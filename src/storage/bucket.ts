@@ -276,13 +276,21 @@ export class Bucket {
   }
 
   /**
+   * The most old bytes `splice` uploads beside the new ones, when old bytes follow `stretches`
+   * stretches of new bytes (S3: (2 x stretches + 1) x 5 MiB); Infinity where the driver has no splice.
+   */
+  spliceOverhead(stretches: number): number {
+    return this.driver.spliceOverhead?.(stretches) ?? Infinity;
+  }
+
+  /**
    * Replaces `key` with pieces: ranges of the version `ifMatch` names, copied inside the store,
    * and new bytes (see Driver.splice). The recorded digest is the caller's, who hashed the
    * assembled bytes in order (ranges read from that same version); every copy is conditional on
-   * it, so a replaced source fails PreconditionFailed, never mixes versions. Undefined, with
-   * nothing written, when this splice cannot be done (the store cannot splice, or the pieces do
-   * not make `size` bytes of valid ranges, which would be the caller's fault): write the object
-   * another way, which loses nothing.
+   * it, so a replaced or deleted source fails PreconditionFailed, never mixes versions.
+   * Undefined, with nothing written, when the store cannot splice: write the object another way,
+   * which loses nothing. Pieces that do not make `size` bytes, or a range that is not one, fail
+   * InvalidInput before any request.
    */
   async splice(key: string, pieces: readonly SplicePiece[], opts: SpliceOptions): Promise<ObjectInfo | undefined> {
     validateKey(key, 'splice');
@@ -290,14 +298,20 @@ export class Bucket {
     const contentType = validateContentType(opts.contentType) ?? DEFAULT_CONTENT_TYPE;
     const sha256 = validateSha256(opts.sha256)!;
     const range = (r: { offset: number; length: number }): boolean => Number.isSafeInteger(r.offset) && r.offset >= 0 && Number.isSafeInteger(r.length) && r.length > 0;
+    const invalid = (why: string): StorageError => new StorageError(ErrorCode.InvalidInput, why, { op: 'splice', key });
+    if (pieces.some((p) => 'copy' in p && !range(p.copy))) throw invalid('a copied piece is not a range of the object');
+    if (!opts.checked.every(range)) throw invalid('a checked range is not a range of the object');
     const total = pieces.reduce((n, p) => n + ('copy' in p ? p.copy.length : p.bytes.length), 0);
-    if (total !== opts.size || pieces.some((p) => 'copy' in p && !range(p.copy)) || !opts.checked.every(range)) return undefined;
-    const splice = this.driver.splice?.bind(this.driver);
-    if (!splice || !this.canSplice) return undefined;
+    if (total !== opts.size) throw invalid(`the pieces make ${total} bytes, not ${opts.size}`);
+    if (!this.canSplice) return undefined;
     return this.guard('splice', key, async () => {
-      if (!this.driver.atomicIfMatch) await this.assertEtag('splice', key, opts.ifMatch, false);
-      const info = await splice(this.prefix + key, pieces, {
+      // No stat first where ifMatch is not atomic: the driver checks the version right before its commit.
+      const info = await this.driver.splice!(this.prefix + key, pieces, {
         ifMatch: opts.ifMatch, sha256, size: opts.size, checked: opts.checked, contentType, metadata, signal: opts.signal, warn: opts.warn,
+      }).catch((err: unknown) => {
+        // Deleted meanwhile (a 404 to a copy, a read or the stat before the commit): for the caller another version, to read again.
+        if (this.codeOf(err) === ErrorCode.NotFound) throw new StorageError(ErrorCode.PreconditionFailed, `object is gone (expected etag ${opts.ifMatch})`, { op: 'splice', key, cause: err });
+        throw err;
       });
       return info && this.outside(info);
     });

@@ -98,7 +98,8 @@ export interface CheckedRange {
 export interface DriverSpliceOptions {
   /**
    * The version being replaced, whose ranges `copy` pieces name: each copy is conditional on it
-   * (S3 `x-amz-copy-source-if-match`), and so is the commit where the store enforces `If-Match`.
+   * (S3 `x-amz-copy-source-if-match`), and so is the commit where the store enforces `If-Match`;
+   * where it does not (`atomicIfMatch` false), the driver stats the version right before its commit.
    */
   ifMatch: string;
   /** Digest and size of the assembled object, worked out by the caller before the first request. */
@@ -172,6 +173,11 @@ export interface Driver {
   splice?(key: string, pieces: readonly SplicePiece[], opts: DriverSpliceOptions): Promise<ObjectInfo | undefined>;
   /** Whether `splice` is worth calling: false when configured off or once the store refused it. */
   readonly spliceable?: boolean;
+  /**
+   * With `splice`: the most old bytes a splice sends beside the new ones (the store's part rules
+   * make it pad them), when old bytes follow `stretches` stretches of new bytes.
+   */
+  spliceOverhead?(stretches: number): number;
   /** Throws when the backend cannot be reached or used. */
   health(): Promise<void>;
   /** Maps an SDK-specific error to a code; undefined falls back to the common mapping. */

@@ -11,7 +11,7 @@ import { parsePayload } from '../../src/payload.js';
 import { redisConnection } from '../../src/queue/connection.js';
 import { Bucket } from '../../src/storage/bucket.js';
 import { SHA256_META, type ObjectInfo } from '../../src/storage/driver.js';
-import { sessionKey } from '../../src/session/ids.js';
+import { sessionKey, sessionLockName } from '../../src/session/ids.js';
 import { catSession } from '../../src/session/read.js';
 import type { SeekIndex } from '../../src/session/seek-format.js';
 import { openSeekable, segmentAt } from '../../src/session/seek-read.js';
@@ -234,25 +234,48 @@ describe('server-side splicing of session edits (S3)', () => {
     expect(shouldSplice(off, at(30 * MiB), ix, ops, one)).toBe(false);
   });
 
-  it('concurrent edits of one session keep every edit, each commit of one job spliced; a redelivered job splices nothing', async () => {
+  it('a splice whose pieces do not make its size, or that names no range, fails InvalidInput before any request', async () => {
+    const bucket = newBucket(s3, bucketName);
+    const key = sessionKey(base);
+    const was = await bucket.stat(key);
+    const opts = { ifMatch: was.etag!, sha256: sha('eleven byte'), size: 11, checked: [{ offset: 0, length: 11, sha256: sha('eleven byte') }] };
+    const before = await s3.stats();
+    await expect(bucket.splice(key, [{ copy: { offset: 0, length: 10 } }], opts)).rejects.toMatchObject({ code: ErrorCode.InvalidInput });
+    await expect(bucket.splice(key, [{ copy: { offset: -1, length: 11 } }], opts)).rejects.toMatchObject({ code: ErrorCode.InvalidInput });
+    await expect(bucket.splice(key, [{ bytes: Buffer.from('eleven byte') }], { ...opts, checked: [{ offset: 0, length: 0, sha256: sha('') }] })).rejects.toMatchObject({ code: ErrorCode.InvalidInput });
+    expect(await s3.stats()).toEqual(before);
+    expect((await bucket.stat(key)).etag).toBe(was.etag);
+  });
+
+  it('a job committed alone and two queued behind the session lock (one batch) are each spliced, every edit kept; a redelivered job splices nothing', async () => {
     const bucket = newBucket(s3, bucketName);
     const s = await fresh(bucket);
-    const size = (await bucket.stat(sessionKey(s))).size;
-    const before = await s3.stats();
     const paths = [0, 17, 29].map((d) => `m/pkg-${d}/mod-${d % 20}.txt`);
     const deps = paths.map((_, i) => jobDeps(bucket, conn, staging, { jobId: `c${i}`, enqueuedAt: Date.parse('2026-12-03T11:00:00Z') + i }));
-    const results = await Promise.all(paths.map((path, i) => repackSession(parsePayload(RepackPayload, { session: s, ops: [{ op: 'put', path, text: `edit ${i}\n` }] }), deps[i]!)));
-    const after = await s3.stats();
-    // Group commit may apply queued edits together (one commit, `batched`); a commit of one job's
-    // one-file edit is always spliced (copied parts on both sides), a batch as shouldSplice weighs it.
-    const single = results.filter((r) => r.batched === undefined).length;
-    const batches = new Set(results.filter((r) => r.batched !== undefined).map((r) => r.sha256)).size;
-    expect(single + batches).toBeGreaterThan(0);
-    expect(after.uploadedBytes - before.uploadedBytes).toBeLessThanOrEqual(single * (2 * 5 * MiB + 10 + NEW_SEGMENT_AND_INDEX) + batches * (size + NEW_SEGMENT_AND_INDEX));
-    expect(after.copiedParts - before.copiedParts).toBeGreaterThanOrEqual(2 * single);
+    const edit = (i: number) => repackSession(parsePayload(RepackPayload, { session: s, ops: [{ op: 'put', path: paths[i]!, text: `edit ${i}\n` }] }), deps[i]!);
+    // The first job, nothing queued with it: its one-file edit spliced, copied parts on both sides.
+    const s0 = await s3.stats();
+    expect((await edit(0)).batched).toBeUndefined();
+    const s1 = await s3.stats();
+    expect(s1.uploadedBytes - s0.uploadedBytes).toBeLessThanOrEqual(2 * 5 * MiB + 10 + NEW_SEGMENT_AND_INDEX);
+    expect(s1.copiedParts - s0.copiedParts).toBeGreaterThanOrEqual(2);
+    // The other two queue while the test holds the lock; once it is free, one of them commits both.
+    const lease = await deps[0]!.locks!.acquire(sessionLockName(s), new AbortController().signal);
+    const queue = `bull:repack-test:group:session:${s}:default:queue`;
+    const batch = [edit(1), edit(2)];
+    while ((await conn.zcard(queue)) < 2) await new Promise((r) => setTimeout(r, 25));
+    await lease.release();
+    const results = await Promise.all(batch);
+    const s2 = await s3.stats();
+    expect(results.map((r) => r.batched)).toEqual([2, 2]);
+    expect(results[1]!.sha256).toBe(results[0]!.sha256);
+    // Spliced too: both dirty groups lie in the 1.5 MiB of text files, so the old bytes between
+    // them and the padding after the second are at most 2 x 5 MiB.
+    expect(s2.uploadedBytes - s1.uploadedBytes).toBeLessThanOrEqual(2 * 5 * MiB + 20 + 2 * NEW_SEGMENT_AND_INDEX);
+    expect(s2.copiedParts - s1.copiedParts).toBeGreaterThanOrEqual(2);
     for (const [i, path] of paths.entries()) expect(await cat(bucket, s, path)).toBe(`edit ${i}\n`);
-    const again = await repackSession(parsePayload(RepackPayload, { session: s, ops: [{ op: 'put', path: paths.at(-1)!, text: `edit ${paths.length - 1}\n` }] }), deps.at(-1)!);
-    expect((await s3.stats()).uploadedBytes).toBe(after.uploadedBytes);
+    const again = await edit(2);
+    expect((await s3.stats()).uploadedBytes).toBe(s2.uploadedBytes);
     const file = join(tmp.path, `${s}.tgz`);
     expect(await download(s3, bucketName, s, file)).toBe(sha(await readFile(file)));
     expect(again.sha256).toBe(sha(await readFile(file)));

@@ -78,6 +78,8 @@ const Schema = z.object({
   }),
   /** One webhook POST's time limit. */
   webhookTimeoutMs: int(100, 600_000),
+  /** How often finished jobs without a queued delivery are looked for, and how long after its finish a job's own worker has to queue it. */
+  webhookSweepMs: int(50, 3_600_000),
   /** How often a worker adds its counters to the Redis totals `GET /metrics` reads. */
   metricsFlushMs: int(10, 600_000),
   /** The HTTP server (`stevedore server`, `npm start`). */
@@ -125,6 +127,7 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
     webhookSecret: env.STEVEDORE_WEBHOOK_SECRET,
     webhookScheduleMs: env.STEVEDORE_WEBHOOK_SCHEDULE_MS || DEFAULT_WEBHOOK_SCHEDULE_MS.join(','),
     webhookTimeoutMs: env.STEVEDORE_WEBHOOK_TIMEOUT_MS || 15_000,
+    webhookSweepMs: env.STEVEDORE_WEBHOOK_SWEEP_MS || 5_000,
     metricsFlushMs: env.STEVEDORE_METRICS_FLUSH_MS || 1_000,
     httpHost: env.STEVEDORE_HTTP_HOST || '127.0.0.1',
     httpPort: env.STEVEDORE_HTTP_PORT || 8080,
@@ -141,7 +144,7 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
       workerName: 'STEVEDORE_WORKER_NAME', logLevel: 'LOG_LEVEL', keepCompleted: 'STEVEDORE_KEEP_COMPLETED', keepFailed: 'STEVEDORE_KEEP_FAILED',
       fanoutChunkKeys: 'STEVEDORE_CHUNK_KEYS', fanoutChunkBytes: 'STEVEDORE_CHUNK_BYTES', fanoutWindow: 'STEVEDORE_CHUNK_WINDOW', fanoutLanes: 'STEVEDORE_CHUNK_LANES',
       webhookUrl: 'STEVEDORE_WEBHOOK_URL', webhookSecret: 'STEVEDORE_WEBHOOK_SECRET', webhookScheduleMs: 'STEVEDORE_WEBHOOK_SCHEDULE_MS',
-      webhookTimeoutMs: 'STEVEDORE_WEBHOOK_TIMEOUT_MS', metricsFlushMs: 'STEVEDORE_METRICS_FLUSH_MS',
+      webhookTimeoutMs: 'STEVEDORE_WEBHOOK_TIMEOUT_MS', webhookSweepMs: 'STEVEDORE_WEBHOOK_SWEEP_MS', metricsFlushMs: 'STEVEDORE_METRICS_FLUSH_MS',
       httpHost: 'STEVEDORE_HTTP_HOST', httpPort: 'STEVEDORE_HTTP_PORT', apiToken: 'STEVEDORE_API_TOKEN', maxUploadBytes: 'STEVEDORE_MAX_UPLOAD_BYTES',
     };
     const lines = parsed.error.issues.map((i) => `  ${names[String(i.path[0])] ?? String(i.path[0])}: ${i.message}`);

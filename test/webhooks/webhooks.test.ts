@@ -258,4 +258,49 @@ describe('webhooks', () => {
       await rx2.close();
     }
   });
+
+  it('a job whose worker died before queuing its webhook is delivered by the sweep, once; jobs whose worker queued theirs are not delivered again', async () => {
+    const q3 = `wh3-${randomUUID().slice(0, 8)}`;
+    const rx3 = await startReceiver();
+    const env = {
+      REDIS_URL: redis.url, STEVEDORE_QUEUE: q3, STEVEDORE_BACKENDS: `default=file://${join(tmp.path, 'objects3')}`, STEVEDORE_STAGING_DIR: join(tmp.path, 'staging3'),
+      STEVEDORE_WEBHOOK_URL: rx3.url, STEVEDORE_WEBHOOK_SECRET: SECRET, STEVEDORE_WEBHOOK_SCHEDULE_MS: '0,100,100', STEVEDORE_WEBHOOK_SWEEP_MS: '200',
+    };
+    const cursor = `bull:${webhookQueueName(q3)}:swept`;
+    // A deployment whose sweep has been running: its cursor stands before the jobs below.
+    const first = await spawnWorker(env);
+    await expect.poll(() => admin.exists(cursor), { timeout: 10_000 }).toBe(1);
+    await first.stop();
+    // Jobs finished by a worker whose hook never ran (as one killed between BullMQ recording the outcome and the hook).
+    const buckets = new Map([['default', new Bucket(new FsDriver({ root: join(tmp.path, 'objects3') }), { name: 'default' })]]);
+    const silent = await inProcessWorker(redis.url, buckets, join(tmp.path, 'staging3'), { queue: q3 });
+    const lost = await Promise.all(Array.from({ length: 3 }, (_, i) => silent.client.log({ site: 's', build: `lost${i}`, action: 'a', status: 'ok' })));
+    const lostFail = await silent.client.add('store', { key: '/abs', source: { base64: '' } } as never, { attempts: 1 });
+    await Promise.all(lost.map((id) => silent.client.result(id)));
+    await expect.poll(async () => (await silent.client.getJob(lostFail))?.getState(), { timeout: 10_000 }).toBe('failed');
+    await silent.close();
+    expect(await new Queue(webhookQueueName(q3), { connection: admin }).getJobCountByTypes('waiting', 'active', 'delayed', 'completed', 'failed')).toBe(0);
+    const proc = await spawnWorker(env);
+    const client = new StevedoreClient({ redisUrl: redis.url, queue: q3 });
+    try {
+      // And jobs the new process finishes itself: its hook queues them, the sweep meets them queued.
+      const own = await Promise.all(Array.from({ length: 5 }, (_, i) => client.log({ site: 's', build: `own${i}`, action: 'a', status: 'ok' })));
+      const all = [...lost, lostFail, ...own];
+      await rx3.until((rs) => all.every((id) => rs.some(forJob(id))), 30_000);
+      // Past several more sweeps: nothing arrives twice.
+      const swept = Number(await admin.hget(cursor, 'completed'));
+      await expect.poll(async () => Number(await admin.hget(cursor, 'completed')), { timeout: 10_000 }).toBeGreaterThan(swept + 600);
+      expect(rx3.received.every((r) => verify(r, SECRET))).toBe(true);
+      const perJob = all.map((id) => rx3.received.filter(forJob(id)).length);
+      expect(perJob).toEqual(all.map(() => 1));
+      expect(msg(rx3.received.find(forJob(lostFail))!)).toMatchObject({ type: 'job.failed', data: { queue: q3, jobId: lostFail, failedReason: expect.stringMatching(/^InvalidInput: /) } });
+      expect(msg(rx3.received.find(forJob(lost[0]!))!)).toMatchObject({ type: 'job.completed', data: { queue: q3, jobId: lost[0], type: 'log', attemptsMade: 1 } });
+      const bySweep = proc.logs().filter((l) => l.msg === 'webhook queued by the sweep: the job\'s own worker did not').map((l) => String((l as { jobId?: string }).jobId));
+      expect(bySweep.sort()).toEqual([...lost, lostFail].sort());
+    } finally {
+      await client.close();
+      await proc.stop();
+      await rx3.close();
+    }
+  });
 });

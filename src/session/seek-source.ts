@@ -2,7 +2,8 @@ import { Readable } from 'node:stream';
 import { promisify } from 'node:util';
 import { constants as zc, crc32, inflateRaw } from 'node:zlib';
 import { ErrorCode, StorageError } from '../errors.js';
-import { segmentSha256, type SeekIndex, type Segment } from './seek-format.js';
+import { sha256Moved } from '../storage/hash-thread.js';
+import type { SeekIndex, Segment } from './seek-format.js';
 import type { SegmentSource } from './seek-writer.js';
 
 const inflate = promisify(inflateRaw) as (buf: Buffer, opts: object) => Promise<Buffer>;
@@ -15,13 +16,6 @@ const IN_FLIGHT = 4;
 const KEEP_BYTES = 24 << 20;
 
 const EMPTY = Buffer.alloc(0);
-
-/**
- * A segment's bytes as a buffer of their own when they are a small view of a larger read chunk
- * (kept, they would hold the whole chunk); a segment that fills most of its buffer (a large
- * file's, joined from two chunks) is kept as it is, sparing a copy per byte of the archive.
- */
-const own = (c: Buffer): Buffer => (c.length * 2 >= c.buffer.byteLength ? c : Buffer.from(c));
 
 interface Kept { u: Buffer; c: Buffer; sha256: string; crc: number }
 
@@ -64,25 +58,35 @@ export async function* sourceSegments(raw: Readable, index: SeekIndex, key: stri
   const it = raw[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
   let buf: Buffer = Buffer.alloc(0);
   let done = false;
-  /** The next `n` bytes of the object. */
+  /**
+   * The next `n` bytes of the object, in a buffer that is the whole of its memory: a kept segment
+   * holds no more than itself (not the read chunk around it), and its digest moves it to the
+   * hashing thread and back instead of copying it (sha256Moved).
+   */
   const take = async (n: number): Promise<Buffer> => {
-    const parts = [buf];
-    let have = buf.length;
+    if (buf.length === n && buf.byteOffset === 0 && buf.buffer.byteLength === n) {
+      const whole = buf;
+      buf = EMPTY;
+      return whole;
+    }
+    const out = Buffer.allocUnsafe(n);
+    let have = buf.copy(out, 0, 0, n);
+    buf = buf.subarray(have);
     while (have < n && !done) {
       const r = await it.next();
       if (r.done) done = true;
       else {
-        parts.push(r.value);
-        have += r.value.length;
+        const c = r.value;
+        const k = c.copy(out, have, 0, n - have);
+        have += k;
+        buf = c.subarray(k);
       }
     }
-    const all = parts.length === 1 ? parts[0]! : Buffer.concat(parts);
-    if (all.length < n) throw bad('it ends before its index says');
-    buf = all.subarray(n);
-    return all.subarray(0, n);
+    if (have < n) throw bad('it ends before its index says');
+    return out;
   };
-  const open = async (seg: Segment, c: Buffer, i: number): Promise<Kept & { i: number }> => {
-    const sha256 = await segmentSha256(c);
+  const open = async (seg: Segment, taken: Buffer, i: number): Promise<Kept & { i: number }> => {
+    const { sha256, buf: c } = await sha256Moved(taken);
     if (sha256 !== seg.sha256) throw bad(`segment at ${seg.cOff} does not match its sha256`);
     // A segment copied as it is needs only its digest checked: its bytes are never looked at.
     if (!inflateIt(i)) return { u: EMPTY, c, sha256, crc: seg.crc, i };
@@ -101,7 +105,7 @@ export async function* sourceSegments(raw: Readable, index: SeekIndex, key: stri
     while (queue.length < IN_FLIGHT && next < index.segments.length) {
       const i = next++;
       const seg = index.segments[i]!;
-      const bytes = reading.then(async () => own(await take(seg.cLen)));
+      const bytes = reading.then(() => take(seg.cLen));
       reading = bytes.then(() => {}, () => {});
       const p = bytes.then((c) => open(seg, c, i));
       p.catch(() => {});

@@ -57,6 +57,8 @@ export class SourceBody implements PutBody {
   private iterator: AsyncIterator<unknown> | undefined;
   private rest: Buffer | undefined;
   private end: { error: unknown } | 'ok' | undefined;
+  /** Per buffer read into, the hashing thread's pass over its last bytes (shared buffers only). */
+  private readonly hashing = new Map<ArrayBufferLike, Promise<void>>();
 
   constructor(
     private readonly source: BodySource,
@@ -86,21 +88,35 @@ export class SourceBody implements PutBody {
     return hashing;
   }
 
+  /**
+   * Fills `buf` with the next bytes and hashes them. A `buf` in shared memory (a SharedArrayBuffer,
+   * as the filesystem driver's put buffers are) is hashed on the hashing thread, beside the
+   * caller's write of it: the next read into the same buffer waits until the thread is done with
+   * it, so the caller needs only to hand each buffer back to `read` to reuse it.
+   */
   async read(buf: Buffer): Promise<number> {
     this.claim('read');
     if (this.end === 'ok') return 0;
     if (this.end) throw this.end.error;
     try {
+      await this.hashing.get(buf.buffer);
       const n = await this.fill(buf);
       if (n > 0) {
-        this.hasher.update(buf.subarray(0, n));
+        const hashed = this.hasher.updateShared(buf.subarray(0, n));
+        if (hashed) {
+          this.hashing.set(buf.buffer, hashed);
+          // Awaited at the next read of this buffer or at the end; a failure meanwhile is not unhandled.
+          hashed.catch(() => {});
+        }
         return n;
       }
-      this.hasher.finish();
+      await Promise.all(this.hashing.values());
+      await this.hasher.finishShared();
       this.end = 'ok';
       return 0;
     } catch (err) {
       this.end = { error: err };
+      this.hasher.drop();
       throw err;
     }
   }
@@ -196,12 +212,21 @@ export async function hashFile(path: string): Promise<Digest> {
   }
 }
 
-/** SHA-256 of exactly the `size` bytes of an open file (ChecksumMismatch if it grew or shrank). */
+/** Buffers a file is hashed through: the hashing thread hashes one while the next is read. */
+const HASH_BUFFERS = 4;
+const HASH_CHUNK = 256 * 1024;
+
+/**
+ * SHA-256 of exactly the `size` bytes of an open file (ChecksumMismatch if it grew or shrank):
+ * read into a few buffers of shared memory in turn, each hashed on the hashing thread while the
+ * next is read, so reading and hashing take both cores.
+ */
 export async function hashOpen(open: OpenFile): Promise<Digest> {
   const body = new SourceBody({ open }, undefined, open.size, { size: open.size, op: 'hash', key: open.path });
   try {
-    const buf = Buffer.allocUnsafeSlow(Math.min(CHUNK, Math.max(1, open.size)));
-    while ((await body.read(buf)) > 0) { /* hashed as it is read */ }
+    const chunk = Math.min(HASH_CHUNK, Math.max(1, open.size));
+    const bufs = Array.from({ length: open.size > chunk ? HASH_BUFFERS : 1 }, () => Buffer.from(new SharedArrayBuffer(chunk)));
+    for (let i = 0; (await body.read(bufs[i % bufs.length]!)) > 0; i++) { /* hashed as it is read */ }
     return body.digest();
   } finally {
     await body.close();

@@ -10,43 +10,88 @@ import { Worker } from 'node:worker_threads';
 const THREAD = `
 const { parentPort } = require('node:worker_threads');
 const { createHash } = require('node:crypto');
-parentPort.on('message', ({ id, buf }) => {
-  const sha256 = createHash('sha256').update(new Uint8Array(buf)).digest('hex');
-  parentPort.postMessage({ id, sha256, buf }, [buf]);
+const streams = new Map();
+parentPort.on('message', (m) => {
+  if (m.op === 'once') {
+    const sha256 = createHash('sha256').update(new Uint8Array(m.buf)).digest('hex');
+    parentPort.postMessage({ id: m.id, sha256, buf: m.buf }, [m.buf]);
+  } else if (m.op === 'update') {
+    let h = streams.get(m.stream);
+    if (!h) streams.set(m.stream, (h = createHash('sha256')));
+    h.update(new Uint8Array(m.sab, m.offset, m.length));
+    parentPort.postMessage({ id: m.id });
+  } else if (m.op === 'digest') {
+    const h = streams.get(m.stream) ?? createHash('sha256');
+    streams.delete(m.stream);
+    parentPort.postMessage({ id: m.id, sha256: h.digest('hex') });
+  } else if (m.op === 'drop') {
+    streams.delete(m.stream);
+  }
 });
 `;
 
 /** Below this, a message's round trip costs more than hashing here. */
 const ON_THREAD_FROM = 64 * 1024;
 
-interface Waiting { resolve: (r: { sha256: string; buf: Buffer }) => void; reject: (err: Error) => void; length: number }
+interface Reply { sha256?: string; buf?: ArrayBuffer }
+interface Waiting { resolve: (r: Reply) => void; reject: (err: Error) => void }
 
-let thread: Worker | undefined;
-const waiting = new Map<number, Waiting>();
-let nextId = 0;
+/** One hashing thread, started on first use, idle without keeping the process alive. */
+class HashThread {
+  private worker: Worker | undefined;
+  /** Counts the workers started: a running hash lives on one, and is lost if it dies. */
+  generation = 0;
+  private readonly waiting = new Map<number, Waiting>();
+  private nextId = 0;
 
-function hashThread(): Worker {
-  if (thread) return thread;
-  const t = new Worker(THREAD, { eval: true, name: 'stevedore-sha256' });
-  t.on('message', ({ id, sha256, buf }: { id: number; sha256: string; buf: ArrayBuffer }) => {
-    const w = waiting.get(id);
-    if (!w) return;
-    waiting.delete(id);
-    // Idle, the thread must not keep the process alive.
-    if (waiting.size === 0) t.unref();
-    w.resolve({ sha256, buf: Buffer.from(buf, 0, w.length) });
-  });
-  const fail = (err: Error): void => {
-    if (thread === t) thread = undefined;
-    for (const w of waiting.values()) w.reject(err);
-    waiting.clear();
-  };
-  t.on('error', fail);
-  t.on('exit', (code) => fail(new Error(`the hashing thread exited (${code})`)));
-  t.unref();
-  thread = t;
-  return t;
+  constructor(private readonly name: string) {}
+
+  /** Sends one request; settles with its reply. */
+  ask(message: object, transfer: ArrayBuffer[] = []): Promise<Reply> {
+    const t = this.started();
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.waiting.set(id, { resolve, reject });
+      t.ref();
+      t.postMessage({ ...message, id }, transfer);
+    });
+  }
+
+  /** Sends a message that has no reply (to a worker that is running). */
+  tell(message: object): void {
+    this.worker?.postMessage(message);
+  }
+
+  started(): Worker {
+    if (this.worker) return this.worker;
+    const t = new Worker(THREAD, { eval: true, name: this.name });
+    t.on('message', (m: Reply & { id: number }) => {
+      const w = this.waiting.get(m.id);
+      if (!w) return;
+      this.waiting.delete(m.id);
+      if (this.waiting.size === 0) t.unref();
+      w.resolve(m);
+    });
+    const fail = (err: Error): void => {
+      if (this.worker === t) this.worker = undefined;
+      for (const w of this.waiting.values()) w.reject(err);
+      this.waiting.clear();
+    };
+    t.on('error', fail);
+    t.on('exit', (code) => fail(new Error(`the hashing thread exited (${code})`)));
+    t.unref();
+    this.worker = t;
+    this.generation++;
+    return t;
+  }
 }
+
+/**
+ * Two threads: one for whole buffers (a repack's source segments), one for running hashes (a put's
+ * new object), so an edit's two passes of SHA-256 over an archive run beside each other.
+ */
+const ONCE = new HashThread('stevedore-sha256-once');
+const STREAMS = new HashThread('stevedore-sha256-streams');
 
 /**
  * The SHA-256 (hex) of `buf`, and its bytes back. A buffer that is the whole of its memory (as
@@ -59,11 +104,46 @@ export function sha256Moved(buf: Buffer): Promise<{ sha256: string; buf: Buffer 
     return Promise.resolve({ sha256: createHash('sha256').update(buf).digest('hex'), buf });
   }
   const memory = buf.buffer;
-  const t = hashThread();
-  const id = nextId++;
-  return new Promise((resolve, reject) => {
-    waiting.set(id, { resolve, reject, length: buf.length });
-    t.ref();
-    t.postMessage({ id, buf: memory }, [memory]);
-  });
+  const length = buf.length;
+  return ONCE.ask({ op: 'once', buf: memory }, [memory]).then((r) => ({ sha256: r.sha256!, buf: Buffer.from(r.buf!, 0, length) }));
+}
+
+let nextStream = 0;
+
+/**
+ * One running SHA-256 on the hashing thread, fed from shared memory: `update` sends where the
+ * bytes are, not the bytes, so the caller may write them out meanwhile (both only read them), but
+ * must not change them before its promise settles. Updates are hashed in the order they are sent.
+ */
+export class SharedHash {
+  private readonly stream = nextStream++;
+  private done = false;
+  /** The thread this hash lives on, from its first update. */
+  private on: number | undefined;
+
+  update(view: Uint8Array): Promise<void> {
+    if (!(view.buffer instanceof SharedArrayBuffer)) throw new TypeError('SharedHash.update takes views of a SharedArrayBuffer');
+    return this.send({ op: 'update', stream: this.stream, sab: view.buffer, offset: view.byteOffset, length: view.byteLength }).then(() => {});
+  }
+
+  /** The digest (hex) of every update sent before it. */
+  digest(): Promise<string> {
+    this.done = true;
+    return this.send({ op: 'digest', stream: this.stream }).then((r) => r.sha256!);
+  }
+
+  private send(message: object): Promise<Reply> {
+    STREAMS.started();
+    this.on ??= STREAMS.generation;
+    // A thread that died took the updates with it: a digest from a new one would be of less.
+    if (this.on !== STREAMS.generation) return Promise.reject(new Error('the hashing thread restarted during a hash'));
+    return STREAMS.ask(message);
+  }
+
+  /** Forgets an unfinished hash (its body failed). */
+  drop(): void {
+    if (this.done) return;
+    this.done = true;
+    STREAMS.tell({ op: 'drop', stream: this.stream });
+  }
 }

@@ -1,6 +1,7 @@
 import { createHash, type Hash } from 'node:crypto';
 import { Transform, type TransformCallback } from 'node:stream';
 import { StorageError, ErrorCode } from '../errors.js';
+import { SharedHash } from './hash-thread.js';
 
 /** Chunk size for file streams: large chunks keep per-chunk overhead far below hashing cost. */
 export const CHUNK = 1 << 20;
@@ -28,20 +29,60 @@ export interface Expectation {
  */
 export class Hasher {
   private readonly hash: Hash = createHash('sha256');
+  /** Set by a first chunk in shared memory: every chunk is then hashed on the hashing thread. */
+  private shared: SharedHash | undefined;
   private bytes = 0;
   private result: Digest | undefined;
 
   constructor(private readonly expect: Expectation) {}
 
   update(chunk: Uint8Array): void {
+    if (this.shared) throw new Error('Hasher.update after updateShared');
     if (this.expect.hash !== false) this.hash.update(chunk);
-    this.bytes += chunk.length;
+    this.count(chunk.length);
+  }
+
+  /**
+   * As `update`, but a first chunk in shared memory (a SharedArrayBuffer) puts this hasher on the
+   * hashing thread (src/storage/hash-thread.ts), off the caller's: the promise settles once the
+   * thread has hashed the chunk, and until then the caller may read the chunk (write it out) but
+   * must not change it. Any other first chunk keeps the hashing here (undefined: done at once).
+   */
+  updateShared(chunk: Uint8Array): Promise<void> | undefined {
+    if (this.expect.hash !== false && !this.shared && this.bytes === 0 && chunk.buffer instanceof SharedArrayBuffer && chunk.length > 0) this.shared = new SharedHash();
+    if (!this.shared) {
+      this.update(chunk);
+      return undefined;
+    }
+    this.count(chunk.length);
+    if (chunk.buffer instanceof SharedArrayBuffer) return this.shared.update(chunk);
+    const copy = new Uint8Array(new SharedArrayBuffer(chunk.length));
+    copy.set(chunk);
+    return this.shared.update(copy);
+  }
+
+  private count(n: number): void {
+    this.bytes += n;
     this.expect.onBytes?.(this.bytes);
   }
 
   /** Ends the count: the digest, or ChecksumMismatch when it differs from the expectation. */
   finish(): Digest {
-    const sha256 = this.hash.digest('hex');
+    if (this.shared) throw new Error('Hasher.finish after updateShared: use finishShared');
+    return this.judge(this.hash.digest('hex'));
+  }
+
+  /** `finish` for a hasher that may be on the hashing thread: once every update sent has been hashed. */
+  async finishShared(): Promise<Digest> {
+    return this.judge(this.shared ? await this.shared.digest() : this.hash.digest('hex'));
+  }
+
+  /** Forgets a hash on the hashing thread that will not be finished. */
+  drop(): void {
+    this.shared?.drop();
+  }
+
+  private judge(sha256: string): Digest {
     const { expect } = this;
     if (expect.size !== undefined && this.bytes !== expect.size) {
       throw new StorageError(ErrorCode.ChecksumMismatch, `size ${this.bytes} does not match the expected ${expect.size}`, { op: expect.op, key: expect.key });

@@ -1,6 +1,13 @@
 import { createHash, randomBytes } from 'node:crypto';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
+import { ErrorCode } from '../../src/errors.js';
+import { hashFile, SourceBody, type BodySource } from '../../src/storage/body.js';
 import { sha256Moved } from '../../src/storage/hash-thread.js';
+import { Hasher } from '../../src/storage/hashing.js';
 
 const sha = (b: Uint8Array): string => createHash('sha256').update(b).digest('hex');
 
@@ -33,5 +40,65 @@ describe('sha256Moved', () => {
       expect(g.sha256).toBe(want[i]!.sha256);
       expect(g.buf.equals(want[i]!.bytes)).toBe(true);
     });
+  });
+});
+
+describe('a body read into shared buffers (hashed on the hashing thread)', () => {
+  /** Reads `body` to its end through `count` shared buffers in turn, each handed back at once and its bytes copied out first. */
+  async function pullShared(body: SourceBody, size: number, count: number): Promise<Buffer> {
+    const bufs = Array.from({ length: count }, () => Buffer.from(new SharedArrayBuffer(size)));
+    const out: Buffer[] = [];
+    for (let i = 0; ; i++) {
+      const buf = bufs[i % count]!;
+      const n = await body.read(buf);
+      if (n === 0) return Buffer.concat(out);
+      out.push(Buffer.from(buf.subarray(0, n)));
+    }
+  }
+
+  it('digests every byte in order, through one buffer reused at once or several, from a stream, a file or bytes', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'stevedore-hash-thread-'));
+    try {
+      const bytes = randomBytes(5_000_001);
+      const file = join(dir, 'f');
+      await writeFile(file, bytes);
+      const sources: (() => BodySource)[] = [
+        () => ({ stream: Readable.from((function* () { for (let at = 0, i = 0; at < bytes.length; i++) { const n = [1, 70_000, 1_500_000, 333][i % 4]!; yield bytes.subarray(at, at + n); at += n; } })()) }),
+        () => ({ path: file }),
+        () => ({ bytes }),
+      ];
+      for (const source of sources) {
+        for (const count of [1, 3]) {
+          const body = new SourceBody(source(), undefined, bytes.length, { size: bytes.length, op: 'put', key: 'k' });
+          const got = await pullShared(body, 256 * 1024, count);
+          expect(got.equals(bytes)).toBe(true);
+          expect(body.digest()).toEqual({ sha256: sha(bytes), size: bytes.length });
+          await body.close();
+        }
+      }
+      // An expected digest that does not match fails the last read, as on the caller's thread.
+      const wrong = new SourceBody({ bytes }, undefined, bytes.length, { sha256: sha(Buffer.from('other')), op: 'put', key: 'k' });
+      await expect(pullShared(wrong, 256 * 1024, 2)).rejects.toMatchObject({ code: ErrorCode.ChecksumMismatch });
+      // hashFile reads through shared buffers too.
+      expect(await hashFile(file)).toEqual({ sha256: sha(bytes), size: bytes.length });
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('a Hasher whose first chunk is shared stays on the thread; one whose first chunk is not hashes here', async () => {
+    const a = randomBytes(300_000);
+    const shared = new Uint8Array(new SharedArrayBuffer(a.length));
+    shared.set(a);
+    const onThread = new Hasher({ op: 'x', key: 'k' });
+    await onThread.updateShared(shared);
+    // A later chunk in ordinary memory is copied to shared memory, not hashed here out of order.
+    await onThread.updateShared(a);
+    expect(() => onThread.update(a)).toThrow();
+    expect((await onThread.finishShared()).sha256).toBe(sha(Buffer.concat([a, a])));
+    const here = new Hasher({ op: 'x', key: 'k' });
+    expect(here.updateShared(a)).toBeUndefined();
+    here.update(a);
+    expect((await here.finishShared()).sha256).toBe(sha(Buffer.concat([a, a])));
   });
 });

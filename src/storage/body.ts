@@ -212,21 +212,26 @@ export async function hashFile(path: string): Promise<Digest> {
   }
 }
 
-/** Buffers a file is hashed through: the hashing thread hashes one while the next is read. */
-const HASH_BUFFERS = 4;
-const HASH_CHUNK = 256 * 1024;
+/** Buffers a body is read through to hash it: the hashing thread hashes one while the next is read. */
+const THROUGH_BUFFERS = 4;
+const THROUGH_CHUNK = 256 * 1024;
 
 /**
- * SHA-256 of exactly the `size` bytes of an open file (ChecksumMismatch if it grew or shrank):
- * read into a few buffers of shared memory in turn, each hashed on the hashing thread while the
- * next is read, so reading and hashing take both cores.
+ * Reads a body to its end only to hash and check it, through a few buffers of shared memory in
+ * turn: each is hashed on the hashing thread while the next is read, so reading and hashing take
+ * both cores.
  */
+export async function readThrough(body: PutBody, signal?: AbortSignal): Promise<void> {
+  const chunk = Math.min(THROUGH_CHUNK, Math.max(1, body.size ?? THROUGH_CHUNK));
+  const bufs = Array.from({ length: body.size !== undefined && body.size <= chunk ? 1 : THROUGH_BUFFERS }, () => Buffer.from(new SharedArrayBuffer(chunk)));
+  for (let i = 0; (await body.read(bufs[i % bufs.length]!)) > 0; i++) signal?.throwIfAborted();
+}
+
+/** SHA-256 of exactly the `size` bytes of an open file (ChecksumMismatch if it grew or shrank). */
 export async function hashOpen(open: OpenFile): Promise<Digest> {
   const body = new SourceBody({ open }, undefined, open.size, { size: open.size, op: 'hash', key: open.path });
   try {
-    const chunk = Math.min(HASH_CHUNK, Math.max(1, open.size));
-    const bufs = Array.from({ length: open.size > chunk ? HASH_BUFFERS : 1 }, () => Buffer.from(new SharedArrayBuffer(chunk)));
-    for (let i = 0; (await body.read(bufs[i % bufs.length]!)) > 0; i++) { /* hashed as it is read */ }
+    await readThrough(body);
     return body.digest();
   } finally {
     await body.close();

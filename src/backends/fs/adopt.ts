@@ -1,9 +1,8 @@
 import { constants } from 'node:fs';
 import { link } from 'node:fs/promises';
-import type { OpenFile } from '../../storage/body.js';
+import { readThrough, type OpenFile } from '../../storage/body.js';
 import type { PutBody } from '../../storage/driver.js';
 import { closeFd, fdatasyncFd, fstatFd, futimesFd, openFd } from '../../storage/fd.js';
-import { CHUNK } from '../../storage/hashing.js';
 import { unlinkQuiet } from './layout.js';
 
 // A put that takes its source file's inode instead of copying its bytes (DriverPutOptions.consumable).
@@ -52,8 +51,7 @@ export async function hashThrough(fd: number, body: PutBody, signal: AbortSignal
   // A failure surfaces when awaited below; until then it must not count as unhandled.
   flushing.catch(() => {});
   try {
-    const buf = Buffer.allocUnsafeSlow(Math.min(CHUNK, Math.max(1, body.size ?? CHUNK)));
-    while ((await body.read(buf)) > 0) signal?.throwIfAborted();
+    await readThrough(body, signal);
   } finally {
     // Never leave a flush running on a handle about to be closed.
     await flushing.catch(() => {});

@@ -2,8 +2,7 @@ import { Readable } from 'node:stream';
 import { promisify } from 'node:util';
 import { constants as zc, crc32, inflateRaw } from 'node:zlib';
 import { ErrorCode, StorageError } from '../errors.js';
-import { sha256Moved } from '../storage/hash-thread.js';
-import type { SeekIndex, Segment } from './seek-format.js';
+import { sha256Hex, type SeekIndex, type Segment } from './seek-format.js';
 import type { SegmentSource } from './seek-writer.js';
 
 const inflate = promisify(inflateRaw) as (buf: Buffer, opts: object) => Promise<Buffer>;
@@ -59,9 +58,8 @@ export async function* sourceSegments(raw: Readable, index: SeekIndex, key: stri
   let buf: Buffer = Buffer.alloc(0);
   let done = false;
   /**
-   * The next `n` bytes of the object, in a buffer that is the whole of its memory: a kept segment
-   * holds no more than itself (not the read chunk around it), and its digest moves it to the
-   * hashing thread and back instead of copying it (sha256Moved).
+   * The next `n` bytes of the object, in a buffer of their own: a kept segment holds no more than
+   * itself (not the read chunk around it).
    */
   const take = async (n: number): Promise<Buffer> => {
     if (buf.length === n && buf.byteOffset === 0 && buf.buffer.byteLength === n) {
@@ -85,8 +83,10 @@ export async function* sourceSegments(raw: Readable, index: SeekIndex, key: stri
     if (have < n) throw bad('it ends before its index says');
     return out;
   };
-  const open = async (seg: Segment, taken: Buffer, i: number): Promise<Kept & { i: number }> => {
-    const { sha256, buf: c } = await sha256Moved(taken);
+  const open = async (seg: Segment, c: Buffer, i: number): Promise<Kept & { i: number }> => {
+    // Here, on the buffer itself: WebCrypto's digest on the libuv pool copied every segment first,
+    // and a hashing thread costs a process ~10 MB (README, What a repack hashes).
+    const sha256 = sha256Hex(c);
     if (sha256 !== seg.sha256) throw bad(`segment at ${seg.cOff} does not match its sha256`);
     // A segment copied as it is needs only its digest checked: its bytes are never looked at.
     if (!inflateIt(i)) return { u: EMPTY, c, sha256, crc: seg.crc, i };

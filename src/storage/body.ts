@@ -3,6 +3,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { Readable } from 'node:stream';
 import type { PutBody } from './driver.js';
 import { ErrorCode, StorageError } from '../errors.js';
+import { SHARED_FROM } from './hash-thread.js';
 import { CHUNK, Hasher, HashingStream, type Digest, type Expectation } from './hashing.js';
 
 /**
@@ -217,13 +218,19 @@ const THROUGH_BUFFERS = 4;
 const THROUGH_CHUNK = 256 * 1024;
 
 /**
- * Reads a body to its end only to hash and check it, through a few buffers of shared memory in
- * turn: each is hashed on the hashing thread while the next is read, so reading and hashing take
- * both cores.
+ * Reads a body to its end only to hash and check it. A large one (SHARED_FROM) goes through a few
+ * buffers of shared memory in turn: each is hashed on the hashing thread while the next is read,
+ * so reading and hashing take both cores.
  */
 export async function readThrough(body: PutBody, signal?: AbortSignal): Promise<void> {
   const chunk = Math.min(THROUGH_CHUNK, Math.max(1, body.size ?? THROUGH_CHUNK));
-  const bufs = Array.from({ length: body.size !== undefined && body.size <= chunk ? 1 : THROUGH_BUFFERS }, () => Buffer.from(new SharedArrayBuffer(chunk)));
+  // Small bodies stay on this thread: one buffer, no hashing thread started for them.
+  if (body.size === undefined || body.size < SHARED_FROM) {
+    const buf = Buffer.allocUnsafeSlow(chunk);
+    while ((await body.read(buf)) > 0) signal?.throwIfAborted();
+    return;
+  }
+  const bufs = Array.from({ length: THROUGH_BUFFERS }, () => Buffer.from(new SharedArrayBuffer(chunk)));
   for (let i = 0; (await body.read(bufs[i % bufs.length]!)) > 0; i++) signal?.throwIfAborted();
 }
 

@@ -1,21 +1,18 @@
-import { createHash } from 'node:crypto';
 import { Worker } from 'node:worker_threads';
 
 /**
- * SHA-256 of buffers on a thread of its own, without copying them: each buffer's memory is
- * transferred to the thread and back (WebCrypto's `subtle.digest` copies its input on the calling
- * thread first, a fresh allocation per call: for a 200 MB archive's segments that copy, and the
- * garbage collections the allocations bring on, cost the main thread more than the hashing).
+ * A put's SHA-256 on a thread of its own, over chunks in shared memory (no copies), so the main
+ * thread reads and writes while it hashes. Used only for large bodies (SHARED_FROM): the thread
+ * costs a process about 10 MB once started.
  */
+export const SHARED_FROM = 64 * 1024 * 1024;
+
 const THREAD = `
 const { parentPort } = require('node:worker_threads');
 const { createHash } = require('node:crypto');
 const streams = new Map();
 parentPort.on('message', (m) => {
-  if (m.op === 'once') {
-    const sha256 = createHash('sha256').update(new Uint8Array(m.buf)).digest('hex');
-    parentPort.postMessage({ id: m.id, sha256, buf: m.buf }, [m.buf]);
-  } else if (m.op === 'update') {
+  if (m.op === 'update') {
     let h = streams.get(m.stream);
     if (!h) streams.set(m.stream, (h = createHash('sha256')));
     h.update(new Uint8Array(m.sab, m.offset, m.length));
@@ -29,9 +26,6 @@ parentPort.on('message', (m) => {
   }
 });
 `;
-
-/** Below this, a message's round trip costs more than hashing here. */
-const ON_THREAD_FROM = 64 * 1024;
 
 interface Reply { sha256?: string; buf?: ArrayBuffer }
 interface Waiting { resolve: (r: Reply) => void; reject: (err: Error) => void }
@@ -86,27 +80,8 @@ class HashThread {
   }
 }
 
-/**
- * Two threads: one for whole buffers (a repack's source segments), one for running hashes (a put's
- * new object), so an edit's two passes of SHA-256 over an archive run beside each other.
- */
-const ONCE = new HashThread('stevedore-sha256-once');
-const STREAMS = new HashThread('stevedore-sha256-streams');
-
-/**
- * The SHA-256 (hex) of `buf`, and its bytes back. A buffer that is the whole of its memory (as
- * `Buffer.allocUnsafe` gives past 4 KiB) and large enough is hashed on the hashing thread: `buf`
- * itself is then emptied (its memory moved there and back), so use only the buffer returned. Any
- * other is hashed here and returned as it is.
- */
-export function sha256Moved(buf: Buffer): Promise<{ sha256: string; buf: Buffer }> {
-  if (buf.length < ON_THREAD_FROM || buf.byteOffset !== 0 || buf.buffer.byteLength !== buf.length || !(buf.buffer instanceof ArrayBuffer)) {
-    return Promise.resolve({ sha256: createHash('sha256').update(buf).digest('hex'), buf });
-  }
-  const memory = buf.buffer;
-  const length = buf.length;
-  return ONCE.ask({ op: 'once', buf: memory }, [memory]).then((r) => ({ sha256: r.sha256!, buf: Buffer.from(r.buf!, 0, length) }));
-}
+/** The one hashing thread: about 10 MB of a process's memory once started. */
+const STREAMS = new HashThread('stevedore-sha256');
 
 let nextStream = 0;
 

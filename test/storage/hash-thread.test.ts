@@ -1,47 +1,17 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
+import { FsDriver } from '../../src/backends/fs.js';
 import { ErrorCode } from '../../src/errors.js';
+import { Bucket } from '../../src/storage/bucket.js';
 import { hashFile, SourceBody, type BodySource } from '../../src/storage/body.js';
-import { sha256Moved } from '../../src/storage/hash-thread.js';
+import { SHARED_FROM } from '../../src/storage/hash-thread.js';
 import { Hasher } from '../../src/storage/hashing.js';
 
 const sha = (b: Uint8Array): string => createHash('sha256').update(b).digest('hex');
-
-describe('sha256Moved', () => {
-  it('hashes a buffer that owns its memory on the thread: the right digest, the same bytes back, the original emptied', async () => {
-    const b = Buffer.allocUnsafe(300_000);
-    randomBytes(b.length).copy(b);
-    const want = sha(b);
-    const copy = Buffer.from(b);
-    const r = await sha256Moved(b);
-    expect(r.sha256).toBe(want);
-    expect(r.buf.equals(copy)).toBe(true);
-    expect(b.length).toBe(0); // moved to the thread and back: only the returned buffer holds the bytes
-  });
-
-  it('hashes views, small and shared buffers here and returns them as they are', async () => {
-    const big = randomBytes(1 << 20);
-    for (const b of [big.subarray(10, 500_000), randomBytes(1000), Buffer.from(new SharedArrayBuffer(200_000))]) {
-      const r = await sha256Moved(b);
-      expect(r.sha256).toBe(sha(b));
-      expect(r.buf).toBe(b);
-    }
-  });
-
-  it('keeps each answer with its buffer when many are in flight', async () => {
-    const bufs = Array.from({ length: 40 }, (_, i) => { const b = Buffer.allocUnsafe(70_000 + i * 1000); randomBytes(b.length).copy(b); return b; });
-    const want = bufs.map((b) => ({ sha256: sha(b), bytes: Buffer.from(b) }));
-    const got = await Promise.all(bufs.map((b) => sha256Moved(b)));
-    got.forEach((g, i) => {
-      expect(g.sha256).toBe(want[i]!.sha256);
-      expect(g.buf.equals(want[i]!.bytes)).toBe(true);
-    });
-  });
-});
 
 describe('a body read into shared buffers (hashed on the hashing thread)', () => {
   /** Reads `body` to its end through `count` shared buffers in turn, each handed back at once and its bytes copied out first. */
@@ -79,7 +49,7 @@ describe('a body read into shared buffers (hashed on the hashing thread)', () =>
       // An expected digest that does not match fails the last read, as on the caller's thread.
       const wrong = new SourceBody({ bytes }, undefined, bytes.length, { sha256: sha(Buffer.from('other')), op: 'put', key: 'k' });
       await expect(pullShared(wrong, 256 * 1024, 2)).rejects.toMatchObject({ code: ErrorCode.ChecksumMismatch });
-      // hashFile reads through shared buffers too.
+      // hashFile agrees (a body this small is hashed on the caller's thread).
       expect(await hashFile(file)).toEqual({ sha256: sha(bytes), size: bytes.length });
     } finally {
       await rm(dir, { recursive: true, force: true });
@@ -100,5 +70,23 @@ describe('a body read into shared buffers (hashed on the hashing thread)', () =>
     expect(here.updateShared(a)).toBeUndefined();
     here.update(a);
     expect((await here.finishShared()).sha256).toBe(sha(Buffer.concat([a, a])));
+  });
+});
+
+describe('large puts and hashes on the filesystem', () => {
+  it('a put and a hash of SHARED_FROM or more (hashed on the thread, through reused shared buffers) store and digest every byte, several at once', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'stevedore-hash-thread-'));
+    try {
+      const bytes = randomBytes(SHARED_FROM + 300_001);
+      const file = join(dir, 'src');
+      await writeFile(file, bytes);
+      const bucket = new Bucket(new FsDriver({ root: join(dir, 'root') }));
+      // Concurrent puts share the driver's spare buffers: a buffer refilled before the thread hashed it would show as a wrong digest.
+      const infos = await Promise.all([bucket.put('a', { path: file }), bucket.put('b', { path: file }), hashFile(file)]);
+      for (const info of infos) expect(info).toMatchObject({ sha256: sha(bytes), size: bytes.length });
+      for (const key of ['a', 'b']) expect(sha(await readFile(join(dir, 'root', key)))).toBe(sha(bytes));
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

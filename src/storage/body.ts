@@ -100,7 +100,9 @@ export class SourceBody implements PutBody {
     if (this.end === 'ok') return 0;
     if (this.end) throw this.end.error;
     try {
-      await this.hashing.get(buf.buffer);
+      // Only a shared buffer waits: the others take no extra turn (a log entry's put is two reads).
+      const prior = this.hashing.get(buf.buffer);
+      if (prior) await prior;
       const n = await this.fill(buf);
       if (n > 0) {
         const hashed = this.hasher.updateShared(buf.subarray(0, n));
@@ -111,8 +113,12 @@ export class SourceBody implements PutBody {
         }
         return n;
       }
-      await Promise.all(this.hashing.values());
-      await this.hasher.finishShared();
+      if (this.hashing.size > 0) {
+        await Promise.all(this.hashing.values());
+        await this.hasher.finishShared();
+      } else {
+        this.hasher.finish();
+      }
       this.end = 'ok';
       return 0;
     } catch (err) {

@@ -1,7 +1,7 @@
-import { randomUUID } from 'node:crypto';
 import { Job, Queue } from 'bullmq';
 import type { Logger } from 'pino';
 import type { RedisClient } from '../queue/connection.js';
+import { RedisLocks } from '../queue/lock.js';
 import { webhookId, webhookQueueName, type WebhookPublisher } from './publisher.js';
 
 export interface SweepOptions {
@@ -18,16 +18,15 @@ const KINDS = ['completed', 'failed'] as const;
 /** Finished jobs looked at per round trip. */
 const BATCH = 500;
 
-/** Where the sweep has got to per outcome (finish times, ms), and who sweeps: after the webhook queue's name and a `:`, which no job id may contain. */
+/** Where the sweep has got to per outcome (finish times, ms): after the webhook queue's name and a `:`, which no job id may contain. */
 const cursorKey = (prefix: string, queue: string): string => `${prefix}:${webhookQueueName(queue)}:swept`;
-const sweeperKey = (prefix: string, queue: string): string => `${prefix}:${webhookQueueName(queue)}:sweeper`;
-
-const RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0";
+/** The lock one sweeper holds while it sweeps (`<prefix>:<queue>:lock:webhooks:sweep`; session locks are `session:<id>`). */
+const SWEEP_LOCK = 'webhooks:sweep';
 
 /**
  * The other way a job's end reaches its webhook. The worker that finished a job queues its
  * delivery from BullMQ's `completed`/`failed` event, after Redis recorded the outcome: a process
- * killed in between would lose it. So one process at a time (a Redis lease) walks the public
+ * killed in between would lose it. So one process at a time (a Redis lock, RedisLocks) walks the public
  * queue's finished sets by finish time, from where the last sweep stopped up to `graceMs` ago, and
  * queues the delivery of every job that has none (its delivery job, named by the webhook-id, does
  * not exist). A delivery queued twice is one job (BullMQ refuses a second job of that id), so the
@@ -36,7 +35,7 @@ const RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call
 export class WebhookSweeper {
   private readonly intervalMs: number;
   private readonly graceMs: number;
-  private readonly token = randomUUID();
+  private readonly locks: RedisLocks;
   private timer: NodeJS.Timeout | undefined;
   private running: Promise<unknown> = Promise.resolve();
   private closed = false;
@@ -47,6 +46,7 @@ export class WebhookSweeper {
     this.intervalMs = o.intervalMs ?? 5_000;
     this.graceMs = o.graceMs ?? 5_000;
     this.jobs = new Queue(o.queue, { connection: redis, prefix: o.prefix });
+    this.locks = new RedisLocks(redis, { prefix: o.prefix, queue: o.queue });
     this.jobs.on('error', () => {});
   }
 
@@ -67,11 +67,11 @@ export class WebhookSweeper {
     await this.jobs.close();
   }
 
-  /** One sweep, if no other process holds the lease: the deliveries it queued. */
+  /** One sweep, if no other process holds its lock: the deliveries it queued. */
   async sweep(now = Date.now()): Promise<number> {
     const { prefix, queue } = this.o;
-    const lease = sweeperKey(prefix, queue);
-    if ((await this.redis.set(lease, this.token, 'PX', Math.max(30_000, 3 * this.intervalMs), 'NX')) !== 'OK') return 0;
+    const got = await this.locks.tryAcquire(SWEEP_LOCK);
+    if (!got) return 0;
     try {
       const upTo = now - this.graceMs;
       const cursors = await this.redis.hmget(cursorKey(prefix, queue), ...KINDS);
@@ -83,10 +83,11 @@ export class WebhookSweeper {
         // Never backwards (this process's clock may be behind the last sweeper's).
         next[kind] = String(Math.max(from ?? upTo, upTo));
       }
-      await this.redis.hset(cursorKey(prefix, queue), next);
+      // A lock lost meanwhile (another sweeper may have moved the cursor): leave the cursor to it.
+      if (!got.lease.signal.aborted) await this.redis.hset(cursorKey(prefix, queue), next);
       return queued;
     } finally {
-      await this.redis.eval(RELEASE, 1, lease, this.token);
+      await got.lease.release();
     }
   }
 

@@ -62,11 +62,6 @@ export async function* sourceSegments(raw: Readable, index: SeekIndex, key: stri
    * itself (not the read chunk around it).
    */
   const take = async (n: number): Promise<Buffer> => {
-    if (buf.length === n && buf.byteOffset === 0 && buf.buffer.byteLength === n) {
-      const whole = buf;
-      buf = EMPTY;
-      return whole;
-    }
     const out = Buffer.allocUnsafe(n);
     let have = buf.copy(out, 0, 0, n);
     buf = buf.subarray(have);

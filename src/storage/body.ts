@@ -3,7 +3,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { Readable } from 'node:stream';
 import type { PutBody } from './driver.js';
 import { ErrorCode, StorageError } from '../errors.js';
-import { SHARED_FROM } from './hash-thread.js';
+import { chunkBuffer, hashedOnThread } from './hash-thread.js';
 import { CHUNK, Hasher, HashingStream, type Digest, type Expectation } from './hashing.js';
 
 /**
@@ -230,13 +230,9 @@ const THROUGH_CHUNK = 256 * 1024;
  */
 export async function readThrough(body: PutBody, signal?: AbortSignal): Promise<void> {
   const chunk = Math.min(THROUGH_CHUNK, Math.max(1, body.size ?? THROUGH_CHUNK));
-  // Small bodies stay on this thread: one buffer, no hashing thread started for them.
-  if (body.size === undefined || body.size < SHARED_FROM) {
-    const buf = Buffer.allocUnsafeSlow(chunk);
-    while ((await body.read(buf)) > 0) signal?.throwIfAborted();
-    return;
-  }
-  const bufs = Array.from({ length: THROUGH_BUFFERS }, () => Buffer.from(new SharedArrayBuffer(chunk)));
+  // Hashed here, one buffer does: nothing runs beside the read.
+  const shared = hashedOnThread(body.size);
+  const bufs = Array.from({ length: shared ? THROUGH_BUFFERS : 1 }, () => chunkBuffer(chunk, shared));
   for (let i = 0; (await body.read(bufs[i % bufs.length]!)) > 0; i++) signal?.throwIfAborted();
 }
 

@@ -27,7 +27,7 @@ parentPort.on('message', (m) => {
 });
 `;
 
-interface Reply { sha256?: string; buf?: ArrayBuffer }
+interface Reply { sha256?: string }
 interface Waiting { resolve: (r: Reply) => void; reject: (err: Error) => void }
 
 /** One hashing thread, started on first use, idle without keeping the process alive. */
@@ -41,13 +41,13 @@ class HashThread {
   constructor(private readonly name: string) {}
 
   /** Sends one request; settles with its reply. */
-  ask(message: object, transfer: ArrayBuffer[] = []): Promise<Reply> {
+  ask(message: object): Promise<Reply> {
     const t = this.started();
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.waiting.set(id, { resolve, reject });
       t.ref();
-      t.postMessage({ ...message, id }, transfer);
+      t.postMessage({ ...message, id });
     });
   }
 
@@ -83,6 +83,17 @@ class HashThread {
 /** The one hashing thread: about 10 MB of a process's memory once started. */
 const STREAMS = new HashThread('stevedore-sha256');
 
+/** Chunks sent to the hashing thread in this process (tests check that large bodies go there). */
+export const hashThreadStats = { updates: 0 };
+
+/** True when a body of this many bytes is read into shared memory, to be hashed on the hashing thread. */
+export const hashedOnThread = (bodySize: number | undefined): boolean => bodySize !== undefined && bodySize >= SHARED_FROM;
+
+/** A chunk buffer for reading a body: shared memory when it is hashed on the hashing thread, plain otherwise. */
+export function chunkBuffer(length: number, shared: boolean): Buffer {
+  return shared ? Buffer.from(new SharedArrayBuffer(length)) : Buffer.allocUnsafeSlow(length);
+}
+
 let nextStream = 0;
 
 /**
@@ -98,6 +109,7 @@ export class SharedHash {
 
   update(view: Uint8Array): Promise<void> {
     if (!(view.buffer instanceof SharedArrayBuffer)) throw new TypeError('SharedHash.update takes views of a SharedArrayBuffer');
+    hashThreadStats.updates++;
     return this.send({ op: 'update', stream: this.stream, sab: view.buffer, offset: view.byteOffset, length: view.byteLength }).then(() => {});
   }
 

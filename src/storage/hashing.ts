@@ -46,7 +46,8 @@ export class Hasher {
    * As `update`, but a first chunk in shared memory (a SharedArrayBuffer) puts this hasher on the
    * hashing thread (src/storage/hash-thread.ts), off the caller's: the promise settles once the
    * thread has hashed the chunk, and until then the caller may read the chunk (write it out) but
-   * must not change it. Any other first chunk keeps the hashing here (undefined: done at once).
+   * must not change it; every later chunk must be shared too. Any other first chunk keeps the
+   * hashing here (undefined: done at once).
    */
   updateShared(chunk: Uint8Array): Promise<void> | undefined {
     if (this.expect.hash !== false && !this.shared && this.bytes === 0 && chunk.buffer instanceof SharedArrayBuffer && chunk.length > 0) this.shared = new SharedHash();
@@ -54,11 +55,10 @@ export class Hasher {
       this.update(chunk);
       return undefined;
     }
+    // A plain chunk after shared ones is refused (TypeError) before it is counted.
+    const hashed = this.shared.update(chunk);
     this.count(chunk.length);
-    if (chunk.buffer instanceof SharedArrayBuffer) return this.shared.update(chunk);
-    const copy = new Uint8Array(new SharedArrayBuffer(chunk.length));
-    copy.set(chunk);
-    return this.shared.update(copy);
+    return hashed;
   }
 
   private count(n: number): void {

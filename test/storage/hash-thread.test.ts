@@ -8,7 +8,7 @@ import { FsDriver } from '../../src/backends/fs.js';
 import { ErrorCode } from '../../src/errors.js';
 import { Bucket } from '../../src/storage/bucket.js';
 import { hashFile, SourceBody, type BodySource } from '../../src/storage/body.js';
-import { SHARED_FROM } from '../../src/storage/hash-thread.js';
+import { hashThreadStats, SHARED_FROM } from '../../src/storage/hash-thread.js';
 import { Hasher } from '../../src/storage/hashing.js';
 
 const sha = (b: Uint8Array): string => createHash('sha256').update(b).digest('hex');
@@ -62,9 +62,10 @@ describe('a body read into shared buffers (hashed on the hashing thread)', () =>
     shared.set(a);
     const onThread = new Hasher({ op: 'x', key: 'k' });
     await onThread.updateShared(shared);
-    // A later chunk in ordinary memory is copied to shared memory, not hashed here out of order.
-    await onThread.updateShared(a);
+    // A later chunk in ordinary memory is refused, never hashed here out of order; nor is update().
+    expect(() => onThread.updateShared(a)).toThrow(TypeError);
     expect(() => onThread.update(a)).toThrow();
+    await onThread.updateShared(shared);
     expect((await onThread.finishShared()).sha256).toBe(sha(Buffer.concat([a, a])));
     const here = new Hasher({ op: 'x', key: 'k' });
     expect(here.updateShared(a)).toBeUndefined();
@@ -81,10 +82,18 @@ describe('large puts and hashes on the filesystem', () => {
       const file = join(dir, 'src');
       await writeFile(file, bytes);
       const bucket = new Bucket(new FsDriver({ root: join(dir, 'root') }));
+      const sent = hashThreadStats.updates;
       // Concurrent puts share the driver's spare buffers: a buffer refilled before the thread hashed it would show as a wrong digest.
       const infos = await Promise.all([bucket.put('a', { path: file }), bucket.put('b', { path: file }), hashFile(file)]);
       for (const info of infos) expect(info).toMatchObject({ sha256: sha(bytes), size: bytes.length });
       for (const key of ['a', 'b']) expect(sha(await readFile(join(dir, 'root', key)))).toBe(sha(bytes));
+      // Each of the three went to the thread, chunk by chunk (256 KiB), not hashed here.
+      expect(hashThreadStats.updates - sent).toBeGreaterThanOrEqual(3 * Math.floor(bytes.length / (256 * 1024)));
+      // A small body never starts the thread.
+      const before = hashThreadStats.updates;
+      await writeFile(join(dir, 'small'), bytes.subarray(0, 1 << 20));
+      expect(await bucket.put('small', { path: join(dir, 'small') })).toMatchObject({ sha256: sha(bytes.subarray(0, 1 << 20)) });
+      expect(hashThreadStats.updates).toBe(before);
     } finally {
       await rm(dir, { recursive: true, force: true });
     }

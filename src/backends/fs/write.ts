@@ -1,6 +1,6 @@
 import type { PutBody } from '../../storage/driver.js';
 import { fdatasyncFd, writeFully } from '../../storage/fd.js';
-import { SHARED_FROM } from '../../storage/hash-thread.js';
+import { chunkBuffer, hashedOnThread } from '../../storage/hash-thread.js';
 
 // The put's write loop: a reader and a writer side by side over reused buffers.
 
@@ -11,7 +11,7 @@ const FLUSH_EVERY = 64 * 1024 * 1024;
  * A put's chunks: 256 KiB (measured on a 1 GiB put when the hash ran on this thread: 1 MiB chunks
  * took 1.3x the time and CPU, 4 MiB chunks 1.8x; with the hash on the hashing thread no size was
  * clearly better), and 32 of them, so reading and hashing can run up to 8 MiB ahead of the
- * writes instead of waiting on each one. For a large body (SHARED_FROM) in shared memory, so the
+ * writes instead of waiting on each one. For a large body (hashedOnThread) in shared memory, so the
  * body hashes each on the hashing thread while this one writes it (SourceBody.read).
  */
 const PUT_CHUNK = 256 * 1024;
@@ -21,12 +21,12 @@ const PUT_BUFFERS = 32;
 const spare = { plain: [] as Buffer[], shared: [] as Buffer[] };
 const SPARE_MAX = 48;
 
-/** A body of SHARED_FROM or more is read into shared memory, so it is hashed on the hashing thread (SourceBody.read). */
+/** A large body is read into shared memory, so it is hashed on the hashing thread (hashedOnThread, SourceBody.read). */
 function takeBuffers(size: number | undefined): Buffer[] {
   const count = size === undefined ? PUT_BUFFERS : Math.min(PUT_BUFFERS, Math.ceil(size / PUT_CHUNK) + 1);
-  const shared = size !== undefined && size >= SHARED_FROM;
+  const shared = hashedOnThread(size);
   const pool = shared ? spare.shared : spare.plain;
-  return Array.from({ length: count }, () => pool.pop() ?? (shared ? Buffer.from(new SharedArrayBuffer(PUT_CHUNK)) : Buffer.allocUnsafeSlow(PUT_CHUNK)));
+  return Array.from({ length: count }, () => pool.pop() ?? chunkBuffer(PUT_CHUNK, shared));
 }
 
 function giveBuffers(bufs: Buffer[]): void {

@@ -17,6 +17,13 @@ export function fstatFd(fd: number): Promise<BigIntStats> {
   return new Promise((resolve, reject) => fs.fstat(fd, { bigint: true }, (err, st) => (err ? reject(err) : resolve(st))));
 }
 
+export function lstatPath(path: string): Promise<BigIntStats> {
+  return new Promise((resolve, reject) => fs.lstat(path, { bigint: true }, (err, st) => (err ? reject(err) : resolve(st))));
+}
+
+/** The kernel's realpath (the callback API's plain fs.realpath walks the path in JavaScript). */
+export const realpathPath = promisify(fs.realpath.native) as (path: string) => Promise<string>;
+
 /** Writes `length` bytes of `buf` at the descriptor's position, however many calls it takes. */
 export async function writeFully(fd: number, buf: Buffer, length = buf.length): Promise<void> {
   for (let off = 0; off < length;) off += (await writeFd(fd, buf, off, length - off, null)).bytesWritten;

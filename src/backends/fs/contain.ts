@@ -1,4 +1,5 @@
-import { lstat, mkdir, realpath } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
+import { lstatPath, realpathPath } from '../../storage/fd.js';
 import { dirname, join, sep } from 'node:path';
 import { ErrorCode, StorageError } from '../../errors.js';
 import { mkdirDurable } from '../../storage/sync-dir.js';
@@ -13,8 +14,11 @@ const INSIDE_MAX = 4096;
  */
 export class Containment {
   private realRoot: string | undefined;
-  /** Folders found inside the root, and when: a realpath walks every component, so it is cached briefly. */
-  private readonly inside = new Map<string, number>();
+  /**
+   * Folders found inside the root, when, and whether their META_DIR was there: a realpath walks
+   * every component, so it is cached briefly.
+   */
+  private readonly inside = new Map<string, { at: number; meta: 'dir' | 'absent' }>();
 
   constructor(readonly root: string, private readonly fsync: boolean) {}
 
@@ -71,39 +75,54 @@ export class Containment {
    * checked to be inside the root is inside too.
    */
   private async metaDirState(dir: string, key: string): Promise<'dir' | 'absent'> {
-    const st = await lstat(join(dir, META_DIR)).catch((err: unknown) => {
+    const st = await lstatPath(join(dir, META_DIR)).catch((err: unknown) => {
       // ENOTDIR: a file where a folder should be, which the mkdir then reports as such.
       if (errno(err) === 'ENOENT' || errno(err) === 'ENOTDIR') return undefined;
       throw err;
     });
+    const seen = this.inside.get(dir);
     if (!st) return 'absent';
-    if (st.isDirectory()) return 'dir';
+    if (st.isDirectory()) {
+      // Made since the folder was checked (a first put): later reads look for sidecars at once.
+      if (seen) seen.meta = 'dir';
+      return 'dir';
+    }
     this.inside.delete(dir);
     throw new StorageError(ErrorCode.PermissionDenied, `"${META_DIR}" in this folder is ${st.isSymbolicLink() ? 'a symlink' : 'not a directory'}: it could lead outside the backend root`, { key });
   }
 
   /**
    * A symlinked folder inside the root must not lead a write or read outside it, nor a planted
-   * META_DIR link (metaDirState). A folder found inside, with a real META_DIR, is trusted for
-   * INSIDE_TTL_MS: like any realpath check this guards against links planted in the tree, not
-   * against someone racing the worker, and a link swapped in for a checked folder is caught
-   * within that time. A folder without META_DIR is not cached: the first put makes it
-   * (makeMetaDir checks what it made).
+   * META_DIR link (metaDirState). A folder found inside, with a real META_DIR or none, is trusted
+   * for INSIDE_TTL_MS: like any realpath check this guards against links planted in the tree, not
+   * against someone racing the worker, and a link swapped in for a checked folder (or planted as
+   * its META_DIR) is caught within that time. A folder without META_DIR gets one at its first put
+   * (makeMetaDir checks what it made), as before; the cache is only spared the checks of every
+   * read of a tree another tool wrote (a migration's source).
    */
   async assertInside(dir: string, key: string): Promise<void> {
     const now = Date.now();
     const seen = this.inside.get(dir);
-    if (seen !== undefined && now - seen < INSIDE_TTL_MS) return;
+    if (seen !== undefined && now - seen.at < INSIDE_TTL_MS) return;
     // Not cached until the root exists: a root under a symlinked path must resolve for real.
-    const realRoot = this.realRoot ?? (this.realRoot = await realpath(this.root).catch(() => undefined)) ?? this.root;
-    const real = await realpath(dir);
+    const realRoot = this.realRoot ?? (this.realRoot = await realpathPath(this.root).catch(() => undefined)) ?? this.root;
+    const real = await realpathPath(dir);
     if (real !== realRoot && !real.startsWith(realRoot + sep)) {
       this.inside.delete(dir);
       throw new StorageError(ErrorCode.PermissionDenied, 'path leads outside the backend root through a symlink', { key });
     }
-    if ((await this.metaDirState(dir, key)) === 'absent') return;
+    const meta = await this.metaDirState(dir, key);
     if (this.inside.size >= INSIDE_MAX) this.inside.clear();
-    this.inside.set(dir, now);
+    this.inside.set(dir, { at: now, meta });
+  }
+
+  /**
+   * True when the folder's META_DIR was absent at its last check (a tree another tool wrote): a
+   * read then looks for that folder before any sidecar in it (sidecar.ts, findSidecar). A hint
+   * only: what decides is the look taken after the object's own stat.
+   */
+  metaAbsent(dir: string): boolean {
+    return this.inside.get(dir)?.meta === 'absent';
   }
 
   /**
@@ -112,7 +131,7 @@ export class Containment {
    */
   private async nearestExisting(dir: string): Promise<string> {
     for (let d = dir; d.length > this.root.length; d = dirname(d)) {
-      const found = await lstat(d).then(() => true, (err: unknown) => {
+      const found = await lstatPath(d).then(() => true, (err: unknown) => {
         if (errno(err) === 'ENOENT') return false;
         throw err;
       });

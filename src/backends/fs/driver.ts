@@ -1,12 +1,12 @@
 import { randomUUID } from 'node:crypto';
-import { constants, type BigIntStats, type Dirent } from 'node:fs';
+import { constants, createReadStream, type BigIntStats, type Dirent } from 'node:fs';
 import { lstat, mkdir, open, readdir, rename, unlink } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ErrorCode, StorageError } from '../../errors.js';
 import type { ByteRange, Driver, DriverDeleteOptions, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../../storage/driver.js';
 import { SourceBody } from '../../storage/body.js';
-import { closeFd, fstatFd, fsyncFd, openFd, writeFully } from '../../storage/fd.js';
+import { closeFd, fstatFd, fsyncFd, lstatPath, openFd, writeFully } from '../../storage/fd.js';
 import { CHUNK } from '../../storage/hashing.js';
 import { syncDir } from '../../storage/sync-dir.js';
 import { adoptFile, hashThrough } from './adopt.js';
@@ -156,23 +156,27 @@ export class FsDriver implements Driver {
 
   async get(key: string, range: ByteRange | undefined, signal: AbortSignal | undefined): Promise<DriverGetResult> {
     const path = await this.contain.pathOf(key);
+    const metaAbsent = this.contain.metaAbsent(dirname(path));
     for (let attempt = 0; ; attempt++) {
       // O_NOFOLLOW: a symlink planted at a key is never followed out of the root.
-      const fh = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW);
+      const fd = await openFd(path, constants.O_RDONLY | constants.O_NOFOLLOW);
       try {
-        const st = await fh.stat({ bigint: true });
+        const st = await fstatFd(fd);
         if (!st.isFile()) throw notFound('get', key);
-        const meta = await findSidecar(path, keyName(key), st);
-        if (meta === 'raced' && attempt < RACED_RETRIES) { await fh.close(); continue; }
+        const meta = await findSidecar(path, keyName(key), st, undefined, metaAbsent);
+        if (meta === 'raced' && attempt < RACED_RETRIES) { await closeFd(fd); continue; }
         const info = toInfo(key, st, meta === 'raced' ? undefined : meta);
+        const start = range?.start ?? 0;
+        // Buffers no larger than the bytes to read: a 16 KiB object is not read into 1 MiB ones.
+        const left = (range?.end === undefined ? Number(st.size) - 1 : range.end) - start + 1;
         // A start past the end (decision 2) is the Bucket's to refuse, for every backend.
-        const stream = fh.createReadStream({
-          start: range?.start ?? 0, highWaterMark: CHUNK, signal,
+        const stream = createReadStream('', {
+          fd, start, highWaterMark: Math.max(1, Math.min(CHUNK, left)), signal,
           ...(range?.end === undefined ? {} : { end: range.end }),
         });
         return { stream, info };
       } catch (err) {
-        await fh.close().catch(() => {});
+        await closeFd(fd).catch(() => {});
         throw err;
       }
     }
@@ -296,10 +300,11 @@ export class FsDriver implements Driver {
 
   private async statWith(key: string, cache: FolderCache | undefined): Promise<ObjectInfo> {
     const path = await this.contain.pathOf(key);
+    const metaAbsent = this.contain.metaAbsent(dirname(path));
     for (let attempt = 0; ; attempt++) {
-      const st = await lstat(path, { bigint: true });
+      const st = await lstatPath(path);
       if (!st.isFile()) throw notFound('stat', key);
-      const meta = await findSidecar(path, keyName(key), st, cache);
+      const meta = await findSidecar(path, keyName(key), st, cache, metaAbsent);
       if (meta === 'raced' && attempt < RACED_RETRIES) continue;
       return toInfo(key, st, meta === 'raced' ? undefined : meta);
     }

@@ -1,6 +1,8 @@
-import type { BigIntStats } from 'node:fs';
-import { link, lstat, readdir, readFile, unlink } from 'node:fs/promises';
+import fs, { type BigIntStats } from 'node:fs';
+import { link, lstat, readdir, unlink } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
+import { promisify } from 'node:util';
+import { lstatPath } from '../../storage/fd.js';
 import { errno, keyName, META_DIR, nameHash, sidecarIno, sidecarPath, TMP_PREFIX, type Sidecar } from './layout.js';
 
 /**
@@ -78,6 +80,10 @@ async function readFolder(dir: string): Promise<Folder> {
   return { sidecars, busy };
 }
 
+/** A small file's text on the callback API, cheaper per call than fs/promises (see src/storage/fd.ts). */
+const readFileCb = promisify(fs.readFile);
+const readText = (path: string): Promise<string> => readFileCb(path, 'utf8');
+
 /** A sidecar's JSON, or undefined when it is not one a digest can be taken from (empty, torn, edited). */
 export function parseSidecar(text: string): Sidecar | undefined {
   let v: unknown;
@@ -100,7 +106,7 @@ export function parseSidecar(text: string): Sidecar | undefined {
 /** Reads and parses a sidecar file; undefined when it is gone or unusable. */
 export async function readParsed(path: string): Promise<Sidecar | undefined> {
   try {
-    return parseSidecar(await readFile(path, 'utf8'));
+    return parseSidecar(await readText(path));
   } catch (err) {
     if (errno(err) === 'ENOENT') return undefined;
     throw err;
@@ -112,11 +118,20 @@ export async function readParsed(path: string): Promise<Sidecar | undefined> {
  * undefined when it has no usable one (another tool's file; metadata lost, unreadable or corrupt:
  * decision 12), 'raced' when the key was replaced meanwhile.
  */
-export async function findSidecar(path: string, name: string, st: BigIntStats, cache?: FolderCache): Promise<Lookup> {
+export async function findSidecar(path: string, name: string, st: BigIntStats, cache?: FolderCache, metaAbsent = false): Promise<Lookup> {
   const dir = dirname(path);
+  // A folder whose META_DIR was absent (another tool's tree): one look for it, after the object's
+  // own stat, instead of the sidecar's open, a second stat and a readdir, all failing. Absent now,
+  // no put ever committed in this folder (a put makes META_DIR and its sidecar before its rename,
+  // and nothing removes META_DIR): the object `st` is another tool's file, with no sidecar to find
+  // or adopt.
+  if (metaAbsent && !(await lstatPath(join(dir, META_DIR)).then(() => true, (err: unknown) => {
+    if (errno(err) === 'ENOENT') return false;
+    throw err;
+  }))) return undefined;
   let text: string;
   try {
-    text = await readFile(sidecarPath(dir, name, st.ino), 'utf8');
+    text = await readText(sidecarPath(dir, name, st.ino));
   } catch (err) {
     if (errno(err) !== 'ENOENT') throw err;
     if (!(await stillAt(path, st))) return 'raced';
@@ -134,7 +149,7 @@ export async function findSidecar(path: string, name: string, st: BigIntStats, c
 }
 
 async function stillAt(path: string, st: BigIntStats): Promise<boolean> {
-  const now = await lstat(path, { bigint: true }).catch(() => undefined);
+  const now = await lstatPath(path).catch(() => undefined);
   return now !== undefined && now.ino === st.ino;
 }
 

@@ -1,7 +1,9 @@
 import {
   AbortMultipartUploadCommand, CompleteMultipartUploadCommand, CreateMultipartUploadCommand, PutObjectCommand, UploadPartCommand,
-  type S3Client,
+  type PutObjectCommandInput, type PutObjectCommandOutput, type S3Client,
 } from '@aws-sdk/client-s3';
+// Types only (erased): the middleware signature of the SDK's own dependency.
+import type { BuildMiddleware } from '@smithy/types';
 import { ErrorCode, StorageError } from '../errors.js';
 import type { DriverPutOptions, ObjectInfo, PutBody } from '../storage/driver.js';
 import { SHA256_META } from '../storage/driver.js';
@@ -65,9 +67,11 @@ export async function uploadObject(t: UploadTarget, key: string, body: PutBody, 
   const secondLength = second ? await fillPart(body, second, signal) : 0;
   let etag: string | undefined;
   if (secondLength === 0) {
-    etag = (await client.send(new PutObjectCommand({
-      ...target(body.sha256 ?? body.digest().sha256), ...conditions, Body: first.subarray(0, firstLength), ContentLength: firstLength,
-    }), { abortSignal: signal })).ETag;
+    // The body ended, so its digest is known and checked (the caller's, or computed as it filled the buffer).
+    const sha256 = body.sha256 ?? body.digest().sha256;
+    const put = new PutObjectCommand({ ...target(sha256), ...conditions, Body: first.subarray(0, firstLength), ContentLength: firstLength });
+    put.middlewareStack.add(contentSha256(sha256), CONTENT_SHA256_STEP);
+    etag = (await client.send(put, { abortSignal: signal })).ETag;
   } else if (body.sha256 === undefined) {
     // Longer than its size, so it would fail its check at its end anyway: nothing was sent.
     throw new StorageError(ErrorCode.ChecksumMismatch, `size: more than the expected ${body.size!} bytes`, { op: 'put', key });
@@ -117,6 +121,23 @@ export async function uploadObject(t: UploadTarget, key: string, body: PutBody, 
     // Neither PutObject nor CompleteMultipartUpload report LastModified; a HEAD would cost a
     // request and could see a later writer's object.
     modified: new Date(),
+  };
+}
+
+const CONTENT_SHA256_STEP = { step: 'build', name: 'stevedoreContentSha256' } as const;
+
+/**
+ * SigV4 signs a request's payload by its SHA-256 (`x-amz-content-sha256`), which the SDK computes
+ * over the whole body unless the request carries the header (@smithy/signature-v4 getPayloadHash
+ * takes it as it is): a second SHA-256 of every byte uploaded, for a digest the put already holds,
+ * checked against the body. Sent here, the signature covers our digest and the store checks the
+ * payload against it (S3 answers XAmzContentSHA256Mismatch otherwise): the same check, one hash.
+ */
+function contentSha256(sha256: string): BuildMiddleware<PutObjectCommandInput, PutObjectCommandOutput> {
+  return (next) => (args) => {
+    const req = args.request as { headers?: Record<string, string> };
+    if (req.headers) req.headers['x-amz-content-sha256'] = sha256;
+    return next(args);
   };
 }
 

@@ -1,6 +1,7 @@
 import { ErrorCode, StorageError } from '../errors.js';
 import type { Bucket } from './bucket.js';
 import type { ObjectInfo } from './driver.js';
+import { validateSha256 } from './keys.js';
 
 export interface CopyObjectOptions {
   /** Fail with PreconditionFailed when the destination key already exists. */
@@ -30,9 +31,10 @@ export interface CopyObjectResult extends ObjectInfo {
  * and user metadata, and never leaving a destination that reads as good unless its bytes are the
  * source's, checked.
  *
- * Between two drivers the bytes stream from a full, verified read of the source into a put whose
- * expected digest is the source's: a rotten source fails ChecksumMismatch before the destination
- * object becomes visible (the put stores nothing). A source without a recorded digest is hashed on
+ * Between two drivers the bytes stream from a full read of the source into a put whose expected
+ * digest is the source's, which hashes and checks them (once: the read only counts them): a
+ * rotten source fails ChecksumMismatch before the destination object becomes visible (the put
+ * stores nothing). A source without a recorded digest is hashed on
  * the way and arrives with it (digest-first stores spool it, as any put of unknown digest).
  *
  * On one driver instance the copy is server-side (no bytes are written through the worker), after
@@ -51,8 +53,16 @@ export async function copyObject(src: Bucket, srcKey: string, dst: Bucket, dstKe
       return { ...out, sha256: out.sha256 ?? checked, verified: out.sha256 === checked };
     }
   }
-  const got = await src.get(srcKey, { signal: opts.signal, sha256: opts.sha256 });
-  const expected = got.info.sha256 ?? opts.sha256?.toLowerCase();
+  // Hashed once, by the put: it checks every byte against the digest before the destination
+  // object becomes visible (and the size the read announced), so the read only counts them; a
+  // second SHA-256 on the way out would judge the same bytes again.
+  const asked = validateSha256(opts.sha256);
+  const got = await src.get(srcKey, { signal: opts.signal, partsChecked: true });
+  if (asked !== undefined && got.info.sha256 !== undefined && asked !== got.info.sha256) {
+    got.stream.destroy();
+    throw new StorageError(ErrorCode.ChecksumMismatch, `stored sha256 ${got.info.sha256} is not the expected ${asked}`, { op: 'get', key: srcKey });
+  }
+  const expected = got.info.sha256 ?? asked;
   const out = await dst.put(dstKey, got.stream, {
     sha256: expected, contentType: got.info.contentType, metadata: got.info.metadata,
     ifAbsent: opts.ifAbsent, ifMatch: opts.ifMatch, signal: opts.signal, progress: opts.progress, size: got.info.size,

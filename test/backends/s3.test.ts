@@ -176,6 +176,32 @@ describe('s3 driver', () => {
     await expect(bucket.put('spooled', Readable.from([big]), { size: big.length })).rejects.toMatchObject({ code: ErrorCode.NotFound, message: expect.stringContaining('ENOENT') });
   });
 
+  it('signs a single PutObject by the digest it checked, so the SDK does not hash the body again; parts stay signed by the SDK', async () => {
+    const P = target.multipartThreshold;
+    const d = await target.newDriver({ singlePutSize: 2 * P });
+    // What the signer meets: a request that already carries x-amz-content-sha256 is signed by it
+    // as it is (@smithy/signature-v4 getPayloadHash), without hashing the body.
+    const before: { command: string; payload: string | undefined }[] = [];
+    d.client.middlewareStack.addRelativeTo((next, context) => async (args) => {
+      const headers = (args.request as { headers?: Record<string, string> }).headers ?? {};
+      before.push({ command: String(context.commandName), payload: headers['x-amz-content-sha256'] });
+      return next(args);
+    }, { relation: 'before', toMiddleware: 'httpSigningMiddleware', name: 'testSeesUnsigned' });
+    const small = randomBytes(P + 3);
+    // Without a digest from anyone (hashed as the buffer filled), and with the caller's.
+    const legacy = new SourceBody({ stream: Readable.from([small]) }, undefined, small.length, { size: small.length, op: 'put', key: 'legacy' });
+    await d.put('legacy', legacy, noOpts);
+    await d.put('known', new SourceBody({ bytes: small }, sha(small), small.length, { sha256: sha(small), op: 'put', key: 'known' }), noOpts);
+    expect(before).toEqual([{ command: 'PutObjectCommand', payload: sha(small) }, { command: 'PutObjectCommand', payload: sha(small) }]);
+    // The store took the signature over that digest.
+    expect(await d.stat('legacy')).toMatchObject({ size: small.length, sha256: sha(small) });
+    before.length = 0;
+    const big = randomBytes(2 * P + 1);
+    await d.put('parts', body(big), noOpts);
+    expect(before.filter((r) => r.command === 'UploadPartCommand').map((r) => r.payload)).toEqual([undefined, undefined, undefined]);
+    expect(sha(await readAll((await d.get('parts', undefined, undefined)).stream))).toBe(sha(big));
+  });
+
   it('refuses a body of unknown digest that runs past its size, sending nothing', async () => {
     const d = await target.newDriver({ singlePutSize: 2 * target.multipartThreshold });
     const seen = recordRequests(d);

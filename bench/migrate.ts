@@ -32,8 +32,11 @@ async function cpuSeconds(pid: number | undefined): Promise<number> {
   return (Number(fields[11] ?? 0) + Number(fields[12] ?? 0)) / 100;
 }
 
+/** BENCH_MIGRATE_PROF=<dir>: each worker process writes a V8 CPU profile there (stopped with SIGTERM, so it is written). */
+const PROF = process.env.BENCH_MIGRATE_PROF;
+
 async function startWorkerProcess(script: string, env: Record<string, string>): Promise<Worker> {
-  const child = spawn(process.execPath, [script, 'worker'], { env: { PATH: process.env.PATH ?? '', AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: 'true', ...env }, stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn(process.execPath, [...(PROF ? ['--cpu-prof', `--cpu-prof-dir=${PROF}`] : []), script, 'worker'], { env: { PATH: process.env.PATH ?? '', AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: 'true', ...env }, stdio: ['ignore', 'ignore', 'pipe'] });
   const exited = new Promise<void>((r) => child.once('exit', () => r()));
   await new Promise<void>((resolve, reject) => {
     let out = '';
@@ -45,7 +48,7 @@ async function startWorkerProcess(script: string, env: Record<string, string>): 
     child.once('exit', (code) => reject(new Error(`worker exited ${code}: ${out.slice(-2000)}`)));
   });
   child.stderr!.resume();
-  return { child, stop: async () => { child.kill('SIGKILL'); await exited; } };
+  return { child, stop: async () => { child.kill(PROF ? 'SIGTERM' : 'SIGKILL'); await exited; } };
 }
 
 async function writeTree(root: string, small: number, big: number): Promise<number> {

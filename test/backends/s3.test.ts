@@ -1,6 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
 import { PutObjectCommand, S3ServiceException } from '@aws-sdk/client-s3';
+import type { FinalizeRequestMiddleware } from '@smithy/types';
 import { afterAll, describe, expect, it, vi } from 'vitest';
 import { S3Driver, s3DriverFromUrl, s3OptionsFromUrl } from '../../src/backends/s3.js';
 import { ErrorCode, StorageError, classifyCommon } from '../../src/errors.js';
@@ -182,11 +183,12 @@ describe('s3 driver', () => {
     // What the signer meets: a request that already carries x-amz-content-sha256 is signed by it
     // as it is (@smithy/signature-v4 getPayloadHash), without hashing the body.
     const before: { command: string; payload: string | undefined }[] = [];
-    d.client.middlewareStack.addRelativeTo((next, context) => async (args) => {
+    const seeUnsigned: FinalizeRequestMiddleware<object, object> = (next, context) => async (args) => {
       const headers = (args.request as { headers?: Record<string, string> }).headers ?? {};
       before.push({ command: String(context.commandName), payload: headers['x-amz-content-sha256'] });
       return next(args);
-    }, { relation: 'before', toMiddleware: 'httpSigningMiddleware', name: 'testSeesUnsigned' });
+    };
+    d.client.middlewareStack.addRelativeTo(seeUnsigned as never, { relation: 'before', toMiddleware: 'httpSigningMiddleware', name: 'testSeesUnsigned' });
     const small = randomBytes(P + 3);
     // Without a digest from anyone (hashed as the buffer filled), and with the caller's.
     const legacy = new SourceBody({ stream: Readable.from([small]) }, undefined, small.length, { size: small.length, op: 'put', key: 'legacy' });

@@ -167,12 +167,15 @@ export class FsDriver implements Driver {
         if (meta === 'raced' && attempt < RACED_RETRIES) { await closeFd(fd); continue; }
         const info = toInfo(key, st, meta === 'raced' ? undefined : meta);
         const start = range?.start ?? 0;
-        // Buffers no larger than the bytes to read: a 16 KiB object is not read into 1 MiB ones.
-        const left = (range?.end === undefined ? Number(st.size) - 1 : range.end) - start + 1;
+        // A whole read takes the size this descriptor measured: the version opened, read without
+        // a last call to find its end (bytes appended since are another version's; one that
+        // shrank ends short, which the size checks above this driver catch). Buffers no larger
+        // than the bytes to read: a 16 KiB object is not read into 1 MiB ones.
+        const end = range?.end ?? Number(st.size) - 1;
         // A start past the end (decision 2) is the Bucket's to refuse, for every backend.
         const stream = createReadStream('', {
-          fd, start, highWaterMark: Math.max(1, Math.min(CHUNK, left)), signal,
-          ...(range?.end === undefined ? {} : { end: range.end }),
+          fd, start, highWaterMark: Math.max(1, Math.min(CHUNK, end - start + 1)), signal,
+          ...(end >= start ? { end } : {}),
         });
         return { stream, info };
       } catch (err) {

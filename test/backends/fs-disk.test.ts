@@ -6,9 +6,16 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { FsDriver, META_DIR } from '../../src/backends/fs.js';
 import { ErrorCode } from '../../src/errors.js';
 import { Bucket } from '../../src/storage/bucket.js';
+import type { ObjectInfo } from '../../src/storage/driver.js';
 import { codeOf, collectKeys, readAll, sha } from '../conformance/suite.js';
 import { filesUnder } from '../harness/fs.js';
 import { tempDir } from '../harness/process.js';
+
+async function collect(b: Bucket): Promise<ObjectInfo[]> {
+  const out: ObjectInfo[] = [];
+  for await (const o of b.list('')) out.push(o);
+  return out;
+}
 
 describe('filesystem backend on disk', () => {
   let dir: Awaited<ReturnType<typeof tempDir>>;
@@ -101,6 +108,24 @@ describe('filesystem backend on disk', () => {
     expect(got.info.sha256).toBeUndefined();
     expect((await readAll(got.stream)).toString()).toBe('by hand');
     expect(await collectKeys(bucket)).toEqual(['drop/in.txt']);
+  });
+
+  it('finds the digest of a first put into a folder another tool wrote at once, though reads of that folder just found no metadata', async () => {
+    await mkdir(join(root, 'drop'), { recursive: true });
+    await writeFile(join(root, 'drop/a.txt'), 'by hand');
+    await writeFile(join(root, 'drop/b.txt'), 'by hand too');
+    expect((await bucket.get('drop/a.txt')).info.sha256).toBeUndefined();
+    expect((await bucket.stat('drop/b.txt')).sha256).toBeUndefined();
+    expect((await collect(bucket)).map((o) => o.sha256)).toEqual([undefined, undefined]);
+    // Within the second the folder's check is cached (no metadata folder then): the put makes one.
+    await bucket.put('drop/b.txt', Buffer.from('ours'));
+    await bucket.put('drop/c.txt', Buffer.from('ours too'));
+    expect((await bucket.get('drop/b.txt')).info.sha256).toBe(sha(Buffer.from('ours')));
+    expect((await bucket.stat('drop/c.txt')).sha256).toBe(sha(Buffer.from('ours too')));
+    expect((await collect(bucket)).map((o) => [o.key, o.sha256])).toEqual([
+      ['drop/a.txt', undefined], ['drop/b.txt', sha(Buffer.from('ours'))], ['drop/c.txt', sha(Buffer.from('ours too'))],
+    ]);
+    expect((await readAll((await bucket.get('drop/a.txt')).stream)).toString()).toBe('by hand');
   });
 
   it('catches a truncated file as a checksum mismatch', async () => {

@@ -6,7 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { ErrorCode, StorageError } from '../../errors.js';
 import type { ByteRange, Driver, DriverDeleteOptions, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../../storage/driver.js';
 import { SourceBody } from '../../storage/body.js';
-import { closeFd, fstatFd, fsyncFd, lstatPath, openFd, writeFully } from '../../storage/fd.js';
+import { closeFd, fstatFd, fsyncFd, lstatExists, lstatPath, openFd, writeFully } from '../../storage/fd.js';
 import { CHUNK } from '../../storage/hashing.js';
 import { syncDir } from '../../storage/sync-dir.js';
 import { adoptFile, hashThrough } from './adopt.js';
@@ -209,8 +209,14 @@ export class FsDriver implements Driver {
         .filter((e) => e.name !== META_DIR && (e.isFile() || e.isDirectory()))
         .map((e) => ({ e, sortKey: Buffer.from(e.isDirectory() ? `${e.name}/` : e.name) }))
         .sort((a, b) => Buffer.compare(a.sortKey, b.sortKey));
+      // A folder without META_DIR (another tool's tree): its files are stat'ed alone, and one look
+      // for META_DIR after them all stands for each one's sidecar lookup (see findSidecar: absent
+      // then, no put ever committed here, so none of them has a sidecar). Found after all (a first
+      // put raced the listing), each is looked up as usual.
+      const bare = !entries.some((e) => e.name === META_DIR);
+      const unsure: { at: number; key: string }[] = [];
       for (const { e } of sorted) {
-        if (more) return;
+        if (more) break;
         const key = rel ? `${rel}/${e.name}` : e.name;
         if (e.isDirectory()) {
           const folder = `${key}/`;
@@ -220,14 +226,14 @@ export class FsDriver implements Driver {
           continue;
         }
         if (!key.startsWith(prefix) || (after && Buffer.compare(Buffer.from(key), after) <= 0)) continue;
-        if (objects.length === pageSize) { more = true; return; }
-        const info = await this.statWith(key, cache).catch((err: unknown) => {
-          if (errno(err) === 'ENOENT') return undefined; // deleted while listing
-          // Replaced by a folder while listing, or removed with its folder: not an object any more.
-          if (err instanceof StorageError && err.code === ErrorCode.NotFound) return undefined;
-          throw err;
-        });
-        if (info) objects.push(info);
+        if (objects.length === pageSize) { more = true; break; }
+        const info = await (bare ? this.bareStat(key) : this.statWith(key, cache)).catch(gone);
+        if (!info) continue;
+        if (bare) unsure.push({ at: objects.length, key });
+        objects.push(info);
+      }
+      if (unsure.length > 0 && await lstatExists(join(this.root, rel, META_DIR))) {
+        for (const u of unsure) objects[u.at] = (await this.statWith(u.key, cache).catch(gone)) ?? objects[u.at]!;
       }
     };
     const slash = prefix.lastIndexOf('/');
@@ -301,6 +307,13 @@ export class FsDriver implements Driver {
     return sweepTree(this.root, maxAgeMs);
   }
 
+  /** An object's stat without its metadata (a listing looks for the folder's META_DIR after it). */
+  private async bareStat(key: string): Promise<ObjectInfo> {
+    const st = await lstatPath(await this.contain.pathOf(key));
+    if (!st.isFile()) throw notFound('stat', key);
+    return toInfo(key, st, undefined);
+  }
+
   private async statWith(key: string, cache: FolderCache | undefined): Promise<ObjectInfo> {
     const path = await this.contain.pathOf(key);
     const metaAbsent = this.contain.metaAbsent(dirname(path));
@@ -312,6 +325,13 @@ export class FsDriver implements Driver {
       return toInfo(key, st, meta === 'raced' ? undefined : meta);
     }
   }
+}
+
+/** A listed file deleted (or replaced by a folder, or removed with its folder) while listing: not an object any more. */
+function gone(err: unknown): undefined {
+  if (errno(err) === 'ENOENT') return undefined;
+  if (err instanceof StorageError && err.code === ErrorCode.NotFound) return undefined;
+  throw err;
 }
 
 /** A `file:` URL: its path is the root; it takes no parameters, and an unknown one is refused (a typo must not pass silently). */

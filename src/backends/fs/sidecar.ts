@@ -2,7 +2,7 @@ import fs, { type BigIntStats } from 'node:fs';
 import { link, lstat, readdir, unlink } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
-import { lstatPath } from '../../storage/fd.js';
+import { lstatExists, lstatPath } from '../../storage/fd.js';
 import { errno, keyName, META_DIR, nameHash, sidecarIno, sidecarPath, TMP_PREFIX, type Sidecar } from './layout.js';
 
 /**
@@ -125,10 +125,7 @@ export async function findSidecar(path: string, name: string, st: BigIntStats, c
   // no put ever committed in this folder (a put makes META_DIR and its sidecar before its rename,
   // and nothing removes META_DIR): the object `st` is another tool's file, with no sidecar to find
   // or adopt.
-  if (metaAbsent && !(await lstatPath(join(dir, META_DIR)).then(() => true, (err: unknown) => {
-    if (errno(err) === 'ENOENT') return false;
-    throw err;
-  }))) return undefined;
+  if (metaAbsent && !(await lstatExists(join(dir, META_DIR)))) return undefined;
   let text: string;
   try {
     text = await readText(sidecarPath(dir, name, st.ino));

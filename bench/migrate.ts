@@ -32,6 +32,9 @@ async function cpuSeconds(pid: number | undefined): Promise<number> {
   return (Number(fields[11] ?? 0) + Number(fields[12] ?? 0)) / 100;
 }
 
+/** How the workers cut chunks, when the bench's own environment sets it (STEVEDORE_CHUNK_KEYS, _BYTES, _WINDOW, _LANES). */
+const CHUNK_ENV = Object.fromEntries(Object.entries(process.env).filter((e): e is [string, string] => e[0].startsWith('STEVEDORE_CHUNK_') && e[1] !== undefined));
+
 /** BENCH_MIGRATE_PROF=<dir>: each worker process writes a V8 CPU profile there (stopped with SIGTERM, so it is written). */
 const PROF = process.env.BENCH_MIGRATE_PROF;
 
@@ -106,7 +109,7 @@ export async function migrateBench(): Promise<string> {
     const envFor = (queue: string, extra: Record<string, string> = {}) => ({
       REDIS_URL: redisUrl, STEVEDORE_QUEUE: queue, STEVEDORE_STAGING_DIR: join(tmp.path, `staging-${queue}`), STEVEDORE_CONCURRENCY: '8', LOG_LEVEL: 'info',
       STEVEDORE_BACKENDS: [`tree=file://${tree}`, ...Object.entries(buckets).map(([n, b]) => `${n}=s3://${b}?endpoint=${s3.endpoint}&forcePathStyle=true&conditionalWrites=false`)].join(','),
-      AWS_ACCESS_KEY_ID: S3RVER_CREDENTIALS.accessKeyId, AWS_SECRET_ACCESS_KEY: S3RVER_CREDENTIALS.secretAccessKey, ...extra,
+      AWS_ACCESS_KEY_ID: S3RVER_CREDENTIALS.accessKeyId, AWS_SECRET_ACCESS_KEY: S3RVER_CREDENTIALS.secretAccessKey, ...CHUNK_ENV, ...extra,
     });
     const migration = async (n: number, to: string, tag: string, extra: Record<string, string> = {}) => {
       const queue = `bench-${tag}-${randomUUID().slice(0, 6)}`;
@@ -167,7 +170,7 @@ export async function migrateBench(): Promise<string> {
         ['sha256sum over the same files', secs(sum.ms), perS(objects, sum.ms), mbps(bytes, sum.ms), 'reference for verify', '', ''],
       ], [
         `Times from enqueue to the result (listing, chunking, the copies, the parent's wake-up); workers already started. Results: 1 worker ${JSON.stringify({ ...one.first.r, failures: one.first.r.failures.length })}; re-run ${JSON.stringify({ ...one.again.r, failures: one.again.r.failures.length })}.`,
-        'rclone: provider Other, path style, --checksum (MD5 of every local file on each run), --transfers 8. migrate: chunks of 1000 keys / 1 GiB, 8 objects at once per chunk,',
+        'rclone: provider Other, path style, --checksum (MD5 of every local file on each run), --transfers 8. migrate: chunks of 250 keys / 64 MiB (or STEVEDORE_CHUNK_* as the bench is given them), 8 objects at once per chunk,',
         '  each object SHA-256 verified; a legacy tree is hashed while copied: up to the S3 driver\'s singlePutSize (40 MiB) as the one PutObject is buffered, larger objects in a first read.',
         'Re-run: migrate trusts its record of what the first run verified (source size, mtime, etag; destination ETag): a listing of both sides, no object read or HEADed.',
         'CPU: user + system seconds used during the run by the worker process(es) and by s3rver (from /proc), and by rclone (GNU time).',

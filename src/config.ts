@@ -2,6 +2,7 @@ import { availableParallelism, hostname } from 'node:os';
 import { resolve } from 'node:path';
 import { z } from 'zod';
 import { DEFAULT_BACKENDS } from './backends/open.js';
+import { DEFAULT_FANOUT_LIMITS } from './fanout/parent.js';
 import { CLUSTER_PREFIX_REASON, hasHashTag, parseClusterSeeds, type RedisTarget } from './queue/connection.js';
 import { DEFAULT_RETENTION } from './queue/retention.js';
 import { DEFAULT_WEBHOOK_SCHEDULE_MS } from './webhooks/schedule.js';
@@ -119,10 +120,10 @@ export function loadConfig(env: NodeJS.ProcessEnv, cwd = process.cwd()): Config 
     logLevel: env.LOG_LEVEL || 'info',
     keepCompleted: env.STEVEDORE_KEEP_COMPLETED || DEFAULT_RETENTION.keepCompleted,
     keepFailed: env.STEVEDORE_KEEP_FAILED || DEFAULT_RETENTION.keepFailed,
-    fanoutChunkKeys: env.STEVEDORE_CHUNK_KEYS || 1000,
-    fanoutChunkBytes: env.STEVEDORE_CHUNK_BYTES || 1 << 30,
-    fanoutWindow: env.STEVEDORE_CHUNK_WINDOW || 16,
-    fanoutLanes: env.STEVEDORE_CHUNK_LANES || 8,
+    fanoutChunkKeys: env.STEVEDORE_CHUNK_KEYS || DEFAULT_FANOUT_LIMITS.chunkKeys,
+    fanoutChunkBytes: env.STEVEDORE_CHUNK_BYTES || DEFAULT_FANOUT_LIMITS.chunkBytes,
+    fanoutWindow: env.STEVEDORE_CHUNK_WINDOW || DEFAULT_FANOUT_LIMITS.window,
+    fanoutLanes: env.STEVEDORE_CHUNK_LANES || DEFAULT_FANOUT_LIMITS.lanes,
     webhookUrl: env.STEVEDORE_WEBHOOK_URL,
     webhookSecret: env.STEVEDORE_WEBHOOK_SECRET,
     webhookScheduleMs: env.STEVEDORE_WEBHOOK_SCHEDULE_MS || DEFAULT_WEBHOOK_SCHEDULE_MS.join(','),

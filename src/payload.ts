@@ -27,9 +27,9 @@ export interface JobDeps {
 
 /** How a fanned-out job cuts and paces its work; from the worker's configuration. */
 export interface FanOutLimits {
-  /** Keys per chunk. @defaultValue 1000 */
+  /** Keys per chunk. @defaultValue 250 */
   chunkKeys: number;
-  /** Bytes per chunk (a chunk ends at the object that reaches it). @defaultValue 1 GiB */
+  /** Bytes per chunk (a chunk ends at the object that reaches it). @defaultValue 64 MiB */
   chunkBytes: number;
   /** Chunks of one parent in flight (waiting or active) at once. @defaultValue 16 */
   window: number;

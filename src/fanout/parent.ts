@@ -18,6 +18,16 @@ export type ChunkResult<C extends string> = Summary<C> & { last: string };
 export const ABORT_MIN_SCANNED = 1000;
 export const ABORT_RATIO = 0.5;
 
+/**
+ * @defaultValue of FanOutLimits. Chunks of 250 keys or 64 MiB: small enough that a tree spreads
+ * over every worker process and slot (2,000 small objects are 8 chunks, 8 of 32 MiB are 4, where
+ * chunks of 1,000 keys or 1 GiB made 3, of which one process got most), large enough that a
+ * chunk's own cost (its job, its record file, its report) stays a few percent of its objects'.
+ * Redis holds at most a window of them (16 x 250 keys x ~120 bytes), and a finished chunk leaves
+ * a summary of ~250 bytes: 4,000 for a million objects.
+ */
+export const DEFAULT_FANOUT_LIMITS: FanOutLimits = { chunkKeys: 250, chunkBytes: 64 * 1024 * 1024, window: 16, lanes: 8, abortAfter: ABORT_MIN_SCANNED };
+
 export interface ParentSpec<I, C extends string> {
   /** Internal job name of the chunks (same queue). */
   child: string;

@@ -1,10 +1,9 @@
 import { Job, Queue, WaitingChildrenError, type JobsOptions } from 'bullmq';
-import { ABORT_MIN_SCANNED } from '../fanout/parent.js';
 import type { Counters, FanOut, FanOutLimits } from '../payload.js';
 import type { RedisClient } from './connection.js';
 
-/** @defaultValue of FanOutLimits: the "a thousand keys or a GiB" per chunk. */
-export const DEFAULT_FANOUT_LIMITS: FanOutLimits = { chunkKeys: 1000, chunkBytes: 1 << 30, window: 16, lanes: 8, abortAfter: ABORT_MIN_SCANNED };
+/** @defaultValue of FanOutLimits (see src/fanout/parent.ts). */
+export { DEFAULT_FANOUT_LIMITS } from '../fanout/parent.js';
 
 /** A parent's checkpoint and tally outlive it by at most this (a parent removed by retention leaves them). */
 const STATE_TTL_S = 7 * 24 * 3600;

@@ -193,6 +193,28 @@ describe('migrate: filesystem and s3rver', () => {
     await big.close();
   }, 60_000);
 
+  it('cuts chunks by bytes as well as by keys: a chunk ends at the object that reaches chunkBytes, so large objects spread over chunks', async () => {
+    const src = new Bucket(new MemoryDriver(), { name: 'by-bytes' });
+    // Three of 600 bytes, then ten of 10: with chunks of 1000 bytes (or 100 keys) the first ends at
+    // the second object (1200 bytes), the second takes the rest (700 bytes, 11 keys).
+    for (let i = 0; i < 3; i++) await src.put(`b/${i}`, Buffer.alloc(600, i));
+    for (let i = 0; i < 10; i++) await src.put(`s/${i}`, Buffer.alloc(10, i));
+    buckets.set('by-bytes', src);
+    buckets.set('by-bytes-out', new Bucket(new MemoryDriver(), { name: 'by-bytes-out' }));
+    const cut = await inProcessWorker(redis.url, buckets, join(tmp.path, 'staging'), { concurrency: 4, fanout: { chunkKeys: 100, chunkBytes: 1000, window: 4, lanes: 4 } });
+    try {
+      let id = '';
+      const r = await cut.client.run('migrate', { from: 'by-bytes', to: 'by-bytes-out' }, { onAdded: (added) => { id = added; } });
+      expect(r).toMatchObject({ scanned: 13, copied: 13, failed: 0 });
+      // Each chunk leaves its summary in the parent: its count and last key, by chunk number.
+      const chunks = Object.entries(await (await cut.client.queue.getJob(id))!.getChildrenValues<{ scanned: number; last: string }>())
+        .map(([k, v]) => [Number(/-(\d+)$/.exec(k)![1]), v.scanned, v.last] as const).sort((a, b) => a[0] - b[0]);
+      expect(chunks).toEqual([[0, 2, 'b/1'], [1, 11, 's/9']]);
+    } finally {
+      await cut.close();
+    }
+  });
+
   it('a failing run aborts as its chunks finish: once the tally crosses the threshold, chunks not started never run, and the parent fails with the dominant code', async () => {
     const src = new MemoryDriver();
     const seed = new Bucket(src, { name: 'ab' });

@@ -296,6 +296,21 @@ describe('filesystem backend: containment and URLs', () => {
     expect((await bucket.stat('a/x')).sha256).toBe(sha(Buffer.from('z')));
   });
 
+  it(`refuses a put into another tool's folder whose ${META_DIR} link was planted after a read trusted the folder`, async () => {
+    dir = await tempDir('stevedore-fsmeta-');
+    const root = join(dir.path, 'root');
+    const outside = join(dir.path, 'outside');
+    await mkdir(outside);
+    await mkdir(join(root, 'b'), { recursive: true });
+    await writeFile(join(root, 'b/y'), 'y');
+    const bucket = new Bucket(new FsDriver({ root }));
+    // The read caches the folder as inside the root, without META_DIR, for a second.
+    expect((await bucket.stat('b/y')).sha256).toBeUndefined();
+    await symlink(outside, join(root, 'b', META_DIR));
+    expect(await codeOf(bucket.put('b/new', Buffer.from('z')))).toBe(ErrorCode.PermissionDenied);
+    expect(await entriesUnder(outside)).toEqual([]);
+  });
+
   it('refuses unknown query parameters in file: URLs', () => {
     expect(() => fsDriverFromUrl(new URL('file:///tmp/objects?fsync=false'))).toThrow(/InvalidInput.*unknown parameter "fsync"/);
     expect(() => fsDriverFromUrl(new URL('file:///tmp/objects?a=1&b=2'))).toThrow(/InvalidInput.*unknown parameter "a"/);

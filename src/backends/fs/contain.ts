@@ -47,6 +47,9 @@ export class Containment {
       await this.assertInside(dirname(p), key);
       return p;
     });
+    // A folder cached without META_DIR (reads of another tool's tree) is looked at again before a
+    // put writes into it: one planted there since would carry the temp file out of the root.
+    if (this.metaAbsent(dirname(path))) await this.metaDirState(dirname(path), key);
     return { dir: dirname(path), name: keyName(key) };
   }
 
@@ -97,8 +100,8 @@ export class Containment {
    * for INSIDE_TTL_MS: like any realpath check this guards against links planted in the tree, not
    * against someone racing the worker, and a link swapped in for a checked folder (or planted as
    * its META_DIR) is caught within that time. A folder without META_DIR gets one at its first put
-   * (makeMetaDir checks what it made), as before; the cache is only spared the checks of every
-   * read of a tree another tool wrote (a migration's source).
+   * (prepareDir looks again, makeMetaDir checks what it made), as before; the cache only spares
+   * every read of a tree another tool wrote (a migration's source) the realpath and the look.
    */
   async assertInside(dir: string, key: string): Promise<void> {
     const now = Date.now();

@@ -21,11 +21,6 @@ export function lstatPath(path: string): Promise<BigIntStats> {
   return new Promise((resolve, reject) => fs.lstat(path, { bigint: true }, (err, st) => (err ? reject(err) : resolve(st))));
 }
 
-/** Whether something (a link included) is at `path`: false for ENOENT, any other failure thrown. */
-export function lstatExists(path: string): Promise<boolean> {
-  return new Promise((resolve, reject) => fs.lstat(path, (err) => (!err ? resolve(true) : err.code === 'ENOENT' ? resolve(false) : reject(err))));
-}
-
 /** The kernel's realpath (the callback API's plain fs.realpath walks the path in JavaScript). */
 export const realpathPath = promisify(fs.realpath.native) as (path: string) => Promise<string>;
 

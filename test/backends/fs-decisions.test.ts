@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { FsDriver, META_DIR, fsDriverFromUrl } from '../../src/backends/fs.js';
+import { sidecarPath } from '../../src/backends/fs/layout.js';
 import { ErrorCode } from '../../src/errors.js';
 import { Bucket } from '../../src/storage/bucket.js';
 import { codeOf, collectKeys, readAll, sha } from '../conformance/suite.js';
@@ -296,19 +297,32 @@ describe('filesystem backend: containment and URLs', () => {
     expect((await bucket.stat('a/x')).sha256).toBe(sha(Buffer.from('z')));
   });
 
-  it(`refuses a put into another tool's folder whose ${META_DIR} link was planted after a read trusted the folder`, async () => {
+  it(`refuses a write, read or delete in another tool's folder whose ${META_DIR} link was planted after a read trusted the folder`, async () => {
     dir = await tempDir('stevedore-fsmeta-');
     const root = join(dir.path, 'root');
     const outside = join(dir.path, 'outside');
     await mkdir(outside);
     await mkdir(join(root, 'b'), { recursive: true });
     await writeFile(join(root, 'b/y'), 'y');
-    const bucket = new Bucket(new FsDriver({ root }));
-    // The read caches the folder as inside the root, without META_DIR, for a second.
-    expect((await bucket.stat('b/y')).sha256).toBeUndefined();
-    await symlink(outside, join(root, 'b', META_DIR));
-    expect(await codeOf(bucket.put('b/new', Buffer.from('z')))).toBe(ErrorCode.PermissionDenied);
-    expect(await entriesUnder(outside)).toEqual([]);
+    // What a read would take as b/y's metadata, or a delete remove, were it to follow the link.
+    const ino = (await lstat(join(root, 'b/y'), { bigint: true })).ino;
+    const forged = sidecarPath(join(root, 'b'), 'y', ino).slice(join(root, 'b', META_DIR).length + 1);
+    await writeFile(join(outside, forged), JSON.stringify({ key: 'b/y', sha256: sha(Buffer.from('y')), size: 1, metadata: {} }));
+    const before = await entriesUnder(outside);
+    const ops: Array<[string, (b: Bucket) => Promise<unknown>]> = [
+      ['put', (b) => b.put('b/new', Buffer.from('z'))], ['get', (b) => b.get('b/y')], ['stat', (b) => b.stat('b/y')],
+      ['delete', (b) => b.delete('b/y')], ['list', (b) => collectKeys(b, '')],
+    ];
+    for (const [name, op] of ops) {
+      await rm(join(root, 'b', META_DIR), { force: true });
+      const bucket = new Bucket(new FsDriver({ root }));
+      // The read caches the folder as inside the root, without META_DIR, for a second.
+      expect((await bucket.stat('b/y')).sha256).toBeUndefined();
+      await symlink(outside, join(root, 'b', META_DIR));
+      expect(await codeOf(op(bucket)), name).toBe(ErrorCode.PermissionDenied);
+    }
+    expect(await entriesUnder(outside)).toEqual(before);
+    expect(await readFile(join(root, 'b/y'), 'utf8')).toBe('y');
   });
 
   it('refuses unknown query parameters in file: URLs', () => {

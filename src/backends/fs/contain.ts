@@ -47,9 +47,7 @@ export class Containment {
       await this.assertInside(dirname(p), key);
       return p;
     });
-    // A folder cached without META_DIR (reads of another tool's tree) is looked at again before a
-    // put writes into it: one planted there since would carry the temp file out of the root.
-    if (this.metaAbsent(dirname(path))) await this.metaDirState(dirname(path), key);
+    await this.recheckMeta(dirname(path), key);
     return { dir: dirname(path), name: keyName(key) };
   }
 
@@ -121,11 +119,27 @@ export class Containment {
 
   /**
    * True when the folder's META_DIR was absent at its last check (a tree another tool wrote): a
-   * read then looks for that folder before any sidecar in it (sidecar.ts, findSidecar). A hint
-   * only: what decides is the look taken after the object's own stat.
+   * read then looks for it (metaNow) after the object's own stat, instead of for the object's
+   * sidecar. A hint only: what decides is that look.
    */
   metaAbsent(dir: string): boolean {
     return this.inside.get(dir)?.meta === 'absent';
+  }
+
+  /**
+   * The folder's META_DIR as it is now: 'absent', or 'dir' (the cache learns it); PermissionDenied
+   * when it is a link or another file (one planted since the folder was checked).
+   */
+  metaNow(dir: string, key: string): Promise<'dir' | 'absent'> {
+    return this.metaDirState(dir, key);
+  }
+
+  /**
+   * Before anything is written or removed in a folder cached without META_DIR: a link planted there
+   * since would carry a temp file, a claim or a sidecar's unlink out of the root.
+   */
+  async recheckMeta(dir: string, key: string): Promise<void> {
+    if (this.metaAbsent(dir)) await this.metaDirState(dir, key);
   }
 
   /**

@@ -6,14 +6,14 @@ import { fileURLToPath } from 'node:url';
 import { ErrorCode, StorageError } from '../../errors.js';
 import type { ByteRange, Driver, DriverDeleteOptions, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../../storage/driver.js';
 import { SourceBody } from '../../storage/body.js';
-import { closeFd, fstatFd, fsyncFd, lstatExists, lstatPath, openFd, writeFully } from '../../storage/fd.js';
+import { closeFd, fstatFd, fsyncFd, lstatPath, openFd, writeFully } from '../../storage/fd.js';
 import { CHUNK } from '../../storage/hashing.js';
 import { syncDir } from '../../storage/sync-dir.js';
 import { adoptFile, hashThrough } from './adopt.js';
 import { claim } from './claim.js';
 import { Containment } from './contain.js';
 import { errno, etagOf, folderTaken, keyName, linkPath, META_DIR, notFound, preconditionFailed, sidecarPath, TMP_PREFIX, toInfo, unlinkPath, unlinkQuiet, type Sidecar } from './layout.js';
-import { findSidecar, FolderCache } from './sidecar.js';
+import { findSidecar, FolderCache, type Lookup } from './sidecar.js';
 import { sweepTree } from './sweep.js';
 import { writeAll } from './write.js';
 
@@ -156,14 +156,13 @@ export class FsDriver implements Driver {
 
   async get(key: string, range: ByteRange | undefined, signal: AbortSignal | undefined): Promise<DriverGetResult> {
     const path = await this.contain.pathOf(key);
-    const metaAbsent = this.contain.metaAbsent(dirname(path));
     for (let attempt = 0; ; attempt++) {
       // O_NOFOLLOW: a symlink planted at a key is never followed out of the root.
       const fd = await openFd(path, constants.O_RDONLY | constants.O_NOFOLLOW);
       try {
         const st = await fstatFd(fd);
         if (!st.isFile()) throw notFound('get', key);
-        const meta = await findSidecar(path, keyName(key), st, undefined, metaAbsent);
+        const meta = await this.metadata(path, key, st, undefined);
         if (meta === 'raced' && attempt < RACED_RETRIES) { await closeFd(fd); continue; }
         const info = toInfo(key, st, meta === 'raced' ? undefined : meta);
         const start = range?.start ?? 0;
@@ -232,7 +231,7 @@ export class FsDriver implements Driver {
         if (bare) unsure.push({ at: objects.length, key });
         objects.push(info);
       }
-      if (unsure.length > 0 && await lstatExists(join(this.root, rel, META_DIR))) {
+      if (unsure.length > 0 && (await this.contain.metaNow(join(this.root, rel), unsure[0]!.key)) === 'dir') {
         for (const u of unsure) objects[u.at] = (await this.statWith(u.key, cache).catch(gone)) ?? objects[u.at]!;
       }
     };
@@ -253,6 +252,7 @@ export class FsDriver implements Driver {
     });
     if (!path) return;
     const dir = dirname(path);
+    await this.contain.recheckMeta(dir, key);
     const name = keyName(key);
     // Held (by the claim, or open) until its sidecar is removed, so its inode number is not reused meanwhile.
     const held = opts.ifMatch !== undefined ? await claim('delete', key, dir, name, opts.ifMatch) : await holdObject(path);
@@ -307,6 +307,20 @@ export class FsDriver implements Driver {
     return sweepTree(this.root, maxAgeMs);
   }
 
+  /**
+   * The sidecar of the object at `path` whose stat is `st` (sidecar.ts). In a folder whose META_DIR
+   * was absent (another tool's tree), one look for META_DIR after the object's own stat stands for
+   * the lookup, which would open the sidecar, stat the object again and read the folder, all
+   * failing: absent now, no put ever committed in this folder (a put makes META_DIR and its sidecar
+   * before its rename, and nothing removes META_DIR), so the object is another tool's file, with
+   * no sidecar to find or adopt.
+   */
+  private async metadata(path: string, key: string, st: BigIntStats, cache: FolderCache | undefined): Promise<Lookup> {
+    const dir = dirname(path);
+    if (this.contain.metaAbsent(dir) && (await this.contain.metaNow(dir, key)) === 'absent') return undefined;
+    return findSidecar(path, keyName(key), st, cache);
+  }
+
   /** An object's stat without its metadata (a listing looks for the folder's META_DIR after it). */
   private async bareStat(key: string): Promise<ObjectInfo> {
     const st = await lstatPath(await this.contain.pathOf(key));
@@ -316,11 +330,10 @@ export class FsDriver implements Driver {
 
   private async statWith(key: string, cache: FolderCache | undefined): Promise<ObjectInfo> {
     const path = await this.contain.pathOf(key);
-    const metaAbsent = this.contain.metaAbsent(dirname(path));
     for (let attempt = 0; ; attempt++) {
       const st = await lstatPath(path);
       if (!st.isFile()) throw notFound('stat', key);
-      const meta = await findSidecar(path, keyName(key), st, cache, metaAbsent);
+      const meta = await this.metadata(path, key, st, cache);
       if (meta === 'raced' && attempt < RACED_RETRIES) continue;
       return toInfo(key, st, meta === 'raced' ? undefined : meta);
     }

@@ -2,7 +2,7 @@ import fs, { type BigIntStats } from 'node:fs';
 import { link, lstat, readdir, unlink } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
-import { lstatExists, lstatPath } from '../../storage/fd.js';
+import { lstatPath } from '../../storage/fd.js';
 import { errno, keyName, META_DIR, nameHash, sidecarIno, sidecarPath, TMP_PREFIX, type Sidecar } from './layout.js';
 
 /**
@@ -118,14 +118,8 @@ export async function readParsed(path: string): Promise<Sidecar | undefined> {
  * undefined when it has no usable one (another tool's file; metadata lost, unreadable or corrupt:
  * decision 12), 'raced' when the key was replaced meanwhile.
  */
-export async function findSidecar(path: string, name: string, st: BigIntStats, cache?: FolderCache, metaAbsent = false): Promise<Lookup> {
+export async function findSidecar(path: string, name: string, st: BigIntStats, cache?: FolderCache): Promise<Lookup> {
   const dir = dirname(path);
-  // A folder whose META_DIR was absent (another tool's tree): one look for it, after the object's
-  // own stat, instead of the sidecar's open, a second stat and a readdir, all failing. Absent now,
-  // no put ever committed in this folder (a put makes META_DIR and its sidecar before its rename,
-  // and nothing removes META_DIR): the object `st` is another tool's file, with no sidecar to find
-  // or adopt.
-  if (metaAbsent && !(await lstatExists(join(dir, META_DIR)))) return undefined;
   let text: string;
   try {
     text = await readText(sidecarPath(dir, name, st.ino));

@@ -134,3 +134,66 @@ export class SharedHash {
     STREAMS.tell({ op: 'drop', stream: this.stream });
   }
 }
+
+/** Shared buffers a CopyingHash copies into, and their size. */
+const COPY_BUFFERS = 4;
+const COPY_CHUNK = 1024 * 1024;
+
+/**
+ * A SHA-256 on the hashing thread of chunks the caller does not own (a socket's reads, which
+ * arrive in fresh buffers of its own): each is copied into one of a few shared buffers, sent to
+ * the thread when full. The copy costs the caller's thread a small part of what hashing would.
+ * `update` returns undefined while a buffer is free, else a promise that settles once the thread
+ * is done with the oldest one, so the copying runs at most COPY_BUFFERS buffers ahead.
+ */
+export class CopyingHash {
+  private readonly hash = new SharedHash();
+  private readonly free: Buffer[] = Array.from({ length: COPY_BUFFERS }, () => chunkBuffer(COPY_CHUNK, true));
+  private readonly busy: { buf: Buffer; done: Promise<void> }[] = [];
+  private current: Buffer | undefined;
+  private used = 0;
+
+  update(chunk: Uint8Array): Promise<void> | undefined {
+    for (let at = 0; at < chunk.length;) {
+      if (!this.current) {
+        const buf = this.free.pop();
+        if (!buf) return this.reclaim().then(() => this.update(chunk.subarray(at)));
+        this.current = buf;
+      }
+      const n = Math.min(chunk.length - at, this.current.length - this.used);
+      this.current.set(chunk.subarray(at, at + n), this.used);
+      this.used += n;
+      at += n;
+      if (this.used === this.current.length) this.send();
+    }
+    return undefined;
+  }
+
+  /** The digest (hex) of every byte given to `update`. */
+  async digest(): Promise<string> {
+    if (this.used > 0) this.send();
+    await Promise.all(this.busy.map((b) => b.done));
+    return this.hash.digest();
+  }
+
+  /** Forgets an unfinished hash (its body failed). */
+  drop(): void {
+    this.hash.drop();
+  }
+
+  private send(): void {
+    const buf = this.current!;
+    const done = this.hash.update(buf.subarray(0, this.used));
+    // Awaited when the buffer is reused or at the digest; a failure meanwhile is not unhandled.
+    done.catch(() => {});
+    this.busy.push({ buf, done });
+    this.current = undefined;
+    this.used = 0;
+  }
+
+  private async reclaim(): Promise<void> {
+    const oldest = this.busy.shift()!;
+    await oldest.done;
+    this.free.push(oldest.buf);
+  }
+}

@@ -116,6 +116,15 @@ describe('azblob splice', () => {
     else expect(await raw.exists()).toBe(false);
   });
 
+  it('(the shim) reads a copy source only as far as its URL authorises: no SAS or a forged one is 403 CannotVerifyCopySource', async () => {
+    const { raw } = await setup(az);
+    const id = Buffer.from('b'.repeat(48)).toString('base64');
+    const forged = `${raw.url}?sv=2025-01-05&sr=b&sp=r&se=2030-01-01T00:00:00Z&sig=AAAA`;
+    for (const url of [raw.url, forged]) {
+      await expect(raw.stageBlockFromURL(id, url, 0, 5)).rejects.toMatchObject({ statusCode: 403, code: 'CannotVerifyCopySource' });
+    }
+  });
+
   it('a store without Put Block From URL (plain azurite, 501): nothing written, resolves undefined, remembered', async () => {
     const { driver, bucket, key, info, raw } = await setup(plain);
     expect(bucket.canSplice).toBe(true);

@@ -116,7 +116,9 @@ export class AzureDriver implements Driver {
       service = new BlobServiceClient(endpoint.toString(), service.credential, pipeline);
     }
     this.container = service.getContainerClient(opts.container);
-    this.spliceOn = (opts.splice ?? true) && canAuthoriseSource(this.blob('k')) && stageFromUrl(this.blob('k')) !== undefined;
+    // Any blob's client shows what the credential and the SDK allow.
+    const probe = this.blob('probe');
+    this.spliceOn = (opts.splice ?? true) && canAuthoriseSource(probe) && stageFromUrl(probe) !== undefined;
   }
 
   async put(key: string, body: PutBody, opts: DriverPutOptions): Promise<ObjectInfo> {

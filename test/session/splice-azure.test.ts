@@ -8,9 +8,11 @@ import { RepackPayload, repackSession } from '../../jobs/repack-session.js';
 import { AzureDriver } from '../../src/backends/azure.js';
 import { parsePayload } from '../../src/payload.js';
 import { Bucket } from '../../src/storage/bucket.js';
-import { SHA256_META } from '../../src/storage/driver.js';
-import { sessionKey } from '../../src/session/ids.js';
+import { SHA256_META, type ObjectInfo } from '../../src/storage/driver.js';
+import { sessionKey, sessionLockName } from '../../src/session/ids.js';
 import { catSession } from '../../src/session/read.js';
+import type { SeekIndex } from '../../src/session/seek-format.js';
+import { shouldSplice } from '../../src/session/seek-splice.js';
 import { members, run } from '../archive/corpus.js';
 import { startAzurite, type Azurite } from '../harness/azure.js';
 import { jobDeps, nodeMembers, plain, readEveryWay, sessionEnv, type SessionEnv } from './helpers.js';
@@ -171,6 +173,48 @@ describe('server-side splicing of session edits (Azure)', () => {
     expect(await download(container, s, file)).toBe(result.sha256);
     expect((await nodeMembers(file)).filter((m) => m.type === 'file').map((m) => plain(m.name))).toEqual([EDITED]);
   }, 60_000);
+
+  it('splices whenever the new bytes are under the archive (no part floor), and never with splice=0', () => {
+    const at = (size: number): ObjectInfo => ({ key: 'k', size, sha256: undefined, etag: '"e"', contentType: undefined, metadata: {}, modified: new Date(0) });
+    const ix = { segments: Array.from({ length: 8 }, () => ({ uLen: 100_000 })) } as unknown as SeekIndex;
+    const ops = [{ op: 'put' as const, path: EDITED, body: { bytes: Buffer.alloc(1000) } }];
+    const three = new Map([[0, 0], [3, 3], [6, 6]]);
+    const bucket = newBucket(az, container.containerName);
+    expect(bucket.spliceOverhead(3)).toBe(0);
+    expect(shouldSplice(bucket, at(301_000), ix, ops, three)).toBe(false);
+    expect(shouldSplice(bucket, at(301_001), ix, ops, three)).toBe(true);
+    const off = new Bucket(new AzureDriver({ connectionString: az.connectionString, container: container.containerName, splice: false }), { name: 'azure' });
+    expect(shouldSplice(off, at(30 * MiB), ix, ops, three)).toBe(false);
+  });
+
+  it('a job committed alone and two queued behind the session lock (one batch) are each spliced, every edit kept', async () => {
+    const bucket = newBucket(az, container.containerName);
+    const s = await fresh(bucket);
+    const paths = [0, 17, 29].map((d) => `m/pkg-${d}/mod-${d % 20}.txt`);
+    const deps = paths.map((_, i) => jobDeps(bucket, env.conn, env.staging, { jobId: `c${i}`, enqueuedAt: Date.parse('2026-12-06T11:00:00Z') + i }));
+    const edit = (i: number) => repackSession(parsePayload(RepackPayload, { session: s, ops: [{ op: 'put', path: paths[i]!, text: `edit ${i}\n` }] }), deps[i]!);
+    const s0 = await az.stats();
+    expect((await edit(0)).batched).toBeUndefined();
+    const s1 = await az.stats();
+    expect(s1.uploadedBytes - s0.uploadedBytes).toBeLessThanOrEqual(10 + NEW_SEGMENT_AND_INDEX);
+    expect(s1.copiedBlocks - s0.copiedBlocks).toBeGreaterThanOrEqual(2);
+    // The other two queue while the test holds the lock; once it is free, one of them commits both.
+    const lease = await deps[0]!.locks!.acquire(sessionLockName(s), new AbortController().signal);
+    const queue = `bull:repack-test:group:session:${s}:default:queue`;
+    const batch = [edit(1), edit(2)];
+    while ((await env.conn.zcard(queue)) < 2) await new Promise((r) => setTimeout(r, 25));
+    await lease.release();
+    const results = await Promise.all(batch);
+    const s2 = await az.stats();
+    expect(results.map((r) => r.batched)).toEqual([2, 2]);
+    // Two dirty groups: three copied runs around them, and only the two new segments and the index sent.
+    expect(s2.uploadedBytes - s1.uploadedBytes).toBeLessThanOrEqual(20 + 2 * NEW_SEGMENT_AND_INDEX);
+    expect(s2.copiedBlocks - s1.copiedBlocks).toBeGreaterThanOrEqual(3);
+    for (const [i, path] of paths.entries()) expect(await cat(bucket, s, path)).toBe(`edit ${i}\n`);
+    const file = join(env.tmp.path, `${s}.tgz`);
+    expect(await download(container, s, file)).toBe(sha(await readFile(file)));
+    expect(results[0]!.sha256).toBe(sha(await readFile(file)));
+  }, 120_000);
 
   it('a store without Put Block From URL (plain azurite, 501; remembered) takes the streaming put', async () => {
     const c = await plainAz.container();

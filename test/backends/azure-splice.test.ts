@@ -1,4 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
+import { AccountSASPermissions, StorageSharedKeyCredential, generateAccountSASQueryParameters } from '@azure/storage-blob';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AzureDriver, azureDriverFromUrl } from '../../src/backends/azure.js';
 import { MAX_BLOCKS, planBlocks } from '../../src/backends/azure-splice.js';
@@ -117,6 +118,24 @@ describe('azblob splice', () => {
     if (on === 'copy') expect(replace ? after.copiesRefused - before.copiesRefused : after.copiesMissing - before.copiesMissing).toBe(1);
     if (replace) expect(sha(await download(raw))).toBe(sha(otherBytes));
     else expect(await raw.exists()).toBe(false);
+  });
+
+  it('splices with a SAS connection string too, its token authorising the copy source', async () => {
+    const { raw } = await setup(az);
+    const key = new StorageSharedKeyCredential('devstoreaccount1', /AccountKey=([^;]+)/.exec(az.connectionString)![1]!);
+    const token = generateAccountSASQueryParameters({
+      permissions: AccountSASPermissions.parse('rwdlac'), services: 'b', resourceTypes: 'sco', expiresOn: new Date(Date.now() + 3_600_000),
+    }, key).toString();
+    const driver = new AzureDriver({ connectionString: `BlobEndpoint=${az.endpoint};SharedAccessSignature=${token}`, container: raw.containerName, maxTries: 1 });
+    expect(driver.spliceable).toBe(true);
+    const bucket = new Bucket(driver, { name: 'az' });
+    const info = await bucket.stat(raw.name);
+    const { want, pieces } = edit();
+    const before = await az.stats();
+    await bucket.splice(raw.name, pieces, { ifMatch: info.etag!, sha256: sha(want), size: want.length, checked: [] });
+    expect((await az.stats()).copiedBlocks - before.copiedBlocks).toBe(2);
+    expect(sha(await download(raw))).toBe(sha(want));
+    expect((await bucket.stat(raw.name)).sha256).toBe(sha(want));
   });
 
   it('(the shim) reads a copy source only as far as its URL authorises: no SAS or a forged one is 403 CannotVerifyCopySource', async () => {

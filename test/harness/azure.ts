@@ -18,7 +18,8 @@ const DEV_KEY = 'Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/
  * the copy source by a request to this same azurite over loopback (pinned to its own port,
  * whatever host the URL names), carrying the source's SAS, `x-ms-source-range` as Range and the
  * `x-ms-source-if-*` conditions as If-*, so azurite's own download path checks authorisation,
- * range and conditions; the bytes are then staged by azurite's own Put Block. Failures answer
+ * range and conditions; the bytes are then staged by azurite's own Put Block (and an account SAS
+ * grants the operation as it grants Put Block, which azurite's table omits). Failures answer
  * as Azure does: 412 SourceConditionNotMet when a source condition fails, 404
  * CannotVerifyCopySource for a missing source, CannotVerifyCopySource with the source's status
  * otherwise. (Azurite's own implementation, which came later, works the same way.)
@@ -31,7 +32,7 @@ const DEV_KEY = 'Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/
  * and bytes staged from URLs and those refused (412) or missing (404), and the copies that came
  * without a source If-Match; `POST /__shim/arm` sets up a race (Azurite.arm).
  */
-const AZURITE_SHIM = (paths: Record<'handler' | 'context' | 'factory' | 'error' | 'store' | 'main', string>, port: number, blockFromUrl: boolean) => `'use strict';
+const AZURITE_SHIM = (paths: Record<'handler' | 'context' | 'factory' | 'error' | 'store' | 'accountSas' | 'operation' | 'main', string>, port: number, blockFromUrl: boolean) => `'use strict';
 const http = require('node:http');
 const { Readable } = require('node:stream');
 const BlockBlobHandler = require(${JSON.stringify(paths.handler)}).default;
@@ -39,6 +40,8 @@ const BlobStorageContext = require(${JSON.stringify(paths.context)}).default;
 const StorageErrorFactory = require(${JSON.stringify(paths.factory)}).default;
 const StorageError = require(${JSON.stringify(paths.error)}).default;
 const LokiBlobMetadataStore = require(${JSON.stringify(paths.store)}).default;
+const ACCOUNT_SAS_PERMISSIONS = require(${JSON.stringify(paths.accountSas)}).default;
+const Operation = require(${JSON.stringify(paths.operation)}).default;
 const PORT = ${port};
 const stats = { uploadedBytes: 0, copiedBlocks: 0, copiedBytes: 0, copiesRefused: 0, copiesMissing: 0, copiesUnconditional: 0 };
 // The armed race: before the nth Put Block From URL whose source is hook.path, or before the
@@ -88,6 +91,8 @@ BlockBlobHandler.prototype.commitBlockList = async function (blocks, options, co
   return commitBlockList.call(this, blocks, options, context);
 };
 
+// azurite's account SAS table lacks the operation (a SAS request for it fails 500): the permissions of Put Block.
+if (${blockFromUrl}) ACCOUNT_SAS_PERMISSIONS.set(Operation.BlockBlob_StageBlockFromURL, ACCOUNT_SAS_PERMISSIONS.get(Operation.BlockBlob_StageBlock));
 if (${blockFromUrl}) BlockBlobHandler.prototype.stageBlockFromURL = async function (blockId, contentLength, sourceUrl, options, context) {
   let url;
   try {
@@ -178,7 +183,8 @@ export async function startAzurite(opts: { blockFromUrl?: boolean } = {}): Promi
     const shim = join(dir.path, 'azurite-shim.cjs');
     await writeFile(shim, AZURITE_SHIM({
       handler: azuriteFile('handlers/BlockBlobHandler.js'), context: azuriteFile('context/BlobStorageContext.js'),
-      factory: azuriteFile('errors/StorageErrorFactory.js'), error: azuriteFile('errors/StorageError.js'), store: azuriteFile('persistence/LokiBlobMetadataStore.js'), main: azuriteFile('main.js'),
+      factory: azuriteFile('errors/StorageErrorFactory.js'), error: azuriteFile('errors/StorageError.js'), store: azuriteFile('persistence/LokiBlobMetadataStore.js'),
+      accountSas: azuriteFile('authentication/OperationAccountSASPermission.js'), operation: azuriteFile('generated/artifacts/operation.js'), main: azuriteFile('main.js'),
     }, port, opts.blockFromUrl ?? true));
     server = await startServerProcess({
       command: process.execPath,

@@ -34,7 +34,6 @@ const DEV_KEY = 'Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/
  */
 const AZURITE_SHIM = (paths: Record<'handler' | 'context' | 'factory' | 'error' | 'store' | 'accountSas' | 'operation' | 'main', string>, port: number, blockFromUrl: boolean) => `'use strict';
 const http = require('node:http');
-const { Readable } = require('node:stream');
 const BlockBlobHandler = require(${JSON.stringify(paths.handler)}).default;
 const BlobStorageContext = require(${JSON.stringify(paths.context)}).default;
 const StorageErrorFactory = require(${JSON.stringify(paths.factory)}).default;
@@ -52,9 +51,22 @@ async function fire(on, path) {
   const { request } = hook;
   hook = undefined;
   const res = await fetch(request.url, { method: request.method, headers: request.headers });
-  const text = await res.text();
-  if (!res.ok) console.error('azurite shim: the armed request failed', res.status, text);
+  const answer = await res.text();
+  if (!res.ok) console.error('azurite shim: the armed request failed', res.status, answer);
 }
+
+// A request to this azurite. Not fetch: it would inflate a blob stored with a Content-Encoding.
+function self(path, method, headers) {
+  return new Promise((resolve, reject) => {
+    http.request({ host: '127.0.0.1', port: PORT, path, method, headers }, resolve).on('error', reject).end();
+  });
+}
+const text = async (res) => {
+  let body = '';
+  res.setEncoding('utf8');
+  for await (const c of res) body += c;
+  return body;
+};
 
 const emit = http.Server.prototype.emit;
 http.Server.prototype.emit = function (event, req, res, ...rest) {
@@ -113,25 +125,25 @@ if (${blockFromUrl}) BlockBlobHandler.prototype.stageBlockFromURL = async functi
   if (cond.sourceIfModifiedSince) headers['if-modified-since'] = new Date(cond.sourceIfModifiedSince).toUTCString();
   if (cond.sourceIfUnmodifiedSince) headers['if-unmodified-since'] = new Date(cond.sourceIfUnmodifiedSince).toUTCString();
   if (options.copySourceAuthorization) headers.authorization = options.copySourceAuthorization;
-  const source = 'http://127.0.0.1:' + PORT + url.pathname + url.search;
-  const res = await fetch(source, { headers });
-  if (res.status !== 200 && res.status !== 206) {
-    const text = await res.text();
+  const source = url.pathname + url.search;
+  const res = await self(source, 'GET', headers);
+  if (res.statusCode !== 200 && res.statusCode !== 206) {
+    const body = await text(res);
     // azurite answers a condition on a missing blob 412; Azure, 404 first.
-    const gone = res.status === 412 && (await fetch(source, { method: 'HEAD', headers: { 'x-ms-version': headers['x-ms-version'] } })).status === 404;
-    if (res.status === 412 && !gone) {
+    const gone = res.statusCode === 412 && (await self(source, 'HEAD', { 'x-ms-version': headers['x-ms-version'] }).then((r) => { r.resume(); return r.statusCode; })) === 404;
+    if (res.statusCode === 412 && !gone) {
       stats.copiesRefused++;
       throw new StorageError(412, 'SourceConditionNotMet', 'The source condition specified using HTTP conditional header(s) is not met.', context.contextId);
     }
-    if (res.status === 404 || gone) {
+    if (res.statusCode === 404 || gone) {
       stats.copiesMissing++;
       throw StorageErrorFactory.getCannotVerifyCopySource(context.contextId, 404, 'The specified resource does not exist');
     }
-    const message = /<Message>([^<]*)/.exec(text);
-    throw StorageErrorFactory.getCannotVerifyCopySource(context.contextId, res.status, message ? message[1].split('\\n')[0] : 'Could not verify the copy source within the specified time.');
+    const message = /<Message>([^<]*)/.exec(body);
+    throw StorageErrorFactory.getCannotVerifyCopySource(context.contextId, res.statusCode, message ? message[1].split('\\n')[0] : 'Could not verify the copy source within the specified time.');
   }
-  const length = Number(res.headers.get('content-length'));
-  const staged = await this.stageBlock(blockId, length, res.body ? Readable.fromWeb(res.body) : Readable.from([]), options, context);
+  const length = Number(res.headers['content-length']);
+  const staged = await this.stageBlock(blockId, length, res, options, context);
   stats.copiedBlocks++;
   stats.copiedBytes += length;
   return staged;

@@ -301,6 +301,24 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     expect((await listSession(bucket, s)).entries.map((e) => e.path).sort()).toEqual(['d', 'd/f.txt', 'f', 'h.txt']);
   });
 
+  it('finds a batch\'s failures in job order, though the archive meets them in reverse: no job is judged twice', async () => {
+    const s = `octo__repo__order-${++n}`;
+    const J = 6;
+    // The archive holds d5/ first, d0/ last; job i puts a file onto d<i>.
+    await job(s, Array.from({ length: J }, (_, i) => ({ op: 'put', path: `d${J - 1 - i}/x.txt`, text: 'x\n' }))).done;
+    const lease = await block(s);
+    const js = Array.from({ length: J }, (_, i) => job(s, [{ op: 'put', path: `ok${i}.txt`, text: 'ok\n' }, { op: 'put', path: `d${i}`, text: 'onto a dir\n' }], { neverHolds: true }));
+    await queued(s, J);
+    let again = 0;
+    const h = job(s, [{ op: 'put', path: 'h.txt', text: 'h\n' }], { log: onLog('jobs judged with a job that left the batch (or on an archive since replaced) are judged again', () => { again++; }) });
+    await queued(s, J + 1);
+    await lease.release();
+    await Promise.all(js.map((j, i) => expect(j.done).rejects.toMatchObject({ code: 'InvalidInput', message: expect.stringContaining(`ops.1: "d${i}" is a directory in the session`) })));
+    expect((await h.done).batched).toBeUndefined();
+    expect(again).toBe(0);
+    expect((await listSession(bucket, s)).entries.filter((e) => e.type === 'file').map((e) => e.path).sort()).toEqual([...Array.from({ length: J }, (_, i) => `d${i}/x.txt`), 'h.txt'].sort());
+  });
+
   it('a holder cancelled right after its seal still commits its batch (its put is stopped only by a lost lease)', async () => {
     const s = `octo__repo__sealcancel-${++n}`;
     await job(s, [{ op: 'put', path: 'base.txt', text: 'base\n' }]).done;

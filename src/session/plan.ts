@@ -221,21 +221,30 @@ export class PlanRun {
    * The entries after the archive's last: the conditions are checked first, then new files and
    * their parents, in op order, each checked against the tree so far (a directory at its path, a
    * file or a symlink at a parent's fails that put); the pass fails with its earliest failure.
+   * Once a failure is noted the pass will not commit: the puts before it are only checked, not
+   * written.
    */
   async *append(tree: TreeView): AsyncGenerator<NewEntry> {
     await this.checkConditions();
     const plan = this.plan;
     const news = [...plan.finalPut.entries()].filter(([path]) => !this.replaced.has(path)).sort((a, b) => a[1] - b[1]);
+    const dry = this.failed !== undefined;
+    // What the puts checked but not written would have made.
+    const made = new Map<string, 'file' | 'directory'>();
+    const kind = (p: string): ReturnType<TreeView['kind']> => made.get(p) ?? tree.kind(p);
     for (const [path, k] of news) {
-      if (this.failed && this.failed.index <= k) break;
       const parents = prefixes(path).slice(0, -1);
-      const blocked = parents.find((dir) => tree.kind(dir) === 'file' || tree.kind(dir) === 'symlink');
-      if (blocked !== undefined) this.fail(new OpFailed(ErrorCode.InvalidInput, k, `"${blocked}" is a ${tree.kind(blocked)} in the session, not a directory`));
-      else if (tree.kind(path) !== undefined) this.fail(new OpFailed(ErrorCode.InvalidInput, k, `"${path}" is a directory in the session; delete it first to put a file there`));
-      if (this.failed) break;
-      for (const dir of parents) {
-        if (tree.kind(dir) === undefined) yield { header: { name: dir, type: 'directory', mode: NEW_DIR_MODE, mtime: plan.mtimeOf(k) } };
+      const blocked = parents.find((dir) => kind(dir) === 'file' || kind(dir) === 'symlink');
+      if (blocked !== undefined) this.fail(new OpFailed(ErrorCode.InvalidInput, k, `"${blocked}" is a ${kind(blocked)} in the session, not a directory`));
+      else if (kind(path) !== undefined) this.fail(new OpFailed(ErrorCode.InvalidInput, k, `"${path}" is a directory in the session; delete it first to put a file there`));
+      if (this.failed && this.failed.index <= k) break;
+      const dirs = parents.filter((dir) => kind(dir) === undefined);
+      if (dry) {
+        for (const dir of dirs) made.set(dir, 'directory');
+        made.set(path, 'file');
+        continue;
       }
+      for (const dir of dirs) yield { header: { name: dir, type: 'directory', mode: NEW_DIR_MODE, mtime: plan.mtimeOf(k) } };
       yield this.newFile(k, path, NEW_FILE_MODE, {});
     }
     if (this.failed) throw this.failed;

@@ -294,8 +294,10 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     const h = job(s, [{ op: 'put', path: 'h.txt', text: 'h\n' }]);
     await queued(s, 4);
     await lease.release();
-    await expect(dir.done).rejects.toMatchObject({ code: 'InvalidInput', message: expect.stringContaining('ops.1: "d" is a directory in the session') });
-    await expect(under.done).rejects.toMatchObject({ code: 'InvalidInput', message: expect.stringContaining('ops.0: "f" is a file in the session') });
+    await Promise.all([
+      expect(dir.done).rejects.toMatchObject({ code: 'InvalidInput', message: expect.stringContaining('ops.1: "d" is a directory in the session') }),
+      expect(under.done).rejects.toMatchObject({ code: 'InvalidInput', message: expect.stringContaining('ops.0: "f" is a file in the session') }),
+    ]);
     const results = await Promise.all([a.done, h.done]);
     expect(results.map((r) => r.batched)).toEqual([2, 2]);
     expect((await listSession(bucket, s)).entries.map((e) => e.path).sort()).toEqual(['d', 'd/f.txt', 'f', 'h.txt']);

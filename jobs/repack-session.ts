@@ -288,6 +288,14 @@ async function commitBatch(bucket: Bucket, key: string, jobs: readonly BatchJob[
   const failures: Failures = new Map();
   const applied = new Set<string>();
   let active = [...jobs];
+  // The archive the pass under way read, and the one the failures standing were judged on (the
+  // same but for a writer without the lock: then they are judged again, as after a conflict).
+  let passOn: string | undefined;
+  let failuresOn: string | undefined;
+  const read = (etag: string | undefined): boolean => {
+    passOn = etag;
+    return failures.size === 0 || etag === failuresOn;
+  };
   const leave = (gone: readonly BatchJob[] | 'all'): void => {
     const before = new Set(active);
     active = afterLeaving(jobs, active, failures, gone);
@@ -316,7 +324,7 @@ async function commitBatch(bucket: Bucket, key: string, jobs: readonly BatchJob[
       sealing = true;
       unseal = await seal(active.map((j) => j.id));
     } : undefined;
-    const outcome = await attempt(bucket, key, batch, spool, stop.signal, d, splice, beforeCommit).catch(async (err: unknown) => {
+    const outcome = await attempt(bucket, key, batch, spool, stop.signal, d, splice, read, beforeCommit).catch(async (err: unknown) => {
       if (lease.signal.aborted) throw lease.signal.reason;
       // Refused for good (not Transient, not Unknown), the put surely did not commit: the seal is undone.
       if (unseal && err instanceof StorageError && !isRetryable(err.code)) await unseal();
@@ -342,6 +350,7 @@ async function commitBatch(bucket: Bucket, key: string, jobs: readonly BatchJob[
       leave([job]);
       if (error.alone) finished.set(job.id, { error });
       else failures.set(job, error);
+      failuresOn = passOn;
       continue;
     }
     if (outcome instanceof Withdrawn) {
@@ -365,6 +374,7 @@ async function commitBatch(bucket: Bucket, key: string, jobs: readonly BatchJob[
         if (o === 'applied') applied.add(j.id);
         else failures.set(j, o);
       }
+      failuresOn = passOn;
       continue;
     }
     const { result, missing } = outcome;
@@ -421,11 +431,12 @@ interface Committed {
 
 /**
  * One read-rewrite-commit pass. Resolves with the commit, 'conflict' when the conditional commit
- * found the archive replaced since it was read, or the jobs to drop before trying again (their
- * error, or 'applied': the archive holds their edits already). An edit the index places is spliced
- * inside the store where it can (`splice`), else streamed to it.
+ * found the archive replaced since it was read (or `read`, hearing the etag of the archive read,
+ * answers false: the batch's failures were judged on another), or the jobs to drop before trying
+ * again (their error, or 'applied': the archive holds their edits already). An edit the index
+ * places is spliced inside the store where it can (`splice`), else streamed to it.
  */
-async function attempt(bucket: Bucket, key: string, batch: BatchPlan, spool: ReadonlySet<string>, signal: AbortSignal, d: JobDeps, splice: boolean, beforeCommit?: () => Promise<void>): Promise<Committed | 'conflict' | { drop: Map<string, StorageError | 'applied'> }> {
+async function attempt(bucket: Bucket, key: string, batch: BatchPlan, spool: ReadonlySet<string>, signal: AbortSignal, d: JobDeps, splice: boolean, read: (etag: string | undefined) => boolean, beforeCommit?: () => Promise<void>): Promise<Committed | 'conflict' | { drop: Map<string, StorageError | 'applied'> }> {
   const plan = batch.plan;
   const notFound = (err: unknown): undefined => {
     if (err instanceof StorageError && err.code === ErrorCode.NotFound) return undefined;
@@ -446,7 +457,7 @@ async function attempt(bucket: Bucket, key: string, batch: BatchPlan, spool: Rea
   // A batch with a redelivered job reads the archive whole (currentArchive), so that read keeps the check.
   const partsChecked = view !== undefined && !redelivered(view.info);
   const current = await bucket.get(key, { signal, partsChecked }).catch(notFound);
-  if (view && (!current || current.info.etag !== view.info.etag || current.info.size !== view.info.size || redelivered(current.info) !== redelivered(view.info))) {
+  if ((view && (!current || current.info.etag !== view.info.etag || current.info.size !== view.info.size || redelivered(current.info) !== redelivered(view.info))) || !read(current?.info.etag)) {
     current?.stream.destroy();
     return 'conflict';
   }

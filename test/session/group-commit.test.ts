@@ -303,6 +303,33 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     expect((await listSession(bucket, s)).entries.map((e) => e.path).sort()).toEqual(['d', 'd/f.txt', 'f', 'h.txt']);
   });
 
+  it('judges the failures again when the archive they were judged on is replaced before the commit (a writer without the lock)', async () => {
+    const s = `octo__repo__rebase-${++n}`;
+    const other = `octo__repo__rebase-v2-${n}`;
+    await job(s, [{ op: 'put', path: 'y.txt', text: 'y0\n' }]).done;
+    await job(other, [{ op: 'put', path: 'y.txt', text: 'y1\n' }]).done;
+    // Between the holder's first pass (b fails on y0) and its second, y.txt becomes y1 under it.
+    class ReplacedUnder extends Bucket {
+      stats = 0;
+      override async stat(...args: Parameters<Bucket['stat']>): ReturnType<Bucket['stat']> {
+        if (args[0] === sessionKey(s) && ++this.stats === 2) await super.copy(sessionKey(other), sessionKey(s));
+        return super.stat(...args);
+      }
+    }
+    const replacing = new ReplacedUnder(new FsDriver({ root }), { name: 'default' });
+    const lease = await block(s);
+    const b = job(s, [{ op: 'put', path: 'y.txt', text: 'b\n', ifSha256: sha('y1\n') }], { neverHolds: true });
+    await queued(s, 1);
+    const h = job(s, [{ op: 'put', path: 'h.txt', text: 'h\n' }], { bucket: replacing });
+    await queued(s, 2);
+    await lease.release();
+    const [rb, rh] = await Promise.all([b.done, h.done]);
+    expect([rb.batched, rh.batched]).toEqual([2, 2]);
+    expect(replacing.stats).toBeGreaterThanOrEqual(3);
+    const listing = await listSession(bucket, s, { digests: true });
+    expect(Object.fromEntries(listing.entries.map((e) => [e.path, e.sha256]))).toEqual({ 'y.txt': sha('b\n'), 'h.txt': sha('h\n') });
+  });
+
   it('finds a batch\'s failures in job order, though the archive meets them in reverse: no job is judged twice', async () => {
     const s = `octo__repo__order-${++n}`;
     const J = 6;

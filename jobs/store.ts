@@ -10,17 +10,13 @@ const BASE64 = /^[A-Za-z0-9+/]*={0,2}$/;
 /** Puts tried before a re-store stops guarding an earlier first-store time and puts unconditionally. */
 const MAX_PUT_TRIES = 5;
 
-/** A staged file's digest as its producer wrote it, and the size and mtime (ns) it then had. */
-const Written = z.strictObject({ sha256: Sha256, size: z.number().int().nonnegative(), mtimeNs: z.string().regex(/^\d{1,24}$/, 'must be a decimal number of nanoseconds') });
-
 export const StorePayload = z.strictObject({
   backend: BackendName,
   key: Key,
   source: z.union([
     // consume: the producer gives the staged file up (never modifies it afterwards, removes only
-    // its name once the job is over); the filesystem backend may link it into place. written:
-    // what the producer hashed as it wrote the file (see FileSource.written).
-    z.strictObject({ path: StagingPath, consume: z.boolean().optional(), written: Written.optional() }),
+    // its name once the job is over); the filesystem backend may link it into place.
+    z.strictObject({ path: StagingPath, consume: z.boolean().optional() }),
     z.strictObject({ base64: z.string().regex(BASE64, 'must be base64').refine((s) => s.length % 4 === 0, 'must be padded base64') }),
   ]),
   sha256: Sha256.optional(),
@@ -59,17 +55,11 @@ export async function store(p: StorePayload, d: JobDeps): Promise<StoreResult> {
     // The size of the very file checked to be regular and inside the area, as the Bucket will
     // announce it (a file that changes size meanwhile fails the put's size check).
     const staged = await d.staging.sourceFile(p.source.path, 'source.path', { signal: d.signal });
-    source = { path: staged.path, ...(p.source.consume ? { consume: true } : {}), ...(p.source.written ? { written: p.source.written } : {}) };
+    source = { path: staged.path, ...(p.source.consume ? { consume: true } : {}) };
     total = staged.size;
   }
-  // The producer's digest of what it wrote is checked like a given one (read, or trusted by the
-  // filesystem backend while the file is unchanged): the two must agree.
-  const written = 'path' in p.source ? p.source.written?.sha256 : undefined;
-  if (p.sha256 !== undefined && written !== undefined && p.sha256.toLowerCase() !== written.toLowerCase()) {
-    throw new StorageError(ErrorCode.InvalidInput, `sha256 ${p.sha256} and source.written.sha256 ${written} differ`, { op: 'store', key: p.key });
-  }
   const enqueued = new Date(d.enqueuedAt).toISOString();
-  const opts: PutOptions = { sha256: p.sha256 ?? written, contentType: p.contentType, ifAbsent: p.ifAbsent, signal: d.signal, progress: (n: number) => d.progress(n, total) };
+  const opts: PutOptions = { sha256: p.sha256, contentType: p.contentType, ifAbsent: p.ifAbsent, signal: d.signal, progress: (n: number) => d.progress(n, total) };
   const withStoredAt = (at: string) => ({ ...opts, metadata: { ...p.metadata, [STORED_AT_META]: at } });
   try {
     const info = p.ifAbsent ? await bucket.put(p.key, source, withStoredAt(enqueued)) : await replaceKeepingStoredAt(bucket, p.key, source, enqueued, withStoredAt);
@@ -80,7 +70,7 @@ export async function store(p: StorePayload, d: JobDeps): Promise<StoreResult> {
     // A redelivered job whose first run already stored these very bytes has nothing left to do.
     // Gone again (the other writer's upload never completed, or it was deleted): the original error stands.
     const existing = await bucket.stat(p.key).catch(() => { throw err; });
-    const ours = opts.sha256 ?? (source instanceof Uint8Array ? createHash('sha256').update(source).digest('hex') : (await hashFile((source as { path: string }).path)).sha256);
+    const ours = p.sha256 ?? (source instanceof Uint8Array ? createHash('sha256').update(source).digest('hex') : (await hashFile((source as { path: string }).path)).sha256);
     if (existing.sha256 !== ours) throw err;
     return { backend: p.backend, key: p.key, size: existing.size, sha256: ours };
   }

@@ -6,7 +6,6 @@ import { join } from 'node:path';
 import { Transform, type Readable, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ErrorCode } from '../errors.js';
-import { CopyingHash, hashedOnThread } from '../storage/hash-thread.js';
 import { STAGING_INCOMING, STAGING_TMP, type Staging } from '../staging.js';
 import { HttpError } from './errors.js';
 
@@ -16,13 +15,8 @@ export interface Staged {
   rel: string;
   abs: string;
   size: number;
-  sha256: string;
-  /**
-   * The staged file's modification time (ns, `fstat` once its bytes were on disk): with `sha256`
-   * and `size`, what a store job's `source.written` records, so the job knows the file is still
-   * the one hashed here (only for a `durable` upload).
-   */
-  mtimeNs: string | undefined;
+  /** Undefined only for a body received with `digest: false`. */
+  sha256: string | undefined;
   remove(): Promise<void>;
 }
 
@@ -41,6 +35,14 @@ export interface ReceiveOptions {
    * @defaultValue true
    */
   durable?: boolean;
+  /**
+   * False: the body is not hashed as it arrives, for a consumer that reads and hashes the staged
+   * file anyway (the store job, as it stores it). On a busy server the SHA-256 runs on the main
+   * thread, serialised with receiving: it was a third of the upload's CPU (README, Speed). Ignored
+   * when `sha256` is to be checked or the file is not `durable` (that job needs the digest).
+   * @defaultValue true
+   */
+  digest?: boolean;
   /** @defaultValue UPLOAD_IDLE_MS */
   idleMs?: number;
   /** What the 413 and 422 answers are called under the session routes. */
@@ -72,16 +74,16 @@ export const tooLarge = (limit: number, code = ErrorCode.InvalidInput as string)
 export const UPLOAD_IDLE_MS = 120_000;
 
 /**
- * Counts and hashes what flows; errors with 413 the moment the count passes
+ * Counts (and unless told not to, hashes) what flows; errors with 413 the moment the count passes
  * the limit, before that chunk is written, and with 408 when the body goes silent for `idleMs`.
  */
 class Meter extends Transform {
   size = 0;
-  private readonly hash: Hash | CopyingHash;
+  private readonly hash: Hash | undefined;
   private idle: NodeJS.Timeout;
-  constructor(private readonly limit: number, private readonly code: string, private readonly idleMs: number, hashing: 'here' | 'thread', private readonly flusher?: EarlyFlush) {
+  constructor(private readonly limit: number, private readonly code: string, private readonly idleMs: number, hashing: boolean, private readonly flusher?: EarlyFlush) {
     super();
-    this.hash = hashing === 'thread' ? new CopyingHash() : createHash('sha256');
+    this.hash = hashing ? createHash('sha256') : undefined;
     this.idle = this.arm();
   }
 
@@ -89,11 +91,9 @@ class Meter extends Transform {
     this.idle.refresh();
     this.size += chunk.length;
     if (this.size > this.limit) return cb(tooLarge(this.limit, this.code));
-    // The thread's hash waits only when it is a few buffers behind: then so does the body.
-    const behind = this.hash instanceof CopyingHash ? this.hash.update(chunk) : void this.hash.update(chunk);
+    this.hash?.update(chunk);
     this.flusher?.received(chunk.length);
-    if (behind) behind.then(() => cb(null, chunk), cb);
-    else cb(null, chunk);
+    cb(null, chunk);
   }
 
   override _flush(cb: TransformCallback): void {
@@ -103,18 +103,11 @@ class Meter extends Transform {
 
   override _destroy(err: Error | null, cb: (err: Error | null) => void): void {
     clearTimeout(this.idle);
-    if (err && this.hash instanceof CopyingHash) this.hash.drop();
     cb(err);
   }
 
-  /** Once the body has ended. */
-  async digest(): Promise<string> {
-    return this.hash instanceof CopyingHash ? this.hash.digest() : this.hash.digest('hex');
-  }
-
-  /** The upload failed after the body ended: its hash on the thread is not wanted. */
-  abandon(): void {
-    if (this.hash instanceof CopyingHash) this.hash.drop();
+  digest(): string | undefined {
+    return this.hash?.digest('hex');
   }
 
   private arm(): NodeJS.Timeout {
@@ -179,32 +172,25 @@ export async function receiveToStaging(body: Readable, staging: Staging, opts: R
   const durable = opts.durable ?? true;
   const fh = await open(tmp, 'wx');
   const flush = durable ? new EarlyFlush(fh) : undefined;
-  // A body declared large is hashed on the hashing thread (all this thread does is copy it into
-  // shared memory), beside the receiving; a smaller or undeclared one here.
-  const meter = new Meter(opts.limit, codes.tooLarge, opts.idleMs ?? UPLOAD_IDLE_MS, hashedOnThread(opts.declared) ? 'thread' : 'here', flush);
-  let mtimeNs: string | undefined;
+  const meter = new Meter(opts.limit, codes.tooLarge, opts.idleMs ?? UPLOAD_IDLE_MS, opts.digest !== false || opts.sha256 !== undefined || !durable, flush);
   try {
     try {
       // By its descriptor: a stream made by fh.createWriteStream with autoClose off never lets fh.close() resolve (Node 20).
       await pipeline(body, meter, createWriteStream('', { fd: fh.fd, autoClose: false, highWaterMark: 1 << 20 }));
       // On disk before it is visible: a crash must not leave a short file for a job to store.
-      if (flush) {
-        await flush.finish();
-        mtimeNs = String((await fh.stat({ bigint: true })).mtimeNs);
-      }
+      if (flush) await flush.finish();
     } finally {
       await flush?.settled();
       await fh.close();
     }
-    const sha256 = await meter.digest();
+    const sha256 = meter.digest();
     if (opts.sha256 !== undefined && opts.sha256.toLowerCase() !== sha256) {
       throw new HttpError(422, codes.mismatch, `ChecksumMismatch: the body's sha256 is ${sha256}, X-Content-SHA256 said ${opts.sha256}; nothing was stored`);
     }
     if (durable) await staging.commitFile(tmp, abs);
     else await rename(tmp, abs);
-    return { rel, abs, size: meter.size, sha256, mtimeNs, remove: () => rm(abs, { force: true }) };
+    return { rel, abs, size: meter.size, sha256, remove: () => rm(abs, { force: true }) };
   } catch (err) {
-    meter.abandon();
     await rm(tmp, { force: true });
     throw err;
   }

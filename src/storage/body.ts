@@ -1,7 +1,7 @@
 import { constants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { Readable } from 'node:stream';
-import type { PutBody, WrittenDigest } from './driver.js';
+import type { PutBody } from './driver.js';
 import { ErrorCode, StorageError } from '../errors.js';
 import { chunkBuffer, hashedOnThread } from './hash-thread.js';
 import { CHUNK, Hasher, HashingStream, type Digest, type Expectation } from './hashing.js';
@@ -130,18 +130,6 @@ export class SourceBody implements PutBody {
 
   digest(): Digest {
     return this.hasher.digest();
-  }
-
-  trust(written: WrittenDigest): void {
-    this.claim('read');
-    if (this.end !== undefined || this.offset > 0) throw new Error('PutBody.trust after the body was read');
-    try {
-      this.hasher.trust(written.sha256, written.size);
-      this.end = 'ok';
-    } catch (err) {
-      this.end = { error: err };
-      throw err;
-    }
   }
 
   /** Releases the source: a driver that failed early (precondition, auth) may have left it unread. */

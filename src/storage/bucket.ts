@@ -11,7 +11,7 @@ import { SourceBody, hashOpen, openFile, type BodySource } from './body.js';
 // Jobs hash staged files with the same code a put uses.
 export { hashFile } from './body.js';
 import type { ByteRange, CheckedRange, Driver, ObjectInfo, SplicePiece } from './driver.js';
-import { SHA256_META, type WrittenDigest } from './driver.js';
+import { SHA256_META } from './driver.js';
 import { CHUNK, HashingStream, type Digest } from './hashing.js';
 import { validateContentType, validateKey, validateMetadata, validatePrefix, validateSha256 } from './keys.js';
 
@@ -36,12 +36,6 @@ export interface FileSource {
    * the object's) instead of copying it; other backends copy as without it.
    */
   consume?: boolean | undefined;
-  /**
-   * With `consume`: the digest the file's producer computed as it wrote it (WrittenDigest). Give
-   * it as `sha256` too (the expectation): a driver that takes the file's inode may then record it
-   * without reading the file, while the file still has the size and mtime it had when written.
-   */
-  written?: WrittenDigest | undefined;
 }
 
 export interface PutOptions {
@@ -181,7 +175,7 @@ export class Bucket {
       const driverOpts = { contentType, metadata, ifAbsent: opts.ifAbsent ?? false, ifMatch: opts.ifMatch, signal: opts.signal };
       const prepared = await this.prepare(key, source, expected, opts.size);
       const body = new SourceBody(prepared.source, prepared.sha256, prepared.size, { sha256: prepared.sha256, size: prepared.size, op: 'put', key, onBytes: opts.progress });
-      const consumable = isFileSource(source) && source.consume && 'open' in prepared.source ? { ...prepared.source.open, written: source.written } : undefined;
+      const consumable = isFileSource(source) && source.consume && 'open' in prepared.source ? prepared.source.open : undefined;
       try {
         const info = await this.driver.put(storeKey, body, consumable ? { ...driverOpts, consumable } : driverOpts).catch((err: unknown) => {
           // Without a caller's digest, a file whose bytes no longer match our own first pass (or

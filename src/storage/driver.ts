@@ -40,12 +40,6 @@ export interface PutBody {
   size: number | undefined;
   /** Digest and size of what flowed. Valid only once `stream` has ended; throws before. */
   digest(): { sha256: string; size: number };
-  /**
-   * Instead of reading: the body is a file its producer hashed as it wrote it (ConsumableFile's
-   * `written`, checked by the driver against the file). The digest and size are judged against
-   * the expectation as read bytes would be (ChecksumMismatch), and become `digest()`.
-   */
-  trust(written: WrittenDigest): void;
 }
 
 export interface DriverPutOptions {
@@ -65,31 +59,10 @@ export interface DriverPutOptions {
    * Set when the body is the whole of this local file and its producer gave the file up (a store
    * payload's `source.consume`): a driver on the same filesystem may take the file's inode for the
    * object instead of copying its bytes, but must still read the body through (the digest and size
-   * checks run there), unless the file is still as `written` describes it: then `body.trust`
-   * takes that digest. Other drivers ignore it and copy.
+   * checks run there). Other drivers ignore it and copy.
    */
-  consumable?: ConsumableFile | undefined;
+  consumable?: OpenFile | undefined;
 }
-
-/**
- * A file's SHA-256 as its producer computed it from the very bytes it wrote (the HTTP server, as
- * an upload arrives), with the size and modification time (ns) the file had once they were on
- * disk. A file that still has that size and mtime is taken to hold those bytes, as a sidecar is
- * taken to describe the file whose mtime it records: any write since would have moved the mtime.
- */
-export interface WrittenDigest {
-  sha256: string;
-  size: number;
-  mtimeNs: string;
-}
-
-export interface ConsumableFile extends OpenFile {
-  written?: WrittenDigest | undefined;
-}
-
-/** True when a file's size and mtime (as fstat gives them, bigint) are those `written` recorded. */
-export const stillWritten = (w: WrittenDigest | undefined, st: { size: bigint; mtimeNs: bigint }): w is WrittenDigest =>
-  w !== undefined && st.size === BigInt(w.size) && st.mtimeNs === BigInt(w.mtimeNs);
 
 export interface DriverDeleteOptions {
   /** Delete only the version whose `etag` is this; PreconditionFailed when it moved on (a missing key still succeeds). */

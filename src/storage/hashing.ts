@@ -82,13 +82,6 @@ export class Hasher {
     this.shared?.drop();
   }
 
-  /** `finish` without the bytes: `size` bytes whose digest is known (PutBody.trust), judged alike. */
-  trust(sha256: string, size: number): Digest {
-    if (this.bytes > 0 || this.shared) throw new Error('Hasher.trust after bytes were counted');
-    this.count(size);
-    return this.judge(sha256);
-  }
-
   private judge(sha256: string): Digest {
     const { expect } = this;
     if (expect.size !== undefined && this.bytes !== expect.size) {

@@ -2,7 +2,7 @@
 // object (linked, hashed by one read) and keeps every guarantee of a copy; when the link cannot be
 // made (another filesystem, forced here by an injected EXDEV) it copies as before.
 import { createHash, randomBytes } from 'node:crypto';
-import { appendFile, lstat, mkdir, open as openHandle, readdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { appendFile, lstat, mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
@@ -161,62 +161,5 @@ describe('store with source.consume on the filesystem backend', () => {
     await expect(lstat(objectPath(key))).rejects.toMatchObject({ code: 'ENOENT' });
     expect(await metaFiles(key)).toEqual([]);
     expect((await lstat(s.abs)).nlink).toBe(1);
-  });
-
-  describe('source.written: the digest its producer computed as it wrote the staged file', () => {
-    /** FileHandle.read calls while `fn` runs: the Bucket reads a file source through its handle. */
-    async function reads(fn: () => Promise<unknown>): Promise<number> {
-      const fh = await openHandle(join(tmp.path, 'probe'), 'w');
-      const proto = Object.getPrototypeOf(fh) as { read(...args: unknown[]): Promise<unknown> };
-      await fh.close();
-      const spy = vi.spyOn(proto, 'read');
-      try {
-        await fn();
-        return spy.mock.calls.length;
-      } finally {
-        spy.mockRestore();
-      }
-    }
-    const written = async (s: { abs: string; bytes: Buffer }) => ({ sha256: sha(s.bytes), size: s.bytes.length, mtimeNs: String((await stat(s.abs, { bigint: true })).mtimeNs) });
-
-    it('while the file has the size and mtime recorded, the object takes that digest without a read of the file', async () => {
-      const s = await stage();
-      const key = 'sites/written/artifact.tar.gz';
-      const w = await written(s);
-      let out: unknown;
-      expect(await reads(async () => { out = await store({ backend: 'fs', key, source: { path: s.rel, consume: true, written: w } }, deps()); })).toBe(0);
-      expect(out).toEqual({ backend: 'fs', key, size: SIZE, sha256: sha(s.bytes) });
-      expect((await lstat(objectPath(key))).ino).toBe(s.ino);
-      await expectStored(key, s.bytes);
-      // The same file without `written` is read through to hash it.
-      const t = await stage();
-      expect(await reads(() => store({ backend: 'fs', key: 'sites/read/artifact.tar.gz', source: { path: t.rel, consume: true } }, deps()))).toBeGreaterThan(0);
-    });
-
-    it('a file changed since (its mtime moved) is read and checked against that digest: ChecksumMismatch, nothing stored', async () => {
-      const s = await stage();
-      const key = 'sites/changed/artifact.tar.gz';
-      const w = await written(s);
-      // Same size, other bytes, a later mtime: what a foreign write leaves.
-      await new Promise((r) => setTimeout(r, 20));
-      const fh = await openHandle(s.abs, 'r+');
-      await fh.write(Buffer.from('changed'), 0, 7, 1000);
-      await fh.close();
-      await expect(store({ backend: 'fs', key, source: { path: s.rel, consume: true, written: w } }, deps())).rejects.toMatchObject({ code: ErrorCode.ChecksumMismatch });
-      await expect(lstat(objectPath(key))).rejects.toMatchObject({ code: 'ENOENT' });
-      expect(await metaFiles(key)).toEqual([]);
-      // A size that does not match is not trusted either: the file is read, and stored as its bytes match the digest.
-      const t = await stage();
-      const other = 'sites/resized/artifact.tar.gz';
-      const resized = { ...(await written(t)), size: SIZE + 1 };
-      expect(await reads(() => store({ backend: 'fs', key: other, source: { path: t.rel, consume: true, written: resized } }, deps()))).toBeGreaterThan(0);
-      await expectStored(other, t.bytes);
-    });
-
-    it('a sha256 that disagrees with written.sha256 is InvalidInput before anything is read', async () => {
-      const s = await stage();
-      await expect(store({ backend: 'fs', key: 'sites/disagree/a.tar.gz', sha256: 'c'.repeat(64), source: { path: s.rel, consume: true, written: await written(s) } }, deps()))
-        .rejects.toMatchObject({ code: ErrorCode.InvalidInput });
-    });
   });
 });

@@ -1,7 +1,7 @@
 import { constants } from 'node:fs';
 import { link } from 'node:fs/promises';
-import { readThrough } from '../../storage/body.js';
-import { stillWritten, type ConsumableFile, type PutBody, type WrittenDigest } from '../../storage/driver.js';
+import { readThrough, type OpenFile } from '../../storage/body.js';
+import type { PutBody } from '../../storage/driver.js';
 import { closeFd, fdatasyncFd, fstatFd, futimesFd, openFd } from '../../storage/fd.js';
 import { unlinkQuiet } from './layout.js';
 
@@ -16,10 +16,8 @@ import { unlinkQuiet } from './layout.js';
  * the Bucket opened it (another inode than the one the body reads), or an inode with another name
  * than the staged one already (a redelivered job whose first run committed it, a producer that kept
  * a link): an object must never share its inode, and so its sidecar, with another object.
- * `written` comes back when the file is still as its producer recorded it (size and mtime, read
- * before this sets the mtime): the put may then take that digest instead of reading the file.
  */
-export async function adoptFile(src: ConsumableFile, tmp: string): Promise<{ fd: number; written: WrittenDigest | undefined } | undefined> {
+export async function adoptFile(src: OpenFile, tmp: string): Promise<number | undefined> {
   try {
     await link(src.path, tmp);
   } catch {
@@ -30,12 +28,11 @@ export async function adoptFile(src: ConsumableFile, tmp: string): Promise<{ fd:
     fd = await openFd(tmp, constants.O_RDONLY | constants.O_NOFOLLOW);
     const [st, source] = await Promise.all([fstatFd(fd), src.file.stat({ bigint: true })]);
     if (st.ino !== source.ino || st.dev !== source.dev || st.nlink !== 2n || !st.isFile()) throw new Error('not ours alone');
-    const written = stillWritten(src.written, st) ? src.written : undefined;
     // The mtime made now, as a written temp file's is: the sweep judges temp files by their age,
     // and a staged file may have waited in the queue for longer than that.
     const now = new Date();
     await futimesFd(fd, now, now);
-    return { fd, written };
+    return fd;
   } catch {
     if (fd !== undefined) await closeFd(fd).catch(() => {});
     await unlinkQuiet(tmp);

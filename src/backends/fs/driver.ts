@@ -63,7 +63,7 @@ export class FsDriver implements Driver {
     const tmp = join(dir, META_DIR, `${TMP_PREFIX}${randomUUID()}`);
     // A source its producer gave up becomes the temp file itself, on the same filesystem (adopt.ts).
     const adopted = opts.consumable ? await adoptFile(opts.consumable, tmp) : undefined;
-    const fd = adopted?.fd ?? await openFd(tmp, 'wx', 0o644).catch(async (err: NodeJS.ErrnoException) => {
+    const fd = adopted ?? await openFd(tmp, 'wx', 0o644).catch(async (err: NodeJS.ErrnoException) => {
       if (err.code === 'ENOTDIR') throw folderTaken(key, err);
       // The folder exists but has no META_DIR yet (its files were put there by hand).
       if (err.code !== 'ENOENT') throw err;
@@ -91,9 +91,7 @@ export class FsDriver implements Driver {
           if (this.fsync) entries = syncDir(join(dir, META_DIR));
           entries.catch(() => {}); // awaited below; a failure must not be unhandled meanwhile
         })();
-        // An adopted file its producer hashed as it wrote it is not read again (PutBody.trust).
-        const writing = adopted === undefined ? writeAll(fd, body, opts.signal, this.fsync)
-          : adopted.written ? Promise.resolve(adopted.written).then((w) => body.trust(w)) : hashThrough(fd, body, opts.signal, this.fsync);
+        const writing = adopted === undefined ? writeAll(fd, body, opts.signal, this.fsync) : hashThrough(fd, body, opts.signal, this.fsync);
         try {
           const started = await Promise.allSettled([writing, opening]);
           for (const r of started) if (r.status === 'rejected') throw r.reason;

@@ -41,14 +41,15 @@ export function artifactRoutes(ctx: RouteContext) {
       const declared = declaredLength(req.headers);
       // Before the body is read: an upload that cannot be enqueued is refused at once.
       await ctx.redisReady();
-      // Hashed as it arrives (a large body on the hashing thread, beside the receiving) and fsynced
-      // before the job is enqueued: the job's `source.written` records what was written, so the
-      // filesystem backend links the staged file into place without reading it again.
-      const staged = await receiveToStaging(bodyOf(req), ctx.staging, { limit: ctx.maxUploadBytes, declared, sha256 });
+      // Without a digest to check, the server does not hash the body: the store job hashes the
+      // staged file as it stores it (it reads it through once in any case). The file is then
+      // fsynced here, also for ?wait, since no received digest could tell a file torn by a crash.
+      const staged = await receiveToStaging(bodyOf(req), ctx.staging, sha256 === undefined
+        ? { limit: ctx.maxUploadBytes, declared, digest: false }
+        : { limit: ctx.maxUploadBytes, declared, sha256, durable: waitSeconds === undefined });
       const contentType = req.headers['content-type'];
-      const written = { sha256: staged.sha256!, size: staged.size, mtimeNs: staged.mtimeNs! };
       const out = await enqueue(ctx.client, 'store', {
-        backend, key: artifactKey(site, build!), source: { path: staged.rel, consume: true, written }, ...(sha256 ? { sha256 } : {}),
+        backend, key: artifactKey(site, build!), source: { path: staged.rel, consume: true }, ...(staged.sha256 ? { sha256: staged.sha256 } : {}),
         ...(contentType && contentType !== 'application/octet-stream' ? { contentType } : { contentType: 'application/gzip' }),
       }, { waitSeconds, onFinished: staged.remove, log: ctx.log, ready: ctx.redisReady });
       return out.result === undefined ? reply.code(202).send({ id: out.id }) : reply.code(200).send(out.result);

@@ -82,6 +82,20 @@ export function notImplemented(err: unknown): boolean {
 }
 
 /**
+ * A Put Block From URL refused for a reason of the store's, not of the source's: a client error
+ * other than a failed source condition (412) or throttling (429), such as 403 or 404
+ * CannotVerifyCopySource from a store that cannot read its own blob through the URL (a firewalled
+ * account, an endpoint it cannot reach), while the blob is still there at the version the copy
+ * named (a HEAD with If-Match). Such a store will refuse every splice: the edit is written whole.
+ * A source that is gone or changed stays the caller's PreconditionFailed.
+ */
+async function cannotCopy(blob: BlockBlobClient, err: unknown, ifMatch: string): Promise<boolean> {
+  const status = (err as { statusCode?: unknown } | null)?.statusCode;
+  if (typeof status !== 'number' || status < 400 || status >= 500 || status === 412 || status === 429) return false;
+  return blob.getProperties({ conditions: { ifMatch } }).then(() => true, () => false);
+}
+
+/**
  * Replaces `blob` by a block list: `blocks` (planBlocks) of copied ranges staged by Put Block
  * From URL from the blob itself (`x-ms-source-range`, `x-ms-source-if-match` on the version
  * replaced, through a read-only SAS: sourceUrl), those of new bytes by Put Block, a few at once; then Put
@@ -92,7 +106,7 @@ export function notImplemented(err: unknown): boolean {
  * until the blob's next commit discards them, or Azure's garbage collection after 7 days. Block
  * ids are a random prefix and the index, of the SDK's own id length (every block of a blob must
  * have ids of one length, and an interrupted upload may have left some). Undefined, nothing
- * committed, when the store has no Put Block From URL.
+ * committed, when the store has no Put Block From URL or cannot read the blob through it (cannotCopy).
  */
 export async function spliceBlob(key: string, blob: BlockBlobClient, stage: StageFromUrl, blocks: readonly SplicePiece[], concurrency: number, opts: DriverSpliceOptions): Promise<ObjectInfo | undefined> {
   const signal = opts.signal;
@@ -101,6 +115,7 @@ export async function spliceBlob(key: string, blob: BlockBlobClient, stage: Stag
   // The SDK's generateBlockID: 48 characters (a UUID and the index), 64 once base64-encoded.
   const ids = blocks.map((_, i) => Buffer.from(prefix + String(i).padStart(12, '0')).toString('base64'));
   let next = 0;
+  const copyFailures = new Set<unknown>();
   try {
     await inLanes(concurrency, async () => {
       if (next === blocks.length) return undefined;
@@ -112,11 +127,15 @@ export async function spliceBlob(key: string, blob: BlockBlobClient, stage: Stag
           sourceRange: `bytes=${b.copy.offset}-${b.copy.offset + b.copy.length - 1}`,
           sourceModifiedAccessConditions: { sourceIfMatch: opts.ifMatch },
           abortSignal: signal,
-        });
+        }).catch((err: unknown) => { copyFailures.add(err); throw err; });
       };
     });
   } catch (err) {
     if (notImplemented(err)) return undefined;
+    if (copyFailures.has(err) && await cannotCopy(blob, err, opts.ifMatch)) {
+      opts.warn?.('the store refused to read the blob through Put Block From URL: edits are written whole from now on', err);
+      return undefined;
+    }
     throw err;
   }
   // A job that lost its lock meanwhile must not commit.

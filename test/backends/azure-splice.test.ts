@@ -158,6 +158,19 @@ describe('azblob splice', () => {
     expect(sha(await download(raw))).toBe(sha(old));
   });
 
+  it.each([403, 404])('a store that cannot read the blob through its URL (%i CannotVerifyCopySource, the blob still there): nothing written, resolves undefined, remembered', async (status) => {
+    const { driver, bucket, key, info, raw } = await setup(az);
+    await az.arm({ blob: raw, on: 'copy', nth: 1, refuse: status });
+    const { want, pieces } = edit();
+    const warned: string[] = [];
+    const got = await driver.splice(key, pieces, { ifMatch: info.etag!, sha256: sha(want), size: want.length, checked: [], contentType: undefined, metadata: {}, signal: undefined, warn: (m) => warned.push(m) });
+    expect(got).toBeUndefined();
+    expect(warned).toHaveLength(1);
+    expect(driver.spliceable).toBe(false);
+    expect((await bucket.stat(key)).etag).toBe(info.etag);
+    expect(sha(await download(raw))).toBe(sha(old));
+  });
+
   it('is off with splice=0; on by default, with an account key or a SAS connection string (its token authorises the copy source)', async () => {
     const { connectionString } = az;
     expect(new AzureDriver({ connectionString, container: 'c-1', splice: false }).spliceable).toBe(false);

@@ -47,9 +47,11 @@ const stats = { uploadedBytes: 0, copiedBlocks: 0, copiedBytes: 0, copiesRefused
 // Put Block List of hook.path, this request is made (another writer replacing or deleting it).
 let hook;
 async function fire(on, path) {
-  if (!hook || hook.on !== on || hook.path !== path || ++hook.count !== hook.nth) return;
-  const { request } = hook;
+  if (!hook || hook.on !== on || hook.path !== path || ++hook.count !== hook.nth) return undefined;
+  const { request, refuse } = hook;
   hook = undefined;
+  // Or the store refuses to read the source (403/400/404 CannotVerifyCopySource: a firewalled account, an endpoint it cannot reach).
+  if (refuse) return { refuse };
   const res = await fetch(request.url, { method: request.method, headers: request.headers });
   const answer = await res.text();
   if (!res.ok) console.error('azurite shim: the armed request failed', res.status, answer);
@@ -115,7 +117,8 @@ if (${blockFromUrl}) BlockBlobHandler.prototype.stageBlockFromURL = async functi
   if (url.port !== String(PORT) || !['127.0.0.1', 'localhost'].includes(url.hostname)) {
     throw StorageErrorFactory.getCannotVerifyCopySource(context.contextId, 404, 'The specified resource does not exist');
   }
-  await fire('copy', decodeURIComponent(url.pathname));
+  const armed = await fire('copy', decodeURIComponent(url.pathname));
+  if (armed) throw StorageErrorFactory.getCannotVerifyCopySource(context.contextId, armed.refuse, 'This request is not authorized to perform this operation.');
   const cond = options.sourceModifiedAccessConditions || {};
   if (!cond.sourceIfMatch) stats.copiesUnconditional++;
   const headers = { 'x-ms-version': context.request.getHeader('x-ms-version') || '2025-01-05' };
@@ -174,9 +177,11 @@ export interface Azurite {
   /**
    * Arms a race, fired once: `blob` is replaced by a copy of `from`, or else deleted, just before
    * the `nth` Put Block From URL whose source it is is served (`on: 'copy'`), or just before its
-   * `nth` Put Block List (`on: 'commit'`).
+   * `nth` Put Block List (`on: 'commit'`). With `refuse` (`on: 'copy'`), that copy is answered
+   * CannotVerifyCopySource with this status instead, the blob left alone (a store that cannot read
+   * its source).
    */
-  arm(race: { blob: BlobClient; from?: BlobClient; on: 'copy' | 'commit'; nth?: number }): Promise<void>;
+  arm(race: { blob: BlobClient; from?: BlobClient; on: 'copy' | 'commit'; nth?: number; refuse?: number }): Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -228,7 +233,7 @@ export async function startAzurite(opts: { blockFromUrl?: boolean } = {}): Promi
         ? { method: 'PUT', url, headers: { 'x-ms-version': '2025-01-05', 'x-ms-copy-source': await sas(race.from, 'r'), 'x-ms-requires-sync': 'true' } }
         : { method: 'DELETE', url, headers: { 'x-ms-version': '2025-01-05' } };
       const path = `/${race.blob.accountName}/${race.blob.containerName}/${race.blob.name}`;
-      const res = await fetch(`http://127.0.0.1:${port}/__shim/arm`, { method: 'POST', body: JSON.stringify({ path, on: race.on, nth: race.nth ?? 1, request }) });
+      const res = await fetch(`http://127.0.0.1:${port}/__shim/arm`, { method: 'POST', body: JSON.stringify({ path, on: race.on, nth: race.nth ?? 1, request, refuse: race.refuse }) });
       if (!res.ok) throw new Error(`arming the shim failed: ${res.status}`);
     },
     async container() {

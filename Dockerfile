@@ -37,6 +37,7 @@ EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.STEVEDORE_HTTP_PORT||8080)+'/health').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
 # SIGTERM reaches node directly (exec form, PID 1): the worker drains, hands back what is left
-# after STEVEDORE_SHUTDOWN_TIMEOUT_MS, and exits.
-ENTRYPOINT ["node", "dist/src/bin/stevedore.js"]
+# after STEVEDORE_SHUTDOWN_TIMEOUT_MS, and exits. The V8 flag is npm start's (package.json): a
+# 4 MiB young generation keeps a streaming process's resident memory ~20 MB lower (README, HTTP speed).
+ENTRYPOINT ["node", "--max-semi-space-size=4", "dist/src/bin/stevedore.js"]
 CMD ["worker"]

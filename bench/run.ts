@@ -294,7 +294,10 @@ if (process.argv.includes('--migrate')) {
   process.stdout.write(`${await groupCommitBench()}\n`);
 } else if (process.argv.includes('--session-s3')) {
   // `npm run bench -- --session-s3`: only the S3 one-file edits of the session section, spliced and streamed.
-  process.stdout.write(`${await sessionBench({ fs: false })}\n`);
+  process.stdout.write(`${await sessionBench({ fs: false, clouds: ['s3'] })}\n`);
+} else if (process.argv.includes('--session-azure')) {
+  // `npm run bench -- --session-azure`: only the Azure one-file edits of the session section, spliced and streamed.
+  process.stdout.write(`${await sessionBench({ fs: false, clouds: ['azure'] })}\n`);
 } else if (process.argv.includes('--session')) {
   // `npm run bench -- --session`: only the session archive section (bench/session.ts).
   process.stdout.write(`${await sessionBench()}\n`);

@@ -7,6 +7,7 @@
  * Peak RSS of the server process comes from /proc (VmHWM).
  */
 import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { readFile, writeFile, rm, mkdir } from 'node:fs/promises';
 import { Agent, request } from 'node:http';
 import { join } from 'node:path';
@@ -58,6 +59,13 @@ function curl(args: string[]): Promise<number> {
   });
 }
 
+/** The node flags of `npm start` (package.json's start script), unless BENCH_NODE_FLAGS names others ('' for none). */
+function nodeFlags(): string[] {
+  if (process.env.BENCH_NODE_FLAGS !== undefined) return process.env.BENCH_NODE_FLAGS.split(' ').filter(Boolean);
+  const start = (JSON.parse(readFileSync(join(REPO, 'package.json'), 'utf8')) as { scripts: { start: string } }).scripts.start;
+  return /^node((?: --\S+)*) dist\//.exec(start)?.[1]?.trim().split(' ').filter(Boolean) ?? [];
+}
+
 /** Peak resident set of a process so far, KiB (VmHWM). */
 async function peakRssKiB(pid: number): Promise<number> {
   const status = await readFile(`/proc/${pid}/status`, 'utf8');
@@ -103,7 +111,8 @@ export async function serverBench(): Promise<string> {
     progress('building dist/ (npm run build)');
     await new Promise<void>((resolve, reject) => spawn(process.execPath, [join(REPO, 'node_modules/typescript/bin/tsc'), '-p', 'tsconfig.build.json'], { cwd: REPO, stdio: 'inherit' })
       .on('close', (code) => (code === 0 ? resolve() : reject(new Error(`tsc exited ${code}`)))));
-    const BIN = ['dist/src/bin/stevedore.js'];
+    // With the V8 flags `npm start` passes (package.json), or BENCH_NODE_FLAGS to compare others.
+    const BIN = [...nodeFlags(), 'dist/src/bin/stevedore.js'];
     const node = (args: string[], port: number, extra: Record<string, string> = {}) =>
       startServerProcess({ command: process.execPath, args: [...BIN, ...args], port, cwd: REPO, env: { ...env, ...extra } });
     const port = await freePort();

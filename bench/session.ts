@@ -2,8 +2,9 @@
  * `npm run bench -- --session`: repack-session on the seekable format beside GNU tar measured in
  * the same run (extract then create: the naive repack), on a 5,000-file session (~18 MiB) and the
  * same plus four 48 MiB binaries (~200 MB), on the filesystem backend; then the same one-file edit
- * on s3rver (the test suite's shim, which has UploadPartCopy and counts uploaded bytes), spliced
- * beside the streaming put. `--session-s3` runs the S3 rows alone. Goals are printed, never asserted.
+ * on s3rver and azurite (the test suite's shims, which have UploadPartCopy and Put Block From URL
+ * and count uploaded bytes), spliced beside the streaming put. `--session-s3` and
+ * `--session-azure` run the rows of that store alone. Goals are printed, never asserted.
  */
 import { randomBytes } from 'node:crypto';
 import { mkdir, rm, stat, writeFile } from 'node:fs/promises';
@@ -12,6 +13,7 @@ import { Writable, type Readable } from 'node:stream';
 import { Redis } from 'ioredis';
 import { RepackPayload, repackSession } from '../jobs/repack-session.js';
 import { FsDriver } from '../src/backends/fs.js';
+import { AzureDriver } from '../src/backends/azure.js';
 import { S3Driver } from '../src/backends/s3.js';
 import { parsePayload } from '../src/payload.js';
 import { Bucket } from '../src/storage/bucket.js';
@@ -19,6 +21,7 @@ import { sessionKey } from '../src/session/ids.js';
 import { catSession } from '../src/session/read.js';
 import { overrideDriver } from '../test/fixtures/override-driver.js';
 import { freePort, startServerProcess, tempDir } from '../test/harness/process.js';
+import { startAzurite, type Azurite } from '../test/harness/azure.js';
 import { startS3rver, type S3rver } from '../test/harness/s3.js';
 import { run as sh } from '../test/archive/corpus.js';
 import { jobDeps } from '../test/session/helpers.js';
@@ -51,47 +54,85 @@ async function timed<T>(f: () => Promise<T>): Promise<{ ms: number; value: T }> 
 const median = (xs: number[]): number => stats(xs).median;
 const EDIT_PATH = 'src/pkg-50/lib/mod-25.ts';
 
-/**
- * The one-file edit of the seekable archive at `archive` on S3, spliced and by the streaming put:
- * time and the bytes the worker uploaded (counted by the s3rver shim), medians of RUNS.
- */
-async function s3Rows(s3: S3rver, archive: string, archiveSize: number, repack: (bucket: Bucket, session: string, ops: unknown[]) => Promise<unknown>): Promise<string[][]> {
-  const rows: string[][] = [];
-  const name = await s3.bucket();
-  for (const splice of [false, true]) {
-    const bucket = new Bucket(new S3Driver({ ...s3.driverOptions(name), splice }), { name: 's3' });
-    const ms: number[] = [];
-    const up: number[] = [];
-    let editBytes = 0;
-    for (let r = 0; r < RUNS; r++) {
-      const s = `bench__s3__${splice ? 'splice' : 'stream'}${r}`;
-      await bucket.put(sessionKey(s), { path: archive });
-      await settle();
-      const text = `// edited on S3 in round ${r}
-`;
-      editBytes = text.length;
-      const before = await s3.stats();
-      ms.push((await timed(() => repack(bucket, s, [{ op: 'put', path: EDIT_PATH, text }]))).ms);
-      up.push((await s3.stats()).uploadedBytes - before.uploadedBytes);
-    }
-    const goal = 3 * 5 * MiB + editBytes;
-    rows.push(splice
-      ? ['S3 one-file edit, splice on (spliced where shouldSplice picks it)', secs(median(ms)), `${size(median(up))} uploaded (${((median(up) / archiveSize) * 100).toFixed(1)}%)`, '<= 3 x 5 MiB + file', verdict(median(up) / goal, 1)]
-      : ['S3 one-file edit, streaming put (splice=0)', secs(median(ms)), `${size(median(up))} uploaded (${((median(up) / archiveSize) * 100).toFixed(1)}%)`, '', '']);
-  }
-  return rows;
+/** A cloud store the one-file edit runs on: the emulator with the suite's shim, which counts what was uploaded. */
+interface CloudStore {
+  /** `S3` or `Azure`, for the rows. */
+  name: string;
+  /** A bucket on a fresh container, splicing or not (the same container for both). */
+  buckets(): Promise<(splice: boolean) => Bucket>;
+  uploadedBytes(): Promise<number>;
 }
 
-export async function sessionBench(opts: { fs?: boolean } = {}): Promise<string> {
+const s3Store = (s3: S3rver): CloudStore => ({
+  name: 'S3',
+  async buckets() {
+    const name = await s3.bucket();
+    return (splice) => new Bucket(new S3Driver({ ...s3.driverOptions(name), splice }), { name: 's3' });
+  },
+  uploadedBytes: async () => (await s3.stats()).uploadedBytes,
+});
+
+const azureStore = (az: Azurite): CloudStore => ({
+  name: 'Azure',
+  async buckets() {
+    const container = (await az.container()).containerName;
+    return (splice) => new Bucket(new AzureDriver({ connectionString: az.connectionString, container, splice }), { name: 'azure' });
+  },
+  uploadedBytes: async () => (await az.stats()).uploadedBytes,
+});
+
+/**
+ * The one-file edit of the seekable archive at `archive` on a cloud store, spliced and by the
+ * streaming put, alternating: time and the bytes the worker uploaded (counted by the emulator's
+ * shim), medians of RUNS.
+ */
+async function cloudRows(store: CloudStore, archive: string, archiveSize: number, repack: (bucket: Bucket, session: string, ops: unknown[]) => Promise<unknown>): Promise<string[][]> {
+  const bucket = await store.buckets();
+  const ms: Record<'splice' | 'stream', number[]> = { splice: [], stream: [] };
+  const up: Record<'splice' | 'stream', number[]> = { splice: [], stream: [] };
+  let editBytes = 0;
+  for (let r = 0; r < RUNS; r++) {
+    for (const splice of [false, true]) {
+      const how = splice ? 'splice' : 'stream';
+      const b = bucket(splice);
+      const s = `bench__${store.name.toLowerCase()}__${how}${r}`;
+      await b.put(sessionKey(s), { path: archive });
+      await settle();
+      const text = `// edited on ${store.name} in round ${r}\n`;
+      editBytes = text.length;
+      const before = await store.uploadedBytes();
+      ms[how].push((await timed(() => repack(b, s, [{ op: 'put', path: EDIT_PATH, text }]))).ms);
+      up[how].push((await store.uploadedBytes()) - before);
+    }
+  }
+  const uploaded = (xs: number[]): string => `${size(median(xs))} uploaded (${((median(xs) / archiveSize) * 100).toFixed(1)}%)`;
+  const goal = 3 * 5 * MiB + editBytes;
+  return [
+    [`${store.name} one-file edit, streaming put (splice=0)`, secs(median(ms.stream)), uploaded(up.stream), '', ''],
+    [`${store.name} one-file edit, splice on (spliced where shouldSplice picks it)`, secs(median(ms.splice)), uploaded(up.splice), store.name === 'S3' ? '<= 3 x 5 MiB + file' : '<= 3 x 5 MiB + file (the S3 goal)', verdict(median(up.splice) / goal, 1)],
+  ];
+}
+
+export async function sessionBench(opts: { fs?: boolean; clouds?: ReadonlyArray<'s3' | 'azure'> } = {}): Promise<string> {
   const withFs = opts.fs ?? true;
+  const clouds = opts.clouds ?? ['s3', 'azure'];
   const dir = await tempDir('stevedore-bench-session-');
   const port = await freePort();
   const redisProc = await startServerProcess({ command: 'redis-server', args: ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], port });
   const redis = new Redis(`redis://127.0.0.1:${port}`, { maxRetriesPerRequest: null });
   const out: string[] = [];
   let s3: S3rver | undefined;
+  let az: Azurite | undefined;
   try {
-    s3 = await startS3rver();
+    const stores: CloudStore[] = [];
+    if (clouds.includes('s3')) stores.push(s3Store(s3 = await startS3rver()));
+    if (clouds.includes('azure')) stores.push(azureStore(az = await startAzurite()));
+    const cloudEdits = async (archive: string): Promise<string[][]> => {
+      const archiveSize = (await stat(archive)).size;
+      const rows: string[][] = [];
+      for (const store of stores) rows.push(...await cloudRows(store, archive, archiveSize, repackOn));
+      return rows;
+    };
     const staging = join(dir.path, 'staging');
     await mkdir(staging, { recursive: true });
     const fs = new FsDriver({ root: join(dir.path, 'objects') });
@@ -124,9 +165,8 @@ export async function sessionBench(opts: { fs?: boolean } = {}): Promise<string>
         const s = `bench__session__s3${big ? 'big' : ''}`;
         await bucket.put(sessionKey(s), { path: gnu });
         await repack(s, [{ op: 'put', path: 'NOTES.md', text: 'converted\n' }]);
-        const seekable = join(dir.path, 'objects', sessionKey(s));
-        const seekSize = (await stat(seekable)).size;
-        out.push(table(`Session archives: ${label}, one-file edit on S3 (s3rver + shim), medians of ${RUNS}`, ['case', 'time', 'ratio / figure', 'goal', ''], await s3Rows(s3, seekable, seekSize, repackOn)));
+        const names = stores.map((c) => (c.name === 'S3' ? 'S3 (s3rver + shim)' : 'Azure (azurite + shim)')).join(' and ');
+        out.push(table(`Session archives: ${label}, one-file edit on ${names}, medians of ${RUNS}`, ['case', 'time', 'ratio / figure', 'goal', ''], await cloudEdits(join(dir.path, 'objects', sessionKey(s)))));
         await rm(tree, { recursive: true, force: true });
         continue;
       }
@@ -189,13 +229,14 @@ export async function sessionBench(opts: { fs?: boolean } = {}): Promise<string>
         ['session cat, small file', secs(median(catMs)), `${size(catBytes)} read (${((catBytes / seekSize) * 100).toFixed(2)}%)`, '', ''],
         ['tar -xzOf, same file', secs(median(tarCatMs)), `cat ${ratio(median(catMs), median(tarCatMs))}`, '', ''],
         ['edit in a fresh process: peak RSS', `${size(rss.base)} loaded`, `peak ${size(rss.peak)} (+${size(rss.peak - rss.base)})`, '< 150 MB', verdict(rss.peak / (150e6), 1)],
-        ...await s3Rows(s3, join(dir.path, 'objects', sessionKey(s0)), (await stat(join(dir.path, 'objects', sessionKey(s0)))).size, repackOn),
+        ...await cloudEdits(join(dir.path, 'objects', sessionKey(s0))),
       );
       out.push(table(`Session archives: ${label}, filesystem, medians of ${RUNS}`, ['case', 'time', 'ratio / figure', 'goal', ''], rows));
       await rm(tree, { recursive: true, force: true });
     }
   } finally {
     await s3?.stop();
+    await az?.stop();
     await redis.quit().catch(() => {});
     await redisProc.stop();
     await dir.remove();

@@ -8,7 +8,7 @@ import { ArchiveReplaced, openSeekable } from '../src/session/seek-read.js';
 import { SpliceUnsupported, shouldSplice, spliceRewrite } from '../src/session/seek-splice.js';
 import { OpPath, SessionId, sessionKey, sessionLockName } from '../src/session/ids.js';
 import { OpFailed, SpoolNeeded, type Body, type PlanOp } from '../src/session/plan.js';
-import { BatchPlan, MAX_BATCH_JOBS, Withdrawn, decodeOutcome, encodeOutcome, fitBatch, type BatchJob } from '../src/session/batch.js';
+import { BatchPlan, MAX_BATCH_JOBS, Withdrawn, afterLeaving, decodeOutcome, encodeOutcome, fitBatch, type BatchJob, type Failures } from '../src/session/batch.js';
 import { SealedUnsure } from '../src/queue/group-commit.js';
 import type { Bucket, PutOptions } from '../src/storage/bucket.js';
 import type { ObjectInfo } from '../src/storage/driver.js';
@@ -279,11 +279,29 @@ function ownOutcome(finished: Finished, id: string): RepackResult {
  * error and the rest are applied again without it; one whose mark the archive holds already
  * (redelivered after a commit) is complete without applying again. `seal` runs right before
  * the commit (the last bytes held back), and returns what undoes it when the commit fails.
+ * A failure judged with jobs before it that then leave (withdrawn at the seal, failed, applied
+ * already), or on an archive replaced since, is judged again: only the failures of the set that
+ * commits are recorded (those of a job failing alone, its staged file unreadable, at once).
  */
 async function commitBatch(bucket: Bucket, key: string, jobs: readonly BatchJob[], d: JobDeps, lease: Lease, seal?: (ids: readonly string[]) => Promise<() => Promise<void>>): Promise<Finished> {
   const finished: Finished = new Map();
+  const failures: Failures = new Map();
   const applied = new Set<string>();
   let active = [...jobs];
+  // The archive the pass under way read, and the one the failures standing were judged on (the
+  // same but for a writer without the lock: then they are judged again, as after a conflict).
+  let passOn: string | undefined;
+  let failuresOn: string | undefined;
+  const read = (etag: string | undefined): boolean => {
+    passOn = etag;
+    return failures.size === 0 || etag === failuresOn;
+  };
+  const leave = (gone: readonly BatchJob[] | 'all'): void => {
+    const before = new Set(active);
+    active = afterLeaving(jobs, active, failures, gone);
+    const back = active.filter((j) => !before.has(j));
+    if (back.length > 0) d.log.info({ key, jobs: back.map((j) => j.id) }, 'jobs judged with a job that left the batch (or on an archive since replaced) are judged again');
+  };
   const spool = new Set<string>();
   let committed: Omit<RepackResult, 'missing'> | undefined;
   let splice = true;
@@ -306,7 +324,7 @@ async function commitBatch(bucket: Bucket, key: string, jobs: readonly BatchJob[
       sealing = true;
       unseal = await seal(active.map((j) => j.id));
     } : undefined;
-    const outcome = await attempt(bucket, key, batch, spool, stop.signal, d, splice, beforeCommit).catch(async (err: unknown) => {
+    const outcome = await attempt(bucket, key, batch, spool, stop.signal, d, splice, read, beforeCommit).catch(async (err: unknown) => {
       if (lease.signal.aborted) throw lease.signal.reason;
       // Refused for good (not Transient, not Unknown), the put surely did not commit: the seal is undone.
       if (unseal && err instanceof StorageError && !isRetryable(err.code)) await unseal();
@@ -329,27 +347,34 @@ async function commitBatch(bucket: Bucket, key: string, jobs: readonly BatchJob[
     }
     if (outcome instanceof OpFailed) {
       const { job, error } = batch.blame(outcome);
-      finished.set(job.id, { error });
-      active = active.filter((j) => j !== job);
+      leave([job]);
+      if (error.alone) finished.set(job.id, { error });
+      else failures.set(job, error);
+      failuresOn = passOn;
       continue;
     }
     if (outcome instanceof Withdrawn) {
       for (const id of outcome.ids) finished.set(id, undefined);
-      active = active.filter((j) => !outcome.ids.includes(j.id));
+      leave(active.filter((j) => outcome.ids.includes(j.id)));
       continue;
     }
     if (outcome === 'conflict') {
       await unseal?.();
+      leave('all');
       if (++tries > MAX_COMMIT_TRIES) throw new StorageError(ErrorCode.Transient, `the archive was replaced by other writers ${MAX_COMMIT_TRIES} times while repacking`, { op: 'repack', key });
       d.log.warn({ key, tries }, 'session archive replaced while repacking; applying the edits again');
       continue;
     }
     if ('drop' in outcome) {
-      for (const [id, o] of outcome.drop) {
-        if (o === 'applied') applied.add(id);
-        else finished.set(id, { error: o });
+      const dropped = active.filter((j) => outcome.drop.has(j.id));
+      leave(dropped);
+      // Must not create the session: judged with the jobs before it (none of them creates it).
+      for (const j of dropped) {
+        const o = outcome.drop.get(j.id)!;
+        if (o === 'applied') applied.add(j.id);
+        else failures.set(j, o);
       }
-      active = active.filter((j) => !outcome.drop.has(j.id));
+      failuresOn = passOn;
       continue;
     }
     const { result, missing } = outcome;
@@ -358,6 +383,7 @@ async function commitBatch(bucket: Bucket, key: string, jobs: readonly BatchJob[
     d.log.info({ key, size: result.size, entries: result.entries, jobs: active.map((j) => j.id), tries }, 'session repacked');
     break;
   }
+  for (const [j, error] of failures) finished.set(j.id, { error });
   if (applied.size > 0) {
     // Redelivered jobs whose edits the archive holds: the deletes' findings of their first run are not recorded.
     const now = committed ?? await currentArchive(bucket, key, AbortSignal.any([d.signal, lease.signal]));
@@ -405,11 +431,12 @@ interface Committed {
 
 /**
  * One read-rewrite-commit pass. Resolves with the commit, 'conflict' when the conditional commit
- * found the archive replaced since it was read, or the jobs to drop before trying again (their
- * error, or 'applied': the archive holds their edits already). An edit the index places is spliced
- * inside the store where it can (`splice`), else streamed to it.
+ * found the archive replaced since it was read (or `read`, hearing the etag of the archive read,
+ * answers false: the batch's failures were judged on another), or the jobs to drop before trying
+ * again (their error, or 'applied': the archive holds their edits already). An edit the index
+ * places is spliced inside the store where it can (`splice`), else streamed to it.
  */
-async function attempt(bucket: Bucket, key: string, batch: BatchPlan, spool: ReadonlySet<string>, signal: AbortSignal, d: JobDeps, splice: boolean, beforeCommit?: () => Promise<void>): Promise<Committed | 'conflict' | { drop: Map<string, StorageError | 'applied'> }> {
+async function attempt(bucket: Bucket, key: string, batch: BatchPlan, spool: ReadonlySet<string>, signal: AbortSignal, d: JobDeps, splice: boolean, read: (etag: string | undefined) => boolean, beforeCommit?: () => Promise<void>): Promise<Committed | 'conflict' | { drop: Map<string, StorageError | 'applied'> }> {
   const plan = batch.plan;
   const notFound = (err: unknown): undefined => {
     if (err instanceof StorageError && err.code === ErrorCode.NotFound) return undefined;
@@ -430,7 +457,7 @@ async function attempt(bucket: Bucket, key: string, batch: BatchPlan, spool: Rea
   // A batch with a redelivered job reads the archive whole (currentArchive), so that read keeps the check.
   const partsChecked = view !== undefined && !redelivered(view.info);
   const current = await bucket.get(key, { signal, partsChecked }).catch(notFound);
-  if (view && (!current || current.info.etag !== view.info.etag || current.info.size !== view.info.size || redelivered(current.info) !== redelivered(view.info))) {
+  if ((view && (!current || current.info.etag !== view.info.etag || current.info.size !== view.info.size || redelivered(current.info) !== redelivered(view.info))) || !read(current?.info.etag)) {
     current?.stream.destroy();
     return 'conflict';
   }
@@ -506,7 +533,8 @@ async function attempt(bucket: Bucket, key: string, batch: BatchPlan, spool: Rea
   });
   try {
     const [rewrote, info] = await Promise.allSettled([rewriting, putting]);
-    if (run.conditionFailed) throw run.conditionFailed;
+    const failed = run.failure(rewrote.status === 'rejected' ? rewrote.reason : undefined);
+    if (failed) throw failed;
     if (sealFailed) throw sealFailed;
     if (rewrote.status === 'fulfilled' && info.status === 'fulfilled') {
       d.log.info({ key, reused: rewrote.value.reused, compressed: rewrote.value.compressed }, 'session segments copied and compressed');

@@ -91,6 +91,9 @@ export class Staging {
       });
       if (st) {
         if (!st.isFile()) throw new StorageError(ErrorCode.InvalidInput, `${field}: not a regular file (symlinks are not followed)`, { op: 'staging', key: rel });
+        // Again, now that the file was found: a folder on its way that became a symlink out of the
+        // area between the check in resolve and the lookup led the lookup outside.
+        await this.assertInside(dirname(path), rel, field);
         return { path, size: st.size };
       }
       const left = deadline - Date.now();

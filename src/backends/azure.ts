@@ -9,7 +9,10 @@ import { ErrorCode, StorageError, codeForHttpStatus } from '../errors.js';
 import { emptyObjectRange } from './empty-range.js';
 import { backendUrl } from './url-params.js';
 import { SHA256_META } from '../storage/driver.js';
-import type { ByteRange, Driver, DriverDeleteOptions, DriverGetResult, DriverPutOptions, ListPage, ObjectInfo, PutBody } from '../storage/driver.js';
+import type {
+  ByteRange, Driver, DriverDeleteOptions, DriverGetResult, DriverPutOptions, DriverSpliceOptions, ListPage, ObjectInfo, PutBody, SplicePiece,
+} from '../storage/driver.js';
+import { canAuthoriseSource, planBlocks, spliceBlob, stageFromUrl } from './azure-splice.js';
 
 /** The environment the Azure driver reads, passed in by the composition root (never `process.env` here). */
 export interface AzureEnv {
@@ -42,6 +45,13 @@ export interface AzureDriverOptions {
   downloadRetries?: number | undefined;
   /** Interval between polls of a server-side copy the service runs asynchronously. @defaultValue 1_000 */
   copyPollIntervalInMs?: number | undefined;
+  /**
+   * Edits of seekable session archives are spliced inside the store (Put Block From URL of the
+   * unchanged ranges, Put Block List) instead of uploading the whole new archive. A store that
+   * answers NotImplemented is remembered and written the ordinary way; `false` never tries.
+   * @defaultValue true
+   */
+  splice?: boolean | undefined;
 }
 
 const CONTAINER = /^(?=.{3,63}$)[a-z0-9]+(-[a-z0-9]+)*$/;
@@ -53,13 +63,15 @@ const MAX_PAGE = 5000;
  * `env`, and a URL that carries any is refused so that it cannot end up in logs or payloads.
  */
 export function azureDriverFromUrl(url: URL, env: AzureEnv = {}): AzureDriver {
-  const { bad: invalid, unknown } = backendUrl(url, 'azblob:', 'AZURE_STORAGE_CONNECTION_STRING');
-  for (const name of url.searchParams.keys()) {
-    if (name !== 'endpoint') unknown(name);
+  const { bad: invalid, bool, unknown } = backendUrl(url, 'azblob:', 'AZURE_STORAGE_CONNECTION_STRING');
+  let splice: boolean | undefined;
+  for (const [name, v] of url.searchParams) {
+    if (name === 'splice') splice = bool(name, v);
+    else if (name !== 'endpoint') unknown(name);
   }
   const connectionString = env.AZURE_STORAGE_CONNECTION_STRING;
   if (!connectionString) throw invalid('AZURE_STORAGE_CONNECTION_STRING is not set');
-  return new AzureDriver({ container: url.hostname, connectionString, endpoint: url.searchParams.get('endpoint') ?? undefined });
+  return new AzureDriver({ container: url.hostname, connectionString, endpoint: url.searchParams.get('endpoint') ?? undefined, splice });
 }
 
 /** Azure Blob Storage through `@azure/storage-blob`: block blobs in one container. */
@@ -75,6 +87,10 @@ export class AzureDriver implements Driver {
   private readonly concurrency: number;
   private readonly downloadRetries: number;
   private readonly copyPollIntervalInMs: number;
+  /** Splicing is on, and the credential can authorise a copy source. */
+  private readonly spliceOn: boolean;
+  /** Set once the store answered NotImplemented to Put Block From URL. */
+  private spliceRefused = false;
 
   constructor(opts: AzureDriverOptions) {
     if (!CONTAINER.test(opts.container)) {
@@ -100,6 +116,9 @@ export class AzureDriver implements Driver {
       service = new BlobServiceClient(endpoint.toString(), service.credential, pipeline);
     }
     this.container = service.getContainerClient(opts.container);
+    // Any blob's client shows what the credential and the SDK allow.
+    const probe = this.blob('probe');
+    this.spliceOn = (opts.splice ?? true) && canAuthoriseSource(probe) && stageFromUrl(probe) !== undefined;
   }
 
   async put(key: string, body: PutBody, opts: DriverPutOptions): Promise<ObjectInfo> {
@@ -221,6 +240,25 @@ export class AzureDriver implements Driver {
     return this.stat(dst);
   }
 
+  get spliceable(): boolean {
+    return this.spliceOn && !this.spliceRefused;
+  }
+
+  /** None: every unchanged range is copied by the store, however short (Azure blocks have no minimum size). */
+  spliceOverhead(): number {
+    return 0;
+  }
+
+  /** See spliceBlob: Put Block From URL of the unchanged ranges, Put Block of the new bytes, one Put Block List. */
+  async splice(key: string, pieces: readonly SplicePiece[], opts: DriverSpliceOptions): Promise<ObjectInfo | undefined> {
+    const blocks = planBlocks(pieces);
+    if (!blocks) return undefined;
+    const blob = this.blob(key);
+    const info = await spliceBlob(key, blob, stageFromUrl(blob)!, blocks, this.concurrency, opts);
+    if (!info) this.spliceRefused = true;
+    return info;
+  }
+
   async health(): Promise<void> {
     await this.container.getProperties();
   }
@@ -236,6 +274,7 @@ export class AzureDriver implements Driver {
         return e.statusCode === 404 || e.statusCode === undefined ? ErrorCode.NotFound : codeForHttpStatus(e.statusCode);
       case 'BlobAlreadyExists':
       case 'ConditionNotMet':
+      case 'SourceConditionNotMet':
       case 'TargetConditionNotMet':
         return ErrorCode.PreconditionFailed;
       case 'AuthenticationFailed':

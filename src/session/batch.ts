@@ -6,7 +6,8 @@ import { EditPlan, OpFailed, type PlanOp } from './plan.js';
  * ops become one plan, their ops one after the other in the jobs' order (the group's queue order:
  * arrival, then the mark's bytes): applying it is applying the jobs one by one, so each job's
  * conditions see the tree the jobs before it left, and its deletes find what they put. A job
- * whose ops cannot apply leaves the batch and the plan is made again without it.
+ * whose ops cannot apply leaves the batch and the plan is made again without it; so does one that
+ * withdrew, and the jobs after it that failed are judged again (`afterLeaving`).
  */
 
 /** One job of a batch, its ops checked and their bodies found. */
@@ -54,11 +55,32 @@ export class BatchPlan {
   }
 
   /** The job an op failure belongs to, and the failure as that job alone would have reported it. */
-  blame(err: OpFailed): { job: BatchJob; error: StorageError } {
+  blame(err: OpFailed): { job: BatchJob; error: OpFailed } {
     let i = 0;
     while (err.index >= this.starts[i + 1]!) i++;
-    return { job: this.jobs[i]!, error: new OpFailed(err.code, err.index - this.starts[i]!, err.why) };
+    return { job: this.jobs[i]!, error: err.at(err.index - this.starts[i]!) };
   }
+}
+
+/** Jobs that failed while a batch is made, each judged on the tree the jobs before it in the batch then leave. */
+export type Failures = Map<BatchJob, StorageError>;
+
+/**
+ * The jobs still to apply, in their order, once `gone` left the batch (withdrew, found applied
+ * already, or failed). A job after the first of them that failed was judged with it, on a tree
+ * that will not be committed: it leaves `failures` and comes back to be judged again; `'all'`
+ * (the archive changed under the batch) brings every failure back. So the failures that stand
+ * when the batch commits are those of applying its final jobs one after the other.
+ */
+export function afterLeaving(jobs: readonly BatchJob[], active: readonly BatchJob[], failures: Failures, gone: readonly BatchJob[] | 'all'): BatchJob[] {
+  const from = gone === 'all' ? -1 : Math.min(...gone.map((j) => jobs.indexOf(j)));
+  const next = new Set(active.filter((j) => gone === 'all' || !gone.includes(j)));
+  for (const j of [...failures.keys()]) {
+    if (jobs.indexOf(j) <= from) continue;
+    failures.delete(j);
+    next.add(j);
+  }
+  return jobs.filter((j) => next.has(j));
 }
 
 /**

@@ -31,12 +31,19 @@ export class SpoolNeeded extends StorageError {
 }
 
 /**
- * An op that cannot apply (its condition, or a path the archive holds otherwise): carries the
- * op's index, so a batch of several jobs' ops can tell whose op it was.
+ * An op that cannot apply (its condition, or a path the tree holds otherwise): carries the op's
+ * index, so a batch of several jobs' ops can tell whose op it was. `alone`: it fails whatever the
+ * ops before it did (its staged file cannot be read); otherwise the failure was judged on the
+ * tree the earlier ops left, and holds only as long as they are the ones applied.
  */
 export class OpFailed extends StorageError {
-  constructor(code: ErrorCode, readonly index: number, readonly why: string) {
+  constructor(code: ErrorCode, readonly index: number, readonly why: string, readonly alone = false) {
     super(code, `ops.${index}: ${why}`, { op: 'repack' });
+  }
+
+  /** The same failure at another index (a job's own, or the whole plan's). */
+  at(index: number): OpFailed {
+    return new OpFailed(this.code, index, this.why, this.alone);
   }
 }
 
@@ -151,8 +158,13 @@ export class PlanRun {
   /** Removed file -> the name of the hard link that became it, for later links to the same file. */
   private readonly materialized = new Map<string, string>();
   private spoolDir: string | undefined;
-  /** Set when a condition failed: the job fails with it whatever else the transform reports. */
-  conditionFailed: StorageError | undefined;
+  /**
+   * The earliest op failure the pass found (a failure it meets is noted and the pass goes on, so
+   * one failing later in the archive than another op's is still found): the job fails with it
+   * whatever else the transform reports. Earliest, so a batch drops its jobs in their order and
+   * never blames a job judged with an earlier one that fails too.
+   */
+  private failed: OpFailed | undefined;
 
   constructor(private readonly plan: EditPlan, private readonly spool: ReadonlySet<string>) {}
 
@@ -167,7 +179,8 @@ export class PlanRun {
     const fp = plan.finalPut.get(p);
     if (fp !== undefined && deletes.length === 0) {
       if (type === 'directory') {
-        throw new OpFailed(ErrorCode.InvalidInput, fp, `"${p}" is a directory in the archive; delete it first to put a file there`);
+        this.fail(new OpFailed(ErrorCode.InvalidInput, fp, `"${p}" is a directory in the session; delete it first to put a file there`));
+        return 'keep';
       }
       // A second entry of the same path (tar's "the later one wins") goes: the new content stands once.
       if (this.replaced.has(p)) return 'drop';
@@ -204,18 +217,50 @@ export class PlanRun {
     return 'keep';
   }
 
-  /** The entries after the archive's last: the conditions are checked first, then new files and their parents. */
+  /**
+   * The entries after the archive's last: the conditions are checked first, then new files and
+   * their parents, in op order, each checked against the tree so far (a directory at its path, a
+   * file or a symlink at a parent's fails that put); the pass fails with its earliest failure.
+   * Once a failure is noted the pass will not commit: the puts before it are only checked, not
+   * written.
+   */
   async *append(tree: TreeView): AsyncGenerator<NewEntry> {
     await this.checkConditions();
     const plan = this.plan;
     const news = [...plan.finalPut.entries()].filter(([path]) => !this.replaced.has(path)).sort((a, b) => a[1] - b[1]);
+    const dry = this.failed !== undefined;
+    // What the puts checked but not written would have made.
+    const made = new Map<string, 'file' | 'directory'>();
+    const kind = (p: string): ReturnType<TreeView['kind']> => made.get(p) ?? tree.kind(p);
     for (const [path, k] of news) {
       const parents = prefixes(path).slice(0, -1);
-      for (const dir of parents) {
-        if (tree.kind(dir) === undefined) yield { header: { name: dir, type: 'directory', mode: NEW_DIR_MODE, mtime: plan.mtimeOf(k) } };
+      const blocked = parents.find((dir) => kind(dir) === 'file' || kind(dir) === 'symlink');
+      if (blocked !== undefined) this.fail(new OpFailed(ErrorCode.InvalidInput, k, `"${blocked}" is a ${kind(blocked)} in the session, not a directory`));
+      else if (kind(path) !== undefined) this.fail(new OpFailed(ErrorCode.InvalidInput, k, `"${path}" is a directory in the session; delete it first to put a file there`));
+      if (this.failed && this.failed.index <= k) break;
+      const dirs = parents.filter((dir) => kind(dir) === undefined);
+      if (dry) {
+        for (const dir of dirs) made.set(dir, 'directory');
+        made.set(path, 'file');
+        continue;
       }
+      for (const dir of dirs) yield { header: { name: dir, type: 'directory', mode: NEW_DIR_MODE, mtime: plan.mtimeOf(k) } };
       yield this.newFile(k, path, NEW_FILE_MODE, {});
     }
+    if (this.failed) throw this.failed;
+  }
+
+  /**
+   * The earliest op failure of the pass, when it noted one: `err` (what ended the pass) when that
+   * is an earlier op's failure (a staged file that could not be read), else the noted one.
+   */
+  failure(err?: unknown): OpFailed | undefined {
+    if (!this.failed) return undefined;
+    return err instanceof OpFailed && err.index < this.failed.index ? err : this.failed;
+  }
+
+  private fail(err: OpFailed): void {
+    if (!this.failed || err.index < this.failed.index) this.failed = err;
   }
 
   /** Paths of deletes that found nothing, in op order; of ops `from` to `to` (excluded) only when given. */
@@ -240,18 +285,24 @@ export class PlanRun {
     return { header: { ...header, size: o.body.size }, data: readStaged(o.body.file, k) };
   }
 
+  /** Notes the first condition that fails (or the staged file it hashes), in op order. */
   private async checkConditions(): Promise<void> {
     const plan = this.plan;
     for (const [k, o] of plan.ops.entries()) {
+      if (this.failed && this.failed.index <= k) return;
       if (o.ifSha256 === undefined) continue;
       const j = plan.previousPut(o.path, k);
       let current: string | undefined;
-      if (j !== undefined) current = await bodyDigest((plan.ops[j] as Extract<PlanOp, { op: 'put' }>).body, j);
-      else if (!plan.coveredBetween(o.path, -1, k)) current = this.original.get(o.path);
+      try {
+        if (j !== undefined) current = await bodyDigest((plan.ops[j] as Extract<PlanOp, { op: 'put' }>).body, j);
+        else if (!plan.coveredBetween(o.path, -1, k)) current = this.original.get(o.path);
+      } catch (err) {
+        if (!(err instanceof OpFailed)) throw err;
+        return this.fail(err);
+      }
       if (current !== o.ifSha256) {
-        this.conditionFailed = new OpFailed(ErrorCode.PreconditionFailed, k,
-          `"${o.path}" ${current === undefined ? 'is not a regular file in the session' : `has sha256 ${current}`}, not ifSha256 ${o.ifSha256}; nothing applied`);
-        throw this.conditionFailed;
+        return this.fail(new OpFailed(ErrorCode.PreconditionFailed, k,
+          `"${o.path}" ${current === undefined ? 'is not a regular file in the session' : `has sha256 ${current}`}, not ifSha256 ${o.ifSha256}; nothing applied`));
       }
     }
   }
@@ -304,10 +355,10 @@ export function stagedFailed(err: unknown, k: number): unknown {
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
   if (typeof code !== 'string' || err instanceof StorageError) return err;
   const why = `its staged file cannot be read (${code})`;
-  if (STAGED_GONE.has(code)) return new OpFailed(ErrorCode.NotFound, k, why);
+  if (STAGED_GONE.has(code)) return new OpFailed(ErrorCode.NotFound, k, why, true);
   const mapped = classifyCommon(err) ?? ErrorCode.Unknown;
   if (mapped === ErrorCode.Transient) return new StorageError(ErrorCode.Transient, `ops.${k}: ${why}`, { op: 'repack', cause: err });
-  return new OpFailed(mapped, k, why);
+  return new OpFailed(mapped, k, why, true);
 }
 
 async function digestOf(data: AsyncIterable<Buffer>): Promise<string> {

@@ -121,10 +121,12 @@ async function editGroup(tar: Buffer, ops: readonly PlanOp[], at: readonly numbe
   });
   try {
     await transformTar(Readable.from([tar, Buffer.alloc(END_OF_TAR)]), sink, (e) => run.edit(e), { gzip: false, append: (tree) => run.append(tree) });
-    if (run.conditionFailed) throw run.conditionFailed;
+    const failed = run.failure();
+    if (failed) throw failed;
     if (held.length !== END_OF_TAR || held.some((b) => b !== 0)) throw new StorageError(ErrorCode.Unknown, 'a segment group\'s rewrite did not end as a tar does', { op: 'repack' });
   } catch (err) {
-    throw err instanceof OpFailed ? new OpFailed(err.code, at[err.index]!, err.why) : err;
+    const failed = run.failure(err) ?? err;
+    throw failed instanceof OpFailed ? failed.at(at[failed.index]!) : failed;
   } finally {
     await run.close();
   }

@@ -18,7 +18,7 @@ export class SpliceUnsupported extends Error {}
  * Whether an edit placed by `dirtySegments` should be spliced inside the store rather than
  * streamed to it: only when the most a splice can upload, the new bytes plus the old bytes the
  * store's part rules send beside them (Bucket.spliceOverhead, old bytes following each dirty
- * group; on S3 (2 x groups + 1) x 5 MiB), is less than the archive the streaming put would
+ * group; on S3 (2 x groups + 1) x 5 MiB, on Azure none), is less than the archive the streaming put would
  * upload. A larger margin would stream one-group edits of archives just over 15 MiB on S3, and
  * those would then upload more than the issue's 3 x 5 MiB plus the file.
  */

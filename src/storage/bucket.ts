@@ -277,7 +277,7 @@ export class Bucket {
 
   /**
    * The most old bytes `splice` uploads beside the new ones, when old bytes follow `stretches`
-   * stretches of new bytes (S3: (2 x stretches + 1) x 5 MiB); Infinity where the driver has no splice.
+   * stretches of new bytes (S3: (2 x stretches + 1) x 5 MiB; Azure: 0); Infinity where the driver has no splice.
    */
   spliceOverhead(stretches: number): number {
     return this.driver.spliceOverhead?.(stretches) ?? Infinity;

@@ -164,11 +164,11 @@ export interface Driver {
   copy(src: string, dst: string, opts: { ifAbsent: boolean; ifMatch?: string | undefined }): Promise<ObjectInfo>;
   /**
    * Replaces `key` with an object assembled from ranges of its current version and new bytes,
-   * the ranges copied inside the store (S3 UploadPartCopy): only the new bytes, and what the
+   * the ranges copied inside the store (S3 UploadPartCopy, Azure Put Block From URL): only the new bytes, and what the
    * store's part rules make it pad them with, pass through the worker. Only drivers whose store
    * has such a copy define it. Resolves undefined, with nothing written, when it cannot: the
    * store answered that it has no such copy (`spliceable` is false from then on), or these pieces
-   * would break the store's limits (S3's 10,000 parts).
+   * would break the store's limits (S3's 10,000 parts, Azure's 50,000 blocks).
    */
   splice?(key: string, pieces: readonly SplicePiece[], opts: DriverSpliceOptions): Promise<ObjectInfo | undefined>;
   /** Whether `splice` is worth calling: false when configured off or once the store refused it. */

@@ -306,6 +306,49 @@ export function runConformance(target: ConformanceTarget): void {
       });
     });
 
+    describe('splice', () => {
+      // An object the splices below edit: two copied ranges around new bytes, and the ranges a
+      // caller would have hashed (all of it, in 64 KiB pieces) for a driver that sends old bytes.
+      const old = randomBytes(600_000);
+      const fresh5 = Buffer.from('fresh');
+      const pieces = [{ copy: { offset: 0, length: 200_000 } }, { bytes: fresh5 }, { copy: { offset: 250_000, length: 350_000 } }];
+      const want = Buffer.concat([old.subarray(0, 200_000), fresh5, old.subarray(250_000)]);
+      const checked = Array.from({ length: Math.ceil(old.length / 65_536) }, (_, i) => {
+        const offset = i * 65_536;
+        return { offset, length: Math.min(65_536, old.length - offset), sha256: sha(old.subarray(offset, offset + 65_536)) };
+      });
+      const opts = (ifMatch: string) => ({ ifMatch, sha256: sha(want), size: want.length, checked, contentType: 'application/x-edit', metadata: { build: '9' } });
+
+      it('assembles an object from ranges of its current version and new bytes, or resolves undefined with nothing written where the store cannot', async () => {
+        const b = fresh();
+        const was = await b.put('s/k', old);
+        expect(b.canSplice).toBe(target.splices ?? false);
+        const info = await b.splice('s/k', pieces, opts(was.etag!));
+        if (!target.splices) {
+          expect(info).toBeUndefined();
+          expect(b.canSplice).toBe(false);
+          expect((await b.stat('s/k')).etag).toBe(was.etag);
+          expect(sha(await readAll((await b.get('s/k')).stream))).toBe(sha(old));
+          return;
+        }
+        expect(info).toMatchObject({ key: 's/k', size: want.length, sha256: sha(want) });
+        const got = await b.get('s/k');
+        expect(sha(await readAll(got.stream))).toBe(sha(want));
+        expect(got.info).toMatchObject({ size: want.length, sha256: sha(want), contentType: 'application/x-edit', metadata: { build: '9' } });
+      });
+
+      it('fails PreconditionFailed when the version it names was replaced, and leaves the new version whole', async () => {
+        const b = fresh();
+        const was = await b.put('s/k', old);
+        const other = randomBytes(600_000);
+        await b.put('s/k', other);
+        const outcome = await b.splice('s/k', pieces, opts(was.etag!)).then((info) => info, (err: unknown) => err);
+        if (target.splices) expect(outcome).toMatchObject({ code: ErrorCode.PreconditionFailed });
+        else expect(outcome).toBeUndefined();
+        expect(sha(await readAll((await b.get('s/k')).stream))).toBe(sha(other));
+      });
+    });
+
     describe('delete and copy', () => {
       it('deletes an object, and deleting a missing key succeeds', async () => {
         const b = fresh();

@@ -22,6 +22,8 @@ export interface ConformanceTarget {
    * Only an emulator's limit belongs here, never a driver's; real stores take the suite's keys.
    */
   emulatorSegmentLimit?: number;
+  /** The store behind the target splices (Driver.splice): the suite expects splices to assemble, not to resolve undefined. */
+  splices?: boolean;
   /** Stops servers and removes temp dirs. */
   teardown(): Promise<void>;
 }

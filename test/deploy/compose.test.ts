@@ -149,6 +149,6 @@ describe('deployment', () => {
     expect(df).toMatch(/npm prune --omit=dev/);
     expect(df).toMatch(/^USER node$/m);
     expect(df).toMatch(/^HEALTHCHECK .*\n?.*\/health/m);
-    expect(df).toMatch(/^ENTRYPOINT \["node", "dist\/src\/bin\/stevedore\.js"\]$/m);
+    expect(df).toMatch(/^ENTRYPOINT \["node", (?:"--[a-z-]+=\d+", )*"dist\/src\/bin\/stevedore\.js"\]$/m);
   });
 });

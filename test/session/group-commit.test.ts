@@ -227,6 +227,127 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     expect(await groupKeys(s).then((ks) => ks.filter((k) => !k.includes(':outcome:')))).toEqual([]);
   });
 
+  it('judges the jobs after a job that leaves before the seal again: one that failed because of it commits, one that needed it fails', async () => {
+    const s = `octo__repo__rejudge-${++n}`;
+    await job(s, [{ op: 'put', path: 'y.txt', text: 'y0\n' }]).done;
+    const lease = await block(s);
+    const stop = new AbortController();
+    // a changes y.txt, puts x.txt and makes d a directory; it is cancelled once the holder has judged the others with it.
+    const a = job(s, [{ op: 'put', path: 'y.txt', text: 'a\n' }, { op: 'put', path: 'x.txt', text: 'a\n' }, { op: 'put', path: 'd/f.txt', text: 'f\n' }], { signal: stop.signal, neverHolds: true });
+    const needs = job(s, [{ op: 'put', path: 'x.txt', text: 'needs\n', ifSha256: sha('a\n') }], { neverHolds: true });
+    const dir = job(s, [{ op: 'put', path: 'd', text: 'a file\n' }], { neverHolds: true });
+    const cond = job(s, [{ op: 'put', path: 'y.txt', text: 'cond\n', ifSha256: sha('y0\n') }], { neverHolds: true });
+    // The holder's first call naming a (its seal, after the passes that failed dir and cond) waits until a has withdrawn.
+    let gate = true;
+    const gated = wrapCalls(conn, ['eval'], async (call, args) => {
+      if (gate && args.includes(a.mark)) {
+        gate = false;
+        await until('a to withdraw', async () => (await conn.hexists(gkey(s, 'withdrawn'), a.mark)) === 1);
+      }
+      return call();
+    });
+    const h = job(s, [{ op: 'put', path: 'h.txt', text: 'h\n' }], { redis: gated, log: onLog('applying a batch of queued repacks under the session lock', () => stop.abort(new Error('Cancelled: the job was cancelled by a request'))) });
+    await queued(s, 5);
+    const withdrew = expect(a.done).rejects.toMatchObject({ code: 'Transient', message: expect.stringContaining('aborted') });
+    await lease.release();
+    await withdrew;
+    // Without a, x.txt is not there: the condition that held after a no longer does.
+    await expect(needs.done).rejects.toMatchObject({ code: 'PreconditionFailed', message: expect.stringContaining('ops.0: "x.txt" is not a regular file in the session') });
+    const results = await Promise.all([dir.done, cond.done, h.done]);
+    expect(results.map((r) => r.batched)).toEqual([3, 3, 3]);
+    expect(new Set(results.map((r) => r.sha256)).size).toBe(1);
+    const listing = await listSession(bucket, s, { digests: true });
+    expect(Object.fromEntries(listing.entries.map((e) => [e.path, e.sha256]))).toEqual({ 'y.txt': sha('cond\n'), d: sha('a file\n'), 'h.txt': sha('h\n') });
+  });
+
+  it('judges the jobs after a job that fails on its own in a later pass again (its staged file gone): one that failed because of it commits', async () => {
+    const s = `octo__repo__rejudge-own-${++n}`;
+    await job(s, [{ op: 'put', path: 'y.txt', text: 'y0\n' }]).done;
+    await writeFile(join(staging, `a-${s}`), 'a staged\n');
+    const lease = await block(s);
+    // a's staged x.txt is read only once c, whose put of x.txt comes last, has left the batch.
+    const a = job(s, [{ op: 'put', path: 'y.txt', text: 'a\n' }, { op: 'put', path: 'x.txt', source: { path: `a-${s}` } }], { neverHolds: true });
+    const b = job(s, [{ op: 'put', path: 'y.txt', text: 'b\n', ifSha256: sha('y0\n') }], { neverHolds: true });
+    const c = job(s, [{ op: 'put', path: 'x.txt', text: 'c\n' }, { op: 'put', path: 'z.txt', text: 'c\n', ifSha256: sha('no such content') }], { neverHolds: true });
+    await queued(s, 3);
+    const h = job(s, [{ op: 'put', path: 'h.txt', text: 'h\n' }], { log: onLog('applying a batch of queued repacks under the session lock', () => rmSync(join(staging, `a-${s}`))) });
+    await queued(s, 4);
+    await lease.release();
+    await Promise.all([
+      expect(a.done).rejects.toMatchObject({ code: 'NotFound', message: expect.stringContaining('ops.1: its staged file cannot be read (ENOENT)') }),
+      expect(c.done).rejects.toMatchObject({ code: 'PreconditionFailed', message: expect.stringContaining('ops.1: "z.txt" is not a regular file in the session') }),
+    ]);
+    const results = await Promise.all([b.done, h.done]);
+    expect(results.map((r) => r.batched)).toEqual([2, 2]);
+    const listing = await listSession(bucket, s, { digests: true });
+    expect(Object.fromEntries(listing.entries.map((e) => [e.path, e.sha256]))).toEqual({ 'y.txt': sha('b\n'), 'h.txt': sha('h\n') });
+  });
+
+  it('blames the job whose put meets a directory a job before it made, not the batch', async () => {
+    const s = `octo__repo__blame-dir-${++n}`;
+    await job(s, [{ op: 'put', path: 'f', text: 'a file\n' }]).done;
+    const lease = await block(s);
+    const a = job(s, [{ op: 'put', path: 'd/f.txt', text: 'f\n' }], { neverHolds: true });
+    const dir = job(s, [{ op: 'put', path: 'ok.txt', text: 'ok\n' }, { op: 'put', path: 'd', text: 'a file\n' }], { neverHolds: true });
+    const under = job(s, [{ op: 'put', path: 'f/under.txt', text: 'u\n' }], { neverHolds: true });
+    await queued(s, 3);
+    const h = job(s, [{ op: 'put', path: 'h.txt', text: 'h\n' }]);
+    await queued(s, 4);
+    await lease.release();
+    await Promise.all([
+      expect(dir.done).rejects.toMatchObject({ code: 'InvalidInput', message: expect.stringContaining('ops.1: "d" is a directory in the session') }),
+      expect(under.done).rejects.toMatchObject({ code: 'InvalidInput', message: expect.stringContaining('ops.0: "f" is a file in the session') }),
+    ]);
+    const results = await Promise.all([a.done, h.done]);
+    expect(results.map((r) => r.batched)).toEqual([2, 2]);
+    expect((await listSession(bucket, s)).entries.map((e) => e.path).sort()).toEqual(['d', 'd/f.txt', 'f', 'h.txt']);
+  });
+
+  it('judges the failures again when the archive they were judged on is replaced before the commit (a writer without the lock)', async () => {
+    const s = `octo__repo__rebase-${++n}`;
+    const other = `octo__repo__rebase-v2-${n}`;
+    await job(s, [{ op: 'put', path: 'y.txt', text: 'y0\n' }]).done;
+    await job(other, [{ op: 'put', path: 'y.txt', text: 'y1\n' }]).done;
+    // Between the holder's first pass (b fails on y0) and its second, y.txt becomes y1 under it.
+    class ReplacedUnder extends Bucket {
+      stats = 0;
+      override async stat(...args: Parameters<Bucket['stat']>): ReturnType<Bucket['stat']> {
+        if (args[0] === sessionKey(s) && ++this.stats === 2) await super.copy(sessionKey(other), sessionKey(s));
+        return super.stat(...args);
+      }
+    }
+    const replacing = new ReplacedUnder(new FsDriver({ root }), { name: 'default' });
+    const lease = await block(s);
+    const b = job(s, [{ op: 'put', path: 'y.txt', text: 'b\n', ifSha256: sha('y1\n') }], { neverHolds: true });
+    await queued(s, 1);
+    const h = job(s, [{ op: 'put', path: 'h.txt', text: 'h\n' }], { bucket: replacing });
+    await queued(s, 2);
+    await lease.release();
+    const [rb, rh] = await Promise.all([b.done, h.done]);
+    expect([rb.batched, rh.batched]).toEqual([2, 2]);
+    expect(replacing.stats).toBeGreaterThanOrEqual(3);
+    const listing = await listSession(bucket, s, { digests: true });
+    expect(Object.fromEntries(listing.entries.map((e) => [e.path, e.sha256]))).toEqual({ 'y.txt': sha('b\n'), 'h.txt': sha('h\n') });
+  });
+
+  it('finds a batch\'s failures in job order, though the archive meets them in reverse: no job is judged twice', async () => {
+    const s = `octo__repo__order-${++n}`;
+    const J = 6;
+    // The archive holds d5/ first, d0/ last; job i puts a file onto d<i>.
+    await job(s, Array.from({ length: J }, (_, i) => ({ op: 'put', path: `d${J - 1 - i}/x.txt`, text: 'x\n' }))).done;
+    const lease = await block(s);
+    const js = Array.from({ length: J }, (_, i) => job(s, [{ op: 'put', path: `ok${i}.txt`, text: 'ok\n' }, { op: 'put', path: `d${i}`, text: 'onto a dir\n' }], { neverHolds: true }));
+    await queued(s, J);
+    let again = 0;
+    const h = job(s, [{ op: 'put', path: 'h.txt', text: 'h\n' }], { log: onLog('jobs judged with a job that left the batch (or on an archive since replaced) are judged again', () => { again++; }) });
+    await queued(s, J + 1);
+    await lease.release();
+    await Promise.all(js.map((j, i) => expect(j.done).rejects.toMatchObject({ code: 'InvalidInput', message: expect.stringContaining(`ops.1: "d${i}" is a directory in the session`) })));
+    expect((await h.done).batched).toBeUndefined();
+    expect(again).toBe(0);
+    expect((await listSession(bucket, s)).entries.filter((e) => e.type === 'file').map((e) => e.path).sort()).toEqual([...Array.from({ length: J }, (_, i) => `d${i}/x.txt`), 'h.txt'].sort());
+  });
+
   it('a holder cancelled right after its seal still commits its batch (its put is stopped only by a lost lease)', async () => {
     const s = `octo__repo__sealcancel-${++n}`;
     await job(s, [{ op: 'put', path: 'base.txt', text: 'base\n' }]).done;

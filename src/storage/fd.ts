@@ -17,6 +17,11 @@ export function fstatFd(fd: number): Promise<BigIntStats> {
   return new Promise((resolve, reject) => fs.fstat(fd, { bigint: true }, (err, st) => (err ? reject(err) : resolve(st))));
 }
 
+/** stat, following links: the identity (dev, ino) of what a path leads to now. */
+export function statPath(path: string): Promise<BigIntStats> {
+  return new Promise((resolve, reject) => fs.stat(path, { bigint: true }, (err, st) => (err ? reject(err) : resolve(st))));
+}
+
 export function lstatPath(path: string): Promise<BigIntStats> {
   return new Promise((resolve, reject) => fs.lstat(path, { bigint: true }, (err, st) => (err ? reject(err) : resolve(st))));
 }

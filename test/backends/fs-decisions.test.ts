@@ -325,6 +325,35 @@ describe('filesystem backend: containment and URLs', () => {
     expect(await readFile(join(root, 'b/y'), 'utf8')).toBe('y');
   });
 
+  it('refuses a write, read or delete in another tool\'s folder swapped for a symlink out of the root after a read trusted it', async () => {
+    dir = await tempDir('stevedore-fsswap-');
+    const root = join(dir.path, 'root');
+    const outside = join(dir.path, 'outside');
+    await mkdir(outside);
+    await writeFile(join(outside, 'x'), 'SECRET');
+    const before = await entriesUnder(outside);
+    const ops: Array<[string, (b: Bucket, etag: string) => Promise<unknown>]> = [
+      ['put', (b) => b.put('a/y', Buffer.from('written'))], ['put in a new subfolder', (b) => b.put('a/new/deeper/y', Buffer.from('written'))],
+      ['get', (b) => b.get('a/x')], ['stat', (b) => b.stat('a/x')], ['delete', (b) => b.delete('a/x')],
+      ['delete ifMatch', (b, etag) => b.delete('a/x', { ifMatch: etag })], ['put ifMatch', (b, etag) => b.put('a/x', Buffer.from('w'), { ifMatch: etag })],
+    ];
+    for (const [name, op] of ops) {
+      await rm(root, { recursive: true, force: true });
+      await mkdir(join(root, 'a'), { recursive: true });
+      await writeFile(join(root, 'a/x'), 'legacy');
+      const bucket = new Bucket(new FsDriver({ root }));
+      // The read caches the folder as inside the root, without META_DIR, for a second.
+      const { sha256, etag } = await bucket.stat('a/x');
+      expect(sha256).toBeUndefined();
+      // The deploy swap: the folder moved away, a link out of the root in its place.
+      await rm(join(root, 'a'), { recursive: true });
+      await symlink(outside, join(root, 'a'));
+      expect(await codeOf(op(bucket, etag!)), name).toBe(ErrorCode.PermissionDenied);
+      expect(await entriesUnder(outside), name).toEqual(before);
+    }
+    expect(await readFile(join(outside, 'x'), 'utf8')).toBe('SECRET');
+  });
+
   it('refuses unknown query parameters in file: URLs', () => {
     expect(() => fsDriverFromUrl(new URL('file:///tmp/objects?fsync=false'))).toThrow(/InvalidInput.*unknown parameter "fsync"/);
     expect(() => fsDriverFromUrl(new URL('file:///tmp/objects?a=1&b=2'))).toThrow(/InvalidInput.*unknown parameter "a"/);

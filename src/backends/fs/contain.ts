@@ -1,5 +1,5 @@
 import { mkdir } from 'node:fs/promises';
-import { lstatPath, realpathPath } from '../../storage/fd.js';
+import { lstatPath, realpathPath, statPath } from '../../storage/fd.js';
 import { dirname, join, sep } from 'node:path';
 import { ErrorCode, StorageError } from '../../errors.js';
 import { mkdirDurable } from '../../storage/sync-dir.js';
@@ -18,7 +18,7 @@ export class Containment {
    * Folders found inside the root, when, and whether their META_DIR was there: a realpath walks
    * every component, so it is cached briefly.
    */
-  private readonly inside = new Map<string, { at: number; meta: 'dir' | 'absent' }>();
+  private readonly inside = new Map<string, { at: number; meta: 'dir' | 'absent'; id?: string }>();
 
   constructor(readonly root: string, private readonly fsync: boolean) {}
 
@@ -94,17 +94,19 @@ export class Containment {
 
   /**
    * A symlinked folder inside the root must not lead a write or read outside it, nor a planted
-   * META_DIR link (metaDirState). A folder found inside, with a real META_DIR or none, is trusted
-   * for INSIDE_TTL_MS: like any realpath check this guards against links planted in the tree, not
-   * against someone racing the worker, and a link swapped in for a checked folder (or planted as
-   * its META_DIR) is caught within that time. A folder without META_DIR gets one at its first put
-   * (prepareDir looks again, makeMetaDir checks what it made), as before; the cache only spares
-   * every read of a tree another tool wrote (a migration's source) the realpath and the look.
+   * META_DIR link (metaDirState). A folder found inside with a real META_DIR is trusted for
+   * INSIDE_TTL_MS: like any realpath check this guards against links planted in the tree, not
+   * against someone racing the worker within that time. A folder without META_DIR (a tree another
+   * tool wrote, a migration's source) is cached too, to spare every read of it the realpath, but
+   * with the identity (dev, ino) of what its path led to: each later hit stats the path again
+   * (following links, so a folder or any folder above it swapped for a link out of the root shows
+   * as another inode) and a different answer makes the full check run again. Writes and deletes in
+   * such a folder do not use the cache at all (recheckMeta).
    */
   async assertInside(dir: string, key: string): Promise<void> {
     const now = Date.now();
     const seen = this.inside.get(dir);
-    if (seen !== undefined && now - seen.at < INSIDE_TTL_MS) return;
+    if (seen !== undefined && now - seen.at < INSIDE_TTL_MS && (seen.meta === 'dir' || await this.sameFolder(dir, seen.id))) return;
     // Not cached until the root exists: a root under a symlinked path must resolve for real.
     const realRoot = this.realRoot ?? (this.realRoot = await realpathPath(this.root).catch(() => undefined)) ?? this.root;
     const real = await realpathPath(dir);
@@ -113,8 +115,17 @@ export class Containment {
       throw new StorageError(ErrorCode.PermissionDenied, 'path leads outside the backend root through a symlink', { key });
     }
     const meta = await this.metaDirState(dir, key);
+    // Taken after the realpath: a swap between the two shows at the next hit (another inode), or
+    // already here as a realpath outside.
+    const id = meta === 'absent' ? await statPath(dir).then(folderId, () => undefined) : undefined;
     if (this.inside.size >= INSIDE_MAX) this.inside.clear();
-    this.inside.set(dir, { at: now, meta });
+    this.inside.set(dir, { at: now, meta, ...(id === undefined ? {} : { id }) });
+  }
+
+  /** True when `dir` still leads to the folder whose identity the cache recorded. */
+  private async sameFolder(dir: string, id: string | undefined): Promise<boolean> {
+    if (id === undefined) return false;
+    return statPath(dir).then((st) => folderId(st) === id, () => false);
   }
 
   /**
@@ -135,11 +146,15 @@ export class Containment {
   }
 
   /**
-   * Before anything is written or removed in a folder cached without META_DIR: a link planted there
-   * since would carry a temp file, a claim or a sidecar's unlink out of the root.
+   * Before anything is written or removed in a folder cached without META_DIR: the whole check
+   * again, uncached (realpath and META_DIR look), as for every such write before the cache. A link
+   * planted as its META_DIR, or swapped in for the folder or one above it, since the folder was
+   * cached would carry a temp file, a claim, a mkdir or an unlink out of the root.
    */
   async recheckMeta(dir: string, key: string): Promise<void> {
-    if (this.metaAbsent(dir)) await this.metaDirState(dir, key);
+    if (!this.metaAbsent(dir)) return;
+    this.inside.delete(dir);
+    await this.assertInside(dir, key);
   }
 
   /**
@@ -159,3 +174,5 @@ export class Containment {
     return this.root;
   }
 }
+
+const folderId = (st: { dev: bigint; ino: bigint }): string => `${st.dev}:${st.ino}`;

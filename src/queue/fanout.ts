@@ -2,9 +2,6 @@ import { Job, Queue, WaitingChildrenError, type JobsOptions } from 'bullmq';
 import type { Counters, FanOut, FanOutLimits } from '../payload.js';
 import type { RedisClient } from './connection.js';
 
-/** @defaultValue of FanOutLimits (see src/fanout/parent.ts). */
-export { DEFAULT_FANOUT_LIMITS } from '../fanout/parent.js';
-
 /** A parent's checkpoint and tally outlive it by at most this (a parent removed by retention leaves them). */
 const STATE_TTL_S = 7 * 24 * 3600;
 

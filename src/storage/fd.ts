@@ -26,6 +26,10 @@ export function lstatPath(path: string): Promise<BigIntStats> {
   return new Promise((resolve, reject) => fs.lstat(path, { bigint: true }, (err, st) => (err ? reject(err) : resolve(st))));
 }
 
+const readFileCb = promisify(fs.readFile);
+/** A small file's text (a sidecar's JSON). */
+export const readTextPath = (path: string): Promise<string> => readFileCb(path, 'utf8');
+
 /** The kernel's realpath (the callback API's plain fs.realpath walks the path in JavaScript). */
 export const realpathPath = promisify(fs.realpath.native) as (path: string) => Promise<string>;
 

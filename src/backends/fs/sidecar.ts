@@ -1,8 +1,7 @@
-import fs, { type BigIntStats } from 'node:fs';
-import { link, lstat, readdir, unlink } from 'node:fs/promises';
+import type { BigIntStats } from 'node:fs';
+import { link, readdir, unlink } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
-import { promisify } from 'node:util';
-import { lstatPath } from '../../storage/fd.js';
+import { lstatPath, readTextPath as readText } from '../../storage/fd.js';
 import { errno, keyName, META_DIR, nameHash, sidecarIno, sidecarPath, TMP_PREFIX, type Sidecar } from './layout.js';
 
 /**
@@ -74,15 +73,11 @@ async function readFolder(dir: string): Promise<Folder> {
   }
   const busy = new Set<bigint>();
   await Promise.all(tmps.map(async (t) => {
-    const st = await lstat(join(meta, t), { bigint: true }).catch(() => undefined);
+    const st = await lstatPath(join(meta, t)).catch(() => undefined);
     if (st) busy.add(st.ino);
   }));
   return { sidecars, busy };
 }
-
-/** A small file's text on the callback API, cheaper per call than fs/promises (see src/storage/fd.ts). */
-const readFileCb = promisify(fs.readFile);
-const readText = (path: string): Promise<string> => readFileCb(path, 'utf8');
 
 /** A sidecar's JSON, or undefined when it is not one a digest can be taken from (empty, torn, edited). */
 export function parseSidecar(text: string): Sidecar | undefined {

@@ -2,7 +2,7 @@ import { spawn } from 'node:child_process';
 import { mkdir, rename, symlink, truncate, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { FsDriver, META_DIR } from '../../src/backends/fs.js';
 import { ErrorCode } from '../../src/errors.js';
 import { Bucket } from '../../src/storage/bucket.js';
@@ -108,6 +108,30 @@ describe('filesystem backend on disk', () => {
     expect(got.info.sha256).toBeUndefined();
     expect((await readAll(got.stream)).toString()).toBe('by hand');
     expect(await collectKeys(bucket)).toEqual(['drop/in.txt']);
+  });
+
+  it('a listing of a folder another tool wrote shows the digests of a first put that raced it', async () => {
+    await mkdir(join(root, 'drop'), { recursive: true });
+    await writeFile(join(root, 'drop/a.txt'), 'by hand');
+    await writeFile(join(root, 'drop/b.txt'), 'by hand too');
+    // Another process's first put lands while this listing stats the folder's files (no META_DIR when it read the folder).
+    const writer = new Bucket(new FsDriver({ root }));
+    const proto = FsDriver.prototype as unknown as { bareStat(key: string): Promise<unknown> };
+    const bareStat = proto.bareStat;
+    let raced = false;
+    const spy = vi.spyOn(proto, 'bareStat').mockImplementation(async function (this: unknown, key: string) {
+      if (!raced) {
+        raced = true;
+        await writer.put('drop/b.txt', Buffer.from('ours'));
+      }
+      return bareStat.call(this, key);
+    });
+    try {
+      expect((await collect(bucket)).map((o) => [o.key, o.sha256])).toEqual([['drop/a.txt', undefined], ['drop/b.txt', sha(Buffer.from('ours'))]]);
+    } finally {
+      spy.mockRestore();
+    }
+    expect(raced).toBe(true);
   });
 
   it('finds the digest of a first put into a folder another tool wrote at once, though reads of that folder just found no metadata', async () => {

@@ -2,7 +2,6 @@ import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { mkdirSync, rmSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
 import type { Redis } from 'ioredis';
 import { pino } from 'pino';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
@@ -15,13 +14,13 @@ import { StevedoreClient } from '../../src/queue/client.js';
 import { RedisLocks } from '../../src/queue/lock.js';
 import { sessionKey, sessionLockName } from '../../src/session/ids.js';
 import { OpFailed, stagedFailed } from '../../src/session/plan.js';
-import { catSession, listSession } from '../../src/session/read.js';
+import { listSession } from '../../src/session/read.js';
 import { Bucket } from '../../src/storage/bucket.js';
 import { run } from '../archive/corpus.js';
 import { tempDir } from '../harness/process.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
 import { printWorkersOnFailure, spawnWorker, stopAllWorkers, type WorkerProcess } from '../harness/worker-process.js';
-import { jobDeps, sessionEnv, type SessionEnv } from './helpers.js';
+import { catText, jobDeps, sessionEnv, type SessionEnv } from './helpers.js';
 
 // Issue 9, slice 3: repacks waiting for a session's lock hand their ops to its holder, which
 // applies them all in one rewrite. STEVEDORE_SOAK=1 runs the 30-way version across 3 processes.
@@ -126,11 +125,7 @@ describe('repack-session group commit (in-process, real Redis)', () => {
     for (const j of jobs) if ((await conn.zscore(gkey(s, 'queue'), j.mark)) === null) return false;
     return true;
   });
-  const fileText = async (s: string, path: string): Promise<string> => {
-    const parts: Buffer[] = [];
-    await catSession(bucket, s, path, new Writable({ write(c: Buffer, _e, cb) { parts.push(c); cb(); } }));
-    return Buffer.concat(parts).toString();
-  };
+  const fileText = (s: string, path: string): Promise<string> => catText(bucket, s, path);
 
   it('applies every queued edit in one rewrite, in enqueue order, each job with its own result', async () => {
     const s = `octo__repo__batch-${++n}`;

@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { mkdir, readdir, readlink, lstat, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createGunzip } from 'node:zlib';
 import type { Redis } from 'ioredis';
@@ -11,6 +12,7 @@ import type { JobDeps } from '../../src/payload.js';
 import { redisConnection } from '../../src/queue/connection.js';
 import { RedisLocks } from '../../src/queue/lock.js';
 import type { Bucket } from '../../src/storage/bucket.js';
+import { catSession } from '../../src/session/read.js';
 import { Staging } from '../../src/staging.js';
 import { members, run, type Member } from '../archive/corpus.js';
 import { tempDir } from '../harness/process.js';
@@ -134,4 +136,11 @@ export async function readEveryWay(archive: string, scratch: string): Promise<{ 
   const bt = await tree(bx);
   if (JSON.stringify(gt) !== JSON.stringify(bt)) throw new Error(`GNU tar and bsdtar extract different trees:\n${JSON.stringify(gt)}\n${JSON.stringify(bt)}`);
   return { members: random, tree: gt };
+}
+
+/** A session file's text, as `stevedore session cat` writes it. */
+export async function catText(bucket: Bucket, session: string, path: string): Promise<string> {
+  const parts: Buffer[] = [];
+  await catSession(bucket, session, path, new Writable({ write: (c: Buffer, _e, cb) => { parts.push(c); cb(); } }));
+  return Buffer.concat(parts).toString('utf8');
 }

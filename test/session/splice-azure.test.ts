@@ -1,7 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
 import type { ContainerClient } from '@azure/storage-blob';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { RepackPayload, repackSession } from '../../jobs/repack-session.js';
@@ -10,12 +9,11 @@ import { parsePayload } from '../../src/payload.js';
 import { Bucket } from '../../src/storage/bucket.js';
 import { SHA256_META, type ObjectInfo } from '../../src/storage/driver.js';
 import { sessionKey, sessionLockName } from '../../src/session/ids.js';
-import { catSession } from '../../src/session/read.js';
 import type { SeekIndex } from '../../src/session/seek-format.js';
 import { shouldSplice } from '../../src/session/seek-splice.js';
 import { members, run } from '../archive/corpus.js';
 import { startAzurite, type Azurite } from '../harness/azure.js';
-import { jobDeps, nodeMembers, plain, readEveryWay, sessionEnv, type SessionEnv } from './helpers.js';
+import { catText, jobDeps, nodeMembers, plain, readEveryWay, sessionEnv, type SessionEnv } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const sha = (b: string | Buffer): string => createHash('sha256').update(b).digest('hex');
@@ -39,11 +37,6 @@ describe('server-side splicing of session edits (Azure)', () => {
     new Bucket(new AzureDriver({ connectionString: server.connectionString, container: name, maxTries: 1 }), { name: 'azure' });
   const repack = (bucket: Bucket, session: string, ops: unknown[]) =>
     repackSession(parsePayload(RepackPayload, { session, ops }), jobDeps(bucket, env.conn, env.staging, { jobId: `a${++n}`, enqueuedAt: Date.parse('2026-12-06T10:00:00Z') + n }));
-  const cat = async (bucket: Bucket, session: string, path: string): Promise<string> => {
-    const parts: Buffer[] = [];
-    await catSession(bucket, session, path, new Writable({ write: (c: Buffer, _e, cb) => { parts.push(c); cb(); } }));
-    return Buffer.concat(parts).toString('utf8');
-  };
   /** The stored blob's bytes, written to `file`; its recorded digest. */
   const download = async (c: ContainerClient, session: string, file: string): Promise<string | undefined> => {
     const res = await c.getBlockBlobClient(sessionKey(session)).downloadToBuffer();
@@ -129,14 +122,14 @@ describe('server-side splicing of session edits (Azure)', () => {
     expect(now.members.map((m) => m.name)).toEqual(was.map((m) => m.name));
     const edited = now.members.find((m) => plain(m.name) === EDITED)!;
     expect({ size: edited.size, sha256: edited.sha256 }).toEqual({ size: text.length, sha256: sha(text) });
-    expect(await cat(bucket, s, EDITED)).toBe(text);
+    expect(await catText(bucket, s, EDITED)).toBe(text);
 
     // A spliced archive splices again: another file, elsewhere.
     const second = await az.stats();
     await repack(bucket, s, [{ op: 'put', path: 'm/pkg-2/mod-7.txt', text: 'second\n' }]);
     expect((await az.stats()).uploadedBytes - second.uploadedBytes).toBeLessThanOrEqual(7 + NEW_SEGMENT_AND_INDEX);
-    expect(await cat(bucket, s, 'm/pkg-2/mod-7.txt')).toBe('second\n');
-    expect(await cat(bucket, s, EDITED)).toBe(text);
+    expect(await catText(bucket, s, 'm/pkg-2/mod-7.txt')).toBe('second\n');
+    expect(await catText(bucket, s, EDITED)).toBe(text);
     const again = join(env.tmp.path, `${s}-2.tgz`);
     expect(await download(container, s, again)).toBe(sha(await readFile(again)));
   }, 120_000);
@@ -154,8 +147,8 @@ describe('server-side splicing of session edits (Azure)', () => {
     expect(after.copiesRefused - before.copiesRefused).toBe(on === 'copy' ? 1 : 0);
     // The second attempt spliced too.
     expect(after.uploadedBytes - before.uploadedBytes).toBeLessThanOrEqual(2 * (5 + NEW_SEGMENT_AND_INDEX));
-    expect(await cat(bucket, s, EDITED)).toBe('mine\n');
-    expect(await cat(bucket, s, OTHER)).toBe('the other writer\n');
+    expect(await catText(bucket, s, EDITED)).toBe('mine\n');
+    expect(await catText(bucket, s, OTHER)).toBe('the other writer\n');
     const file = join(env.tmp.path, `${s}.tgz`);
     expect(await download(container, s, file)).toBe(result.sha256);
     expect(sha(await readFile(file))).toBe(result.sha256);
@@ -168,7 +161,7 @@ describe('server-side splicing of session edits (Azure)', () => {
     const before = await az.stats();
     const result = await repack(bucket, s, [{ op: 'put', path: EDITED, text: 'mine\n' }]);
     expect((await az.stats()).copiesMissing - before.copiesMissing).toBe(1);
-    expect(await cat(bucket, s, EDITED)).toBe('mine\n');
+    expect(await catText(bucket, s, EDITED)).toBe('mine\n');
     const file = join(env.tmp.path, `${s}.tgz`);
     expect(await download(container, s, file)).toBe(result.sha256);
     expect((await nodeMembers(file)).filter((m) => m.type === 'file').map((m) => plain(m.name))).toEqual([EDITED]);
@@ -210,7 +203,7 @@ describe('server-side splicing of session edits (Azure)', () => {
     // Two dirty groups: three copied runs around them, and only the two new segments and the index sent.
     expect(s2.uploadedBytes - s1.uploadedBytes).toBeLessThanOrEqual(20 + 2 * NEW_SEGMENT_AND_INDEX);
     expect(s2.copiedBlocks - s1.copiedBlocks).toBeGreaterThanOrEqual(3);
-    for (const [i, path] of paths.entries()) expect(await cat(bucket, s, path)).toBe(`edit ${i}\n`);
+    for (const [i, path] of paths.entries()) expect(await catText(bucket, s, path)).toBe(`edit ${i}\n`);
     const file = join(env.tmp.path, `${s}.tgz`);
     expect(await download(container, s, file)).toBe(sha(await readFile(file)));
     expect(results[0]!.sha256).toBe(sha(await readFile(file)));
@@ -229,7 +222,7 @@ describe('server-side splicing of session edits (Azure)', () => {
     expect(p1.copiedBlocks - p0.copiedBlocks).toBe(0);
     expect(p1.uploadedBytes - p0.uploadedBytes).toBeGreaterThan(archiveSize - MiB);
     expect(bucket.canSplice).toBe(false);
-    expect(await cat(bucket, t, EDITED)).toBe('plain\n');
+    expect(await catText(bucket, t, EDITED)).toBe('plain\n');
     const file = join(env.tmp.path, `${t}.tgz`);
     expect(await download(c, t, file)).toBe(sha(await readFile(file)));
     expect(result.sha256).toBe(sha(await readFile(file)));

@@ -1,7 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
 import { GetObjectCommand, HeadObjectCommand } from '@aws-sdk/client-s3';
 import type { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -12,7 +11,6 @@ import { redisConnection } from '../../src/queue/connection.js';
 import { Bucket } from '../../src/storage/bucket.js';
 import { SHA256_META, type ObjectInfo } from '../../src/storage/driver.js';
 import { sessionKey, sessionLockName } from '../../src/session/ids.js';
-import { catSession } from '../../src/session/read.js';
 import type { SeekIndex } from '../../src/session/seek-format.js';
 import { openSeekable, segmentAt } from '../../src/session/seek-read.js';
 import { ErrorCode } from '../../src/errors.js';
@@ -21,7 +19,7 @@ import { members, run } from '../archive/corpus.js';
 import { tempDir } from '../harness/process.js';
 import { startRedis, type TestRedis } from '../harness/redis.js';
 import { startS3rver, type S3rver } from '../harness/s3.js';
-import { jobDeps, nodeMembers, plain, readEveryWay } from './helpers.js';
+import { catText, jobDeps, nodeMembers, plain, readEveryWay } from './helpers.js';
 
 const MiB = 1024 * 1024;
 const sha = (b: string | Buffer): string => createHash('sha256').update(b).digest('hex');
@@ -50,11 +48,6 @@ describe('server-side splicing of session edits (S3)', () => {
     new Bucket(new S3Driver({ ...server.driverOptions(name), ...extra }), { name: 's3' });
   const repack = (bucket: Bucket, session: string, ops: unknown[]) =>
     repackSession(parsePayload(RepackPayload, { session, ops }), jobDeps(bucket, conn, staging, { jobId: `s${++n}`, enqueuedAt: Date.parse('2026-12-03T10:00:00Z') + n }));
-  const cat = async (bucket: Bucket, session: string, path: string): Promise<string> => {
-    const parts: Buffer[] = [];
-    await catSession(bucket, session, path, new Writable({ write: (c: Buffer, _e, cb) => { parts.push(c); cb(); } }));
-    return Buffer.concat(parts).toString('utf8');
-  };
   /** The stored object's bytes, written to `file`; its recorded digest. */
   const download = async (server: S3rver, bucket: string, session: string, file: string): Promise<string | undefined> => {
     const res = await server.client.send(new GetObjectCommand({ Bucket: bucket, Key: sessionKey(session) }));
@@ -80,8 +73,8 @@ describe('server-side splicing of session edits (S3)', () => {
   };
   /** The session holds this job's edit and the other writer's, and the digests check out. */
   const expectBothEdits = async (bucket: Bucket, s: string, result: { sha256: string }): Promise<void> => {
-    expect(await cat(bucket, s, EDITED)).toBe('mine\n');
-    expect(await cat(bucket, s, OTHER)).toBe('the other writer\n');
+    expect(await catText(bucket, s, EDITED)).toBe('mine\n');
+    expect(await catText(bucket, s, OTHER)).toBe('the other writer\n');
     const file = join(tmp.path, `${s}.tgz`);
     expect(await download(s3, bucketName, s, file)).toBe(result.sha256);
     expect(sha(await readFile(file))).toBe(result.sha256);
@@ -154,15 +147,15 @@ describe('server-side splicing of session edits (S3)', () => {
     expect(now.members.map((m) => m.name)).toEqual(was.map((m) => m.name));
     const edited = now.members.find((m) => plain(m.name) === EDITED)!;
     expect({ size: edited.size, sha256: edited.sha256 }).toEqual({ size: text.length, sha256: sha(text) });
-    expect(await cat(bucket, s, EDITED)).toBe(text);
-    expect(await cat(bucket, s, 'm/pkg-29/mod-19.txt')).toBe(await readFile(join(tmp.path, 'x-after/gnu/m/pkg-29/mod-19.txt'), 'utf8'));
+    expect(await catText(bucket, s, EDITED)).toBe(text);
+    expect(await catText(bucket, s, 'm/pkg-29/mod-19.txt')).toBe(await readFile(join(tmp.path, 'x-after/gnu/m/pkg-29/mod-19.txt'), 'utf8'));
 
     // A spliced archive splices again: another file, elsewhere.
     const second = await s3.stats();
     await repack(bucket, s, [{ op: 'put', path: 'm/pkg-2/mod-7.txt', text: 'second\n' }]);
     expect((await s3.stats()).uploadedBytes - second.uploadedBytes).toBeLessThanOrEqual(2 * 5 * MiB + 7 + NEW_SEGMENT_AND_INDEX);
-    expect(await cat(bucket, s, 'm/pkg-2/mod-7.txt')).toBe('second\n');
-    expect(await cat(bucket, s, EDITED)).toBe(text);
+    expect(await catText(bucket, s, 'm/pkg-2/mod-7.txt')).toBe('second\n');
+    expect(await catText(bucket, s, EDITED)).toBe(text);
     const again = join(tmp.path, `${s}-2.tgz`);
     expect(await download(s3, bucketName, s, again)).toBe(sha(await readFile(again)));
   }, 120_000);
@@ -195,7 +188,7 @@ describe('server-side splicing of session edits (S3)', () => {
     const before = await s3.stats();
     const result = await repack(bucket, s, [{ op: 'put', path: EDITED, text: 'mine\n' }]);
     expect((await s3.stats()).copiesMissing - before.copiesMissing).toBe(1);
-    expect(await cat(bucket, s, EDITED)).toBe('mine\n');
+    expect(await catText(bucket, s, EDITED)).toBe('mine\n');
     const file = join(tmp.path, `${s}.tgz`);
     expect(await download(s3, bucketName, s, file)).toBe(result.sha256);
     expect(sha(await readFile(file))).toBe(result.sha256);
@@ -273,7 +266,7 @@ describe('server-side splicing of session edits (S3)', () => {
     // them and the padding after the second are at most 2 x 5 MiB.
     expect(s2.uploadedBytes - s1.uploadedBytes).toBeLessThanOrEqual(2 * 5 * MiB + 20 + 2 * NEW_SEGMENT_AND_INDEX);
     expect(s2.copiedParts - s1.copiedParts).toBeGreaterThanOrEqual(2);
-    for (const [i, path] of paths.entries()) expect(await cat(bucket, s, path)).toBe(`edit ${i}\n`);
+    for (const [i, path] of paths.entries()) expect(await catText(bucket, s, path)).toBe(`edit ${i}\n`);
     const again = await edit(2);
     expect((await s3.stats()).uploadedBytes).toBe(s2.uploadedBytes);
     const file = join(tmp.path, `${s}.tgz`);
@@ -295,7 +288,7 @@ describe('server-side splicing of session edits (S3)', () => {
     expect(p1.uploadedBytes - p0.uploadedBytes).toBeGreaterThan(archiveSize - MiB);
     // Remembered: shouldSplice asks canSplice, so the next edit streams at once.
     expect(bucket.canSplice).toBe(false);
-    expect(await cat(bucket, t, EDITED)).toBe('plain\n');
+    expect(await catText(bucket, t, EDITED)).toBe('plain\n');
     const head = await plainS3.client.send(new HeadObjectCommand({ Bucket: name, Key: sessionKey(t) }));
     const file = join(tmp.path, `${t}.tgz`);
     await download(plainS3, name, t, file);
